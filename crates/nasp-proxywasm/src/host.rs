@@ -1,0 +1,850 @@
+//! The host functions: every `proxy_*` import and the WASI subset, written
+//! once over [`Guest`].
+//!
+//! Invariants: every guest pointer is bounds-checked (a bad one returns
+//! `INVALID_MEMORY_ACCESS`, or `FAULT` for WASI); nothing here panics on guest
+//! input; data handed to the guest is copied into memory the guest allocates
+//! with its own allocator, never host memory.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use nasp_telemetry::{MetricError, MetricId, MetricKind};
+
+use crate::abi::{HostFn, errno, status};
+use crate::bytecode::AbiVersion;
+use crate::env::{GrpcCallout, HostEnv, HttpCallout, LogLevel, LogRecord, lock};
+use crate::runtime::{FuncRef, Guest, HostHandler, Trap, Val};
+use crate::types::{HeaderMap, LocalResponse, PropertyValue, SharedStream, property_segments};
+
+/// Static facts about a plugin, shared by its VM instances.
+#[derive(Debug, Clone, Default)]
+pub struct PluginInfo {
+    /// Plugin name (for logs).
+    pub name: String,
+    /// Root id (`plugin_root_id`).
+    pub root_id: String,
+    /// VM id (`plugin_vm_id`, the shared-data namespace).
+    pub vm_id: String,
+    /// VM configuration.
+    pub vm_configuration: Vec<u8>,
+    /// Plugin configuration.
+    pub configuration: Vec<u8>,
+}
+
+/// Which lifecycle call the VM is in; decides which buffers exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Start,
+    VmStart,
+    Configure,
+    Callback,
+}
+
+/// Data a callout or foreign-function callback may read.
+#[derive(Default, Debug)]
+pub(crate) struct CallData {
+    pub headers: HeaderMap,
+    pub body: Option<Vec<u8>>,
+    pub trailers: HeaderMap,
+    pub grpc_initial: HeaderMap,
+    pub grpc_trailing: HeaderMap,
+    pub grpc_message: Option<Vec<u8>>,
+    pub status: Option<(u32, String)>,
+    pub foreign_args: Option<Vec<u8>>,
+}
+
+/// The ABI state of one VM instance.
+pub(crate) struct AbiHost {
+    pub abi: AbiVersion,
+    pub info: Arc<PluginInfo>,
+    pub env: HostEnv,
+    pub vm_key: u64,
+    pub alloc: Option<FuncRef>,
+    pub root_id: u32,
+    pub effective: u32,
+    pub streams: HashMap<u32, SharedStream>,
+    pub root_filter_state: HashMap<String, Vec<u8>>,
+    pub phase: Phase,
+    pub call: CallData,
+    pub tick_period_ms: u32,
+    pub done_called: bool,
+    pub stop_iteration: bool,
+    next_callout: u32,
+    monotonic_base: Instant,
+}
+
+impl AbiHost {
+    pub fn new(abi: AbiVersion, info: Arc<PluginInfo>, env: HostEnv, vm_key: u64) -> Self {
+        Self {
+            abi,
+            info,
+            env,
+            vm_key,
+            alloc: None,
+            root_id: 0,
+            effective: 0,
+            streams: HashMap::new(),
+            root_filter_state: HashMap::new(),
+            phase: Phase::Start,
+            call: CallData::default(),
+            tick_period_ms: 0,
+            done_called: false,
+            stop_iteration: false,
+            next_callout: 0,
+            monotonic_base: Instant::now(),
+        }
+    }
+
+    fn log(&self, level: LogLevel, message: String) {
+        self.env.logs.log(LogRecord { level, plugin: self.info.name.clone(), message });
+    }
+
+    fn stream(&self) -> Option<&SharedStream> {
+        self.streams.get(&self.effective)
+    }
+}
+
+/// Guest memory helpers. Errors are `Err(())`; callers map them to the status
+/// their ABI family uses.
+pub(crate) mod mem {
+    use super::*;
+
+    pub fn slice(g: &mut dyn Guest, ptr: i32, len: i32) -> Result<&[u8], ()> {
+        let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+        let m = g.memory();
+        let end = ptr.checked_add(len).ok_or(())?;
+        m.get(ptr..end).ok_or(())
+    }
+
+    pub fn read(g: &mut dyn Guest, ptr: i32, len: i32) -> Result<Vec<u8>, ()> {
+        slice(g, ptr, len).map(<[u8]>::to_vec)
+    }
+
+    pub fn read_str(g: &mut dyn Guest, ptr: i32, len: i32) -> Result<String, ()> {
+        slice(g, ptr, len).map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+
+    pub fn write(g: &mut dyn Guest, ptr: i32, data: &[u8]) -> Result<(), ()> {
+        let ptr = ptr as u32 as usize;
+        let m = g.memory();
+        let end = ptr.checked_add(data.len()).ok_or(())?;
+        m.get_mut(ptr..end).ok_or(())?.copy_from_slice(data);
+        Ok(())
+    }
+
+    pub fn write_u32(g: &mut dyn Guest, ptr: i32, v: u32) -> Result<(), ()> {
+        write(g, ptr, &v.to_le_bytes())
+    }
+
+    pub fn write_u64(g: &mut dyn Guest, ptr: i32, v: u64) -> Result<(), ()> {
+        write(g, ptr, &v.to_le_bytes())
+    }
+
+    pub fn read_u32(g: &mut dyn Guest, ptr: i32) -> Result<u32, ()> {
+        let b = slice(g, ptr, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+type HostResult = Result<Option<Val>, Trap>;
+
+fn st(v: i32) -> HostResult {
+    Ok(Some(Val::I32(v)))
+}
+
+macro_rules! try_mem {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(()) => return st(status::INVALID_MEMORY_ACCESS),
+        }
+    };
+}
+
+macro_rules! try_wasi {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(()) => return st(errno::FAULT),
+        }
+    };
+}
+
+fn arg(args: &[Val], i: usize) -> i32 {
+    // The backend checked the signature against the table, so the value has
+    // the declared type; a missing one reads as 0 rather than panicking.
+    match args.get(i) {
+        Some(Val::I32(v)) => *v,
+        Some(Val::I64(v)) => *v as i32,
+        _ => 0,
+    }
+}
+
+fn arg64(args: &[Val], i: usize) -> i64 {
+    match args.get(i) {
+        Some(Val::I64(v)) => *v,
+        Some(Val::I32(v)) => i64::from(*v),
+        _ => 0,
+    }
+}
+
+impl AbiHost {
+    /// Copies `data` into guest memory allocated by the guest, and writes the
+    /// pointer and size through the two out-pointers. Empty data writes 0, 0.
+    fn copy_out(&mut self, g: &mut dyn Guest, data: &[u8], ptr_ptr: i32, size_ptr: i32) -> HostResult {
+        if data.is_empty() {
+            try_mem!(mem::write_u32(g, ptr_ptr, 0));
+            try_mem!(mem::write_u32(g, size_ptr, 0));
+            return st(status::OK);
+        }
+        let ptr = try_mem!(self.guest_alloc(g, data)?);
+        try_mem!(mem::write_u32(g, ptr_ptr, ptr as u32));
+        try_mem!(mem::write_u32(g, size_ptr, data.len() as u32));
+        st(status::OK)
+    }
+
+    /// Allocates in the guest and copies `data` there. The outer error is a
+    /// trap of the allocator; the inner one a bad pointer it returned.
+    fn guest_alloc(&mut self, g: &mut dyn Guest, data: &[u8]) -> Result<Result<i32, ()>, Trap> {
+        let Some(alloc) = self.alloc else {
+            return Ok(Err(()));
+        };
+        let Ok(len) = i32::try_from(data.len()) else {
+            return Ok(Err(()));
+        };
+        let ptr = match g.call(alloc, &[Val::I32(len)])? {
+            Some(Val::I32(p)) if p != 0 => p,
+            _ => return Ok(Err(())),
+        };
+        Ok(mem::write(g, ptr, data).map(|()| ptr))
+    }
+
+    fn buffer(&self, kind: i32) -> Result<Vec<u8>, i32> {
+        use crate::abi::buffer::*;
+        let from_stream = |f: fn(&crate::types::StreamState) -> &Vec<u8>| {
+            self.stream().map(|s| f(&lock(s)).clone()).ok_or(status::NOT_FOUND)
+        };
+        match kind {
+            HTTP_REQUEST_BODY => from_stream(|s| &s.request_body),
+            HTTP_RESPONSE_BODY => from_stream(|s| &s.response_body),
+            DOWNSTREAM_DATA => from_stream(|s| &s.downstream_data),
+            UPSTREAM_DATA => from_stream(|s| &s.upstream_data),
+            HTTP_CALL_RESPONSE_BODY => self.call.body.clone().ok_or(status::NOT_FOUND),
+            GRPC_CALL_MESSAGE => self.call.grpc_message.clone().ok_or(status::NOT_FOUND),
+            VM_CONFIGURATION if self.phase == Phase::VmStart => Ok(self.info.vm_configuration.clone()),
+            PLUGIN_CONFIGURATION if self.phase == Phase::Configure => Ok(self.info.configuration.clone()),
+            VM_CONFIGURATION | PLUGIN_CONFIGURATION => Err(status::NOT_FOUND),
+            FOREIGN_FUNCTION_ARGUMENTS => self.call.foreign_args.clone().ok_or(status::NOT_FOUND),
+            _ => Err(status::BAD_ARGUMENT),
+        }
+    }
+
+    fn with_map<R>(&mut self, kind: i32, f: impl FnOnce(&mut HeaderMap) -> R) -> Result<R, i32> {
+        use crate::abi::map::*;
+        match kind {
+            HTTP_REQUEST_HEADERS..=HTTP_RESPONSE_TRAILERS => {
+                let s = self.streams.get(&self.effective).ok_or(status::NOT_FOUND)?;
+                let mut s = lock(s);
+                Ok(f(match kind {
+                    HTTP_REQUEST_HEADERS => &mut s.request_headers,
+                    HTTP_REQUEST_TRAILERS => &mut s.request_trailers,
+                    HTTP_RESPONSE_HEADERS => &mut s.response_headers,
+                    _ => &mut s.response_trailers,
+                }))
+            }
+            GRPC_CALL_INITIAL_METADATA => Ok(f(&mut self.call.grpc_initial)),
+            GRPC_CALL_TRAILING_METADATA => Ok(f(&mut self.call.grpc_trailing)),
+            HTTP_CALL_RESPONSE_HEADERS => Ok(f(&mut self.call.headers)),
+            HTTP_CALL_RESPONSE_TRAILERS => Ok(f(&mut self.call.trailers)),
+            _ => Err(status::BAD_ARGUMENT),
+        }
+    }
+
+    fn property(&self, segments: &[String]) -> Option<Vec<u8>> {
+        let key = segments.join(".");
+        if let Some(s) = self.stream() {
+            if let Some(v) = lock(s).filter_state.get(&key) {
+                return Some(v.clone());
+            }
+        }
+        if let Some(v) = self.root_filter_state.get(&key) {
+            return Some(v.clone());
+        }
+        match key.as_str() {
+            "plugin_name" => return Some(self.info.name.clone().into_bytes()),
+            "plugin_root_id" => return Some(self.info.root_id.clone().into_bytes()),
+            "plugin_vm_id" => return Some(self.info.vm_id.clone().into_bytes()),
+            _ => {}
+        }
+        let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
+        let provider = self.stream().and_then(|s| lock(s).provider.clone());
+        provider.and_then(|p| p.property(&refs)).map(|v| PropertyValue::serialize(&v))
+    }
+
+    fn next_token(&mut self, kind: u32) -> u32 {
+        self.next_callout += 1;
+        (self.next_callout << 2) | kind
+    }
+
+    fn metric_id(&self, id: i32) -> Result<MetricId, i32> {
+        let id = id as u32;
+        let m = MetricId((id >> 2) as usize);
+        let kind = match id & 3 {
+            0 => MetricKind::Counter,
+            1 => MetricKind::Gauge,
+            2 => MetricKind::Histogram,
+            _ => return Err(status::NOT_FOUND),
+        };
+        match self.env.metrics.kind(m) {
+            Some(k) if k == kind => Ok(m),
+            _ => Err(status::NOT_FOUND),
+        }
+    }
+}
+
+fn metric_status(e: MetricError) -> i32 {
+    match e {
+        MetricError::NotFound => status::NOT_FOUND,
+        MetricError::WrongKind => status::BAD_ARGUMENT,
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// `fd_write` / `fd_pwrite`: fd 1 logs at info, fd 2 at error.
+fn fd_write(g: &mut dyn Guest, args: &[Val], written_arg: usize, log: impl FnOnce(LogLevel, String)) -> HostResult {
+    let fd = arg(args, 0);
+    let level = match fd {
+        1 => LogLevel::Info,
+        2 => LogLevel::Error,
+        _ => return st(errno::BADF),
+    };
+    let (iovs, n) = (arg(args, 1), arg(args, 2));
+    let mut out = Vec::new();
+    for i in 0..(n as u32) {
+        let at = (iovs as u32).wrapping_add(i.wrapping_mul(8)) as i32;
+        let ptr = try_wasi!(mem::read_u32(g, at));
+        let len = try_wasi!(mem::read_u32(g, at.wrapping_add(4)));
+        out.extend_from_slice(try_wasi!(mem::slice(g, ptr as i32, len as i32)));
+    }
+    let written = out.len() as u32;
+    let mut text = String::from_utf8_lossy(&out).into_owned();
+    if text.ends_with('\n') {
+        text.pop();
+    }
+    log(level, text);
+    try_wasi!(mem::write_u32(g, arg(args, written_arg), written));
+    st(errno::SUCCESS)
+}
+
+fn clock_time_get(g: &mut dyn Guest, args: &[Val], base: Instant) -> HostResult {
+    let t = match arg(args, 0) {
+        0 => now_nanos(),
+        1 => base.elapsed().as_nanos() as u64 + 1,
+        _ => return st(errno::NOTSUP),
+    };
+    try_wasi!(mem::write_u64(g, arg(args, 2), t));
+    st(errno::SUCCESS)
+}
+
+impl HostHandler for AbiHost {
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn call(&mut self, id: u32, g: &mut dyn Guest, a: &[Val]) -> HostResult {
+        let Some(f) = HostFn::from_id(id) else {
+            return Err(Trap::host(format!("unknown host function id {id}")));
+        };
+        match f {
+            HostFn::Log => {
+                let Some(level) = LogLevel::from_i32(arg(a, 0)) else { return st(status::BAD_ARGUMENT) };
+                let msg = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
+                self.log(level, msg);
+                st(status::OK)
+            }
+            HostFn::GetLogLevel => {
+                let level = self.env.logs.level() as u32;
+                try_mem!(mem::write_u32(g, arg(a, 0), level));
+                st(status::OK)
+            }
+            HostFn::GetCurrentTimeNanoseconds => {
+                try_mem!(mem::write_u64(g, arg(a, 0), now_nanos()));
+                st(status::OK)
+            }
+            HostFn::SetTickPeriodMilliseconds => {
+                if self.effective != self.root_id {
+                    return st(status::BAD_ARGUMENT);
+                }
+                self.tick_period_ms = arg(a, 0) as u32;
+                st(status::OK)
+            }
+            HostFn::GetConfiguration => {
+                let data = match self.phase {
+                    Phase::VmStart => self.info.vm_configuration.clone(),
+                    _ => self.info.configuration.clone(),
+                };
+                self.copy_out(g, &data, arg(a, 0), arg(a, 1))
+            }
+            HostFn::GetBufferBytes => {
+                let (start, max) = (arg(a, 1) as u32 as usize, arg(a, 2) as u32 as usize);
+                let data = match self.buffer(arg(a, 0)) {
+                    Ok(d) => d,
+                    Err(s) => return st(s),
+                };
+                let Some(end) = start.checked_add(max) else { return st(status::BAD_ARGUMENT) };
+                let from = start.min(data.len());
+                let to = end.min(data.len());
+                self.copy_out(g, &data[from..to], arg(a, 3), arg(a, 4))
+            }
+            HostFn::GetBufferStatus => {
+                let data = match self.buffer(arg(a, 0)) {
+                    Ok(d) => d,
+                    Err(s) => return st(s),
+                };
+                try_mem!(mem::write_u32(g, arg(a, 1), data.len() as u32));
+                try_mem!(mem::write_u32(g, arg(a, 2), 0));
+                st(status::OK)
+            }
+            HostFn::SetBufferBytes => {
+                use crate::abi::buffer::*;
+                let value = try_mem!(mem::read(g, arg(a, 3), arg(a, 4)));
+                let (start, size) = (arg(a, 1) as u32 as usize, arg(a, 2) as u32 as usize);
+                let kind = arg(a, 0);
+                if !(HTTP_REQUEST_BODY..=UPSTREAM_DATA).contains(&kind) {
+                    return st(if (0..=FOREIGN_FUNCTION_ARGUMENTS).contains(&kind) { status::NOT_FOUND } else { status::BAD_ARGUMENT });
+                }
+                let Some(s) = self.stream() else { return st(status::NOT_FOUND) };
+                let mut s = lock(s);
+                let buf = match kind {
+                    HTTP_REQUEST_BODY => &mut s.request_body,
+                    HTTP_RESPONSE_BODY => &mut s.response_body,
+                    DOWNSTREAM_DATA => &mut s.downstream_data,
+                    _ => &mut s.upstream_data,
+                };
+                if start == 0 {
+                    let drain = size.min(buf.len());
+                    buf.splice(0..drain, value);
+                } else if start >= buf.len() {
+                    buf.extend_from_slice(&value);
+                } else {
+                    return st(status::BAD_ARGUMENT);
+                }
+                st(status::OK)
+            }
+            HostFn::GetHeaderMapSize => match self.with_map(arg(a, 0), |m| m.serialize().len()) {
+                Ok(n) => {
+                    try_mem!(mem::write_u32(g, arg(a, 1), n as u32));
+                    st(status::OK)
+                }
+                Err(s) => st(s),
+            },
+            HostFn::GetHeaderMapPairs => match self.with_map(arg(a, 0), |m| m.serialize()) {
+                Ok(data) => self.copy_out(g, &data, arg(a, 1), arg(a, 2)),
+                Err(s) => st(s),
+            },
+            HostFn::SetHeaderMapPairs => {
+                let raw = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
+                let Some(pairs) = crate::pairs::decode(&raw) else { return st(status::BAD_ARGUMENT) };
+                match self.with_map(arg(a, 0), |m| m.set_all(pairs)) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GetHeaderMapValue => {
+                let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
+                match self.with_map(arg(a, 0), |m| m.get(&key).map(<[u8]>::to_vec)) {
+                    Ok(Some(v)) => self.copy_out(g, &v, arg(a, 3), arg(a, 4)),
+                    Ok(None) if self.abi == AbiVersion::V0_1_0 => self.copy_out(g, &[], arg(a, 3), arg(a, 4)),
+                    Ok(None) => st(status::NOT_FOUND),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::AddHeaderMapValue | HostFn::ReplaceHeaderMapValue => {
+                let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
+                let value = try_mem!(mem::read(g, arg(a, 3), arg(a, 4)));
+                let replace = f == HostFn::ReplaceHeaderMapValue;
+                match self.with_map(arg(a, 0), |m| if replace { m.replace(&key, &value) } else { m.add(&key, &value) }) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::RemoveHeaderMapValue => {
+                let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
+                match self.with_map(arg(a, 0), |m| m.remove(&key)) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GetProperty => {
+                let path = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));
+                match self.property(&property_segments(&path)) {
+                    Some(v) => self.copy_out(g, &v, arg(a, 2), arg(a, 3)),
+                    None => st(status::NOT_FOUND),
+                }
+            }
+            HostFn::SetProperty => {
+                let path = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));
+                let value = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
+                let key = property_segments(&path).join(".");
+                match self.stream() {
+                    Some(s) => {
+                        lock(s).filter_state.insert(key, value);
+                    }
+                    None => {
+                        self.root_filter_state.insert(key, value);
+                    }
+                }
+                st(status::OK)
+            }
+            HostFn::GetStatus => {
+                let Some((code, msg)) = self.call.status.clone() else { return st(status::NOT_FOUND) };
+                try_mem!(mem::write_u32(g, arg(a, 0), code));
+                self.copy_out(g, msg.as_bytes(), arg(a, 1), arg(a, 2))
+            }
+            HostFn::SendLocalResponse => {
+                let details = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
+                let body = try_mem!(mem::read(g, arg(a, 3), arg(a, 4)));
+                let raw = try_mem!(mem::read(g, arg(a, 5), arg(a, 6)));
+                let Some(pairs) = crate::pairs::decode(&raw) else { return st(status::BAD_ARGUMENT) };
+                let grpc = arg(a, 7);
+                let Some(s) = self.stream() else { return st(status::NOT_FOUND) };
+                let mut headers = HeaderMap::new();
+                headers.set_all(pairs);
+                lock(s).local_response = Some(LocalResponse {
+                    status: arg(a, 0) as u32,
+                    details,
+                    body,
+                    headers,
+                    grpc_status: (grpc >= 0).then_some(grpc),
+                });
+                self.stop_iteration = true;
+                st(status::OK)
+            }
+            HostFn::ContinueRequest | HostFn::ContinueResponse | HostFn::ContinueStream | HostFn::CloseStream => {
+                let kind = match f {
+                    HostFn::ContinueRequest => crate::abi::stream::HTTP_REQUEST,
+                    HostFn::ContinueResponse => crate::abi::stream::HTTP_RESPONSE,
+                    _ => arg(a, 0),
+                };
+                if !(0..=3).contains(&kind) {
+                    return st(status::BAD_ARGUMENT);
+                }
+                let Some(s) = self.stream() else { return st(status::NOT_FOUND) };
+                let mut s = lock(s);
+                if f == HostFn::CloseStream { s.closed.push(kind) } else { s.continued.push(kind) }
+                st(status::OK)
+            }
+            HostFn::ClearRouteCache => st(status::OK),
+            HostFn::HttpCall => {
+                let upstream = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
+                let h = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
+                let body = try_mem!(mem::read(g, arg(a, 4), arg(a, 5)));
+                let t = try_mem!(mem::read(g, arg(a, 6), arg(a, 7)));
+                let (Some(h), Some(t)) = (crate::pairs::decode(&h), crate::pairs::decode(&t)) else {
+                    return st(status::BAD_ARGUMENT);
+                };
+                let mut headers = HeaderMap::new();
+                headers.set_all(h);
+                let mut trailers = HeaderMap::new();
+                trailers.set_all(t);
+                let token = self.next_token(0);
+                try_mem!(mem::write_u32(g, arg(a, 9), token));
+                let call = HttpCallout { upstream, headers, body, trailers, timeout_ms: arg(a, 8) as u32 };
+                match self.env.callouts.http_call(&self.info.name, token, call) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GrpcCall | HostFn::GrpcStream => {
+                let upstream = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));
+                let service = try_mem!(mem::read_str(g, arg(a, 2), arg(a, 3)));
+                let method = try_mem!(mem::read_str(g, arg(a, 4), arg(a, 5)));
+                let md = try_mem!(mem::read(g, arg(a, 6), arg(a, 7)));
+                let Some(md) = crate::pairs::decode(&md) else { return st(status::BAD_ARGUMENT) };
+                let mut metadata = HeaderMap::new();
+                metadata.set_all(md);
+                let stream = f == HostFn::GrpcStream;
+                let (message, timeout_ms, token_ptr) = if stream {
+                    (Vec::new(), 0, arg(a, 8))
+                } else {
+                    (try_mem!(mem::read(g, arg(a, 8), arg(a, 9))), arg(a, 10) as u32, arg(a, 11))
+                };
+                let token = self.next_token(if stream { 2 } else { 1 });
+                try_mem!(mem::write_u32(g, token_ptr, token));
+                let call = GrpcCallout { upstream, service, method, metadata, message, timeout_ms };
+                match self.env.callouts.grpc_call(&self.info.name, token, call, stream) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GrpcSend => {
+                let msg = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
+                match self.env.callouts.grpc_send(arg(a, 0) as u32, &msg, arg(a, 3) != 0) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GrpcCancel | HostFn::GrpcClose => match self.env.callouts.grpc_cancel(arg(a, 0) as u32) {
+                Ok(()) => st(status::OK),
+                Err(s) => st(s),
+            },
+            HostFn::SetSharedData => {
+                let key = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
+                let value = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
+                match self.env.shared.set(&self.info.vm_id, &key, &value, arg(a, 4) as u32) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GetSharedData => {
+                let key = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
+                match self.env.shared.get(&self.info.vm_id, &key) {
+                    Ok((value, cas)) => {
+                        try_mem!(mem::write_u32(g, arg(a, 4), cas));
+                        self.copy_out(g, &value, arg(a, 2), arg(a, 3))
+                    }
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::RegisterSharedQueue => {
+                let name = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
+                let token = self.env.shared.register_queue(&self.info.vm_id, &name, (self.vm_key, self.root_id));
+                try_mem!(mem::write_u32(g, arg(a, 2), token));
+                st(status::OK)
+            }
+            HostFn::ResolveSharedQueue => {
+                let mut vm_id = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
+                let name = try_mem!(mem::read_str(g, arg(a, 2), arg(a, 3)));
+                if vm_id.is_empty() {
+                    vm_id = self.info.vm_id.clone();
+                }
+                match self.env.shared.resolve_queue(&vm_id, &name) {
+                    Ok(token) => {
+                        try_mem!(mem::write_u32(g, arg(a, 4), token));
+                        st(status::OK)
+                    }
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::EnqueueSharedQueue => {
+                let value = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
+                let token = arg(a, 0) as u32;
+                match self.env.shared.enqueue(token, &value) {
+                    Ok(owner) => {
+                        self.env.shared.notify(owner, token);
+                        st(status::OK)
+                    }
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::DequeueSharedQueue => match self.env.shared.dequeue(arg(a, 0) as u32) {
+                Ok(v) => self.copy_out(g, &v, arg(a, 1), arg(a, 2)),
+                Err(s) => st(s),
+            },
+            HostFn::DefineMetric => {
+                let kind = match arg(a, 0) {
+                    0 => MetricKind::Counter,
+                    1 => MetricKind::Gauge,
+                    2 => MetricKind::Histogram,
+                    _ => return st(status::BAD_ARGUMENT),
+                };
+                let name = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
+                let id = self.env.metrics.define(kind, &name);
+                let Ok(index) = u32::try_from(id.0) else { return st(status::INTERNAL_FAILURE) };
+                try_mem!(mem::write_u32(g, arg(a, 3), (index << 2) | arg(a, 0) as u32));
+                st(status::OK)
+            }
+            HostFn::RecordMetric | HostFn::IncrementMetric => {
+                let id = match self.metric_id(arg(a, 0)) {
+                    Ok(id) => id,
+                    Err(s) => return st(s),
+                };
+                let r = if f == HostFn::RecordMetric {
+                    self.env.metrics.record(id, arg64(a, 1) as u64)
+                } else {
+                    self.env.metrics.increment(id, arg64(a, 1))
+                };
+                st(r.map(|()| status::OK).unwrap_or_else(metric_status))
+            }
+            HostFn::GetMetric => {
+                let id = match self.metric_id(arg(a, 0)) {
+                    Ok(id) => id,
+                    Err(s) => return st(s),
+                };
+                match self.env.metrics.get(id) {
+                    Ok(v) => {
+                        try_mem!(mem::write_u64(g, arg(a, 1), v as u64));
+                        st(status::OK)
+                    }
+                    Err(e) => st(metric_status(e)),
+                }
+            }
+            HostFn::SetEffectiveContext => {
+                let id = arg(a, 0) as u32;
+                if id == self.root_id || self.streams.contains_key(&id) {
+                    self.effective = id;
+                    st(status::OK)
+                } else {
+                    st(status::BAD_ARGUMENT)
+                }
+            }
+            HostFn::Done => {
+                if self.effective == self.root_id {
+                    self.done_called = true;
+                    st(status::OK)
+                } else {
+                    st(status::NOT_FOUND)
+                }
+            }
+            HostFn::CallForeignFunction => {
+                let name = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
+                let args = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
+                let Some(func) = self.env.foreign.get(&name).cloned() else { return st(status::NOT_FOUND) };
+                match func(&args) {
+                    Ok(result) => {
+                        let (rp, rs) = (arg(a, 4), arg(a, 5));
+                        if rp == 0 || rs == 0 {
+                            // The Istio metadata-exchange filter passes NULL
+                            // result pointers: the result is dropped.
+                            return st(status::OK);
+                        }
+                        self.copy_out(g, &result, rp, rs)
+                    }
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::EmscriptenNotifyMemoryGrowth => Ok(None),
+            HostFn::PthreadEqual => st(i32::from(arg(a, 0) == arg(a, 1))),
+            _ => wasi_call(f, g, a, &self.env, self.monotonic_base, |level, msg| self.log(level, msg)),
+        }
+    }
+}
+
+/// The WASI subset, shared by the full and the restricted handler.
+fn wasi_call(
+    f: HostFn,
+    g: &mut dyn Guest,
+    a: &[Val],
+    env: &HostEnv,
+    base: Instant,
+    log: impl FnOnce(LogLevel, String),
+) -> HostResult {
+    match f {
+        HostFn::FdWrite => fd_write(g, a, 3, log),
+        HostFn::FdPwrite => fd_write(g, a, 4, log),
+        HostFn::FdRead | HostFn::FdPread | HostFn::FdPrestatDirName | HostFn::FdFdstatSetFlags => st(errno::NOSYS),
+        HostFn::FdClose | HostFn::FdSeek | HostFn::SchedYield => st(errno::SUCCESS),
+        HostFn::FdTell => {
+            try_wasi!(mem::write_u64(g, arg(a, 1), 0));
+            st(errno::SUCCESS)
+        }
+        HostFn::FdSync | HostFn::FdDatasync => st(if matches!(arg(a, 0), 1 | 2) { errno::SUCCESS } else { errno::BADF }),
+        HostFn::FdFdstatGet => {
+            if !matches!(arg(a, 0), 1 | 2) {
+                return st(errno::BADF);
+            }
+            // filetype u8 (2 = character device), flags u16, rights base u64
+            // (FD_WRITE = 64), rights inheriting u64: 24 bytes.
+            let mut stat = [0u8; 24];
+            stat[0] = 2;
+            stat[8..16].copy_from_slice(&64u64.to_le_bytes());
+            try_wasi!(mem::write(g, arg(a, 1), &stat));
+            st(errno::SUCCESS)
+        }
+        HostFn::FdFilestatGet | HostFn::FdPrestatGet => st(errno::BADF),
+        HostFn::FdReaddir => st(errno::NOTDIR),
+        HostFn::FdRenumber | HostFn::PathFilestatGet => st(errno::NOTSUP),
+        HostFn::PathOpen => st(errno::NOENT),
+        HostFn::EnvironSizesGet => {
+            let size: usize = env.env_vars.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+            try_wasi!(mem::write_u32(g, arg(a, 0), env.env_vars.len() as u32));
+            try_wasi!(mem::write_u32(g, arg(a, 1), size as u32));
+            st(errno::SUCCESS)
+        }
+        HostFn::EnvironGet => {
+            let (mut array, mut buf) = (arg(a, 0), arg(a, 1));
+            for (k, v) in env.env_vars.iter() {
+                let entry = format!("{k}={v}\0");
+                try_wasi!(mem::write_u32(g, array, buf as u32));
+                try_wasi!(mem::write(g, buf, entry.as_bytes()));
+                array = array.wrapping_add(4);
+                buf = buf.wrapping_add(entry.len() as i32);
+            }
+            st(errno::SUCCESS)
+        }
+        HostFn::ArgsSizesGet => {
+            try_wasi!(mem::write_u32(g, arg(a, 0), 0));
+            try_wasi!(mem::write_u32(g, arg(a, 1), 0));
+            st(errno::SUCCESS)
+        }
+        HostFn::ArgsGet => st(errno::SUCCESS),
+        HostFn::ClockTimeGet => clock_time_get(g, a, base),
+        HostFn::ClockResGet => {
+            if !matches!(arg(a, 0), 0 | 1) {
+                return st(errno::NOTSUP);
+            }
+            try_wasi!(mem::write_u64(g, arg(a, 1), 1));
+            st(errno::SUCCESS)
+        }
+        HostFn::RandomGet => {
+            let len = arg(a, 1) as u32 as usize;
+            if len > 64 * 1024 {
+                return st(errno::INVAL);
+            }
+            let mut bytes = vec![0u8; len];
+            rand::fill(&mut bytes[..]);
+            try_wasi!(mem::write(g, arg(a, 0), &bytes));
+            st(errno::SUCCESS)
+        }
+        HostFn::ProcExit => Err(Trap::host(format!("proc_exit({}) called: a filter may not exit the host", arg(a, 0)))),
+        HostFn::PollOneoff => {
+            try_wasi!(mem::write_u32(g, arg(a, 3), 0));
+            st(errno::SUCCESS)
+        }
+        other => Err(Trap::host(format!("host function {} is not available here", other.spec().1))),
+    }
+}
+
+/// Serves host calls made while the host is already inside one (the guest
+/// allocator called from a copy-out): only logging, `fd_write`, clocks and
+/// `poll_oneoff` are allowed, as in Envoy's host; anything else traps.
+pub(crate) struct RestrictedHost {
+    pub info: Arc<PluginInfo>,
+    pub env: HostEnv,
+    pub base: Instant,
+}
+
+impl HostHandler for RestrictedHost {
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn call(&mut self, id: u32, g: &mut dyn Guest, a: &[Val]) -> HostResult {
+        let Some(f) = HostFn::from_id(id) else {
+            return Err(Trap::host(format!("unknown host function id {id}")));
+        };
+        if !crate::abi::allowed_in_allocator(f) {
+            return Err(Trap::host(format!("restricted_callback: {} may not be called from the guest allocator", f.spec().1)));
+        }
+        let (env, info) = (&self.env, &self.info);
+        let log = |level, message| env.logs.log(LogRecord { level, plugin: info.name.clone(), message });
+        if f == HostFn::Log {
+            let Some(level) = LogLevel::from_i32(arg(a, 0)) else { return st(status::BAD_ARGUMENT) };
+            let msg = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
+            log(level, msg);
+            return st(status::OK);
+        }
+        wasi_call(f, g, a, env, self.base, log)
+    }
+}

@@ -1,0 +1,213 @@
+//! Stream data the host and the embedder share: header maps, bodies,
+//! properties and per-stream filter state.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// An ordered multi-map of header names to values, as bytes. Names are
+/// compared case-insensitively (HTTP/2 names are lower case on the wire).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct HeaderMap {
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for HeaderMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v))))
+            .finish()
+    }
+}
+
+impl HeaderMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Builds a map from string pairs.
+    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self { entries: pairs.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect() }
+    }
+    /// Entries in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
+        self.entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// The first value of `name`.
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.entries.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+    }
+    /// The first value of `name` as text (lossy).
+    pub fn get_str(&self, name: &str) -> Option<String> {
+        self.get(name.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+    /// Appends a value.
+    pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        self.entries.push((name.to_ascii_lowercase(), value.to_vec()));
+    }
+    /// Replaces all values of `name` by one (or adds it).
+    pub fn replace(&mut self, name: &[u8], value: &[u8]) {
+        self.remove(name);
+        self.add(name, value);
+    }
+    /// Removes all values of `name`.
+    pub fn remove(&mut self, name: &[u8]) {
+        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+    /// Serialized with the proxy-wasm pairs encoding.
+    pub fn serialize(&self) -> Vec<u8> {
+        crate::pairs::encode(self.iter())
+    }
+    /// Replaces the whole map.
+    pub fn set_all(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.entries = pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+    }
+    /// Entries as lossy strings, for display.
+    pub fn to_string_pairs(&self) -> Vec<(String, String)> {
+        self.entries
+            .iter()
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
+}
+
+/// A value the embedder exposes as a property, serialized as Envoy does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PropertyValue {
+    /// Raw bytes (strings, FlatBuffers, serialized messages).
+    Bytes(Vec<u8>),
+    /// 8-byte little-endian signed integer.
+    Int(i64),
+    /// 8-byte little-endian unsigned integer.
+    Uint(u64),
+    /// 8-byte little-endian double.
+    Double(f64),
+    /// One byte, 0 or 1.
+    Bool(bool),
+    /// A string map, in the pairs encoding.
+    Map(Vec<(String, String)>),
+}
+
+impl PropertyValue {
+    /// The bytes the guest receives.
+    pub fn serialize(&self) -> Vec<u8> {
+        match self {
+            PropertyValue::Bytes(b) => b.clone(),
+            PropertyValue::Int(i) => i.to_le_bytes().to_vec(),
+            PropertyValue::Uint(u) => u.to_le_bytes().to_vec(),
+            PropertyValue::Double(d) => d.to_le_bytes().to_vec(),
+            PropertyValue::Bool(b) => vec![u8::from(*b)],
+            PropertyValue::Map(m) => crate::pairs::encode(m.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes()))),
+        }
+    }
+}
+
+impl From<&str> for PropertyValue {
+    fn from(s: &str) -> Self {
+        PropertyValue::Bytes(s.as_bytes().to_vec())
+    }
+}
+
+/// Answers `proxy_get_property` for what the embedder knows about a stream
+/// (node metadata, addresses, request attributes, peers...). Paths arrive as
+/// segments, e.g. `["node", "metadata", "NAMESPACE"]`.
+pub trait PropertyProvider: Send + Sync {
+    /// The value at `path`, if any.
+    fn property(&self, path: &[&str]) -> Option<PropertyValue>;
+}
+
+/// A provider with no properties.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProperties;
+
+impl PropertyProvider for NoProperties {
+    fn property(&self, _path: &[&str]) -> Option<PropertyValue> {
+        None
+    }
+}
+
+/// A provider backed by a map from dotted paths (`node.metadata.NAME`).
+#[derive(Debug, Default, Clone)]
+pub struct MapProperties(pub HashMap<String, PropertyValue>);
+
+impl PropertyProvider for MapProperties {
+    fn property(&self, path: &[&str]) -> Option<PropertyValue> {
+        self.0.get(&path.join(".")).cloned()
+    }
+}
+
+/// A local response a filter sent (`proxy_send_local_response`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// HTTP status.
+    pub status: u32,
+    /// Status details.
+    pub details: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Extra headers.
+    pub headers: HeaderMap,
+    /// gRPC status, if given (the ABI's -1 means none).
+    pub grpc_status: Option<i32>,
+}
+
+/// All data of one HTTP exchange or TCP connection. One value is shared by
+/// every plugin of a filter chain, so a property one plugin sets is seen by
+/// the next.
+#[derive(Default)]
+pub struct StreamState {
+    /// Request headers.
+    pub request_headers: HeaderMap,
+    /// Buffered request body (the current chunk, or all of it while a filter pauses).
+    pub request_body: Vec<u8>,
+    /// Request trailers.
+    pub request_trailers: HeaderMap,
+    /// Response headers.
+    pub response_headers: HeaderMap,
+    /// Buffered response body.
+    pub response_body: Vec<u8>,
+    /// Response trailers.
+    pub response_trailers: HeaderMap,
+    /// TCP data from downstream (current chunk).
+    pub downstream_data: Vec<u8>,
+    /// TCP data from upstream (current chunk).
+    pub upstream_data: Vec<u8>,
+    /// Properties set with `proxy_set_property`, by dotted path.
+    pub filter_state: HashMap<String, Vec<u8>>,
+    /// What the embedder knows.
+    pub provider: Option<Arc<dyn PropertyProvider>>,
+    /// A local response, once a filter sent one.
+    pub local_response: Option<LocalResponse>,
+    /// Stream types a filter asked to continue (`proxy_continue_stream`).
+    pub continued: Vec<i32>,
+    /// Stream types a filter asked to close (`proxy_close_stream`).
+    pub closed: Vec<i32>,
+}
+
+impl fmt::Debug for StreamState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamState")
+            .field("request_headers", &self.request_headers)
+            .field("response_headers", &self.response_headers)
+            .field("local_response", &self.local_response)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stream's state, shared by the embedder and every plugin of its chain.
+pub type SharedStream = Arc<Mutex<StreamState>>;
+
+/// Normalizes a property path from the guest: segments separated by NUL,
+/// with or without a trailing NUL (the C++ SDK sends one, Rust and Go don't).
+pub fn property_segments(raw: &[u8]) -> Vec<String> {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    raw.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}

@@ -1,0 +1,286 @@
+//! Metrics as filters define them, and their Prometheus text exposition.
+//!
+//! Filters define metrics by name through `proxy_define_metric`; Istio's
+//! compiled stats filter encodes labels inside that name
+//! (`reporter=.=source;.;response_code=.=200;.;istio_requests_total`). The
+//! registry keeps names as given and [`parse_tagged_name`] turns them back
+//! into a metric family and labels at exposition time, the way Envoy's
+//! stat-tag extraction does.
+//!
+//! Invariants: no panics on any name a guest sends; exposition output always
+//! parses as Prometheus text (names sanitized, label values escaped).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Kinds of metric (`proxy_metric_type_t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    /// Monotonic counter.
+    Counter,
+    /// Gauge.
+    Gauge,
+    /// Histogram of recorded values.
+    Histogram,
+}
+
+/// Envoy's default histogram buckets, which Istio's dashboards expect.
+pub const DEFAULT_BUCKETS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
+];
+
+#[derive(Clone, Debug)]
+struct Metric {
+    name: String,
+    kind: MetricKind,
+    value: i64,
+    buckets: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+/// A handle to a defined metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MetricId(pub usize);
+
+/// Errors from metric operations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricError {
+    /// No metric with this id.
+    NotFound,
+    /// The operation does not apply to this kind (e.g. increment a histogram).
+    WrongKind,
+}
+
+/// A registry shared by every plugin of a process (or mesh instance).
+#[derive(Clone, Default, Debug)]
+pub struct MetricsRegistry {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default, Debug)]
+struct Inner {
+    metrics: Vec<Metric>,
+    by_name: BTreeMap<(String, u8), usize>,
+}
+
+fn kind_tag(k: MetricKind) -> u8 {
+    match k {
+        MetricKind::Counter => 0,
+        MetricKind::Gauge => 1,
+        MetricKind::Histogram => 2,
+    }
+}
+
+impl MetricsRegistry {
+    /// A new, empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a metric half-updated in a
+        // way that matters, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Defines a metric, or returns the existing one with the same name and kind.
+    pub fn define(&self, kind: MetricKind, name: &str) -> MetricId {
+        let mut inner = self.lock();
+        if let Some(id) = inner.by_name.get(&(name.to_string(), kind_tag(kind))) {
+            return MetricId(*id);
+        }
+        let id = inner.metrics.len();
+        inner.metrics.push(Metric {
+            name: name.to_string(),
+            kind,
+            value: 0,
+            buckets: vec![0; DEFAULT_BUCKETS.len()],
+            sum: 0.0,
+            count: 0,
+        });
+        inner.by_name.insert((name.to_string(), kind_tag(kind)), id);
+        MetricId(id)
+    }
+
+    /// The kind of a metric.
+    pub fn kind(&self, id: MetricId) -> Option<MetricKind> {
+        self.lock().metrics.get(id.0).map(|m| m.kind)
+    }
+
+    /// Adds `delta` to a counter or gauge.
+    pub fn increment(&self, id: MetricId, delta: i64) -> Result<(), MetricError> {
+        let mut inner = self.lock();
+        let m = inner.metrics.get_mut(id.0).ok_or(MetricError::NotFound)?;
+        match m.kind {
+            MetricKind::Histogram => Err(MetricError::WrongKind),
+            _ => {
+                m.value = m.value.saturating_add(delta);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sets a gauge or counter, or records a histogram sample.
+    pub fn record(&self, id: MetricId, value: u64) -> Result<(), MetricError> {
+        let mut inner = self.lock();
+        let m = inner.metrics.get_mut(id.0).ok_or(MetricError::NotFound)?;
+        match m.kind {
+            MetricKind::Histogram => {
+                let v = value as f64;
+                for (i, b) in DEFAULT_BUCKETS.iter().enumerate() {
+                    if v <= *b {
+                        m.buckets[i] += 1;
+                    }
+                }
+                m.sum += v;
+                m.count += 1;
+            }
+            _ => m.value = i64::try_from(value).unwrap_or(i64::MAX),
+        }
+        Ok(())
+    }
+
+    /// The value of a counter or gauge (a histogram's sample count).
+    pub fn get(&self, id: MetricId) -> Result<i64, MetricError> {
+        let inner = self.lock();
+        let m = inner.metrics.get(id.0).ok_or(MetricError::NotFound)?;
+        Ok(match m.kind {
+            MetricKind::Histogram => i64::try_from(m.count).unwrap_or(i64::MAX),
+            _ => m.value,
+        })
+    }
+
+    /// Looks a metric's value up by its defined name.
+    pub fn value_by_name(&self, name: &str) -> Option<i64> {
+        let inner = self.lock();
+        inner.metrics.iter().position(|m| m.name == name).and_then(|i| match inner.metrics[i].kind {
+            MetricKind::Histogram => i64::try_from(inner.metrics[i].count).ok(),
+            _ => Some(inner.metrics[i].value),
+        })
+    }
+
+    /// Prometheus text exposition (version 0.0.4) of every metric.
+    pub fn prometheus_text(&self) -> String {
+        let inner = self.lock();
+        // Group series by family so each family has one TYPE line.
+        let mut families: BTreeMap<String, (MetricKind, Vec<(Vec<(String, String)>, &Metric)>)> = BTreeMap::new();
+        for m in &inner.metrics {
+            let (family, labels) = parse_tagged_name(&m.name, "=.=", ";.;");
+            let family = sanitize_name(&family);
+            families.entry(family).or_insert_with(|| (m.kind, Vec::new())).1.push((labels, m));
+        }
+        let mut out = String::new();
+        for (family, (kind, series)) in families {
+            let ty = match kind {
+                MetricKind::Counter => "counter",
+                MetricKind::Gauge => "gauge",
+                MetricKind::Histogram => "histogram",
+            };
+            let _ = writeln!(out, "# TYPE {family} {ty}");
+            for (labels, m) in series {
+                if m.kind != kind {
+                    // The same family name used with two kinds: expose under a
+                    // suffixed name rather than emit invalid text.
+                    continue;
+                }
+                match kind {
+                    MetricKind::Histogram => {
+                        for (i, b) in DEFAULT_BUCKETS.iter().enumerate() {
+                            let mut l = labels.clone();
+                            l.push(("le".into(), format_float(*b)));
+                            let _ = writeln!(out, "{family}_bucket{} {}", render_labels(&l), m.buckets[i]);
+                        }
+                        let mut l = labels.clone();
+                        l.push(("le".into(), "+Inf".into()));
+                        let _ = writeln!(out, "{family}_bucket{} {}", render_labels(&l), m.count);
+                        let _ = writeln!(out, "{family}_sum{} {}", render_labels(&labels), format_float(m.sum));
+                        let _ = writeln!(out, "{family}_count{} {}", render_labels(&labels), m.count);
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{family}{} {}", render_labels(&labels), m.value);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn format_float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") }
+}
+
+/// Splits an Istio-encoded metric name into its family and labels:
+/// `k1=.=v1;.;k2=.=v2;.;family` → (`family`, [(k1,v1),(k2,v2)]). A name with
+/// no tags is returned as is.
+pub fn parse_tagged_name(name: &str, value_sep: &str, field_sep: &str) -> (String, Vec<(String, String)>) {
+    if !name.contains(value_sep) {
+        return (name.to_string(), Vec::new());
+    }
+    let mut parts: Vec<&str> = name.split(field_sep).collect();
+    let family = parts.pop().unwrap_or_default().to_string();
+    let mut labels = Vec::new();
+    for p in parts {
+        match p.split_once(value_sep) {
+            Some((k, v)) => labels.push((sanitize_name(k), v.to_string())),
+            None => labels.push((sanitize_name(p), String::new())),
+        }
+    }
+    (family, labels)
+}
+
+/// Makes a valid Prometheus metric or label name: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
+pub fn sanitize_name(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' })
+        .collect();
+    if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+fn render_labels(labels: &[(String, String)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_tags_become_labels() {
+        let (fam, labels) = parse_tagged_name("reporter=.=source;.;response_code=.=200;.;istio_requests_total", "=.=", ";.;");
+        assert_eq!(fam, "istio_requests_total");
+        assert_eq!(labels, vec![("reporter".into(), "source".into()), ("response_code".into(), "200".into())]);
+        assert_eq!(parse_tagged_name("plain.name", "=.=", ";.;").0, "plain.name");
+    }
+
+    #[test]
+    fn exposition() {
+        let r = MetricsRegistry::new();
+        let c = r.define(MetricKind::Counter, "reporter=.=source;.;istio_requests_total");
+        r.increment(c, 2).unwrap();
+        let h = r.define(MetricKind::Histogram, "dur");
+        r.record(h, 7).unwrap();
+        let g = r.define(MetricKind::Gauge, "wasm.gauge");
+        r.record(g, 5).unwrap();
+        let text = r.prometheus_text();
+        assert!(text.contains("# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source\"} 2\n"), "{text}");
+        assert!(text.contains("dur_bucket{le=\"5\"} 0\ndur_bucket{le=\"10\"} 1\n"), "{text}");
+        assert!(text.contains("dur_count 1\n") && text.contains("wasm_gauge 5\n"), "{text}");
+        assert_eq!(r.increment(h, 1), Err(MetricError::WrongKind));
+        assert_eq!(r.get(MetricId(99)), Err(MetricError::NotFound));
+    }
+}
