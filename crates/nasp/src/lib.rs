@@ -1,0 +1,93 @@
+//! nasp: what an Istio sidecar gives an application, as a library.
+//!
+//! This crate only re-exports the pieces, each under a short name:
+//! - [`wasm`]: the proxy-wasm host ([`nasp_proxywasm`]) and the runtimes
+//!   compiled in, chosen at start-up by name with [`wasm::runtime_by_name`];
+//! - [`telemetry`]: the metric registry and Prometheus exposition.
+//!
+//! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
+//! proxy-wasm runtime. Any combination builds, including none; a runtime that
+//! is not compiled in is a clear error at start-up, never a build failure.
+
+pub use nasp_telemetry as telemetry;
+
+/// The proxy-wasm host and its runtimes.
+pub mod wasm {
+    pub use nasp_proxywasm::*;
+
+    use std::sync::Arc;
+
+    /// A proxy-wasm runtime, chosen at start-up.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[non_exhaustive]
+    pub enum Runtime {
+        /// wasmtime: Cranelift JIT, fastest calls, slowest to build.
+        Wasmtime,
+        /// wasmi: pure-Rust interpreter.
+        Wasmi,
+        /// wasm3: C interpreter, smallest.
+        Wasm3,
+    }
+
+    impl Runtime {
+        /// Every runtime nasp knows, compiled in or not.
+        pub const ALL: [Runtime; 3] = [Runtime::Wasmtime, Runtime::Wasmi, Runtime::Wasm3];
+
+        /// The name used to select it.
+        pub fn name(self) -> &'static str {
+            match self {
+                Runtime::Wasmtime => "wasmtime",
+                Runtime::Wasmi => "wasmi",
+                Runtime::Wasm3 => "wasm3",
+            }
+        }
+
+        /// Parses a name.
+        pub fn from_name(name: &str) -> Option<Self> {
+            Self::ALL.into_iter().find(|r| r.name() == name)
+        }
+
+        /// Whether this build includes the runtime.
+        pub fn is_compiled_in(self) -> bool {
+            match self {
+                Runtime::Wasmtime => cfg!(feature = "wasmtime"),
+                Runtime::Wasmi => cfg!(feature = "wasmi"),
+                Runtime::Wasm3 => cfg!(feature = "wasm3"),
+            }
+        }
+
+        /// The runtimes compiled into this build.
+        pub fn available() -> Vec<Runtime> {
+            Self::ALL.into_iter().filter(|r| r.is_compiled_in()).collect()
+        }
+
+        /// Creates the runtime, or explains that it is not compiled in.
+        pub fn create(self) -> Result<Arc<dyn WasmRuntime>> {
+            let missing = || Error::RuntimeNotCompiledIn {
+                name: self.name().to_string(),
+                available: Runtime::available().iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+            };
+            match self {
+                #[cfg(feature = "wasmtime")]
+                Runtime::Wasmtime => Ok(nasp_runtime_wasmtime::runtime()?),
+                #[cfg(feature = "wasmi")]
+                Runtime::Wasmi => Ok(nasp_runtime_wasmi::runtime()?),
+                #[cfg(feature = "wasm3")]
+                Runtime::Wasm3 => Err(missing()),
+                #[allow(unreachable_patterns)]
+                _ => Err(missing()),
+            }
+        }
+    }
+
+    /// Creates a runtime by name (`"wasmtime"`, `"wasmi"`, `"wasm3"`).
+    pub fn runtime_by_name(name: &str) -> Result<Arc<dyn WasmRuntime>> {
+        match Runtime::from_name(name) {
+            Some(r) => r.create(),
+            None => Err(Error::RuntimeNotCompiledIn {
+                name: name.to_string(),
+                available: Runtime::available().iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! A filter that exercises the host. Behaviour is chosen by the plugin
+//! configuration (`reject-empty` is rejected, `tcp...` makes it a TCP filter,
+//! `tick...` sets a 100 ms tick) and by the
+//! request header `x-conformance`:
+//!
+//! - `local-response`: replies 403 with a body and a header;
+//! - `trap`: panics (a trap in the guest);
+//! - `loop`: spins forever (the CPU deadline must stop it);
+//! - `memory`: allocates without bound (the memory cap must stop it);
+//! - `bad-pointer`: calls host functions with out-of-bounds pointers and
+//!   logs the statuses it got back;
+//! - `pause`: stops iteration on request headers;
+//! - `callout`: dispatches an HTTP call and resumes the request when the
+//!   response arrives;
+//! - `queue`: enqueues on its own shared queue (the root logs on_queue_ready).
+//!
+//! Every request also: logs, reads headers, adds `x-conformance-seen`,
+//! reads `plugin_root_id` and `node.id`, sets the `conformance.seen`
+//! property, bumps a counter, a gauge and a histogram, and uses shared data.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use std::time::Duration;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_header_map_value(map: u32, key: *const u8, key_len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
+    fn proxy_log(level: u32, msg: *const u8, len: usize) -> u32;
+    fn proxy_get_property(path: *const u8, len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
+    fn proxy_call_foreign_function(name: *const u8, name_len: usize, args: *const u8, args_len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
+}
+
+#[derive(Default)]
+struct Root {
+    config: Vec<u8>,
+    counter: u32,
+    gauge: u32,
+    histogram: u32,
+    queue: u32,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        log::info!("root got callout response: {}", String::from_utf8_lossy(&body));
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, vm_configuration_size: usize) -> bool {
+        let vm = self.get_vm_configuration().unwrap_or_default();
+        log::info!("vm start: {} bytes of vm configuration: {}", vm_configuration_size, String::from_utf8_lossy(&vm));
+        true
+    }
+
+    fn on_configure(&mut self, _size: usize) -> bool {
+        self.config = self.get_plugin_configuration().unwrap_or_default();
+        log::info!("configure: {}", String::from_utf8_lossy(&self.config));
+        if self.config.starts_with(b"reject-empty") || self.config.is_empty() && self.get_property(vec!["plugin_root_id"]).as_deref() == Some(b"reject-empty") {
+            return false;
+        }
+        self.counter = hostcalls::define_metric(MetricType::Counter, "conformance_requests_total").unwrap_or(0);
+        self.gauge = hostcalls::define_metric(MetricType::Gauge, "conformance_last_header_count").unwrap_or(0);
+        self.histogram = hostcalls::define_metric(MetricType::Histogram, "conformance_body_bytes").unwrap_or(0);
+        self.queue = hostcalls::register_shared_queue("conformance").unwrap_or(0);
+        if self.config.starts_with(b"tick") {
+            self.set_tick_period(Duration::from_millis(100));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        log::info!("tick");
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            log::info!("queue ready: {}", String::from_utf8_lossy(&item));
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http { id: context_id, counter: self.counter, gauge: self.gauge, histogram: self.histogram, queue: self.queue }))
+    }
+
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Tcp { id: context_id, bytes: 0 }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        // One module serves both kinds: a configuration starting with "tcp"
+        // makes it a TCP (stream) filter.
+        if self.config.starts_with(b"tcp") {
+            Some(ContextType::StreamContext)
+        } else {
+            Some(ContextType::HttpContext)
+        }
+    }
+}
+
+struct Http {
+    id: u32,
+    counter: u32,
+    gauge: u32,
+    histogram: u32,
+    queue: u32,
+}
+
+fn status_of(r: u32) -> String {
+    format!("{r}")
+}
+
+impl Http {
+    fn bad_pointers(&self) {
+        // Keys and output pointers far outside linear memory.
+        let bad = 0xffff_fff0usize as *const u8;
+        let mut out: *const u8 = core::ptr::null();
+        let mut len: usize = 0;
+        let s1 = unsafe { proxy_get_header_map_value(0, bad, 64, &mut out, &mut len) };
+        let s2 = unsafe { proxy_get_header_map_value(0, b":path".as_ptr(), 5, 0xffff_fff0usize as *mut *const u8, &mut len) };
+        let s3 = unsafe { proxy_log(2, bad, 1 << 20) };
+        let s4 = unsafe { proxy_get_property(bad, 8, &mut out, &mut len) };
+        log::warn!("bad-pointer statuses: {} {} {} {}", status_of(s1), status_of(s2), status_of(s3), status_of(s4));
+    }
+}
+
+impl Context for Http {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        self.set_http_request_header("x-callout-body", Some(&String::from_utf8_lossy(&body)));
+        self.resume_http_request();
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        log::info!("#{} request headers: {} headers, path {}, end_of_stream {}", self.id, num_headers, path, end_of_stream);
+        let _ = hostcalls::increment_metric(self.counter, 1);
+        let _ = hostcalls::record_metric(self.gauge, num_headers as u64);
+        let root_id = self.get_property(vec!["plugin_root_id"]).unwrap_or_default();
+        let node = self.get_property(vec!["node", "id"]).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "none".into());
+        self.set_http_request_header("x-conformance-seen", Some(&format!("root={};node={}", String::from_utf8_lossy(&root_id), node)));
+        self.set_property(vec!["conformance", "seen"], Some(path.as_bytes()));
+        let (old, cas) = self.get_shared_data("requests");
+        let n = old.map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0)).unwrap_or(0) + 1;
+        let _ = self.set_shared_data("requests", Some(n.to_string().as_bytes()), cas);
+        // A foreign function nobody registered: NOT_FOUND, with NULL results.
+        let name = b"conformance_unknown";
+        let ff = unsafe { proxy_call_foreign_function(name.as_ptr(), name.len(), core::ptr::null(), 0, core::ptr::null_mut(), core::ptr::null_mut()) };
+        log::debug!("foreign function status {}", ff);
+        match self.get_http_request_header("x-conformance").as_deref() {
+            Some("local-response") => {
+                self.send_http_response(403, vec![("x-denied-by", "conformance")], Some(b"denied by conformance filter"));
+                Action::Pause
+            }
+            Some("trap") => panic!("conformance filter asked to trap"),
+            Some("loop") => {
+                let mut i: u64 = 0;
+                loop {
+                    i = core::hint::black_box(i.wrapping_add(1));
+                }
+            }
+            Some("memory") => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    core::hint::black_box(&hoard);
+                }
+            }
+            Some("bad-pointer") => {
+                self.bad_pointers();
+                Action::Continue
+            }
+            Some("pause") => Action::Pause,
+            Some("callout") => {
+                match self.dispatch_http_call("upstream", vec![(":method", "GET"), (":path", "/callout"), (":authority", "upstream")], None, vec![], Duration::from_secs(1)) {
+                    Ok(token) => log::info!("callout dispatched with token {}", token),
+                    Err(e) => log::error!("callout failed: {:?}", e),
+                }
+                Action::Pause
+            }
+            Some("queue") => {
+                let _ = hostcalls::enqueue_shared_queue(self.queue, Some(path.as_bytes()));
+                Action::Continue
+            }
+            _ => Action::Continue,
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let _ = hostcalls::record_metric(self.histogram, body.len() as u64);
+        let upper = body.to_ascii_uppercase();
+        self.set_http_request_body(0, body_size, &upper);
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        self.add_http_request_trailer("x-trailer-seen", "yes");
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        let status = self.get_http_response_header(":status").unwrap_or_default();
+        self.set_http_response_header("x-upstream-status", Some(&status));
+        self.set_http_response_header("server", None);
+        let seen = self.get_property(vec!["conformance", "seen"]).unwrap_or_default();
+        self.add_http_response_header("x-seen-path", &String::from_utf8_lossy(&seen));
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            let _ = self.get_http_response_body(0, body_size);
+            self.set_http_response_body(body_size, 0, b" [filtered]");
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        log::info!("#{} log", self.id);
+    }
+}
+
+struct Tcp {
+    id: u32,
+    bytes: usize,
+}
+
+impl Context for Tcp {}
+
+impl StreamContext for Tcp {
+    fn on_new_connection(&mut self) -> Action {
+        log::info!("#{} new connection", self.id);
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, data_size: usize, _eos: bool) -> Action {
+        self.bytes += data_size;
+        let data = self.get_downstream_data(0, data_size).unwrap_or_default();
+        if data.starts_with(b"close") {
+            self.close_downstream();
+        }
+        self.set_downstream_data(0, 0, b">");
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, data_size: usize, _eos: bool) -> Action {
+        self.bytes += data_size;
+        self.set_upstream_data(data_size, 0, b"<");
+        Action::Continue
+    }
+
+    fn on_downstream_close(&mut self, _peer: proxy_wasm::types::PeerType) {
+        log::info!("#{} downstream closed after {} bytes", self.id, self.bytes);
+    }
+
+    fn on_log(&mut self) {
+        log::info!("#{} tcp log", self.id);
+    }
+}

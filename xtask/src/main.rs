@@ -1,0 +1,135 @@
+//! `cargo xtask <command>`: the one entry point for chores. No dependencies,
+//! so it builds in a second on a fresh machine.
+//!
+//! - `setup`: installs what the build needs and the machine may lack: the
+//!   `wasm32-wasip1` target (rustup) and libclang (apt, for wasm3's bindings).
+//! - `build-filters`: builds every crate under `filters/` to wasm32-wasip1
+//!   (release) and copies the modules to `target/filters/`.
+//! - `test`: setup, build-filters, then the workspace tests (nextest if
+//!   installed, else `cargo test`). This is the command CI runs.
+//! - `demo`: setup, build-filters, then runs the conformance filter through
+//!   `nasp wasm exec` on every runtime.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn has_libclang() -> bool {
+    if std::env::var_os("LIBCLANG_PATH").is_some() {
+        return true;
+    }
+    Command::new("sh")
+        .args(["-c", "ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* /usr/lib/aarch64-linux-gnu/libclang*.so* 2>/dev/null | grep -q ."])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn setup() -> Result<(), String> {
+    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().map_err(|e| format!("rustup: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-wasip1") {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]))?;
+    }
+    if !has_libclang() {
+        eprintln!("xtask: libclang not found (wasm3's bindings need it); installing libclang-dev with apt-get");
+        let sudo = if Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false) { vec![] } else { vec!["sudo"] };
+        let apt = |args: &[&str]| {
+            let mut all: Vec<&str> = sudo.clone();
+            all.push("apt-get");
+            all.extend_from_slice(args);
+            let mut c = Command::new(all[0]);
+            c.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+            run(&mut c)
+        };
+        apt(&["update", "-qq"])?;
+        apt(&["install", "-y", "-qq", "libclang-dev"])?;
+    }
+    Ok(())
+}
+
+fn build_filters() -> Result<(), String> {
+    let root = root();
+    let filters = root.join("filters");
+    run(cargo().current_dir(&filters).args(["build", "--release", "--target", "wasm32-wasip1"]))?;
+    let out = root.join("target").join("filters");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let built = filters.join("target/wasm32-wasip1/release");
+    let entries = std::fs::read_dir(&built).map_err(|e| format!("{}: {e}", built.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "wasm") {
+            let to = out.join(path.file_name().unwrap_or_default());
+            std::fs::copy(&path, &to).map_err(|e| format!("copy {}: {e}", path.display()))?;
+            eprintln!("xtask: {}", to.display());
+        }
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    setup()?;
+    build_filters()?;
+    let nextest = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["nextest", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let mut c = cargo();
+    c.current_dir(root());
+    if nextest {
+        c.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+    } else {
+        c.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    c.args(extra);
+    run(&mut c)?;
+    // Doc tests are not run by nextest.
+    if nextest {
+        run(cargo().current_dir(root()).args(["test", "--workspace", "--doc"]))?;
+    }
+    Ok(())
+}
+
+fn demo() -> Result<(), String> {
+    setup()?;
+    build_filters()?;
+    let root = root();
+    let plugin = root.join("target/filters/conformance.wasm");
+    let request = root.join("examples/wasm-exec/request.json");
+    for rt in ["wasmtime", "wasmi", "wasm3"] {
+        run(cargo().current_dir(&root).args(["run", "-q", "-p", "nasp-cli", "--", "wasm", "exec", "--runtime", rt, "--plugin"]).arg(&plugin).args(["--config", "demo", "--request"]).arg(&request))?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build-filters") => setup().and_then(|()| build_filters()),
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(),
+        _ => Err("usage: cargo xtask <setup|build-filters|test|demo>".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
