@@ -1,0 +1,269 @@
+//! The `nasp` command.
+//!
+//! - `nasp wasm exec`: runs a proxy-wasm filter against a described HTTP
+//!   exchange or TCP stream and prints a JSON transcript;
+//! - `nasp wasm inspect`: prints a module's ABI version, imports, exports and
+//!   the imports this host cannot satisfy.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use nasp::wasm::{
+    FailState, FilterChain, FilterStatus, HeaderMap, HostEnv, MapProperties, MemoryLogSink, ModuleInfo, Plugin,
+    PluginConfig, PropertyValue, WasmModule,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "nasp", version, about = "An Istio workload without a sidecar")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// proxy-wasm filters.
+    #[command(subcommand)]
+    Wasm(WasmCommand),
+}
+
+#[derive(Subcommand)]
+enum WasmCommand {
+    /// Run a filter as a proxy would and print a JSON transcript.
+    Exec(ExecArgs),
+    /// Print a module's ABI version, imports and exports.
+    Inspect {
+        /// The module.
+        plugin: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ExecArgs {
+    /// wasmtime, wasmi or wasm3.
+    #[arg(long, default_value = "wasmtime")]
+    runtime: String,
+    /// The filter module.
+    #[arg(long)]
+    plugin: PathBuf,
+    /// Root id (plugin_root_id).
+    #[arg(long, default_value = "")]
+    root_id: String,
+    /// Plugin configuration: a string, or @FILE.
+    #[arg(long, default_value = "")]
+    config: String,
+    /// VM configuration: a string, or @FILE.
+    #[arg(long, default_value = "")]
+    vm_config: String,
+    /// JSON object of properties by dotted path (e.g. {"node.id": "..."}).
+    #[arg(long)]
+    properties: Option<PathBuf>,
+    /// JSON description of the exchange (see docs/wasm-exec.md).
+    #[arg(long)]
+    request: PathBuf,
+}
+
+/// The exchange to run.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Exchange {
+    #[serde(default)]
+    request: Option<Message>,
+    #[serde(default)]
+    response: Option<Message>,
+    #[serde(default)]
+    tcp: Option<Vec<Chunk>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Message {
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    trailers: Vec<(String, String)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Chunk {
+    /// "downstream" or "upstream".
+    from: String,
+    data: String,
+    #[serde(default)]
+    end_of_stream: bool,
+}
+
+fn arg_bytes(v: &str) -> Result<Vec<u8>> {
+    match v.strip_prefix('@') {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {path}")),
+        None => Ok(v.as_bytes().to_vec()),
+    }
+}
+
+fn json_property(v: &Value) -> PropertyValue {
+    match v {
+        Value::String(s) => PropertyValue::Bytes(s.as_bytes().to_vec()),
+        Value::Bool(b) => PropertyValue::Bool(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => PropertyValue::Int(i),
+            (None, Some(u)) => PropertyValue::Uint(u),
+            _ => PropertyValue::Double(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::Object(m) => PropertyValue::Map(
+            m.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect(),
+        ),
+        Value::Array(a) => PropertyValue::Bytes(
+            a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(",").into_bytes(),
+        ),
+        Value::Null => PropertyValue::Bytes(Vec::new()),
+    }
+}
+
+fn headers_json(h: &HeaderMap) -> Value {
+    Value::Array(h.to_string_pairs().into_iter().map(|(k, v)| json!([k, v])).collect())
+}
+
+fn exec(args: ExecArgs) -> Result<Value> {
+    let wasm = std::fs::read(&args.plugin).with_context(|| format!("reading {}", args.plugin.display()))?;
+    let exchange: Exchange = serde_json::from_slice(&std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?)
+        .with_context(|| format!("parsing {}", args.request.display()))?;
+    let mut props = HashMap::new();
+    if let Some(p) = &args.properties {
+        let v: Value = serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)?;
+        let Value::Object(m) = v else { bail!("{}: properties must be a JSON object", p.display()) };
+        for (k, v) in m {
+            props.insert(k, json_property(&v));
+        }
+    }
+    let runtime = nasp::wasm::runtime_by_name(&args.runtime)?;
+    let module = WasmModule::new(runtime.as_ref(), &wasm)?;
+    let logs = MemoryLogSink::new();
+    let env = HostEnv { logs: Arc::new(logs.clone()), ..HostEnv::default() };
+    let config = PluginConfig::new(args.plugin.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin"))
+        .root_id(args.root_id)
+        .configuration(arg_bytes(&args.config)?)
+        .vm_configuration(arg_bytes(&args.vm_config)?);
+    let plugin = Plugin::new(&module, config, env.clone())?;
+    let mut chain = FilterChain::new(vec![plugin]);
+    let provider = Arc::new(MapProperties(props));
+    let mut out = serde_json::Map::new();
+    out.insert("runtime".into(), json!(runtime.name()));
+    out.insert("abi_version".into(), json!(module.abi().as_str()));
+    if let Some(chunks) = exchange.tcp {
+        let (mut s, st) = chain.tcp_stream(provider);
+        let mut steps = vec![json!({"callback": "new_connection", "status": st})];
+        for c in chunks {
+            let (st, data) = match c.from.as_str() {
+                "downstream" => s.downstream_data(&mut chain, c.data.as_bytes(), c.end_of_stream),
+                "upstream" => s.upstream_data(&mut chain, c.data.as_bytes(), c.end_of_stream),
+                other => bail!("tcp chunk from {other:?}: expected \"downstream\" or \"upstream\""),
+            };
+            steps.push(json!({"from": c.from, "status": st, "forwarded": String::from_utf8_lossy(&data)}));
+        }
+        s.downstream_close(&mut chain, 2);
+        s.upstream_close(&mut chain, 2);
+        let closed = s.state().lock().map(|st| st.closed.clone()).unwrap_or_default();
+        s.finish(&mut chain);
+        out.insert("tcp".into(), json!({"steps": steps, "closed_streams": closed}));
+    } else {
+        let mut s = chain.http_stream(provider);
+        let req = exchange.request.unwrap_or_default();
+        let mut steps = Vec::new();
+        let mut request = json!({});
+        let mut response = json!({});
+        let mut stopped = false;
+        let mut h = HeaderMap::from_pairs(req.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+        let no_body = req.body.is_none() && req.trailers.is_empty();
+        let st = s.request_headers(&mut chain, &mut h, no_body);
+        steps.push(json!({"callback": "request_headers", "status": st}));
+        request["headers"] = headers_json(&h);
+        stopped |= st != FilterStatus::Continue;
+        if let (false, Some(body)) = (stopped, &req.body) {
+            let (st, b) = s.request_body(&mut chain, body.as_bytes(), req.trailers.is_empty());
+            steps.push(json!({"callback": "request_body", "status": st}));
+            request["body"] = json!(String::from_utf8_lossy(&b));
+            stopped |= st != FilterStatus::Continue;
+        }
+        if !stopped && !req.trailers.is_empty() {
+            let mut t = HeaderMap::from_pairs(req.trailers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+            let st = s.request_trailers(&mut chain, &mut t);
+            steps.push(json!({"callback": "request_trailers", "status": st}));
+            request["trailers"] = headers_json(&t);
+            stopped |= st != FilterStatus::Continue;
+        }
+        if let (false, Some(resp)) = (stopped, exchange.response) {
+            let mut h = HeaderMap::from_pairs(resp.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+            let no_body = resp.body.is_none() && resp.trailers.is_empty();
+            let st = s.response_headers(&mut chain, &mut h, no_body);
+            steps.push(json!({"callback": "response_headers", "status": st}));
+            response["headers"] = headers_json(&h);
+            stopped |= st != FilterStatus::Continue;
+            if let (false, Some(body)) = (stopped, &resp.body) {
+                let (st, b) = s.response_body(&mut chain, body.as_bytes(), resp.trailers.is_empty());
+                steps.push(json!({"callback": "response_body", "status": st}));
+                response["body"] = json!(String::from_utf8_lossy(&b));
+                stopped |= st != FilterStatus::Continue;
+            }
+            if !stopped && !resp.trailers.is_empty() {
+                let mut t = HeaderMap::from_pairs(resp.trailers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+                let st = s.response_trailers(&mut chain, &mut t);
+                steps.push(json!({"callback": "response_trailers", "status": st}));
+                response["trailers"] = headers_json(&t);
+            }
+        }
+        let local = s.local_response().map(|l| {
+            json!({"status": l.status, "details": l.details, "body": String::from_utf8_lossy(&l.body), "headers": headers_json(&l.headers), "grpc_status": l.grpc_status})
+        });
+        s.finish(&mut chain);
+        out.insert("steps".into(), json!(steps));
+        out.insert("request".into(), request);
+        out.insert("response".into(), response);
+        out.insert("local_response".into(), json!(local));
+    }
+    out.insert("logs".into(), json!(logs.lines()));
+    out.insert("metrics".into(), json!(env.metrics.prometheus_text()));
+    let fail = chain.plugins[0].fail_state().clone();
+    out.insert("fail_state".into(), json!(fail));
+    out.insert("failed".into(), json!(fail != FailState::Ok));
+    Ok(Value::Object(out))
+}
+
+fn inspect(path: &Path) -> Result<Value> {
+    let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let info = ModuleInfo::parse(&wasm)?;
+    let abi = info.require_abi().ok();
+    let host = abi.map(nasp::wasm::abi::host_functions).unwrap_or_default();
+    let unsatisfied: Vec<String> = info
+        .imports
+        .iter()
+        .filter(|(m, n, ty)| !host.iter().any(|h| h.module == m && h.name == n && &h.ty == ty))
+        .map(|(m, n, ty)| format!("{m}.{n}{ty}"))
+        .chain(info.non_function_imports.iter().map(|(m, n)| format!("{m}.{n} (not a function)")))
+        .collect();
+    Ok(json!({
+        "abi_version": abi.map(|a| a.as_str()),
+        "abi_error": info.require_abi().err().map(|e| e.to_string()),
+        "imports": info.imports.iter().map(|(m, n, ty)| format!("{m}.{n}{ty}")).collect::<Vec<_>>(),
+        "exports": info.exports.iter().map(|(n, ty)| format!("{n}{ty}")).collect::<Vec<_>>(),
+        "unsatisfied_imports": unsatisfied,
+        "custom_sections": info.custom_sections,
+    }))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let out = match cli.command {
+        Command::Wasm(WasmCommand::Exec(args)) => exec(args)?,
+        Command::Wasm(WasmCommand::Inspect { plugin }) => inspect(&plugin)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
