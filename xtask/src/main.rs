@@ -88,6 +88,11 @@ fn test(extra: &[String]) -> Result<(), String> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
+    // Doc tests first (nextest does not run them), so that the last summary
+    // CI prints is the one of the real test run.
+    if nextest {
+        run(cargo().current_dir(root()).args(["test", "--workspace", "--doc"]))?;
+    }
     let mut c = cargo();
     c.current_dir(root());
     if nextest {
@@ -96,12 +101,8 @@ fn test(extra: &[String]) -> Result<(), String> {
         c.args(["test", "--workspace", "--no-fail-fast"]);
     }
     c.args(extra);
-    run(&mut c)?;
-    // Doc tests are not run by nextest.
-    if nextest {
-        run(cargo().current_dir(root()).args(["test", "--workspace", "--doc"]))?;
-    }
-    Ok(())
+    run(&mut c)
+}
 }
 
 fn demo() -> Result<(), String> {

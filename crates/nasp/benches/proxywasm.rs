@@ -1,0 +1,92 @@
+//! proxy-wasm host benchmarks, per runtime: host→guest call, guest→host call,
+//! compile, instantiate (plugin start), and one full HTTP stream lifecycle
+//! through the conformance filter. Run with `cargo bench -p nasp --bench
+//! proxywasm` after `cargo xtask build-filters`; results in docs/benchmarks.md.
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use nasp::wasm::runtime::{FuncType, Val, ValType};
+use nasp::wasm::*;
+
+const CALLS: &str = r#"(module
+  (import "env" "pthread_equal" (func $eq (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) i32.const 1024)
+  (func (export "nop") (param i32) (result i32) local.get 0)
+  (func (export "host_calls") (param $n i32) (result i32) (local $acc i32)
+    (block $done (loop $l
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $acc (i32.add (local.get $acc) (call $eq (local.get $n) (local.get $n))))
+      (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+      (br $l)))
+    local.get $acc))"#;
+
+fn conformance() -> Vec<u8> {
+    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/filters/conformance.wasm"))
+        .expect("build the filters first: cargo xtask build-filters")
+}
+
+fn quiet_env() -> HostEnv {
+    #[derive(Debug)]
+    struct Null;
+    impl LogSink for Null {
+        fn log(&self, _: LogRecord) {}
+        fn level(&self) -> LogLevel {
+            LogLevel::Critical
+        }
+    }
+    HostEnv { logs: Arc::new(Null), ..HostEnv::default() }
+}
+
+fn bench(c: &mut Criterion) {
+    let calls = wat::parse_str(CALLS).expect("valid wat");
+    let filter = conformance();
+    for rt in Runtime::available_names() {
+        let runtime = nasp::wasm::runtime_by_name(rt).expect("compiled in");
+        let mut g = c.benchmark_group(rt);
+
+        let module = WasmModule::new(runtime.as_ref(), &calls).expect("module");
+        let mut p = Plugin::new(&module, PluginConfig::new("calls"), quiet_env()).expect("plugin");
+        let ty = FuncType::new(&[ValType::I32], &[ValType::I32]);
+        g.bench_function("host_to_guest_call", |b| b.iter(|| p.call_export("nop", &ty, &[Val::I32(1)])));
+        const N: i32 = 1000;
+        g.bench_function("guest_to_host_call_x1000", |b| b.iter(|| p.call_export("host_calls", &ty, &[Val::I32(N)])));
+
+        g.bench_function("compile_conformance", |b| b.iter(|| WasmModule::new(runtime.as_ref(), &filter).expect("compile")));
+        let module = WasmModule::new(runtime.as_ref(), &filter).expect("compile");
+        g.bench_function("instantiate_and_start_plugin", |b| {
+            b.iter(|| Plugin::new(&module, PluginConfig::new("c").configuration("bench"), quiet_env()).expect("plugin"))
+        });
+
+        let plugin = Plugin::new(&module, PluginConfig::new("c").configuration("bench"), quiet_env()).expect("plugin");
+        let mut chain = FilterChain::new(vec![plugin]);
+        let provider: Arc<dyn PropertyProvider> = Arc::new(NoProperties);
+        let req = HeaderMap::from_pairs([(":method", "GET"), (":path", "/"), (":authority", "echo")]);
+        let resp = HeaderMap::from_pairs([(":status", "200")]);
+        g.bench_function("http_stream_lifecycle", |b| {
+            b.iter(|| {
+                let mut s = chain.http_stream(provider.clone());
+                let mut h = req.clone();
+                s.request_headers(&mut chain, &mut h, true);
+                let mut r = resp.clone();
+                s.response_headers(&mut chain, &mut r, true);
+                s.finish(&mut chain);
+            })
+        });
+        g.finish();
+    }
+}
+
+trait Names {
+    fn available_names() -> Vec<&'static str>;
+}
+impl Names for Runtime {
+    fn available_names() -> Vec<&'static str> {
+        Runtime::available().into_iter().map(Runtime::name).collect()
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
