@@ -103,7 +103,6 @@ fn test(extra: &[String]) -> Result<(), String> {
     c.args(extra);
     run(&mut c)
 }
-}
 
 fn demo() -> Result<(), String> {
     setup()?;
@@ -111,7 +110,8 @@ fn demo() -> Result<(), String> {
     let root = root();
     let plugin = root.join("target/filters/conformance.wasm");
     let request = root.join("examples/wasm-exec/request.json");
-    for rt in ["wasmtime", "wasmi", "wasm3"] {
+    // wasm3 joins once its backend lands (docs/status.md).
+    for rt in ["wasmtime", "wasmi"] {
         run(cargo().current_dir(&root).args(["run", "-q", "-p", "nasp-cli", "--", "wasm", "exec", "--runtime", rt, "--plugin"]).arg(&plugin).args(["--config", "demo", "--request"]).arg(&request))?;
     }
     Ok(())
