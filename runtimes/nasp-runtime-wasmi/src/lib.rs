@@ -216,11 +216,12 @@ impl CompiledModule for Compiled {
         let instance = linker.instantiate_and_start(&mut store, &self.module).map_err(|e| EngineError::new(NAME, to_trap(e).to_string()))?;
         let memory = instance.get_memory(&store, "memory");
         store.data_mut().memory = memory;
-        Ok(Box::new(WasmiInstance { store, instance, fuel, depth: 0 }))
+        Ok(Box::new(WasmiInstance { lookups: Default::default(), store, instance, fuel, depth: 0 }))
     }
 }
 
 struct WasmiInstance {
+    lookups: std::collections::HashMap<(String, FuncType), FuncRef>,
     store: wasmi::Store<Data>,
     instance: wasmi::Instance,
     fuel: u64,
@@ -229,6 +230,11 @@ struct WasmiInstance {
 
 impl Instance for WasmiInstance {
     fn lookup(&mut self, name: &str, ty: &FuncType) -> Option<FuncRef> {
+        // Found exports are cached by name and signature, so repeated lookups
+        // neither search the instance again nor grow the table of handles.
+        if let Some(r) = self.lookups.get(&(name.to_string(), ty.clone())) {
+            return Some(*r);
+        }
         let f = self.instance.get_func(&self.store, name)?;
         let fty = f.ty(&self.store);
         let same = |a: &[wasmi::ValType], b: &[ValType]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| *x == wi_type(*y));
@@ -237,7 +243,9 @@ impl Instance for WasmiInstance {
         }
         let funcs = &mut self.store.data_mut().funcs;
         funcs.push(f);
-        Some(FuncRef((funcs.len() - 1) as u32))
+        let r = FuncRef((funcs.len() - 1) as u32);
+        self.lookups.insert((name.to_string(), ty.clone()), r);
+        Some(r)
     }
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {

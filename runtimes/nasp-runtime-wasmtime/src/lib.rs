@@ -254,11 +254,12 @@ impl CompiledModule for Compiled {
         let instance = pre.instantiate(&mut store).map_err(|e| EngineError::new(NAME, to_trap(e).to_string()))?;
         let memory = instance.get_memory(&mut store, "memory");
         store.data_mut().memory = memory;
-        Ok(Box::new(WasmtimeInstance { store, instance, deadline: limits.call_deadline, interrupt }))
+        Ok(Box::new(WasmtimeInstance { lookups: Default::default(), store, instance, deadline: limits.call_deadline, interrupt }))
     }
 }
 
 struct WasmtimeInstance {
+    lookups: std::collections::HashMap<(String, FuncType), FuncRef>,
     store: wasmtime::Store<Data>,
     instance: wasmtime::Instance,
     deadline: Option<Duration>,
@@ -267,6 +268,11 @@ struct WasmtimeInstance {
 
 impl Instance for WasmtimeInstance {
     fn lookup(&mut self, name: &str, ty: &FuncType) -> Option<FuncRef> {
+        // Found exports are cached by name and signature, so repeated lookups
+        // neither search the instance again nor grow the table of handles.
+        if let Some(r) = self.lookups.get(&(name.to_string(), ty.clone())) {
+            return Some(*r);
+        }
         let f = self.instance.get_func(&mut self.store, name)?;
         let fty = f.ty(&self.store);
         let same = |a: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>, b: &[ValType]| {
@@ -277,7 +283,9 @@ impl Instance for WasmtimeInstance {
         }
         let funcs = &mut self.store.data_mut().funcs;
         funcs.push(f);
-        Some(FuncRef((funcs.len() - 1) as u32))
+        let r = FuncRef((funcs.len() - 1) as u32);
+        self.lookups.insert((name.to_string(), ty.clone()), r);
+        Some(r)
     }
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
