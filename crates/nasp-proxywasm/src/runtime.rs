@@ -96,13 +96,21 @@ pub struct FuncType {
 impl FuncType {
     /// Builds a signature from slices.
     pub fn new(params: &[ValType], results: &[ValType]) -> Self {
-        Self { params: params.to_vec(), results: results.to_vec() }
+        Self {
+            params: params.to_vec(),
+            results: results.to_vec(),
+        }
     }
 }
 
 impl fmt::Display for FuncType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |v: &[ValType]| v.iter().map(|t| format!("{t:?}").to_lowercase()).collect::<Vec<_>>().join(",");
+        let list = |v: &[ValType]| {
+            v.iter()
+                .map(|t| format!("{t:?}").to_lowercase())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         write!(f, "({})->({})", list(&self.params), list(&self.results))
     }
 }
@@ -134,7 +142,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_memory_bytes: 1 << 30, call_deadline: Some(Duration::from_secs(5)) }
+        Self {
+            max_memory_bytes: 1 << 30,
+            call_deadline: Some(Duration::from_secs(5)),
+        }
     }
 }
 
@@ -165,19 +176,35 @@ pub struct Trap {
 impl Trap {
     /// A trap raised by a host function.
     pub fn host(message: impl Into<String>) -> Self {
-        Self { kind: TrapKind::Host, message: message.into(), backtrace: None }
+        Self {
+            kind: TrapKind::Host,
+            message: message.into(),
+            backtrace: None,
+        }
     }
     /// A failure of the engine itself.
     pub fn engine(message: impl Into<String>) -> Self {
-        Self { kind: TrapKind::Engine, message: message.into(), backtrace: None }
+        Self {
+            kind: TrapKind::Engine,
+            message: message.into(),
+            backtrace: None,
+        }
     }
     /// A guest trap.
     pub fn guest(message: impl Into<String>) -> Self {
-        Self { kind: TrapKind::Guest, message: message.into(), backtrace: None }
+        Self {
+            kind: TrapKind::Guest,
+            message: message.into(),
+            backtrace: None,
+        }
     }
     /// An interrupted call.
     pub fn interrupted(message: impl Into<String>) -> Self {
-        Self { kind: TrapKind::Interrupted, message: message.into(), backtrace: None }
+        Self {
+            kind: TrapKind::Interrupted,
+            message: message.into(),
+            backtrace: None,
+        }
     }
 }
 
@@ -206,7 +233,10 @@ pub struct EngineError {
 impl EngineError {
     /// Builds an error for a backend.
     pub fn new(runtime: &'static str, message: impl Into<String>) -> Self {
-        Self { runtime, message: message.into() }
+        Self {
+            runtime,
+            message: message.into(),
+        }
     }
 }
 
@@ -290,9 +320,15 @@ pub fn resolve_imports<'h>(
                 Some(h) if &h.ty == ty => Ok(h),
                 Some(h) => Err(EngineError::new(
                     runtime,
-                    format!("import {module}.{name} has signature {ty}, the host provides {}", h.ty),
+                    format!(
+                        "import {module}.{name} has signature {ty}, the host provides {}",
+                        h.ty
+                    ),
                 )),
-                None => Err(EngineError::new(runtime, format!("unknown import {module}.{name}{ty}"))),
+                None => Err(EngineError::new(
+                    runtime,
+                    format!("unknown import {module}.{name}{ty}"),
+                )),
             }
         })
         .collect()
@@ -301,13 +337,96 @@ pub fn resolve_imports<'h>(
 /// Lists the function imports of a module (module, name, signature), using
 /// `wasmparser`. Non-function imports are rejected: proxy-wasm modules import
 /// functions only and define their own memory.
-pub fn function_imports(runtime: &'static str, wasm: &[u8]) -> Result<Vec<(String, String, FuncType)>, EngineError> {
+pub fn function_imports(
+    runtime: &'static str,
+    wasm: &[u8],
+) -> Result<Vec<(String, String, FuncType)>, EngineError> {
     crate::bytecode::ModuleInfo::parse(wasm)
         .map_err(|e| EngineError::new(runtime, e.to_string()))
         .and_then(|info| {
             if let Some((m, n)) = info.non_function_imports.first() {
-                return Err(EngineError::new(runtime, format!("import {m}.{n} is not a function; only function imports are supported")));
+                return Err(EngineError::new(
+                    runtime,
+                    format!(
+                        "import {m}.{n} is not a function; only function imports are supported"
+                    ),
+                ));
             }
             Ok(info.imports)
         })
+}
+
+/// The main and the restricted handler as a backend keeps them in its store,
+/// with the take-out / put-back protocol every backend follows around a host
+/// call (see the module invariants).
+pub struct HandlerSlots {
+    handler: Option<Box<dyn HostHandler>>,
+    restricted: Option<Box<dyn HostHandler>>,
+}
+
+/// A handler taken out of [`HandlerSlots`] for one host call.
+pub struct TakenHandler {
+    handler: Box<dyn HostHandler>,
+    nested: bool,
+}
+
+impl TakenHandler {
+    /// Dispatches the host call.
+    pub fn call(
+        &mut self,
+        id: u32,
+        guest: &mut dyn Guest,
+        args: &[Val],
+    ) -> Result<Option<Val>, Trap> {
+        self.handler.call(id, guest, args)
+    }
+}
+
+impl HandlerSlots {
+    /// Slots holding both handlers.
+    pub fn new(handler: Box<dyn HostHandler>, restricted: Box<dyn HostHandler>) -> Self {
+        Self {
+            handler: Some(handler),
+            restricted: Some(restricted),
+        }
+    }
+
+    /// Takes the handler for a host call: the main one, or the restricted one
+    /// when the main one is already out (a host call from inside a host call).
+    pub fn take(&mut self) -> Result<TakenHandler, Trap> {
+        if let Some(handler) = self.handler.take() {
+            return Ok(TakenHandler {
+                handler,
+                nested: false,
+            });
+        }
+        match self.restricted.take() {
+            Some(handler) => Ok(TakenHandler {
+                handler,
+                nested: true,
+            }),
+            None => Err(Trap::host(
+                "host call re-entered while the allocator was running",
+            )),
+        }
+    }
+
+    /// Puts a taken handler back where it came from.
+    pub fn restore(&mut self, taken: TakenHandler) {
+        if taken.nested {
+            self.restricted = Some(taken.handler);
+        } else {
+            self.handler = Some(taken.handler);
+        }
+    }
+
+    /// The main handler, outside of host calls.
+    pub fn handler_mut(&mut self) -> &mut dyn HostHandler {
+        // Invariant: the handler is only out of the slots during a host call,
+        // and no host call runs while a backend is reached through `&mut self`.
+        #[allow(clippy::expect_used)]
+        self.handler
+            .as_deref_mut()
+            .expect("handler present outside calls")
+    }
 }

@@ -12,8 +12,9 @@
 use std::sync::Arc;
 
 use nasp_proxywasm::runtime::{
-    CompiledModule, EngineError, FuncRef, FuncType, Guest, HostFunc, HostHandler, Instance, InterruptHandle, Limits,
-    Trap, TrapKind, Val, ValType, WasmRuntime, function_imports, resolve_imports,
+    CompiledModule, EngineError, FuncRef, FuncType, Guest, HandlerSlots, HostFunc, HostHandler,
+    Instance, InterruptHandle, Limits, Trap, TrapKind, Val, ValType, WasmRuntime, function_imports,
+    resolve_imports,
 };
 
 const NAME: &str = "wasmi";
@@ -45,7 +46,9 @@ impl WasmiRuntime {
     pub fn new() -> Self {
         let mut config = wasmi::Config::default();
         config.consume_fuel(true);
-        Self { engine: wasmi::Engine::new(&config) }
+        Self {
+            engine: wasmi::Engine::new(&config),
+        }
     }
 }
 
@@ -62,8 +65,13 @@ impl WasmRuntime for WasmiRuntime {
 
     fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
         let imports = function_imports(NAME, wasm)?;
-        let module = wasmi::Module::new(&self.engine, wasm).map_err(|e| EngineError::new(NAME, e.to_string()))?;
-        Ok(Arc::new(Compiled { engine: self.engine.clone(), module, imports }))
+        let module = wasmi::Module::new(&self.engine, wasm)
+            .map_err(|e| EngineError::new(NAME, e.to_string()))?;
+        Ok(Arc::new(Compiled {
+            engine: self.engine.clone(),
+            module,
+            imports,
+        }))
     }
 }
 
@@ -74,8 +82,7 @@ struct Compiled {
 }
 
 struct Data {
-    handler: Option<Box<dyn HostHandler>>,
-    restricted: Option<Box<dyn HostHandler>>,
+    handlers: HandlerSlots,
     limits: wasmi::StoreLimits,
     memory: Option<wasmi::Memory>,
     funcs: Vec<wasmi::Func>,
@@ -125,17 +132,32 @@ fn to_trap(e: wasmi::Error) -> Trap {
         return h.0.clone();
     }
     let (kind, message) = match e.as_trap_code() {
-        Some(wasmi::TrapCode::OutOfFuel) => (TrapKind::Interrupted, format!("wasm trap: {e} (CPU deadline exceeded)")),
+        Some(wasmi::TrapCode::OutOfFuel) => (
+            TrapKind::Interrupted,
+            format!("wasm trap: {e} (CPU deadline exceeded)"),
+        ),
         Some(_) => (TrapKind::Guest, format!("wasm trap: {e}")),
         None => (TrapKind::Engine, e.to_string()),
     };
-    Trap { kind, message, backtrace: None }
+    Trap {
+        kind,
+        message,
+        backtrace: None,
+    }
 }
 
-fn call_func(mut store: impl wasmi::AsContextMut<Data = Data>, f: wasmi::Func, args: &[Val]) -> Result<Option<Val>, Trap> {
+fn call_func(
+    mut store: impl wasmi::AsContextMut<Data = Data>,
+    f: wasmi::Func,
+    args: &[Val],
+) -> Result<Option<Val>, Trap> {
     let params: Vec<wasmi::Val> = args.iter().map(to_wi).collect();
     let ty = f.ty(&store);
-    let mut results: Vec<wasmi::Val> = ty.results().iter().map(|t| wasmi::Val::default_for_ty(*t)).collect();
+    let mut results: Vec<wasmi::Val> = ty
+        .results()
+        .iter()
+        .map(|t| wasmi::Val::default_for_ty(*t))
+        .collect();
     f.call(&mut store, &params, &mut results).map_err(to_trap)?;
     Ok(results.first().and_then(from_wi))
 }
@@ -153,27 +175,34 @@ impl Guest for CallerGuest<'_, '_> {
     }
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
         let Some(f) = self.caller.data().funcs.get(func.0 as usize).copied() else {
-            return Err(Trap::engine(format!("unknown function reference {}", func.0)));
+            return Err(Trap::engine(format!(
+                "unknown function reference {}",
+                func.0
+            )));
         };
         call_func(&mut *self.caller, f, args)
     }
 }
 
-fn host_call(mut caller: wasmi::Caller<'_, Data>, id: u32, params: &[wasmi::Val], results: &mut [wasmi::Val]) -> Result<(), wasmi::Error> {
+fn host_call(
+    mut caller: wasmi::Caller<'_, Data>,
+    id: u32,
+    params: &[wasmi::Val],
+    results: &mut [wasmi::Val],
+) -> Result<(), wasmi::Error> {
     let args: Vec<Val> = params.iter().filter_map(from_wi).collect();
-    let (mut handler, nested) = match caller.data_mut().handler.take() {
-        Some(h) => (h, false),
-        None => match caller.data_mut().restricted.take() {
-            Some(h) => (h, true),
-            None => return Err(wasmi::Error::host(HostTrap(Trap::host("host call re-entered while the allocator was running")))),
-        },
+    let mut taken = match caller.data_mut().handlers.take() {
+        Ok(t) => t,
+        Err(t) => return Err(wasmi::Error::host(HostTrap(t))),
     };
-    let r = handler.call(id, &mut CallerGuest { caller: &mut caller }, &args);
-    if nested {
-        caller.data_mut().restricted = Some(handler);
-    } else {
-        caller.data_mut().handler = Some(handler);
-    }
+    let r = taken.call(
+        id,
+        &mut CallerGuest {
+            caller: &mut caller,
+        },
+        &args,
+    );
+    caller.data_mut().handlers.restore(taken);
     match r {
         Ok(v) => {
             if let (Some(v), Some(slot)) = (v, results.first_mut()) {
@@ -186,7 +215,10 @@ fn host_call(mut caller: wasmi::Caller<'_, Data>, id: u32, params: &[wasmi::Val]
 }
 
 fn fuel_for(limits: &Limits) -> u64 {
-    limits.call_deadline.map(|d| (d.as_millis() as u64).saturating_mul(FUEL_PER_MS)).unwrap_or(u64::MAX)
+    limits
+        .call_deadline
+        .map(|d| (d.as_millis() as u64).saturating_mul(FUEL_PER_MS))
+        .unwrap_or(u64::MAX)
 }
 
 impl CompiledModule for Compiled {
@@ -200,23 +232,48 @@ impl CompiledModule for Compiled {
         let matched = resolve_imports(NAME, &self.imports, host)?;
         let mut linker: wasmi::Linker<Data> = wasmi::Linker::new(&self.engine);
         for h in matched {
-            let ty = wasmi::FuncType::new(h.ty.params.iter().copied().map(wi_type), h.ty.results.iter().copied().map(wi_type));
+            let ty = wasmi::FuncType::new(
+                h.ty.params.iter().copied().map(wi_type),
+                h.ty.results.iter().copied().map(wi_type),
+            );
             let id = h.id;
             linker
-                .func_new(h.module, h.name, ty, move |caller, params, results| host_call(caller, id, params, results))
+                .func_new(h.module, h.name, ty, move |caller, params, results| {
+                    host_call(caller, id, params, results)
+                })
                 .map_err(|e| EngineError::new(NAME, e.to_string()))?;
         }
         let memory_size = usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX);
-        let store_limits = wasmi::StoreLimitsBuilder::new().memory_size(memory_size).instances(1).memories(1).table_elements(10_000).build();
-        let data = Data { handler: Some(handler), restricted: Some(restricted), limits: store_limits, memory: None, funcs: Vec::new() };
+        let store_limits = wasmi::StoreLimitsBuilder::new()
+            .memory_size(memory_size)
+            .instances(1)
+            .memories(1)
+            .table_elements(10_000)
+            .build();
+        let data = Data {
+            handlers: HandlerSlots::new(handler, restricted),
+            limits: store_limits,
+            memory: None,
+            funcs: Vec::new(),
+        };
         let mut store = wasmi::Store::new(&self.engine, data);
         store.limiter(|d| &mut d.limits);
         let fuel = fuel_for(limits);
-        store.set_fuel(fuel).map_err(|e| EngineError::new(NAME, e.to_string()))?;
-        let instance = linker.instantiate_and_start(&mut store, &self.module).map_err(|e| EngineError::new(NAME, to_trap(e).to_string()))?;
+        store
+            .set_fuel(fuel)
+            .map_err(|e| EngineError::new(NAME, e.to_string()))?;
+        let instance = linker
+            .instantiate_and_start(&mut store, &self.module)
+            .map_err(|e| EngineError::new(NAME, to_trap(e).to_string()))?;
         let memory = instance.get_memory(&store, "memory");
         store.data_mut().memory = memory;
-        Ok(Box::new(WasmiInstance { lookups: Default::default(), store, instance, fuel, depth: 0 }))
+        Ok(Box::new(WasmiInstance {
+            lookups: Default::default(),
+            store,
+            instance,
+            fuel,
+            depth: 0,
+        }))
     }
 }
 
@@ -237,7 +294,9 @@ impl Instance for WasmiInstance {
         }
         let f = self.instance.get_func(&self.store, name)?;
         let fty = f.ty(&self.store);
-        let same = |a: &[wasmi::ValType], b: &[ValType]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| *x == wi_type(*y));
+        let same = |a: &[wasmi::ValType], b: &[ValType]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| *x == wi_type(*y))
+        };
         if !same(fty.params(), &ty.params) || !same(fty.results(), &ty.results) {
             return None;
         }
@@ -250,7 +309,10 @@ impl Instance for WasmiInstance {
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
         let Some(f) = self.store.data().funcs.get(func.0 as usize).copied() else {
-            return Err(Trap::engine(format!("unknown function reference {}", func.0)));
+            return Err(Trap::engine(format!(
+                "unknown function reference {}",
+                func.0
+            )));
         };
         self.depth += 1;
         if self.depth == 1 {
@@ -272,10 +334,7 @@ impl Instance for WasmiInstance {
     }
 
     fn handler(&mut self) -> &mut dyn HostHandler {
-        // Invariant: the handler is only out of the store during a host call,
-        // and this method takes `&mut self`, so no call is running.
-        #[allow(clippy::expect_used)]
-        self.store.data_mut().handler.as_deref_mut().expect("handler present outside calls")
+        self.store.data_mut().handlers.handler_mut()
     }
 
     fn interrupt_handle(&self) -> Option<InterruptHandle> {

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nasp_proxywasm::runtime::{
-    CompiledModule, EngineError, FuncRef, FuncType, Guest, HostFunc, HostHandler, Instance, InterruptHandle, Limits,
-    Trap, TrapKind, Val, ValType, WasmRuntime, function_imports, resolve_imports,
+    CompiledModule, EngineError, FuncRef, FuncType, Guest, HandlerSlots, HostFunc, HostHandler,
+    Instance, InterruptHandle, Limits, Trap, TrapKind, Val, ValType, WasmRuntime, function_imports,
+    resolve_imports,
 };
 
 const NAME: &str = "wasmtime";
@@ -45,7 +46,8 @@ impl WasmtimeRuntime {
     pub fn new() -> Result<Self, EngineError> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
-        let engine = wasmtime::Engine::new(&config).map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
+        let engine =
+            wasmtime::Engine::new(&config).map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("nasp-wasmtime-epoch".into())
@@ -68,8 +70,14 @@ impl WasmRuntime for WasmtimeRuntime {
 
     fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
         let imports = function_imports(NAME, wasm)?;
-        let module = wasmtime::Module::new(&self.engine, wasm).map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
-        Ok(Arc::new(Compiled { engine: self.engine.clone(), module, imports, pre: Mutex::new(None) }))
+        let module = wasmtime::Module::new(&self.engine, wasm)
+            .map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
+        Ok(Arc::new(Compiled {
+            engine: self.engine.clone(),
+            module,
+            imports,
+            pre: Mutex::new(None),
+        }))
     }
 }
 
@@ -81,8 +89,7 @@ struct Compiled {
 }
 
 struct Data {
-    handler: Option<Box<dyn HostHandler>>,
-    restricted: Option<Box<dyn HostHandler>>,
+    handlers: HandlerSlots,
     limits: wasmtime::StoreLimits,
     memory: Option<wasmtime::Memory>,
     funcs: Vec<wasmtime::Func>,
@@ -123,7 +130,9 @@ fn to_trap(e: wasmtime::Error) -> Trap {
     if let Some(t) = e.downcast_ref::<Trap>() {
         return t.clone();
     }
-    let backtrace = e.downcast_ref::<wasmtime::WasmBacktrace>().map(|b| b.to_string());
+    let backtrace = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|b| b.to_string());
     let kind = match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => TrapKind::Interrupted,
         Some(_) => TrapKind::Guest,
@@ -133,14 +142,25 @@ fn to_trap(e: wasmtime::Error) -> Trap {
         Some(t) => format!("wasm trap: {t}"),
         None => format!("{e:#}"),
     };
-    Trap { kind, message, backtrace }
+    Trap {
+        kind,
+        message,
+        backtrace,
+    }
 }
 
-fn call_func(store: impl wasmtime::AsContextMut<Data = Data>, f: wasmtime::Func, args: &[Val]) -> Result<Option<Val>, Trap> {
+fn call_func(
+    store: impl wasmtime::AsContextMut<Data = Data>,
+    f: wasmtime::Func,
+    args: &[Val],
+) -> Result<Option<Val>, Trap> {
     let mut store = store;
     let params: Vec<wasmtime::Val> = args.iter().map(to_wt).collect();
     let ty = f.ty(&store);
-    let mut results: Vec<wasmtime::Val> = ty.results().map(|t| wasmtime::Val::default_for_ty(&t).unwrap_or(wasmtime::Val::I32(0))).collect();
+    let mut results: Vec<wasmtime::Val> = ty
+        .results()
+        .map(|t| wasmtime::Val::default_for_ty(&t).unwrap_or(wasmtime::Val::I32(0)))
+        .collect();
     f.call(&mut store, &params, &mut results).map_err(to_trap)?;
     Ok(results.first().and_then(from_wt))
 }
@@ -158,30 +178,37 @@ impl Guest for CallerGuest<'_, '_> {
     }
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
         let Some(f) = self.caller.data().funcs.get(func.0 as usize).copied() else {
-            return Err(Trap::engine(format!("unknown function reference {}", func.0)));
+            return Err(Trap::engine(format!(
+                "unknown function reference {}",
+                func.0
+            )));
         };
         call_func(&mut *self.caller, f, args)
     }
 }
 
-fn host_call(mut caller: wasmtime::Caller<'_, Data>, id: u32, params: &[wasmtime::Val], results: &mut [wasmtime::Val]) -> wasmtime::Result<()> {
+fn host_call(
+    mut caller: wasmtime::Caller<'_, Data>,
+    id: u32,
+    params: &[wasmtime::Val],
+    results: &mut [wasmtime::Val],
+) -> wasmtime::Result<()> {
     let args: Vec<Val> = params.iter().filter_map(from_wt).collect();
     // Take the handler out so the guest can be borrowed while it runs; a host
     // call made while it is out (from the guest allocator) goes to the
     // restricted handler.
-    let (mut handler, nested) = match caller.data_mut().handler.take() {
-        Some(h) => (h, false),
-        None => match caller.data_mut().restricted.take() {
-            Some(h) => (h, true),
-            None => return Err(wasmtime::Error::new(Trap::host("host call re-entered while the allocator was running"))),
-        },
+    let mut taken = match caller.data_mut().handlers.take() {
+        Ok(t) => t,
+        Err(t) => return Err(wasmtime::Error::new(t)),
     };
-    let r = handler.call(id, &mut CallerGuest { caller: &mut caller }, &args);
-    if nested {
-        caller.data_mut().restricted = Some(handler);
-    } else {
-        caller.data_mut().handler = Some(handler);
-    }
+    let r = taken.call(
+        id,
+        &mut CallerGuest {
+            caller: &mut caller,
+        },
+        &args,
+    );
+    caller.data_mut().handlers.restore(taken);
     match r {
         Ok(v) => {
             if let (Some(v), Some(slot)) = (v, results.first_mut()) {
@@ -197,7 +224,10 @@ impl Compiled {
     fn instance_pre(&self, host: &[HostFunc]) -> Result<wasmtime::InstancePre<Data>, EngineError> {
         let matched = resolve_imports(NAME, &self.imports, host)?;
         let ids: Vec<u32> = matched.iter().map(|h| h.id).collect();
-        let mut cache = self.pre.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cache = self
+            .pre
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((cached, pre)) = cache.as_ref() {
             if *cached == ids {
                 return Ok(pre.clone());
@@ -205,13 +235,21 @@ impl Compiled {
         }
         let mut linker: wasmtime::Linker<Data> = wasmtime::Linker::new(&self.engine);
         for h in matched {
-            let ty = wasmtime::FuncType::new(&self.engine, h.ty.params.iter().copied().map(wt_type), h.ty.results.iter().copied().map(wt_type));
+            let ty = wasmtime::FuncType::new(
+                &self.engine,
+                h.ty.params.iter().copied().map(wt_type),
+                h.ty.results.iter().copied().map(wt_type),
+            );
             let id = h.id;
             linker
-                .func_new(h.module, h.name, ty, move |caller, params, results| host_call(caller, id, params, results))
+                .func_new(h.module, h.name, ty, move |caller, params, results| {
+                    host_call(caller, id, params, results)
+                })
                 .map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
         }
-        let pre = linker.instantiate_pre(&self.module).map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&self.module)
+            .map_err(|e| EngineError::new(NAME, format!("{e:#}")))?;
         *cache = Some((ids, pre.clone()));
         Ok(pre)
     }
@@ -227,11 +265,15 @@ impl CompiledModule for Compiled {
     ) -> Result<Box<dyn Instance>, EngineError> {
         let pre = self.instance_pre(host)?;
         let memory_size = usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX);
-        let store_limits = wasmtime::StoreLimitsBuilder::new().memory_size(memory_size).instances(1).memories(1).table_elements(10_000).build();
+        let store_limits = wasmtime::StoreLimitsBuilder::new()
+            .memory_size(memory_size)
+            .instances(1)
+            .memories(1)
+            .table_elements(10_000)
+            .build();
         let interrupt = Arc::new(AtomicBool::new(false));
         let data = Data {
-            handler: Some(handler),
-            restricted: Some(restricted),
+            handlers: HandlerSlots::new(handler, restricted),
             limits: store_limits,
             memory: None,
             funcs: Vec::new(),
@@ -243,7 +285,9 @@ impl CompiledModule for Compiled {
         store.limiter(|d| &mut d.limits);
         store.epoch_deadline_callback(|ctx| {
             let d = ctx.data();
-            if d.interrupt.swap(false, Ordering::Relaxed) || d.deadline.is_some_and(|t| Instant::now() >= t) {
+            if d.interrupt.swap(false, Ordering::Relaxed)
+                || d.deadline.is_some_and(|t| Instant::now() >= t)
+            {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
             Ok(wasmtime::UpdateDeadline::Continue(1))
@@ -251,10 +295,18 @@ impl CompiledModule for Compiled {
         store.set_epoch_deadline(1);
         // Start functions run during instantiation, under the same deadline.
         store.data_mut().deadline = limits.call_deadline.map(|d| Instant::now() + d);
-        let instance = pre.instantiate(&mut store).map_err(|e| EngineError::new(NAME, to_trap(e).to_string()))?;
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| EngineError::new(NAME, to_trap(e).to_string()))?;
         let memory = instance.get_memory(&mut store, "memory");
         store.data_mut().memory = memory;
-        Ok(Box::new(WasmtimeInstance { lookups: Default::default(), store, instance, deadline: limits.call_deadline, interrupt }))
+        Ok(Box::new(WasmtimeInstance {
+            lookups: Default::default(),
+            store,
+            instance,
+            deadline: limits.call_deadline,
+            interrupt,
+        }))
     }
 }
 
@@ -276,7 +328,9 @@ impl Instance for WasmtimeInstance {
         let f = self.instance.get_func(&mut self.store, name)?;
         let fty = f.ty(&self.store);
         let same = |a: &mut dyn ExactSizeIterator<Item = wasmtime::ValType>, b: &[ValType]| {
-            a.len() == b.len() && a.zip(b).all(|(x, y)| wasmtime::ValType::eq(&x, &wt_type(*y)))
+            a.len() == b.len()
+                && a.zip(b)
+                    .all(|(x, y)| wasmtime::ValType::eq(&x, &wt_type(*y)))
         };
         if !same(&mut fty.params(), &ty.params) || !same(&mut fty.results(), &ty.results) {
             return None;
@@ -290,7 +344,10 @@ impl Instance for WasmtimeInstance {
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
         let Some(f) = self.store.data().funcs.get(func.0 as usize).copied() else {
-            return Err(Trap::engine(format!("unknown function reference {}", func.0)));
+            return Err(Trap::engine(format!(
+                "unknown function reference {}",
+                func.0
+            )));
         };
         let d = self.store.data_mut();
         d.depth += 1;
@@ -312,10 +369,7 @@ impl Instance for WasmtimeInstance {
     }
 
     fn handler(&mut self) -> &mut dyn HostHandler {
-        // Invariant: the handler is only out of the store during a host call,
-        // and this method takes `&mut self`, so no call is running.
-        #[allow(clippy::expect_used)]
-        self.store.data_mut().handler.as_deref_mut().expect("handler present outside calls")
+        self.store.data_mut().handlers.handler_mut()
     }
 
     fn interrupt_handle(&self) -> Option<InterruptHandle> {
