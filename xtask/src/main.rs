@@ -20,8 +20,14 @@ fn root() -> PathBuf {
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed with {status}")) }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed with {status}"))
+    }
 }
 
 fn cargo() -> Command {
@@ -40,13 +46,30 @@ fn has_libclang() -> bool {
 }
 
 fn setup() -> Result<(), String> {
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output().map_err(|e| format!("rustup: {e}"))?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == "wasm32-wasip1") {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == "wasm32-wasip1")
+    {
         run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]))?;
     }
     if !has_libclang() {
-        eprintln!("xtask: libclang not found (wasm3's bindings need it); installing libclang-dev with apt-get");
-        let sudo = if Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false) { vec![] } else { vec!["sudo"] };
+        eprintln!(
+            "xtask: libclang not found (wasm3's bindings need it); installing libclang-dev with apt-get"
+        );
+        let sudo = if Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.starts_with(b"0"))
+            .unwrap_or(false)
+        {
+            vec![]
+        } else {
+            vec!["sudo"]
+        };
         let apt = |args: &[&str]| {
             let mut all: Vec<&str> = sudo.clone();
             all.push("apt-get");
@@ -64,7 +87,9 @@ fn setup() -> Result<(), String> {
 fn build_filters() -> Result<(), String> {
     let root = root();
     let filters = root.join("filters");
-    run(cargo().current_dir(&filters).args(["build", "--release", "--target", "wasm32-wasip1"]))?;
+    run(cargo()
+        .current_dir(&filters)
+        .args(["build", "--release", "--target", "wasm32-wasip1"]))?;
     let out = root.join("target").join("filters");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let built = filters.join("target/wasm32-wasip1/release");
@@ -91,7 +116,9 @@ fn test(extra: &[String]) -> Result<(), String> {
     // Doc tests first (nextest does not run them), so that the last summary
     // CI prints is the one of the real test run.
     if nextest {
-        run(cargo().current_dir(root()).args(["test", "--workspace", "--doc"]))?;
+        run(cargo()
+            .current_dir(root())
+            .args(["test", "--workspace", "--doc"]))?;
     }
     let mut c = cargo();
     c.current_dir(root());
@@ -110,9 +137,24 @@ fn demo() -> Result<(), String> {
     let root = root();
     let plugin = root.join("target/filters/conformance.wasm");
     let request = root.join("examples/wasm-exec/request.json");
-    // wasm3 joins once its backend lands (docs/status.md).
-    for rt in ["wasmtime", "wasmi"] {
-        run(cargo().current_dir(&root).args(["run", "-q", "-p", "nasp-cli", "--", "wasm", "exec", "--runtime", rt, "--plugin"]).arg(&plugin).args(["--config", "demo", "--request"]).arg(&request))?;
+    for rt in ["wasmtime", "wasmi", "wasm3"] {
+        run(cargo()
+            .current_dir(&root)
+            .args([
+                "run",
+                "-q",
+                "-p",
+                "nasp-cli",
+                "--",
+                "wasm",
+                "exec",
+                "--runtime",
+                rt,
+                "--plugin",
+            ])
+            .arg(&plugin)
+            .args(["--config", "demo", "--request"])
+            .arg(&request))?;
     }
     Ok(())
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use nasp::wasm::{
-    FailState, FilterChain, FilterStatus, HeaderMap, HostEnv, MapProperties, MemoryLogSink, ModuleInfo, Plugin,
-    PluginConfig, PropertyValue, WasmModule,
+    FailState, FilterChain, FilterStatus, HeaderMap, HostEnv, MapProperties, MemoryLogSink,
+    ModuleInfo, Plugin, PluginConfig, PropertyValue, WasmModule,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -118,27 +118,57 @@ fn json_property(v: &Value) -> PropertyValue {
             _ => PropertyValue::Double(n.as_f64().unwrap_or(0.0)),
         },
         Value::Object(m) => PropertyValue::Map(
-            m.iter().map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect(),
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
+                .collect(),
         ),
         Value::Array(a) => PropertyValue::Bytes(
-            a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(",").into_bytes(),
+            a.iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+                .into_bytes(),
         ),
         Value::Null => PropertyValue::Bytes(Vec::new()),
     }
 }
 
 fn headers_json(h: &HeaderMap) -> Value {
-    Value::Array(h.to_string_pairs().into_iter().map(|(k, v)| json!([k, v])).collect())
+    Value::Array(
+        h.to_string_pairs()
+            .into_iter()
+            .map(|(k, v)| json!([k, v]))
+            .collect(),
+    )
 }
 
 fn exec(args: ExecArgs) -> Result<Value> {
-    let wasm = std::fs::read(&args.plugin).with_context(|| format!("reading {}", args.plugin.display()))?;
-    let exchange: Exchange = serde_json::from_slice(&std::fs::read(&args.request).with_context(|| format!("reading {}", args.request.display()))?)
-        .with_context(|| format!("parsing {}", args.request.display()))?;
+    let wasm = std::fs::read(&args.plugin)
+        .with_context(|| format!("reading {}", args.plugin.display()))?;
+    let exchange: Exchange = serde_json::from_slice(
+        &std::fs::read(&args.request)
+            .with_context(|| format!("reading {}", args.request.display()))?,
+    )
+    .with_context(|| format!("parsing {}", args.request.display()))?;
     let mut props = HashMap::new();
     if let Some(p) = &args.properties {
-        let v: Value = serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)?;
-        let Value::Object(m) = v else { bail!("{}: properties must be a JSON object", p.display()) };
+        let v: Value = serde_json::from_slice(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )?;
+        let Value::Object(m) = v else {
+            bail!("{}: properties must be a JSON object", p.display())
+        };
         for (k, v) in m {
             props.insert(k, json_property(&v));
         }
@@ -146,11 +176,19 @@ fn exec(args: ExecArgs) -> Result<Value> {
     let runtime = nasp::wasm::runtime_by_name(&args.runtime)?;
     let module = WasmModule::new(runtime.as_ref(), &wasm)?;
     let logs = MemoryLogSink::new();
-    let env = HostEnv { logs: Arc::new(logs.clone()), ..HostEnv::default() };
-    let config = PluginConfig::new(args.plugin.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin"))
-        .root_id(args.root_id)
-        .configuration(arg_bytes(&args.config)?)
-        .vm_configuration(arg_bytes(&args.vm_config)?);
+    let env = HostEnv {
+        logs: Arc::new(logs.clone()),
+        ..HostEnv::default()
+    };
+    let config = PluginConfig::new(
+        args.plugin
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin"),
+    )
+    .root_id(args.root_id)
+    .configuration(arg_bytes(&args.config)?)
+    .vm_configuration(arg_bytes(&args.vm_config)?);
     let plugin = Plugin::new(&module, config, env.clone())?;
     let mut chain = FilterChain::new(vec![plugin]);
     let provider = Arc::new(MapProperties(props));
@@ -166,13 +204,22 @@ fn exec(args: ExecArgs) -> Result<Value> {
                 "upstream" => s.upstream_data(&mut chain, c.data.as_bytes(), c.end_of_stream),
                 other => bail!("tcp chunk from {other:?}: expected \"downstream\" or \"upstream\""),
             };
-            steps.push(json!({"from": c.from, "status": st, "forwarded": String::from_utf8_lossy(&data)}));
+            steps.push(
+                json!({"from": c.from, "status": st, "forwarded": String::from_utf8_lossy(&data)}),
+            );
         }
         s.downstream_close(&mut chain, 2);
         s.upstream_close(&mut chain, 2);
-        let closed = s.state().lock().map(|st| st.closed.clone()).unwrap_or_default();
+        let closed = s
+            .state()
+            .lock()
+            .map(|st| st.closed.clone())
+            .unwrap_or_default();
         s.finish(&mut chain);
-        out.insert("tcp".into(), json!({"steps": steps, "closed_streams": closed}));
+        out.insert(
+            "tcp".into(),
+            json!({"steps": steps, "closed_streams": closed}),
+        );
     } else {
         let mut s = chain.http_stream(provider);
         let req = exchange.request.unwrap_or_default();
@@ -180,7 +227,11 @@ fn exec(args: ExecArgs) -> Result<Value> {
         let mut request = json!({});
         let mut response = json!({});
         let mut stopped = false;
-        let mut h = HeaderMap::from_pairs(req.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+        let mut h = HeaderMap::from_pairs(
+            req.headers
+                .iter()
+                .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+        );
         let no_body = req.body.is_none() && req.trailers.is_empty();
         let st = s.request_headers(&mut chain, &mut h, no_body);
         steps.push(json!({"callback": "request_headers", "status": st}));
@@ -193,27 +244,40 @@ fn exec(args: ExecArgs) -> Result<Value> {
             stopped |= st != FilterStatus::Continue;
         }
         if !stopped && !req.trailers.is_empty() {
-            let mut t = HeaderMap::from_pairs(req.trailers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+            let mut t = HeaderMap::from_pairs(
+                req.trailers
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            );
             let st = s.request_trailers(&mut chain, &mut t);
             steps.push(json!({"callback": "request_trailers", "status": st}));
             request["trailers"] = headers_json(&t);
             stopped |= st != FilterStatus::Continue;
         }
         if let (false, Some(resp)) = (stopped, exchange.response) {
-            let mut h = HeaderMap::from_pairs(resp.headers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+            let mut h = HeaderMap::from_pairs(
+                resp.headers
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+            );
             let no_body = resp.body.is_none() && resp.trailers.is_empty();
             let st = s.response_headers(&mut chain, &mut h, no_body);
             steps.push(json!({"callback": "response_headers", "status": st}));
             response["headers"] = headers_json(&h);
             stopped |= st != FilterStatus::Continue;
             if let (false, Some(body)) = (stopped, &resp.body) {
-                let (st, b) = s.response_body(&mut chain, body.as_bytes(), resp.trailers.is_empty());
+                let (st, b) =
+                    s.response_body(&mut chain, body.as_bytes(), resp.trailers.is_empty());
                 steps.push(json!({"callback": "response_body", "status": st}));
                 response["body"] = json!(String::from_utf8_lossy(&b));
                 stopped |= st != FilterStatus::Continue;
             }
             if !stopped && !resp.trailers.is_empty() {
-                let mut t = HeaderMap::from_pairs(resp.trailers.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())));
+                let mut t = HeaderMap::from_pairs(
+                    resp.trailers
+                        .iter()
+                        .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+                );
                 let st = s.response_trailers(&mut chain, &mut t);
                 steps.push(json!({"callback": "response_trailers", "status": st}));
                 response["trailers"] = headers_json(&t);
@@ -244,9 +308,17 @@ fn inspect(path: &Path) -> Result<Value> {
     let unsatisfied: Vec<String> = info
         .imports
         .iter()
-        .filter(|(m, n, ty)| !host.iter().any(|h| h.module == m && h.name == n && &h.ty == ty))
+        .filter(|(m, n, ty)| {
+            !host
+                .iter()
+                .any(|h| h.module == m && h.name == n && &h.ty == ty)
+        })
         .map(|(m, n, ty)| format!("{m}.{n}{ty}"))
-        .chain(info.non_function_imports.iter().map(|(m, n)| format!("{m}.{n} (not a function)")))
+        .chain(
+            info.non_function_imports
+                .iter()
+                .map(|(m, n)| format!("{m}.{n} (not a function)")),
+        )
         .collect();
     Ok(json!({
         "abi_version": abi.map(|a| a.as_str()),

@@ -5,15 +5,33 @@ use std::process::Command;
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 fn nasp(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_nasp")).args(args).current_dir(ROOT).output().expect("run nasp");
-    assert!(out.status.success(), "nasp {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_nasp"))
+        .args(args)
+        .current_dir(ROOT)
+        .output()
+        .expect("run nasp");
+    assert!(
+        out.status.success(),
+        "nasp {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 
 fn exec(runtime: &str, request: &str) -> serde_json::Value {
     nasp(&[
-        "wasm", "exec", "--runtime", runtime, "--plugin", "target/filters/conformance.wasm", "--config", "demo",
-        "--properties", "examples/wasm-exec/properties.json", "--request", request,
+        "wasm",
+        "exec",
+        "--runtime",
+        runtime,
+        "--plugin",
+        "target/filters/conformance.wasm",
+        "--config",
+        "demo",
+        "--properties",
+        "examples/wasm-exec/properties.json",
+        "--request",
+        request,
     ])
 }
 
@@ -26,7 +44,12 @@ fn http_transcripts_are_identical_across_runtimes() {
         assert_eq!(t["request"]["body"], "HELLO FROM NASP", "{rt}: {t}");
         assert_eq!(t["response"]["body"], "ok [filtered]");
         assert_eq!(t["failed"], false);
-        assert!(t["metrics"].as_str().unwrap_or_default().contains("conformance_requests_total 1"));
+        assert!(
+            t["metrics"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("conformance_requests_total 1")
+        );
         t["runtime"] = serde_json::Value::Null;
         match &first {
             None => first = Some(t),
@@ -39,8 +62,16 @@ fn http_transcripts_are_identical_across_runtimes() {
 fn tcp_transcript() {
     for rt in ["wasmtime", "wasmi"] {
         let t = nasp(&[
-            "wasm", "exec", "--runtime", rt, "--plugin", "target/filters/conformance.wasm", "--config", "tcp",
-            "--request", "examples/wasm-exec/tcp.json",
+            "wasm",
+            "exec",
+            "--runtime",
+            rt,
+            "--plugin",
+            "target/filters/conformance.wasm",
+            "--config",
+            "tcp",
+            "--request",
+            "examples/wasm-exec/tcp.json",
         ]);
         assert_eq!(t["tcp"]["steps"][1]["forwarded"], ">ping", "{rt}: {t}");
         assert_eq!(t["tcp"]["steps"][2]["forwarded"], "pong<");
@@ -53,17 +84,34 @@ fn inspect_reports_abi_and_imports() {
     assert_eq!(t["abi_version"], "0.2.1");
     assert_eq!(t["unsatisfied_imports"], serde_json::json!([]));
     let imports = t["imports"].as_array().expect("imports");
-    assert!(imports.iter().any(|i| i == "env.proxy_log(i32,i32,i32)->(i32)"), "{t}");
+    assert!(
+        imports
+            .iter()
+            .any(|i| i == "env.proxy_log(i32,i32,i32)->(i32)"),
+        "{t}"
+    );
 }
 
 #[test]
 fn unknown_runtime_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_nasp"))
-        .args(["wasm", "exec", "--runtime", "v8", "--plugin", "target/filters/conformance.wasm", "--request", "examples/wasm-exec/request.json"])
+        .args([
+            "wasm",
+            "exec",
+            "--runtime",
+            "v8",
+            "--plugin",
+            "target/filters/conformance.wasm",
+            "--request",
+            "examples/wasm-exec/request.json",
+        ])
         .current_dir(ROOT)
         .output()
         .expect("run nasp");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("\"v8\" is not compiled into this build"), "{err}");
+    assert!(
+        err.contains("\"v8\" is not compiled into this build"),
+        "{err}"
+    );
 }

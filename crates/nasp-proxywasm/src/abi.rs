@@ -141,10 +141,26 @@ pub struct Versions {
     v021: bool,
 }
 
-const ALL: Versions = Versions { v010: true, v020: true, v021: true };
-const V010: Versions = Versions { v010: true, v020: false, v021: false };
-const V02X: Versions = Versions { v010: false, v020: true, v021: true };
-const V021: Versions = Versions { v010: false, v020: false, v021: true };
+const ALL: Versions = Versions {
+    v010: true,
+    v020: true,
+    v021: true,
+};
+const V010: Versions = Versions {
+    v010: true,
+    v020: false,
+    v021: false,
+};
+const V02X: Versions = Versions {
+    v010: false,
+    v020: true,
+    v021: true,
+};
+const V021: Versions = Versions {
+    v010: false,
+    v020: false,
+    v021: true,
+};
 
 impl Versions {
     fn contains(self, v: AbiVersion) -> bool {
@@ -247,10 +263,20 @@ pub fn host_functions(abi: AbiVersion) -> Vec<HostFunc> {
         let ty = FuncType::new(params, results);
         if module == "wasi" {
             for m in WASI_MODULES {
-                out.push(HostFunc { module: m, name, ty: ty.clone(), id: *f as u32 });
+                out.push(HostFunc {
+                    module: m,
+                    name,
+                    ty: ty.clone(),
+                    id: *f as u32,
+                });
             }
         } else {
-            out.push(HostFunc { module, name, ty, id: *f as u32 });
+            out.push(HostFunc {
+                module,
+                name,
+                ty,
+                id: *f as u32,
+            });
         }
     }
     out
@@ -260,7 +286,10 @@ pub fn host_functions(abi: AbiVersion) -> Vec<HostFunc> {
 /// anything else made while the host is copying data into the guest is a
 /// restricted call and traps.
 pub fn allowed_in_allocator(f: HostFn) -> bool {
-    matches!(f, HostFn::Log | HostFn::FdWrite | HostFn::ClockTimeGet | HostFn::PollOneoff)
+    matches!(
+        f,
+        HostFn::Log | HostFn::FdWrite | HostFn::ClockTimeGet | HostFn::PollOneoff
+    )
 }
 
 #[cfg(test)]
@@ -269,16 +298,28 @@ mod tests {
 
     #[test]
     fn version_specific_functions() {
-        let names = |v| host_functions(v).into_iter().map(|h| h.name).collect::<Vec<_>>();
+        let names = |v| {
+            host_functions(v)
+                .into_iter()
+                .map(|h| h.name)
+                .collect::<Vec<_>>()
+        };
         let v010 = names(AbiVersion::V0_1_0);
-        assert!(v010.contains(&"proxy_get_configuration") && v010.contains(&"proxy_continue_request"));
+        assert!(
+            v010.contains(&"proxy_get_configuration") && v010.contains(&"proxy_continue_request")
+        );
         assert!(!v010.contains(&"proxy_continue_stream") && !v010.contains(&"proxy_get_log_level"));
         let v020 = names(AbiVersion::V0_2_0);
         assert!(v020.contains(&"proxy_continue_stream") && !v020.contains(&"proxy_get_log_level"));
         let v021 = names(AbiVersion::V0_2_1);
-        assert!(v021.contains(&"proxy_get_log_level") && !v021.contains(&"proxy_clear_route_cache"));
+        assert!(
+            v021.contains(&"proxy_get_log_level") && !v021.contains(&"proxy_clear_route_cache")
+        );
         // Every WASI function is offered under both module names.
-        let fd = host_functions(AbiVersion::V0_2_1).into_iter().filter(|h| h.name == "fd_write").count();
+        let fd = host_functions(AbiVersion::V0_2_1)
+            .into_iter()
+            .filter(|h| h.name == "fd_write")
+            .count();
         assert_eq!(fd, 2);
     }
 

@@ -37,7 +37,9 @@ impl AbiVersion {
     }
 
     fn from_marker(name: &str) -> Option<Self> {
-        [AbiVersion::V0_1_0, AbiVersion::V0_2_0, AbiVersion::V0_2_1].into_iter().find(|v| v.marker() == name)
+        [AbiVersion::V0_1_0, AbiVersion::V0_2_0, AbiVersion::V0_2_1]
+            .into_iter()
+            .find(|v| v.marker() == name)
     }
 }
 
@@ -65,14 +67,26 @@ fn val_type(t: wasmparser::ValType) -> Result<ValType> {
         wasmparser::ValType::I64 => ValType::I64,
         wasmparser::ValType::F32 => ValType::F32,
         wasmparser::ValType::F64 => ValType::F64,
-        other => return Err(Error::InvalidModule(format!("value type {other} is not supported in host interfaces"))),
+        other => {
+            return Err(Error::InvalidModule(format!(
+                "value type {other} is not supported in host interfaces"
+            )));
+        }
     })
 }
 
 fn func_type(ft: &wasmparser::FuncType) -> Result<FuncType> {
     Ok(FuncType {
-        params: ft.params().iter().map(|t| val_type(*t)).collect::<Result<_>>()?,
-        results: ft.results().iter().map(|t| val_type(*t)).collect::<Result<_>>()?,
+        params: ft
+            .params()
+            .iter()
+            .map(|t| val_type(*t))
+            .collect::<Result<_>>()?,
+        results: ft
+            .results()
+            .iter()
+            .map(|t| val_type(*t))
+            .collect::<Result<_>>()?,
     })
 }
 
@@ -81,9 +95,9 @@ impl ModuleInfo {
     pub fn parse(wasm: &[u8]) -> Result<Self> {
         use wasmparser::{Parser, Payload, TypeRef};
         let mut validator = wasmparser::Validator::new();
-        validator
-            .validate_all(wasm)
-            .map_err(|e| Error::InvalidModule(format!("failed to parse corrupted Wasm module: {e}")))?;
+        validator.validate_all(wasm).map_err(|e| {
+            Error::InvalidModule(format!("failed to parse corrupted Wasm module: {e}"))
+        })?;
 
         let mut info = ModuleInfo::default();
         // Types are only usable as function signatures if they are plain
@@ -108,10 +122,21 @@ impl ModuleInfo {
                                 let ty = types
                                     .get(idx as usize)
                                     .and_then(|t| t.as_ref())
-                                    .ok_or_else(|| Error::InvalidModule(format!("import {}.{} has an unsupported type", import.module, import.name)))?;
-                                info.imports.push((import.module.to_string(), import.name.to_string(), func_type(ty)?));
+                                    .ok_or_else(|| {
+                                        Error::InvalidModule(format!(
+                                            "import {}.{} has an unsupported type",
+                                            import.module, import.name
+                                        ))
+                                    })?;
+                                info.imports.push((
+                                    import.module.to_string(),
+                                    import.name.to_string(),
+                                    func_type(ty)?,
+                                ));
                             }
-                            _ => info.non_function_imports.push((import.module.to_string(), import.name.to_string())),
+                            _ => info
+                                .non_function_imports
+                                .push((import.module.to_string(), import.name.to_string())),
                         }
                     }
                 }
@@ -128,7 +153,9 @@ impl ModuleInfo {
                         }
                     }
                 }
-                Payload::CustomSection(reader) => info.custom_sections.push(reader.name().to_string()),
+                Payload::CustomSection(reader) => {
+                    info.custom_sections.push(reader.name().to_string())
+                }
                 _ => {}
             }
         }
@@ -182,18 +209,37 @@ mod tests {
     #[test]
     fn detects_versions_and_rejects_unknown() {
         let wasm = wat::parse_str(r#"(module (func (export "proxy_abi_version_0_2_1")) (func (export "proxy_abi_version_0_1_0")))"#).unwrap();
-        assert_eq!(ModuleInfo::parse(&wasm).unwrap().abi, Some(AbiVersion::V0_2_1));
+        assert_eq!(
+            ModuleInfo::parse(&wasm).unwrap().abi,
+            Some(AbiVersion::V0_2_1)
+        );
         let wasm = wat::parse_str(r#"(module (func (export "proxy_abi_version_0_x_x")))"#).unwrap();
-        let err = ModuleInfo::parse(&wasm).unwrap().require_abi().unwrap_err().to_string();
-        assert!(err.contains("unknown Proxy-Wasm ABI version proxy_abi_version_0_x_x"), "{err}");
+        let err = ModuleInfo::parse(&wasm)
+            .unwrap()
+            .require_abi()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown Proxy-Wasm ABI version proxy_abi_version_0_x_x"),
+            "{err}"
+        );
         let wasm = wat::parse_str(r#"(module)"#).unwrap();
-        let err = ModuleInfo::parse(&wasm).unwrap().require_abi().unwrap_err().to_string();
+        let err = ModuleInfo::parse(&wasm)
+            .unwrap()
+            .require_abi()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing Proxy-Wasm ABI version"), "{err}");
     }
 
     #[test]
     fn corrupt_module_is_an_error() {
-        for bad in [&b""[..], b"\0asm", b"\0asm\x01\0\0\0\x07\xff\xff", b"not wasm at all"] {
+        for bad in [
+            &b""[..],
+            b"\0asm",
+            b"\0asm\x01\0\0\0\x07\xff\xff",
+            b"not wasm at all",
+        ] {
             let err = ModuleInfo::parse(bad).unwrap_err().to_string();
             assert!(err.contains("corrupted"), "{err}");
         }

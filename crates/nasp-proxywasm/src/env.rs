@@ -74,7 +74,9 @@ impl LogSink for TracingLogSink {
             LogLevel::Debug => tracing::debug!(plugin = %r.plugin, "{}", r.message),
             LogLevel::Info => tracing::info!(plugin = %r.plugin, "{}", r.message),
             LogLevel::Warn => tracing::warn!(plugin = %r.plugin, "{}", r.message),
-            LogLevel::Error | LogLevel::Critical => tracing::error!(plugin = %r.plugin, "{}", r.message),
+            LogLevel::Error | LogLevel::Critical => {
+                tracing::error!(plugin = %r.plugin, "{}", r.message)
+            }
         }
     }
 }
@@ -144,7 +146,10 @@ struct Queue {
 impl SharedStore {
     /// Reads a value and its CAS.
     pub fn get(&self, vm_id: &str, key: &str) -> StatusResult<(Vec<u8>, u32)> {
-        lock(&self.data).get(&(vm_id.to_string(), key.to_string())).cloned().ok_or(crate::abi::status::NOT_FOUND)
+        lock(&self.data)
+            .get(&(vm_id.to_string(), key.to_string()))
+            .cloned()
+            .ok_or(crate::abi::status::NOT_FOUND)
     }
 
     /// Writes a value; `cas` 0 is unconditional, otherwise it must match.
@@ -172,7 +177,11 @@ impl SharedStore {
     /// Registers (or re-registers) a queue owned by a root context; tokens start at 1.
     pub fn register_queue(&self, vm_id: &str, name: &str, owner: (u64, u32)) -> u32 {
         let mut q = lock(&self.queues);
-        if let Some(t) = q.by_name.get(&(vm_id.to_string(), name.to_string())).copied() {
+        if let Some(t) = q
+            .by_name
+            .get(&(vm_id.to_string(), name.to_string()))
+            .copied()
+        {
             if let Some(queue) = q.queues.get_mut(&t) {
                 queue.owner = owner;
             }
@@ -180,27 +189,44 @@ impl SharedStore {
         }
         q.next_token += 1;
         let token = q.next_token;
-        q.by_name.insert((vm_id.to_string(), name.to_string()), token);
-        q.queues.insert(token, Queue { owner, items: Default::default() });
+        q.by_name
+            .insert((vm_id.to_string(), name.to_string()), token);
+        q.queues.insert(
+            token,
+            Queue {
+                owner,
+                items: Default::default(),
+            },
+        );
         token
     }
 
     /// Finds a queue registered by any VM.
     pub fn resolve_queue(&self, vm_id: &str, name: &str) -> StatusResult<u32> {
-        lock(&self.queues).by_name.get(&(vm_id.to_string(), name.to_string())).copied().ok_or(crate::abi::status::NOT_FOUND)
+        lock(&self.queues)
+            .by_name
+            .get(&(vm_id.to_string(), name.to_string()))
+            .copied()
+            .ok_or(crate::abi::status::NOT_FOUND)
     }
 
     /// Enqueues; returns the owner to notify.
     pub fn enqueue(&self, token: u32, value: &[u8]) -> StatusResult<(u64, u32)> {
         let mut q = lock(&self.queues);
-        let queue = q.queues.get_mut(&token).ok_or(crate::abi::status::NOT_FOUND)?;
+        let queue = q
+            .queues
+            .get_mut(&token)
+            .ok_or(crate::abi::status::NOT_FOUND)?;
         queue.items.push_back(value.to_vec());
         Ok(queue.owner)
     }
 
     /// Records that queue `token` of root context `owner.1` in VM `owner.0` has data.
     pub(crate) fn notify(&self, owner: (u64, u32), token: u32) {
-        lock(&self.ready).entry(owner.0).or_default().push((owner.1, token));
+        lock(&self.ready)
+            .entry(owner.0)
+            .or_default()
+            .push((owner.1, token));
     }
 
     /// Takes the pending `proxy_on_queue_ready` notifications of a VM.
@@ -211,7 +237,10 @@ impl SharedStore {
     /// Dequeues one item.
     pub fn dequeue(&self, token: u32) -> StatusResult<Vec<u8>> {
         let mut q = lock(&self.queues);
-        let queue = q.queues.get_mut(&token).ok_or(crate::abi::status::NOT_FOUND)?;
+        let queue = q
+            .queues
+            .get_mut(&token)
+            .ok_or(crate::abi::status::NOT_FOUND)?;
         queue.items.pop_front().ok_or(crate::abi::status::EMPTY)
     }
 }
@@ -260,7 +289,13 @@ pub trait Callouts: Send + Sync {
     /// Starts an HTTP call with this token.
     fn http_call(&self, plugin: &str, token: u32, call: HttpCallout) -> StatusResult<()>;
     /// Starts a gRPC call or stream with this token.
-    fn grpc_call(&self, plugin: &str, token: u32, call: GrpcCallout, stream: bool) -> StatusResult<()>;
+    fn grpc_call(
+        &self,
+        plugin: &str,
+        token: u32,
+        call: GrpcCallout,
+        stream: bool,
+    ) -> StatusResult<()>;
     /// A message sent on a gRPC stream.
     fn grpc_send(&self, _token: u32, _message: &[u8], _end_stream: bool) -> StatusResult<()> {
         Ok(())

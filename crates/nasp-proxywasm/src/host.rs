@@ -99,7 +99,11 @@ impl AbiHost {
     }
 
     fn log(&self, level: LogLevel, message: String) {
-        self.env.logs.log(LogRecord { level, plugin: self.info.name.clone(), message });
+        self.env.logs.log(LogRecord {
+            level,
+            plugin: self.info.name.clone(),
+            message,
+        });
     }
 
     fn stream(&self) -> Option<&SharedStream> {
@@ -194,7 +198,13 @@ fn arg64(args: &[Val], i: usize) -> i64 {
 impl AbiHost {
     /// Copies `data` into guest memory allocated by the guest, and writes the
     /// pointer and size through the two out-pointers. Empty data writes 0, 0.
-    fn copy_out(&mut self, g: &mut dyn Guest, data: &[u8], ptr_ptr: i32, size_ptr: i32) -> HostResult {
+    fn copy_out(
+        &mut self,
+        g: &mut dyn Guest,
+        data: &[u8],
+        ptr_ptr: i32,
+        size_ptr: i32,
+    ) -> HostResult {
         if data.is_empty() {
             try_mem!(mem::write_u32(g, ptr_ptr, 0));
             try_mem!(mem::write_u32(g, size_ptr, 0));
@@ -225,7 +235,9 @@ impl AbiHost {
     fn buffer(&self, kind: i32) -> Result<Vec<u8>, i32> {
         use crate::abi::buffer::*;
         let from_stream = |f: fn(&crate::types::StreamState) -> &Vec<u8>| {
-            self.stream().map(|s| f(&lock(s)).clone()).ok_or(status::NOT_FOUND)
+            self.stream()
+                .map(|s| f(&lock(s)).clone())
+                .ok_or(status::NOT_FOUND)
         };
         match kind {
             HTTP_REQUEST_BODY => from_stream(|s| &s.request_body),
@@ -234,8 +246,12 @@ impl AbiHost {
             UPSTREAM_DATA => from_stream(|s| &s.upstream_data),
             HTTP_CALL_RESPONSE_BODY => self.call.body.clone().ok_or(status::NOT_FOUND),
             GRPC_CALL_MESSAGE => self.call.grpc_message.clone().ok_or(status::NOT_FOUND),
-            VM_CONFIGURATION if self.phase == Phase::VmStart => Ok(self.info.vm_configuration.clone()),
-            PLUGIN_CONFIGURATION if self.phase == Phase::Configure => Ok(self.info.configuration.clone()),
+            VM_CONFIGURATION if self.phase == Phase::VmStart => {
+                Ok(self.info.vm_configuration.clone())
+            }
+            PLUGIN_CONFIGURATION if self.phase == Phase::Configure => {
+                Ok(self.info.configuration.clone())
+            }
             VM_CONFIGURATION | PLUGIN_CONFIGURATION => Err(status::NOT_FOUND),
             FOREIGN_FUNCTION_ARGUMENTS => self.call.foreign_args.clone().ok_or(status::NOT_FOUND),
             _ => Err(status::BAD_ARGUMENT),
@@ -281,7 +297,9 @@ impl AbiHost {
         }
         let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
         let provider = self.stream().and_then(|s| lock(s).provider.clone());
-        provider.and_then(|p| p.property(&refs)).map(|v| PropertyValue::serialize(&v))
+        provider
+            .and_then(|p| p.property(&refs))
+            .map(|v| PropertyValue::serialize(&v))
     }
 
     fn next_token(&mut self, kind: u32) -> u32 {
@@ -313,11 +331,19 @@ fn metric_status(e: MetricError) -> i32 {
 }
 
 fn now_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// `fd_write` / `fd_pwrite`: fd 1 logs at info, fd 2 at error.
-fn fd_write(g: &mut dyn Guest, args: &[Val], written_arg: usize, log: impl FnOnce(LogLevel, String)) -> HostResult {
+fn fd_write(
+    g: &mut dyn Guest,
+    args: &[Val],
+    written_arg: usize,
+    log: impl FnOnce(LogLevel, String),
+) -> HostResult {
     let fd = arg(args, 0);
     let level = match fd {
         1 => LogLevel::Info,
@@ -366,7 +392,9 @@ impl HostHandler for AbiHost {
         };
         match f {
             HostFn::Log => {
-                let Some(level) = LogLevel::from_i32(arg(a, 0)) else { return st(status::BAD_ARGUMENT) };
+                let Some(level) = LogLevel::from_i32(arg(a, 0)) else {
+                    return st(status::BAD_ARGUMENT);
+                };
                 let msg = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
                 self.log(level, msg);
                 st(status::OK)
@@ -400,7 +428,9 @@ impl HostHandler for AbiHost {
                     Ok(d) => d,
                     Err(s) => return st(s),
                 };
-                let Some(end) = start.checked_add(max) else { return st(status::BAD_ARGUMENT) };
+                let Some(end) = start.checked_add(max) else {
+                    return st(status::BAD_ARGUMENT);
+                };
                 let from = start.min(data.len());
                 let to = end.min(data.len());
                 self.copy_out(g, &data[from..to], arg(a, 3), arg(a, 4))
@@ -420,9 +450,15 @@ impl HostHandler for AbiHost {
                 let (start, size) = (arg(a, 1) as u32 as usize, arg(a, 2) as u32 as usize);
                 let kind = arg(a, 0);
                 if !(HTTP_REQUEST_BODY..=UPSTREAM_DATA).contains(&kind) {
-                    return st(if (0..=FOREIGN_FUNCTION_ARGUMENTS).contains(&kind) { status::NOT_FOUND } else { status::BAD_ARGUMENT });
+                    return st(if (0..=FOREIGN_FUNCTION_ARGUMENTS).contains(&kind) {
+                        status::NOT_FOUND
+                    } else {
+                        status::BAD_ARGUMENT
+                    });
                 }
-                let Some(s) = self.stream() else { return st(status::NOT_FOUND) };
+                let Some(s) = self.stream() else {
+                    return st(status::NOT_FOUND);
+                };
                 let mut s = lock(s);
                 let buf = match kind {
                     HTTP_REQUEST_BODY => &mut s.request_body,
@@ -453,7 +489,9 @@ impl HostHandler for AbiHost {
             },
             HostFn::SetHeaderMapPairs => {
                 let raw = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
-                let Some(pairs) = crate::pairs::decode(&raw) else { return st(status::BAD_ARGUMENT) };
+                let Some(pairs) = crate::pairs::decode(&raw) else {
+                    return st(status::BAD_ARGUMENT);
+                };
                 match self.with_map(arg(a, 0), |m| m.set_all(pairs)) {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
@@ -463,7 +501,9 @@ impl HostHandler for AbiHost {
                 let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
                 match self.with_map(arg(a, 0), |m| m.get(&key).map(<[u8]>::to_vec)) {
                     Ok(Some(v)) => self.copy_out(g, &v, arg(a, 3), arg(a, 4)),
-                    Ok(None) if self.abi == AbiVersion::V0_1_0 => self.copy_out(g, &[], arg(a, 3), arg(a, 4)),
+                    Ok(None) if self.abi == AbiVersion::V0_1_0 => {
+                        self.copy_out(g, &[], arg(a, 3), arg(a, 4))
+                    }
                     Ok(None) => st(status::NOT_FOUND),
                     Err(s) => st(s),
                 }
@@ -472,7 +512,13 @@ impl HostHandler for AbiHost {
                 let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
                 let value = try_mem!(mem::read(g, arg(a, 3), arg(a, 4)));
                 let replace = f == HostFn::ReplaceHeaderMapValue;
-                match self.with_map(arg(a, 0), |m| if replace { m.replace(&key, &value) } else { m.add(&key, &value) }) {
+                match self.with_map(arg(a, 0), |m| {
+                    if replace {
+                        m.replace(&key, &value)
+                    } else {
+                        m.add(&key, &value)
+                    }
+                }) {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
                 }
@@ -506,7 +552,9 @@ impl HostHandler for AbiHost {
                 st(status::OK)
             }
             HostFn::GetStatus => {
-                let Some((code, msg)) = self.call.status.clone() else { return st(status::NOT_FOUND) };
+                let Some((code, msg)) = self.call.status.clone() else {
+                    return st(status::NOT_FOUND);
+                };
                 try_mem!(mem::write_u32(g, arg(a, 0), code));
                 self.copy_out(g, msg.as_bytes(), arg(a, 1), arg(a, 2))
             }
@@ -514,9 +562,13 @@ impl HostHandler for AbiHost {
                 let details = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
                 let body = try_mem!(mem::read(g, arg(a, 3), arg(a, 4)));
                 let raw = try_mem!(mem::read(g, arg(a, 5), arg(a, 6)));
-                let Some(pairs) = crate::pairs::decode(&raw) else { return st(status::BAD_ARGUMENT) };
+                let Some(pairs) = crate::pairs::decode(&raw) else {
+                    return st(status::BAD_ARGUMENT);
+                };
                 let grpc = arg(a, 7);
-                let Some(s) = self.stream() else { return st(status::NOT_FOUND) };
+                let Some(s) = self.stream() else {
+                    return st(status::NOT_FOUND);
+                };
                 let mut headers = HeaderMap::new();
                 headers.set_all(pairs);
                 lock(s).local_response = Some(LocalResponse {
@@ -529,7 +581,10 @@ impl HostHandler for AbiHost {
                 self.stop_iteration = true;
                 st(status::OK)
             }
-            HostFn::ContinueRequest | HostFn::ContinueResponse | HostFn::ContinueStream | HostFn::CloseStream => {
+            HostFn::ContinueRequest
+            | HostFn::ContinueResponse
+            | HostFn::ContinueStream
+            | HostFn::CloseStream => {
                 let kind = match f {
                     HostFn::ContinueRequest => crate::abi::stream::HTTP_REQUEST,
                     HostFn::ContinueResponse => crate::abi::stream::HTTP_RESPONSE,
@@ -538,9 +593,15 @@ impl HostHandler for AbiHost {
                 if !(0..=3).contains(&kind) {
                     return st(status::BAD_ARGUMENT);
                 }
-                let Some(s) = self.stream() else { return st(status::NOT_FOUND) };
+                let Some(s) = self.stream() else {
+                    return st(status::NOT_FOUND);
+                };
                 let mut s = lock(s);
-                if f == HostFn::CloseStream { s.closed.push(kind) } else { s.continued.push(kind) }
+                if f == HostFn::CloseStream {
+                    s.closed.push(kind)
+                } else {
+                    s.continued.push(kind)
+                }
                 st(status::OK)
             }
             HostFn::ClearRouteCache => st(status::OK),
@@ -549,7 +610,8 @@ impl HostHandler for AbiHost {
                 let h = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
                 let body = try_mem!(mem::read(g, arg(a, 4), arg(a, 5)));
                 let t = try_mem!(mem::read(g, arg(a, 6), arg(a, 7)));
-                let (Some(h), Some(t)) = (crate::pairs::decode(&h), crate::pairs::decode(&t)) else {
+                let (Some(h), Some(t)) = (crate::pairs::decode(&h), crate::pairs::decode(&t))
+                else {
                     return st(status::BAD_ARGUMENT);
                 };
                 let mut headers = HeaderMap::new();
@@ -558,7 +620,13 @@ impl HostHandler for AbiHost {
                 trailers.set_all(t);
                 let token = self.next_token(0);
                 try_mem!(mem::write_u32(g, arg(a, 9), token));
-                let call = HttpCallout { upstream, headers, body, trailers, timeout_ms: arg(a, 8) as u32 };
+                let call = HttpCallout {
+                    upstream,
+                    headers,
+                    body,
+                    trailers,
+                    timeout_ms: arg(a, 8) as u32,
+                };
                 match self.env.callouts.http_call(&self.info.name, token, call) {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
@@ -569,38 +637,65 @@ impl HostHandler for AbiHost {
                 let service = try_mem!(mem::read_str(g, arg(a, 2), arg(a, 3)));
                 let method = try_mem!(mem::read_str(g, arg(a, 4), arg(a, 5)));
                 let md = try_mem!(mem::read(g, arg(a, 6), arg(a, 7)));
-                let Some(md) = crate::pairs::decode(&md) else { return st(status::BAD_ARGUMENT) };
+                let Some(md) = crate::pairs::decode(&md) else {
+                    return st(status::BAD_ARGUMENT);
+                };
                 let mut metadata = HeaderMap::new();
                 metadata.set_all(md);
                 let stream = f == HostFn::GrpcStream;
                 let (message, timeout_ms, token_ptr) = if stream {
                     (Vec::new(), 0, arg(a, 8))
                 } else {
-                    (try_mem!(mem::read(g, arg(a, 8), arg(a, 9))), arg(a, 10) as u32, arg(a, 11))
+                    (
+                        try_mem!(mem::read(g, arg(a, 8), arg(a, 9))),
+                        arg(a, 10) as u32,
+                        arg(a, 11),
+                    )
                 };
                 let token = self.next_token(if stream { 2 } else { 1 });
                 try_mem!(mem::write_u32(g, token_ptr, token));
-                let call = GrpcCallout { upstream, service, method, metadata, message, timeout_ms };
-                match self.env.callouts.grpc_call(&self.info.name, token, call, stream) {
+                let call = GrpcCallout {
+                    upstream,
+                    service,
+                    method,
+                    metadata,
+                    message,
+                    timeout_ms,
+                };
+                match self
+                    .env
+                    .callouts
+                    .grpc_call(&self.info.name, token, call, stream)
+                {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
                 }
             }
             HostFn::GrpcSend => {
                 let msg = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
-                match self.env.callouts.grpc_send(arg(a, 0) as u32, &msg, arg(a, 3) != 0) {
+                match self
+                    .env
+                    .callouts
+                    .grpc_send(arg(a, 0) as u32, &msg, arg(a, 3) != 0)
+                {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
                 }
             }
-            HostFn::GrpcCancel | HostFn::GrpcClose => match self.env.callouts.grpc_cancel(arg(a, 0) as u32) {
-                Ok(()) => st(status::OK),
-                Err(s) => st(s),
-            },
+            HostFn::GrpcCancel | HostFn::GrpcClose => {
+                match self.env.callouts.grpc_cancel(arg(a, 0) as u32) {
+                    Ok(()) => st(status::OK),
+                    Err(s) => st(s),
+                }
+            }
             HostFn::SetSharedData => {
                 let key = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
                 let value = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
-                match self.env.shared.set(&self.info.vm_id, &key, &value, arg(a, 4) as u32) {
+                match self
+                    .env
+                    .shared
+                    .set(&self.info.vm_id, &key, &value, arg(a, 4) as u32)
+                {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
                 }
@@ -617,7 +712,11 @@ impl HostHandler for AbiHost {
             }
             HostFn::RegisterSharedQueue => {
                 let name = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
-                let token = self.env.shared.register_queue(&self.info.vm_id, &name, (self.vm_key, self.root_id));
+                let token = self.env.shared.register_queue(
+                    &self.info.vm_id,
+                    &name,
+                    (self.vm_key, self.root_id),
+                );
                 try_mem!(mem::write_u32(g, arg(a, 2), token));
                 st(status::OK)
             }
@@ -659,8 +758,14 @@ impl HostHandler for AbiHost {
                 };
                 let name = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
                 let id = self.env.metrics.define(kind, &name);
-                let Ok(index) = u32::try_from(id.0) else { return st(status::INTERNAL_FAILURE) };
-                try_mem!(mem::write_u32(g, arg(a, 3), (index << 2) | arg(a, 0) as u32));
+                let Ok(index) = u32::try_from(id.0) else {
+                    return st(status::INTERNAL_FAILURE);
+                };
+                try_mem!(mem::write_u32(
+                    g,
+                    arg(a, 3),
+                    (index << 2) | arg(a, 0) as u32
+                ));
                 st(status::OK)
             }
             HostFn::RecordMetric | HostFn::IncrementMetric => {
@@ -708,7 +813,9 @@ impl HostHandler for AbiHost {
             HostFn::CallForeignFunction => {
                 let name = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
                 let args = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
-                let Some(func) = self.env.foreign.get(&name).cloned() else { return st(status::NOT_FOUND) };
+                let Some(func) = self.env.foreign.get(&name).cloned() else {
+                    return st(status::NOT_FOUND);
+                };
                 match func(&args) {
                     Ok(result) => {
                         let (rp, rs) = (arg(a, 4), arg(a, 5));
@@ -724,7 +831,9 @@ impl HostHandler for AbiHost {
             }
             HostFn::EmscriptenNotifyMemoryGrowth => Ok(None),
             HostFn::PthreadEqual => st(i32::from(arg(a, 0) == arg(a, 1))),
-            _ => wasi_call(f, g, a, &self.env, self.monotonic_base, |level, msg| self.log(level, msg)),
+            _ => wasi_call(f, g, a, &self.env, self.monotonic_base, |level, msg| {
+                self.log(level, msg)
+            }),
         }
     }
 }
@@ -741,13 +850,19 @@ fn wasi_call(
     match f {
         HostFn::FdWrite => fd_write(g, a, 3, log),
         HostFn::FdPwrite => fd_write(g, a, 4, log),
-        HostFn::FdRead | HostFn::FdPread | HostFn::FdPrestatDirName | HostFn::FdFdstatSetFlags => st(errno::NOSYS),
+        HostFn::FdRead | HostFn::FdPread | HostFn::FdPrestatDirName | HostFn::FdFdstatSetFlags => {
+            st(errno::NOSYS)
+        }
         HostFn::FdClose | HostFn::FdSeek | HostFn::SchedYield => st(errno::SUCCESS),
         HostFn::FdTell => {
             try_wasi!(mem::write_u64(g, arg(a, 1), 0));
             st(errno::SUCCESS)
         }
-        HostFn::FdSync | HostFn::FdDatasync => st(if matches!(arg(a, 0), 1 | 2) { errno::SUCCESS } else { errno::BADF }),
+        HostFn::FdSync | HostFn::FdDatasync => st(if matches!(arg(a, 0), 1 | 2) {
+            errno::SUCCESS
+        } else {
+            errno::BADF
+        }),
         HostFn::FdFdstatGet => {
             if !matches!(arg(a, 0), 1 | 2) {
                 return st(errno::BADF);
@@ -765,7 +880,11 @@ fn wasi_call(
         HostFn::FdRenumber | HostFn::PathFilestatGet => st(errno::NOTSUP),
         HostFn::PathOpen => st(errno::NOENT),
         HostFn::EnvironSizesGet => {
-            let size: usize = env.env_vars.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+            let size: usize = env
+                .env_vars
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 2)
+                .sum();
             try_wasi!(mem::write_u32(g, arg(a, 0), env.env_vars.len() as u32));
             try_wasi!(mem::write_u32(g, arg(a, 1), size as u32));
             st(errno::SUCCESS)
@@ -805,12 +924,18 @@ fn wasi_call(
             try_wasi!(mem::write(g, arg(a, 0), &bytes));
             st(errno::SUCCESS)
         }
-        HostFn::ProcExit => Err(Trap::host(format!("proc_exit({}) called: a filter may not exit the host", arg(a, 0)))),
+        HostFn::ProcExit => Err(Trap::host(format!(
+            "proc_exit({}) called: a filter may not exit the host",
+            arg(a, 0)
+        ))),
         HostFn::PollOneoff => {
             try_wasi!(mem::write_u32(g, arg(a, 3), 0));
             st(errno::SUCCESS)
         }
-        other => Err(Trap::host(format!("host function {} is not available here", other.spec().1))),
+        other => Err(Trap::host(format!(
+            "host function {} is not available here",
+            other.spec().1
+        ))),
     }
 }
 
@@ -835,12 +960,23 @@ impl HostHandler for RestrictedHost {
             return Err(Trap::host(format!("unknown host function id {id}")));
         };
         if !crate::abi::allowed_in_allocator(f) {
-            return Err(Trap::host(format!("restricted_callback: {} may not be called from the guest allocator", f.spec().1)));
+            return Err(Trap::host(format!(
+                "restricted_callback: {} may not be called from the guest allocator",
+                f.spec().1
+            )));
         }
         let (env, info) = (&self.env, &self.info);
-        let log = |level, message| env.logs.log(LogRecord { level, plugin: info.name.clone(), message });
+        let log = |level, message| {
+            env.logs.log(LogRecord {
+                level,
+                plugin: info.name.clone(),
+                message,
+            })
+        };
         if f == HostFn::Log {
-            let Some(level) = LogLevel::from_i32(arg(a, 0)) else { return st(status::BAD_ARGUMENT) };
+            let Some(level) = LogLevel::from_i32(arg(a, 0)) else {
+                return st(status::BAD_ARGUMENT);
+            };
             let msg = try_mem!(mem::read_str(g, arg(a, 1), arg(a, 2)));
             log(level, msg);
             return st(status::OK);

@@ -24,9 +24,14 @@ pub mod types;
 pub use bytecode::{AbiVersion, ModuleInfo};
 pub use env::{HostEnv, LogLevel, LogRecord, LogSink, MemoryLogSink};
 pub use host::PluginInfo;
-pub use plugin::{FailPolicy, FailState, FilterChain, FilterStatus, HttpStream, Plugin, PluginConfig, TcpStream, WasmModule};
+pub use plugin::{
+    FailPolicy, FailState, FilterChain, FilterStatus, HttpStream, Plugin, PluginConfig, TcpStream,
+    WasmModule,
+};
 pub use runtime::{EngineError, Limits, Trap, WasmRuntime};
-pub use types::{HeaderMap, LocalResponse, MapProperties, NoProperties, PropertyProvider, PropertyValue};
+pub use types::{
+    HeaderMap, LocalResponse, MapProperties, NoProperties, PropertyProvider, PropertyValue,
+};
 
 /// Errors of the proxy-wasm host.
 #[derive(Debug, thiserror::Error)]

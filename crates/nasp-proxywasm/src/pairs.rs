@@ -51,7 +51,8 @@ pub fn decode(buf: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let klen = u32::from_le_bytes(buf.get(sizes_at..sizes_at + 4)?.try_into().ok()?) as usize;
-        let vlen = u32::from_le_bytes(buf.get(sizes_at + 4..sizes_at + 8)?.try_into().ok()?) as usize;
+        let vlen =
+            u32::from_le_bytes(buf.get(sizes_at + 4..sizes_at + 8)?.try_into().ok()?) as usize;
         sizes_at += 8;
         let key = buf.get(data_at..data_at.checked_add(klen)?)?.to_vec();
         data_at = data_at.checked_add(klen)?;
@@ -82,7 +83,12 @@ mod tests {
         assert_eq!(&enc[..4], &3u32.to_le_bytes());
         assert_eq!(enc[28], 0x31);
         let dec = decode(&enc).unwrap();
-        assert_eq!(dec.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect::<Vec<_>>(), pairs);
+        assert_eq!(
+            dec.iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect::<Vec<_>>(),
+            pairs
+        );
         assert_eq!(encode(Vec::<(&[u8], &[u8])>::new()), Vec::<u8>::new());
         assert_eq!(decode(&[]).unwrap(), vec![]);
         assert_eq!(decode(&[0]).unwrap(), vec![]);

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use crate::bytecode::{AbiVersion, ModuleInfo};
 use crate::env::{HostEnv, LogLevel, LogRecord, lock};
 use crate::host::{AbiHost, CallData, Phase, PluginInfo, RestrictedHost};
-use crate::runtime::{CompiledModule, FuncRef, FuncType, Instance, Limits, Trap, Val, ValType, WasmRuntime};
+use crate::runtime::{
+    CompiledModule, FuncRef, FuncType, Instance, Limits, Trap, Val, ValType, WasmRuntime,
+};
 use crate::types::{HeaderMap, PropertyProvider, SharedStream, StreamState};
 use crate::{Error, Result};
 
@@ -28,7 +30,10 @@ pub struct WasmModule {
 
 impl std::fmt::Debug for WasmModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WasmModule").field("runtime", &self.runtime).field("abi", &self.abi).finish()
+        f.debug_struct("WasmModule")
+            .field("runtime", &self.runtime)
+            .field("abi", &self.abi)
+            .finish()
     }
 }
 
@@ -38,7 +43,12 @@ impl WasmModule {
         let info = ModuleInfo::parse(wasm)?;
         let abi = info.require_abi()?;
         let compiled = runtime.compile(wasm)?;
-        Ok(Self { runtime: runtime.name(), compiled, info: Arc::new(info), abi })
+        Ok(Self {
+            runtime: runtime.name(),
+            compiled,
+            info: Arc::new(info),
+            abi,
+        })
     }
     /// The module's ABI version.
     pub fn abi(&self) -> AbiVersion {
@@ -93,7 +103,10 @@ pub struct PluginConfig {
 impl PluginConfig {
     /// A config with a name and everything else default.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into(), ..Default::default() }
+        Self {
+            name: name.into(),
+            ..Default::default()
+        }
     }
     /// Sets the root id.
     pub fn root_id(mut self, id: impl Into<String>) -> Self {
@@ -213,7 +226,11 @@ impl Vm {
         // Invariant: every instance is created by `Plugin::start_vm` with an
         // `AbiHost` handler, so the downcast cannot fail.
         #[allow(clippy::expect_used)]
-        self.inst.handler().as_any_mut().downcast_mut::<AbiHost>().expect("handler is an AbiHost")
+        self.inst
+            .handler()
+            .as_any_mut()
+            .downcast_mut::<AbiHost>()
+            .expect("handler is an AbiHost")
     }
 }
 
@@ -233,7 +250,10 @@ pub struct Plugin {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.config.name).field("fail", &self.fail).finish_non_exhaustive()
+        f.debug_struct("Plugin")
+            .field("name", &self.config.name)
+            .field("fail", &self.fail)
+            .finish_non_exhaustive()
     }
 }
 
@@ -269,18 +289,36 @@ impl Plugin {
         let abi = self.module.abi;
         let vm_key = NEXT_VM_KEY.fetch_add(1, Ordering::Relaxed);
         let host = AbiHost::new(abi, self.info.clone(), self.env.clone(), vm_key);
-        let restricted = RestrictedHost { info: self.info.clone(), env: self.env.clone(), base: Instant::now() };
+        let restricted = RestrictedHost {
+            info: self.info.clone(),
+            env: self.env.clone(),
+            base: Instant::now(),
+        };
         let funcs = crate::abi::host_functions(abi);
-        let mut inst = self.module.compiled.instantiate(&funcs, &self.config.limits, Box::new(host), Box::new(restricted))?;
+        let mut inst = self.module.compiled.instantiate(
+            &funcs,
+            &self.config.limits,
+            Box::new(host),
+            Box::new(restricted),
+        )?;
         use ValType::*;
         let alloc = inst
             .lookup("proxy_on_memory_allocate", &FuncType::new(&[I32], &[I32]))
             .or_else(|| inst.lookup("malloc", &FuncType::new(&[I32], &[I32])))
-            .ok_or_else(|| Error::MissingFunction("the module exports neither proxy_on_memory_allocate nor malloc".into()))?;
+            .ok_or_else(|| {
+                Error::MissingFunction(
+                    "the module exports neither proxy_on_memory_allocate nor malloc".into(),
+                )
+            })?;
         let cb = Callbacks::lookup(inst.as_mut(), abi);
         let root_id = self.next_context_id;
         self.next_context_id += 1;
-        let mut vm = Vm { inst, cb, root_id, vm_key };
+        let mut vm = Vm {
+            inst,
+            cb,
+            root_id,
+            vm_key,
+        };
         {
             let h = vm.host();
             h.alloc = Some(alloc);
@@ -289,7 +327,9 @@ impl Plugin {
         }
         let start = |vm: &mut Vm, name: &str, ty: FuncType, args: &[Val]| -> Result<()> {
             if let Some(f) = vm.inst.lookup(name, &ty) {
-                vm.inst.call(f, args).map_err(|t| Error::StartFailed(format!("Function: {name} failed: {t}")))?;
+                vm.inst
+                    .call(f, args)
+                    .map_err(|t| Error::StartFailed(format!("Function: {name} failed: {t}")))?;
             }
             Ok(())
         };
@@ -297,7 +337,12 @@ impl Plugin {
         if has(&mut vm, "_initialize", FuncType::new(&[], &[])) {
             start(&mut vm, "_initialize", FuncType::new(&[], &[]), &[])?;
             if has(&mut vm, "main", FuncType::new(&[I32, I32], &[I32])) {
-                start(&mut vm, "main", FuncType::new(&[I32, I32], &[I32]), &[Val::I32(0), Val::I32(0)])?;
+                start(
+                    &mut vm,
+                    "main",
+                    FuncType::new(&[I32, I32], &[I32]),
+                    &[Val::I32(0), Val::I32(0)],
+                )?;
             } else {
                 start(&mut vm, "__main_void", FuncType::new(&[], &[I32]), &[])?;
             }
@@ -307,21 +352,42 @@ impl Plugin {
         self.vm = Some(vm);
         self.fail = FailState::Ok;
         let root = root_id as i32;
-        self.call_root(|c| c.on_context_create, "proxy_on_context_create", &[Val::I32(root), Val::I32(0)], Phase::Callback)
-            .map_err(|_| Error::StartFailed(self.fail_message()))?;
+        self.call_root(
+            |c| c.on_context_create,
+            "proxy_on_context_create",
+            &[Val::I32(root), Val::I32(0)],
+            Phase::Callback,
+        )
+        .map_err(|_| Error::StartFailed(self.fail_message()))?;
         let vm_cfg = self.config.vm_configuration.len() as i32;
         let ok = self
-            .call_root(|c| c.on_vm_start, "proxy_on_vm_start", &[Val::I32(root), Val::I32(vm_cfg)], Phase::VmStart)
+            .call_root(
+                |c| c.on_vm_start,
+                "proxy_on_vm_start",
+                &[Val::I32(root), Val::I32(vm_cfg)],
+                Phase::VmStart,
+            )
             .map_err(|_| Error::StartFailed(self.fail_message()))?;
         if ok == Some(Val::I32(0)) {
-            return Err(Error::VmStartFailed(format!("plugin {}: proxy_on_vm_start returned false", self.config.name)));
+            return Err(Error::VmStartFailed(format!(
+                "plugin {}: proxy_on_vm_start returned false",
+                self.config.name
+            )));
         }
         let cfg = self.config.configuration.len() as i32;
         let ok = self
-            .call_root(|c| c.on_configure, "proxy_on_configure", &[Val::I32(root), Val::I32(cfg)], Phase::Configure)
+            .call_root(
+                |c| c.on_configure,
+                "proxy_on_configure",
+                &[Val::I32(root), Val::I32(cfg)],
+                Phase::Configure,
+            )
             .map_err(|_| Error::StartFailed(self.fail_message()))?;
         if ok == Some(Val::I32(0)) {
-            return Err(Error::ConfigureRejected(format!("plugin {}: proxy_on_configure returned false", self.config.name)));
+            return Err(Error::ConfigureRejected(format!(
+                "plugin {}: proxy_on_configure returned false",
+                self.config.name
+            )));
         }
         Ok(())
     }
@@ -347,7 +413,10 @@ impl Plugin {
     }
     /// The tick period the root context asked for (zero: none).
     pub fn tick_period(&mut self) -> Duration {
-        self.vm.as_mut().map(|vm| Duration::from_millis(u64::from(vm.host().tick_period_ms))).unwrap_or_default()
+        self.vm
+            .as_mut()
+            .map(|vm| Duration::from_millis(u64::from(vm.host().tick_period_ms)))
+            .unwrap_or_default()
     }
     /// The ABI version.
     pub fn abi(&self) -> AbiVersion {
@@ -360,7 +429,11 @@ impl Plugin {
 
     fn record_trap(&mut self, name: &str, trap: &Trap) {
         let msg = format!("Function: {name} failed: {trap}");
-        self.env.logs.log(LogRecord { level: LogLevel::Error, plugin: self.config.name.clone(), message: msg.clone() });
+        self.env.logs.log(LogRecord {
+            level: LogLevel::Error,
+            plugin: self.config.name.clone(),
+            message: msg.clone(),
+        });
         self.fail = FailState::RuntimeError(msg);
         self.failed_at = Some(Instant::now());
         self.consecutive_failures += 1;
@@ -377,8 +450,12 @@ impl Plugin {
         args: &[Val],
         phase: Phase,
     ) -> std::result::Result<Option<Val>, ()> {
-        let Some(vm) = self.vm.as_mut() else { return Err(()) };
-        let Some(f) = pick(&vm.cb) else { return Ok(None) };
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(());
+        };
+        let Some(f) = pick(&vm.cb) else {
+            return Ok(None);
+        };
         let root = vm.root_id;
         {
             let h = vm.host();
@@ -408,18 +485,27 @@ impl Plugin {
         }
         let ready = self.env.shared.take_ready(key);
         for (root, token) in ready {
-            let _ = self.call_root(|c| c.on_queue_ready, "proxy_on_queue_ready", &[Val::I32(root as i32), Val::I32(token as i32)], Phase::Callback);
+            let _ = self.call_root(
+                |c| c.on_queue_ready,
+                "proxy_on_queue_ready",
+                &[Val::I32(root as i32), Val::I32(token as i32)],
+                Phase::Callback,
+            );
         }
     }
 
     /// Recreates a failed VM under the reload policy, when the backoff allows.
     fn maybe_reload(&mut self) {
-        let FailPolicy::Reload { backoff } = self.config.fail_policy else { return };
+        let FailPolicy::Reload { backoff } = self.config.fail_policy else {
+            return;
+        };
         if self.vm.is_some() {
             return;
         }
         let exp = self.consecutive_failures.saturating_sub(1).min(16);
-        let delay = backoff.saturating_mul(1u32 << exp).min(Duration::from_secs(60));
+        let delay = backoff
+            .saturating_mul(1u32 << exp)
+            .min(Duration::from_secs(60));
         if self.failed_at.is_some_and(|t| t.elapsed() < delay) {
             return;
         }
@@ -458,13 +544,27 @@ impl Plugin {
         let root = vm.root_id;
         vm.host().streams.insert(id, state.clone());
         let f = vm.cb.on_context_create;
-        self.call_stream(id, f, "proxy_on_context_create", &[Val::I32(id as i32), Val::I32(root as i32)]).ok()?;
+        self.call_stream(
+            id,
+            f,
+            "proxy_on_context_create",
+            &[Val::I32(id as i32), Val::I32(root as i32)],
+        )
+        .ok()?;
         Some(id)
     }
 
     /// Calls a stream callback with the stream as the effective context.
-    fn call_stream(&mut self, id: u32, f: Option<FuncRef>, name: &str, args: &[Val]) -> std::result::Result<Option<Val>, ()> {
-        let Some(vm) = self.vm.as_mut() else { return Err(()) };
+    fn call_stream(
+        &mut self,
+        id: u32,
+        f: Option<FuncRef>,
+        name: &str,
+        args: &[Val],
+    ) -> std::result::Result<Option<Val>, ()> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(());
+        };
         let Some(f) = f else { return Ok(None) };
         {
             let h = vm.host();
@@ -484,8 +584,16 @@ impl Plugin {
         }
     }
 
-    fn stream_action(&mut self, id: Option<u32>, pick: fn(&Callbacks) -> Option<FuncRef>, name: &str, args: &[Val]) -> FilterStatus {
-        let (Some(id), Some(vm)) = (id, self.vm.as_mut()) else { return self.failed_status() };
+    fn stream_action(
+        &mut self,
+        id: Option<u32>,
+        pick: fn(&Callbacks) -> Option<FuncRef>,
+        name: &str,
+        args: &[Val],
+    ) -> FilterStatus {
+        let (Some(id), Some(vm)) = (id, self.vm.as_mut()) else {
+            return self.failed_status();
+        };
         let f = pick(&vm.cb);
         match self.call_stream(id, f, name, args) {
             Ok(None) => FilterStatus::Continue,
@@ -496,8 +604,16 @@ impl Plugin {
         }
     }
 
-    fn stream_event(&mut self, id: Option<u32>, pick: fn(&Callbacks) -> Option<FuncRef>, name: &str, args: &[Val]) {
-        let (Some(id), Some(vm)) = (id, self.vm.as_mut()) else { return };
+    fn stream_event(
+        &mut self,
+        id: Option<u32>,
+        pick: fn(&Callbacks) -> Option<FuncRef>,
+        name: &str,
+        args: &[Val],
+    ) {
+        let (Some(id), Some(vm)) = (id, self.vm.as_mut()) else {
+            return;
+        };
         let f = pick(&vm.cb);
         let _ = self.call_stream(id, f, name, args);
     }
@@ -517,18 +633,52 @@ impl Plugin {
     /// Fires `proxy_on_tick` on the root context.
     pub fn tick(&mut self) {
         let root = self.vm.as_ref().map(|v| v.root_id as i32).unwrap_or(0);
-        let _ = self.call_root(|c| c.on_tick, "proxy_on_tick", &[Val::I32(root)], Phase::Callback);
+        let _ = self.call_root(
+            |c| c.on_tick,
+            "proxy_on_tick",
+            &[Val::I32(root)],
+            Phase::Callback,
+        );
     }
 
     /// Delivers an HTTP callout response to the root context.
-    pub fn on_http_call_response(&mut self, token: u32, headers: HeaderMap, body: Vec<u8>, trailers: HeaderMap) {
+    pub fn on_http_call_response(
+        &mut self,
+        token: u32,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        trailers: HeaderMap,
+    ) {
         let Some(vm) = self.vm.as_mut() else { return };
         let root = vm.root_id as i32;
-        let (nh, nb, nt) = (headers.len() as i32, body.len() as i32, trailers.len() as i32);
-        let status = headers.get_str(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        vm.host().call = CallData { headers, body: Some(body), trailers, status: Some((status, String::new())), ..Default::default() };
-        let args = [Val::I32(root), Val::I32(token as i32), Val::I32(nh), Val::I32(nb), Val::I32(nt)];
-        let _ = self.call_root_keep_data(|c| c.on_http_call_response, "proxy_on_http_call_response", &args);
+        let (nh, nb, nt) = (
+            headers.len() as i32,
+            body.len() as i32,
+            trailers.len() as i32,
+        );
+        let status = headers
+            .get_str(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        vm.host().call = CallData {
+            headers,
+            body: Some(body),
+            trailers,
+            status: Some((status, String::new())),
+            ..Default::default()
+        };
+        let args = [
+            Val::I32(root),
+            Val::I32(token as i32),
+            Val::I32(nh),
+            Val::I32(nb),
+            Val::I32(nt),
+        ];
+        let _ = self.call_root_keep_data(
+            |c| c.on_http_call_response,
+            "proxy_on_http_call_response",
+            &args,
+        );
     }
 
     /// Delivers gRPC initial metadata.
@@ -536,7 +686,10 @@ impl Plugin {
         let Some(vm) = self.vm.as_mut() else { return };
         let root = vm.root_id as i32;
         let n = metadata.len() as i32;
-        vm.host().call = CallData { grpc_initial: metadata, ..Default::default() };
+        vm.host().call = CallData {
+            grpc_initial: metadata,
+            ..Default::default()
+        };
         let _ = self.call_root_keep_data(
             |c| c.on_grpc_receive_initial_metadata,
             "proxy_on_grpc_receive_initial_metadata",
@@ -549,8 +702,15 @@ impl Plugin {
         let Some(vm) = self.vm.as_mut() else { return };
         let root = vm.root_id as i32;
         let n = message.len() as i32;
-        vm.host().call = CallData { grpc_message: Some(message), ..Default::default() };
-        let _ = self.call_root_keep_data(|c| c.on_grpc_receive, "proxy_on_grpc_receive", &[Val::I32(root), Val::I32(token as i32), Val::I32(n)]);
+        vm.host().call = CallData {
+            grpc_message: Some(message),
+            ..Default::default()
+        };
+        let _ = self.call_root_keep_data(
+            |c| c.on_grpc_receive,
+            "proxy_on_grpc_receive",
+            &[Val::I32(root), Val::I32(token as i32), Val::I32(n)],
+        );
     }
 
     /// Delivers gRPC trailing metadata.
@@ -558,7 +718,10 @@ impl Plugin {
         let Some(vm) = self.vm.as_mut() else { return };
         let root = vm.root_id as i32;
         let n = metadata.len() as i32;
-        vm.host().call = CallData { grpc_trailing: metadata, ..Default::default() };
+        vm.host().call = CallData {
+            grpc_trailing: metadata,
+            ..Default::default()
+        };
         let _ = self.call_root_keep_data(
             |c| c.on_grpc_receive_trailing_metadata,
             "proxy_on_grpc_receive_trailing_metadata",
@@ -570,8 +733,19 @@ impl Plugin {
     pub fn on_grpc_close(&mut self, token: u32, status: u32, message: String) {
         let Some(vm) = self.vm.as_mut() else { return };
         let root = vm.root_id as i32;
-        vm.host().call = CallData { status: Some((status, message)), ..Default::default() };
-        let _ = self.call_root_keep_data(|c| c.on_grpc_close, "proxy_on_grpc_close", &[Val::I32(root), Val::I32(token as i32), Val::I32(status as i32)]);
+        vm.host().call = CallData {
+            status: Some((status, message)),
+            ..Default::default()
+        };
+        let _ = self.call_root_keep_data(
+            |c| c.on_grpc_close,
+            "proxy_on_grpc_close",
+            &[
+                Val::I32(root),
+                Val::I32(token as i32),
+                Val::I32(status as i32),
+            ],
+        );
     }
 
     /// Invokes `proxy_on_foreign_function` with arguments readable as buffer 8.
@@ -579,11 +753,23 @@ impl Plugin {
         let Some(vm) = self.vm.as_mut() else { return };
         let root = vm.root_id as i32;
         let n = args.len() as i32;
-        vm.host().call = CallData { foreign_args: Some(args), ..Default::default() };
-        let _ = self.call_root_keep_data(|c| c.on_foreign_function, "proxy_on_foreign_function", &[Val::I32(root), Val::I32(function_id as i32), Val::I32(n)]);
+        vm.host().call = CallData {
+            foreign_args: Some(args),
+            ..Default::default()
+        };
+        let _ = self.call_root_keep_data(
+            |c| c.on_foreign_function,
+            "proxy_on_foreign_function",
+            &[Val::I32(root), Val::I32(function_id as i32), Val::I32(n)],
+        );
     }
 
-    fn call_root_keep_data(&mut self, pick: impl Fn(&Callbacks) -> Option<FuncRef>, name: &str, args: &[Val]) -> std::result::Result<Option<Val>, ()> {
+    fn call_root_keep_data(
+        &mut self,
+        pick: impl Fn(&Callbacks) -> Option<FuncRef>,
+        name: &str,
+        args: &[Val],
+    ) -> std::result::Result<Option<Val>, ()> {
         // `call_root` resets the call data after the call, not before.
         self.call_root(pick, name, args, Phase::Callback)
     }
@@ -596,11 +782,21 @@ impl Plugin {
             Some(vm) => vm.root_id as i32,
             None => return true,
         };
-        let done = self.call_root(|c| c.on_done, "proxy_on_done", &[Val::I32(root)], Phase::Callback);
+        let done = self.call_root(
+            |c| c.on_done,
+            "proxy_on_done",
+            &[Val::I32(root)],
+            Phase::Callback,
+        );
         let done_now = !matches!(done, Ok(Some(Val::I32(0))));
         let done_later = self.vm.as_mut().is_some_and(|vm| vm.host().done_called);
         if done_now || done_later {
-            let _ = self.call_root(|c| c.on_delete, "proxy_on_delete", &[Val::I32(root)], Phase::Callback);
+            let _ = self.call_root(
+                |c| c.on_delete,
+                "proxy_on_delete",
+                &[Val::I32(root)],
+                Phase::Callback,
+            );
             return true;
         }
         false
@@ -612,9 +808,18 @@ impl Plugin {
     }
 
     /// Calls any export by name (for tests and tools).
-    pub fn call_export(&mut self, name: &str, ty: &FuncType, args: &[Val]) -> std::result::Result<Option<Val>, Trap> {
-        let Some(vm) = self.vm.as_mut() else { return Err(Trap::engine("the plugin's VM has failed")) };
-        let Some(f) = vm.inst.lookup(name, ty) else { return Err(Trap::engine(format!("no export {name}{ty}"))) };
+    pub fn call_export(
+        &mut self,
+        name: &str,
+        ty: &FuncType,
+        args: &[Val],
+    ) -> std::result::Result<Option<Val>, Trap> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(Trap::engine("the plugin's VM has failed"));
+        };
+        let Some(f) = vm.inst.lookup(name, ty) else {
+            return Err(Trap::engine(format!("no export {name}{ty}")));
+        };
         let root = vm.root_id;
         vm.host().effective = root;
         match vm.inst.call(f, args) {
@@ -644,22 +849,46 @@ impl FilterChain {
     }
 
     fn new_state(provider: Arc<dyn PropertyProvider>) -> SharedStream {
-        Arc::new(Mutex::new(StreamState { provider: Some(provider), ..Default::default() }))
+        Arc::new(Mutex::new(StreamState {
+            provider: Some(provider),
+            ..Default::default()
+        }))
     }
 
     /// Starts an HTTP stream: one context in every plugin.
     pub fn http_stream(&mut self, provider: Arc<dyn PropertyProvider>) -> HttpStream {
         let state = Self::new_state(provider);
-        let contexts = self.plugins.iter_mut().map(|p| p.create_stream(&state)).collect();
-        HttpStream { state, contexts, finished: false }
+        let contexts = self
+            .plugins
+            .iter_mut()
+            .map(|p| p.create_stream(&state))
+            .collect();
+        HttpStream {
+            state,
+            contexts,
+            finished: false,
+        }
     }
 
     /// Starts a TCP stream and calls `proxy_on_new_connection`.
     pub fn tcp_stream(&mut self, provider: Arc<dyn PropertyProvider>) -> (TcpStream, FilterStatus) {
         let state = Self::new_state(provider);
-        let contexts: Vec<Option<u32>> = self.plugins.iter_mut().map(|p| p.create_stream(&state)).collect();
-        let mut s = TcpStream { state, contexts, finished: false };
-        let status = s.run(self, |c| c.on_new_connection, "proxy_on_new_connection", |id| vec![Val::I32(id as i32)]);
+        let contexts: Vec<Option<u32>> = self
+            .plugins
+            .iter_mut()
+            .map(|p| p.create_stream(&state))
+            .collect();
+        let mut s = TcpStream {
+            state,
+            contexts,
+            finished: false,
+        };
+        let status = s.run(
+            self,
+            |c| c.on_new_connection,
+            "proxy_on_new_connection",
+            |id| vec![Val::I32(id as i32)],
+        );
         (s, status)
     }
 
@@ -716,29 +945,59 @@ impl HttpStream {
 
     /// Runs `proxy_on_request_headers` with these headers; they are replaced
     /// by what the filters leave.
-    pub fn request_headers(&mut self, chain: &mut FilterChain, headers: &mut HeaderMap, end_of_stream: bool) -> FilterStatus {
+    pub fn request_headers(
+        &mut self,
+        chain: &mut FilterChain,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> FilterStatus {
         lock(&self.state).request_headers = std::mem::take(headers);
-        let st = run_chain(chain, &self.state, &self.contexts, |c| c.on_request_headers, "proxy_on_request_headers", |id, s, eos3| {
-            let mut v = vec![Val::I32(id as i32), Val::I32(s.request_headers.len() as i32)];
-            if eos3 {
-                v.push(Val::I32(i32::from(end_of_stream)));
-            }
-            v
-        });
+        let st = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            |c| c.on_request_headers,
+            "proxy_on_request_headers",
+            |id, s, eos3| {
+                let mut v = vec![
+                    Val::I32(id as i32),
+                    Val::I32(s.request_headers.len() as i32),
+                ];
+                if eos3 {
+                    v.push(Val::I32(i32::from(end_of_stream)));
+                }
+                v
+            },
+        );
         *headers = lock(&self.state).request_headers.clone();
         st
     }
 
     /// Runs `proxy_on_response_headers`.
-    pub fn response_headers(&mut self, chain: &mut FilterChain, headers: &mut HeaderMap, end_of_stream: bool) -> FilterStatus {
+    pub fn response_headers(
+        &mut self,
+        chain: &mut FilterChain,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> FilterStatus {
         lock(&self.state).response_headers = std::mem::take(headers);
-        let st = run_chain(chain, &self.state, &self.contexts, |c| c.on_response_headers, "proxy_on_response_headers", |id, s, eos3| {
-            let mut v = vec![Val::I32(id as i32), Val::I32(s.response_headers.len() as i32)];
-            if eos3 {
-                v.push(Val::I32(i32::from(end_of_stream)));
-            }
-            v
-        });
+        let st = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            |c| c.on_response_headers,
+            "proxy_on_response_headers",
+            |id, s, eos3| {
+                let mut v = vec![
+                    Val::I32(id as i32),
+                    Val::I32(s.response_headers.len() as i32),
+                ];
+                if eos3 {
+                    v.push(Val::I32(i32::from(end_of_stream)));
+                }
+                v
+            },
+        );
         *headers = lock(&self.state).response_headers.clone();
         st
     }
@@ -747,41 +1006,109 @@ impl HttpStream {
     /// everything buffered. On `Continue` the (possibly rewritten) body is
     /// returned and the buffer emptied; on `Pause` it stays buffered and the
     /// next chunk is delivered together with it.
-    pub fn request_body(&mut self, chain: &mut FilterChain, chunk: &[u8], end_of_stream: bool) -> (FilterStatus, Vec<u8>) {
+    pub fn request_body(
+        &mut self,
+        chain: &mut FilterChain,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> (FilterStatus, Vec<u8>) {
         lock(&self.state).request_body.extend_from_slice(chunk);
-        let st = run_chain(chain, &self.state, &self.contexts, |c| c.on_request_body, "proxy_on_request_body", |id, s, _| {
-            vec![Val::I32(id as i32), Val::I32(s.request_body.len() as i32), Val::I32(i32::from(end_of_stream))]
-        });
-        let body = if st == FilterStatus::Pause && !end_of_stream { Vec::new() } else { std::mem::take(&mut lock(&self.state).request_body) };
+        let st = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            |c| c.on_request_body,
+            "proxy_on_request_body",
+            |id, s, _| {
+                vec![
+                    Val::I32(id as i32),
+                    Val::I32(s.request_body.len() as i32),
+                    Val::I32(i32::from(end_of_stream)),
+                ]
+            },
+        );
+        let body = if st == FilterStatus::Pause && !end_of_stream {
+            Vec::new()
+        } else {
+            std::mem::take(&mut lock(&self.state).request_body)
+        };
         (st, body)
     }
 
     /// As [`Self::request_body`], for the response.
-    pub fn response_body(&mut self, chain: &mut FilterChain, chunk: &[u8], end_of_stream: bool) -> (FilterStatus, Vec<u8>) {
+    pub fn response_body(
+        &mut self,
+        chain: &mut FilterChain,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> (FilterStatus, Vec<u8>) {
         lock(&self.state).response_body.extend_from_slice(chunk);
-        let st = run_chain(chain, &self.state, &self.contexts, |c| c.on_response_body, "proxy_on_response_body", |id, s, _| {
-            vec![Val::I32(id as i32), Val::I32(s.response_body.len() as i32), Val::I32(i32::from(end_of_stream))]
-        });
-        let body = if st == FilterStatus::Pause && !end_of_stream { Vec::new() } else { std::mem::take(&mut lock(&self.state).response_body) };
+        let st = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            |c| c.on_response_body,
+            "proxy_on_response_body",
+            |id, s, _| {
+                vec![
+                    Val::I32(id as i32),
+                    Val::I32(s.response_body.len() as i32),
+                    Val::I32(i32::from(end_of_stream)),
+                ]
+            },
+        );
+        let body = if st == FilterStatus::Pause && !end_of_stream {
+            Vec::new()
+        } else {
+            std::mem::take(&mut lock(&self.state).response_body)
+        };
         (st, body)
     }
 
     /// Runs `proxy_on_request_trailers`.
-    pub fn request_trailers(&mut self, chain: &mut FilterChain, trailers: &mut HeaderMap) -> FilterStatus {
+    pub fn request_trailers(
+        &mut self,
+        chain: &mut FilterChain,
+        trailers: &mut HeaderMap,
+    ) -> FilterStatus {
         lock(&self.state).request_trailers = std::mem::take(trailers);
-        let st = run_chain(chain, &self.state, &self.contexts, |c| c.on_request_trailers, "proxy_on_request_trailers", |id, s, _| {
-            vec![Val::I32(id as i32), Val::I32(s.request_trailers.len() as i32)]
-        });
+        let st = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            |c| c.on_request_trailers,
+            "proxy_on_request_trailers",
+            |id, s, _| {
+                vec![
+                    Val::I32(id as i32),
+                    Val::I32(s.request_trailers.len() as i32),
+                ]
+            },
+        );
         *trailers = lock(&self.state).request_trailers.clone();
         st
     }
 
     /// Runs `proxy_on_response_trailers`.
-    pub fn response_trailers(&mut self, chain: &mut FilterChain, trailers: &mut HeaderMap) -> FilterStatus {
+    pub fn response_trailers(
+        &mut self,
+        chain: &mut FilterChain,
+        trailers: &mut HeaderMap,
+    ) -> FilterStatus {
         lock(&self.state).response_trailers = std::mem::take(trailers);
-        let st = run_chain(chain, &self.state, &self.contexts, |c| c.on_response_trailers, "proxy_on_response_trailers", |id, s, _| {
-            vec![Val::I32(id as i32), Val::I32(s.response_trailers.len() as i32)]
-        });
+        let st = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            |c| c.on_response_trailers,
+            "proxy_on_response_trailers",
+            |id, s, _| {
+                vec![
+                    Val::I32(id as i32),
+                    Val::I32(s.response_trailers.len() as i32),
+                ]
+            },
+        );
         *trailers = lock(&self.state).response_trailers.clone();
         st
     }
@@ -814,44 +1141,103 @@ impl TcpStream {
         &self.state
     }
 
-    fn run(&mut self, chain: &mut FilterChain, pick: fn(&Callbacks) -> Option<FuncRef>, name: &str, args: impl Fn(u32) -> Vec<Val>) -> FilterStatus {
-        run_chain(chain, &self.state, &self.contexts, pick, name, |id, _, _| args(id))
+    fn run(
+        &mut self,
+        chain: &mut FilterChain,
+        pick: fn(&Callbacks) -> Option<FuncRef>,
+        name: &str,
+        args: impl Fn(u32) -> Vec<Val>,
+    ) -> FilterStatus {
+        run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            pick,
+            name,
+            |id, _, _| args(id),
+        )
     }
 
     /// Data from downstream: runs `proxy_on_downstream_data` and returns what
     /// to forward upstream (the filters may have rewritten it).
-    pub fn downstream_data(&mut self, chain: &mut FilterChain, chunk: &[u8], end_of_stream: bool) -> (FilterStatus, Vec<u8>) {
+    pub fn downstream_data(
+        &mut self,
+        chain: &mut FilterChain,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> (FilterStatus, Vec<u8>) {
         lock(&self.state).downstream_data.extend_from_slice(chunk);
         let n = lock(&self.state).downstream_data.len() as i32;
-        let st = self.run(chain, |c| c.on_downstream_data, "proxy_on_downstream_data", |id| {
-            vec![Val::I32(id as i32), Val::I32(n), Val::I32(i32::from(end_of_stream))]
-        });
-        let data = if st == FilterStatus::Pause && !end_of_stream { Vec::new() } else { std::mem::take(&mut lock(&self.state).downstream_data) };
+        let st = self.run(
+            chain,
+            |c| c.on_downstream_data,
+            "proxy_on_downstream_data",
+            |id| {
+                vec![
+                    Val::I32(id as i32),
+                    Val::I32(n),
+                    Val::I32(i32::from(end_of_stream)),
+                ]
+            },
+        );
+        let data = if st == FilterStatus::Pause && !end_of_stream {
+            Vec::new()
+        } else {
+            std::mem::take(&mut lock(&self.state).downstream_data)
+        };
         (st, data)
     }
 
     /// Data from upstream: runs `proxy_on_upstream_data`.
-    pub fn upstream_data(&mut self, chain: &mut FilterChain, chunk: &[u8], end_of_stream: bool) -> (FilterStatus, Vec<u8>) {
+    pub fn upstream_data(
+        &mut self,
+        chain: &mut FilterChain,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> (FilterStatus, Vec<u8>) {
         lock(&self.state).upstream_data.extend_from_slice(chunk);
         let n = lock(&self.state).upstream_data.len() as i32;
-        let st = self.run(chain, |c| c.on_upstream_data, "proxy_on_upstream_data", |id| {
-            vec![Val::I32(id as i32), Val::I32(n), Val::I32(i32::from(end_of_stream))]
-        });
-        let data = if st == FilterStatus::Pause && !end_of_stream { Vec::new() } else { std::mem::take(&mut lock(&self.state).upstream_data) };
+        let st = self.run(
+            chain,
+            |c| c.on_upstream_data,
+            "proxy_on_upstream_data",
+            |id| {
+                vec![
+                    Val::I32(id as i32),
+                    Val::I32(n),
+                    Val::I32(i32::from(end_of_stream)),
+                ]
+            },
+        );
+        let data = if st == FilterStatus::Pause && !end_of_stream {
+            Vec::new()
+        } else {
+            std::mem::take(&mut lock(&self.state).upstream_data)
+        };
         (st, data)
     }
 
     /// The downstream peer closed (`peer`: 0 unknown, 1 local, 2 remote).
     pub fn downstream_close(&mut self, chain: &mut FilterChain, peer: i32) {
         for (p, id) in chain.plugins.iter_mut().zip(&self.contexts) {
-            p.stream_event(*id, |c| c.on_downstream_connection_close, "proxy_on_downstream_connection_close", &[Val::I32(id.unwrap_or(0) as i32), Val::I32(peer)]);
+            p.stream_event(
+                *id,
+                |c| c.on_downstream_connection_close,
+                "proxy_on_downstream_connection_close",
+                &[Val::I32(id.unwrap_or(0) as i32), Val::I32(peer)],
+            );
         }
     }
 
     /// The upstream peer closed.
     pub fn upstream_close(&mut self, chain: &mut FilterChain, peer: i32) {
         for (p, id) in chain.plugins.iter_mut().zip(&self.contexts) {
-            p.stream_event(*id, |c| c.on_upstream_connection_close, "proxy_on_upstream_connection_close", &[Val::I32(id.unwrap_or(0) as i32), Val::I32(peer)]);
+            p.stream_event(
+                *id,
+                |c| c.on_upstream_connection_close,
+                "proxy_on_upstream_connection_close",
+                &[Val::I32(id.unwrap_or(0) as i32), Val::I32(peer)],
+            );
         }
     }
 

@@ -15,7 +15,11 @@ pub struct HeaderMap {
 impl fmt::Debug for HeaderMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.entries.iter().map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v))))
+            .entries(
+                self.entries
+                    .iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v))),
+            )
             .finish()
     }
 }
@@ -26,12 +30,21 @@ impl HeaderMap {
         Self::default()
     }
     /// Builds a map from string pairs.
-    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
-        Self { entries: pairs.into_iter().map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec())).collect() }
+    pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            entries: pairs
+                .into_iter()
+                .map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec()))
+                .collect(),
+        }
     }
     /// Entries in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
-        self.entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+        self.entries
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
     }
     /// Number of entries.
     pub fn len(&self) -> usize {
@@ -43,15 +56,20 @@ impl HeaderMap {
     }
     /// The first value of `name`.
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
-        self.entries.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
+        self.entries
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
     }
     /// The first value of `name` as text (lossy).
     pub fn get_str(&self, name: &str) -> Option<String> {
-        self.get(name.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned())
+        self.get(name.as_bytes())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
     /// Appends a value.
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
-        self.entries.push((name.to_ascii_lowercase(), value.to_vec()));
+        self.entries
+            .push((name.to_ascii_lowercase(), value.to_vec()));
     }
     /// Replaces all values of `name` by one (or adds it).
     pub fn replace(&mut self, name: &[u8], value: &[u8]) {
@@ -68,13 +86,21 @@ impl HeaderMap {
     }
     /// Replaces the whole map.
     pub fn set_all(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
-        self.entries = pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+        self.entries = pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
     }
     /// Entries as lossy strings, for display.
     pub fn to_string_pairs(&self) -> Vec<(String, String)> {
         self.entries
             .iter()
-            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()))
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                )
+            })
             .collect()
     }
 }
@@ -105,7 +131,9 @@ impl PropertyValue {
             PropertyValue::Uint(u) => u.to_le_bytes().to_vec(),
             PropertyValue::Double(d) => d.to_le_bytes().to_vec(),
             PropertyValue::Bool(b) => vec![u8::from(*b)],
-            PropertyValue::Map(m) => crate::pairs::encode(m.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes()))),
+            PropertyValue::Map(m) => {
+                crate::pairs::encode(m.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
+            }
         }
     }
 }
@@ -209,5 +237,7 @@ pub type SharedStream = Arc<Mutex<StreamState>>;
 /// with or without a trailing NUL (the C++ SDK sends one, Rust and Go don't).
 pub fn property_segments(raw: &[u8]) -> Vec<String> {
     let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
-    raw.split(|b| *b == 0).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+    raw.split(|b| *b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }

@@ -27,8 +27,8 @@ pub enum MetricKind {
 
 /// Envoy's default histogram buckets, which Istio's dashboards expect.
 pub const DEFAULT_BUCKETS: &[f64] = &[
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
-    600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 #[derive(Clone, Debug)]
@@ -156,21 +156,30 @@ impl MetricsRegistry {
     /// Looks a metric's value up by its defined name.
     pub fn value_by_name(&self, name: &str) -> Option<i64> {
         let inner = self.lock();
-        inner.metrics.iter().position(|m| m.name == name).and_then(|i| match inner.metrics[i].kind {
-            MetricKind::Histogram => i64::try_from(inner.metrics[i].count).ok(),
-            _ => Some(inner.metrics[i].value),
-        })
+        inner
+            .metrics
+            .iter()
+            .position(|m| m.name == name)
+            .and_then(|i| match inner.metrics[i].kind {
+                MetricKind::Histogram => i64::try_from(inner.metrics[i].count).ok(),
+                _ => Some(inner.metrics[i].value),
+            })
     }
 
     /// Prometheus text exposition (version 0.0.4) of every metric.
     pub fn prometheus_text(&self) -> String {
         let inner = self.lock();
         // Group series by family so each family has one TYPE line.
-        let mut families: BTreeMap<String, (MetricKind, Vec<(Vec<(String, String)>, &Metric)>)> = BTreeMap::new();
+        let mut families: BTreeMap<String, (MetricKind, Vec<(Vec<(String, String)>, &Metric)>)> =
+            BTreeMap::new();
         for m in &inner.metrics {
             let (family, labels) = parse_tagged_name(&m.name, "=.=", ";.;");
             let family = sanitize_name(&family);
-            families.entry(family).or_insert_with(|| (m.kind, Vec::new())).1.push((labels, m));
+            families
+                .entry(family)
+                .or_insert_with(|| (m.kind, Vec::new()))
+                .1
+                .push((labels, m));
         }
         let mut out = String::new();
         for (family, (kind, series)) in families {
@@ -191,13 +200,24 @@ impl MetricsRegistry {
                         for (i, b) in DEFAULT_BUCKETS.iter().enumerate() {
                             let mut l = labels.clone();
                             l.push(("le".into(), format_float(*b)));
-                            let _ = writeln!(out, "{family}_bucket{} {}", render_labels(&l), m.buckets[i]);
+                            let _ = writeln!(
+                                out,
+                                "{family}_bucket{} {}",
+                                render_labels(&l),
+                                m.buckets[i]
+                            );
                         }
                         let mut l = labels.clone();
                         l.push(("le".into(), "+Inf".into()));
                         let _ = writeln!(out, "{family}_bucket{} {}", render_labels(&l), m.count);
-                        let _ = writeln!(out, "{family}_sum{} {}", render_labels(&labels), format_float(m.sum));
-                        let _ = writeln!(out, "{family}_count{} {}", render_labels(&labels), m.count);
+                        let _ = writeln!(
+                            out,
+                            "{family}_sum{} {}",
+                            render_labels(&labels),
+                            format_float(m.sum)
+                        );
+                        let _ =
+                            writeln!(out, "{family}_count{} {}", render_labels(&labels), m.count);
                     }
                     _ => {
                         let _ = writeln!(out, "{family}{} {}", render_labels(&labels), m.value);
@@ -210,13 +230,21 @@ impl MetricsRegistry {
 }
 
 fn format_float(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") }
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
 }
 
 /// Splits an Istio-encoded metric name into its family and labels:
 /// `k1=.=v1;.;k2=.=v2;.;family` → (`family`, [(k1,v1),(k2,v2)]). A name with
 /// no tags is returned as is.
-pub fn parse_tagged_name(name: &str, value_sep: &str, field_sep: &str) -> (String, Vec<(String, String)>) {
+pub fn parse_tagged_name(
+    name: &str,
+    value_sep: &str,
+    field_sep: &str,
+) -> (String, Vec<(String, String)>) {
     if !name.contains(value_sep) {
         return (name.to_string(), Vec::new());
     }
@@ -236,7 +264,13 @@ pub fn parse_tagged_name(name: &str, value_sep: &str, field_sep: &str) -> (Strin
 pub fn sanitize_name(name: &str) -> String {
     let mut out: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
@@ -250,7 +284,14 @@ fn render_labels(labels: &[(String, String)]) -> String {
     }
     let inner: Vec<String> = labels
         .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")))
+        .map(|(k, v)| {
+            format!(
+                "{k}=\"{}\"",
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            )
+        })
         .collect();
     format!("{{{}}}", inner.join(","))
 }
@@ -261,25 +302,52 @@ mod tests {
 
     #[test]
     fn istio_tags_become_labels() {
-        let (fam, labels) = parse_tagged_name("reporter=.=source;.;response_code=.=200;.;istio_requests_total", "=.=", ";.;");
+        let (fam, labels) = parse_tagged_name(
+            "reporter=.=source;.;response_code=.=200;.;istio_requests_total",
+            "=.=",
+            ";.;",
+        );
         assert_eq!(fam, "istio_requests_total");
-        assert_eq!(labels, vec![("reporter".into(), "source".into()), ("response_code".into(), "200".into())]);
-        assert_eq!(parse_tagged_name("plain.name", "=.=", ";.;").0, "plain.name");
+        assert_eq!(
+            labels,
+            vec![
+                ("reporter".into(), "source".into()),
+                ("response_code".into(), "200".into())
+            ]
+        );
+        assert_eq!(
+            parse_tagged_name("plain.name", "=.=", ";.;").0,
+            "plain.name"
+        );
     }
 
     #[test]
     fn exposition() {
         let r = MetricsRegistry::new();
-        let c = r.define(MetricKind::Counter, "reporter=.=source;.;istio_requests_total");
+        let c = r.define(
+            MetricKind::Counter,
+            "reporter=.=source;.;istio_requests_total",
+        );
         r.increment(c, 2).unwrap();
         let h = r.define(MetricKind::Histogram, "dur");
         r.record(h, 7).unwrap();
         let g = r.define(MetricKind::Gauge, "wasm.gauge");
         r.record(g, 5).unwrap();
         let text = r.prometheus_text();
-        assert!(text.contains("# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source\"} 2\n"), "{text}");
-        assert!(text.contains("dur_bucket{le=\"5\"} 0\ndur_bucket{le=\"10\"} 1\n"), "{text}");
-        assert!(text.contains("dur_count 1\n") && text.contains("wasm_gauge 5\n"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE istio_requests_total counter\nistio_requests_total{reporter=\"source\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("dur_bucket{le=\"5\"} 0\ndur_bucket{le=\"10\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dur_count 1\n") && text.contains("wasm_gauge 5\n"),
+            "{text}"
+        );
         assert_eq!(r.increment(h, 1), Err(MetricError::WrongKind));
         assert_eq!(r.get(MetricId(99)), Err(MetricError::NotFound));
     }

@@ -24,8 +24,11 @@ const CALLS: &str = r#"(module
     local.get $acc))"#;
 
 fn conformance() -> Vec<u8> {
-    std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/filters/conformance.wasm"))
-        .expect("build the filters first: cargo xtask build-filters")
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/filters/conformance.wasm"
+    ))
+    .expect("build the filters first: cargo xtask build-filters")
 }
 
 fn quiet_env() -> HostEnv {
@@ -37,7 +40,10 @@ fn quiet_env() -> HostEnv {
             LogLevel::Critical
         }
     }
-    HostEnv { logs: Arc::new(Null), ..HostEnv::default() }
+    HostEnv {
+        logs: Arc::new(Null),
+        ..HostEnv::default()
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -50,20 +56,39 @@ fn bench(c: &mut Criterion) {
         let module = WasmModule::new(runtime.as_ref(), &calls).expect("module");
         let mut p = Plugin::new(&module, PluginConfig::new("calls"), quiet_env()).expect("plugin");
         let ty = FuncType::new(&[ValType::I32], &[ValType::I32]);
-        g.bench_function("host_to_guest_call", |b| b.iter(|| p.call_export("nop", &ty, &[Val::I32(1)])));
+        g.bench_function("host_to_guest_call", |b| {
+            b.iter(|| p.call_export("nop", &ty, &[Val::I32(1)]))
+        });
         const N: i32 = 1000;
-        g.bench_function("guest_to_host_call_x1000", |b| b.iter(|| p.call_export("host_calls", &ty, &[Val::I32(N)])));
-
-        g.bench_function("compile_conformance", |b| b.iter(|| WasmModule::new(runtime.as_ref(), &filter).expect("compile")));
-        let module = WasmModule::new(runtime.as_ref(), &filter).expect("compile");
-        g.bench_function("instantiate_and_start_plugin", |b| {
-            b.iter(|| Plugin::new(&module, PluginConfig::new("c").configuration("bench"), quiet_env()).expect("plugin"))
+        g.bench_function("guest_to_host_call_x1000", |b| {
+            b.iter(|| p.call_export("host_calls", &ty, &[Val::I32(N)]))
         });
 
-        let plugin = Plugin::new(&module, PluginConfig::new("c").configuration("bench"), quiet_env()).expect("plugin");
+        g.bench_function("compile_conformance", |b| {
+            b.iter(|| WasmModule::new(runtime.as_ref(), &filter).expect("compile"))
+        });
+        let module = WasmModule::new(runtime.as_ref(), &filter).expect("compile");
+        g.bench_function("instantiate_and_start_plugin", |b| {
+            b.iter(|| {
+                Plugin::new(
+                    &module,
+                    PluginConfig::new("c").configuration("bench"),
+                    quiet_env(),
+                )
+                .expect("plugin")
+            })
+        });
+
+        let plugin = Plugin::new(
+            &module,
+            PluginConfig::new("c").configuration("bench"),
+            quiet_env(),
+        )
+        .expect("plugin");
         let mut chain = FilterChain::new(vec![plugin]);
         let provider: Arc<dyn PropertyProvider> = Arc::new(NoProperties);
-        let req = HeaderMap::from_pairs([(":method", "GET"), (":path", "/"), (":authority", "echo")]);
+        let req =
+            HeaderMap::from_pairs([(":method", "GET"), (":path", "/"), (":authority", "echo")]);
         let resp = HeaderMap::from_pairs([(":status", "200")]);
         g.bench_function("http_stream_lifecycle", |b| {
             b.iter(|| {
@@ -84,7 +109,10 @@ trait Names {
 }
 impl Names for Runtime {
     fn available_names() -> Vec<&'static str> {
-        Runtime::available().into_iter().map(Runtime::name).collect()
+        Runtime::available()
+            .into_iter()
+            .map(Runtime::name)
+            .collect()
     }
 }
 

@@ -58,14 +58,21 @@ pub mod wasm {
 
         /// The runtimes compiled into this build.
         pub fn available() -> Vec<Runtime> {
-            Self::ALL.into_iter().filter(|r| r.is_compiled_in()).collect()
+            Self::ALL
+                .into_iter()
+                .filter(|r| r.is_compiled_in())
+                .collect()
         }
 
         /// Creates the runtime, or explains that it is not compiled in.
         pub fn create(self) -> Result<Arc<dyn WasmRuntime>> {
             let missing = || Error::RuntimeNotCompiledIn {
                 name: self.name().to_string(),
-                available: Runtime::available().iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+                available: Runtime::available()
+                    .iter()
+                    .map(|r| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             };
             match self {
                 #[cfg(feature = "wasmtime")]
@@ -73,7 +80,7 @@ pub mod wasm {
                 #[cfg(feature = "wasmi")]
                 Runtime::Wasmi => Ok(nasp_runtime_wasmi::runtime()?),
                 #[cfg(feature = "wasm3")]
-                Runtime::Wasm3 => Err(missing()),
+                Runtime::Wasm3 => Ok(nasp_runtime_wasm3::runtime()?),
                 #[allow(unreachable_patterns)]
                 _ => Err(missing()),
             }
@@ -86,7 +93,11 @@ pub mod wasm {
             Some(r) => r.create(),
             None => Err(Error::RuntimeNotCompiledIn {
                 name: name.to_string(),
-                available: Runtime::available().iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+                available: Runtime::available()
+                    .iter()
+                    .map(|r| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         }
     }

@@ -11,8 +11,13 @@ use nasp::wasm::runtime::{FuncType, ValType};
 use nasp::wasm::*;
 
 fn conformance_wasm() -> Vec<u8> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/filters/conformance.wasm");
-    std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; build the filters with `cargo xtask build-filters`"))
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/filters/conformance.wasm"
+    );
+    std::fs::read(path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build the filters with `cargo xtask build-filters`")
+    })
 }
 
 struct Harness {
@@ -25,8 +30,16 @@ impl Harness {
     fn new() -> Self {
         let logs = MemoryLogSink::new();
         let callouts = RecordingCallouts::default();
-        let env = HostEnv { logs: Arc::new(logs.clone()), callouts: Arc::new(callouts.clone()), ..HostEnv::default() };
-        Self { logs, env, callouts }
+        let env = HostEnv {
+            logs: Arc::new(logs.clone()),
+            callouts: Arc::new(callouts.clone()),
+            ..HostEnv::default()
+        };
+        Self {
+            logs,
+            env,
+            callouts,
+        }
     }
 
     fn plugin(&self, rt: &str, config: PluginConfig) -> Result<Plugin> {
@@ -36,18 +49,25 @@ impl Harness {
     }
 
     fn chain(&self, rt: &str, config: PluginConfig) -> FilterChain {
-        FilterChain::new(vec![self.plugin(rt, config).unwrap_or_else(|e| panic!("{rt}: {e}"))])
+        FilterChain::new(vec![
+            self.plugin(rt, config)
+                .unwrap_or_else(|e| panic!("{rt}: {e}")),
+        ])
     }
 }
 
 fn props() -> Arc<dyn PropertyProvider> {
     let mut m = std::collections::HashMap::new();
-    m.insert("node.id".to_string(), PropertyValue::from("sidecar~10.0.0.1~pod.demo~demo.svc.cluster.local"));
+    m.insert(
+        "node.id".to_string(),
+        PropertyValue::from("sidecar~10.0.0.1~pod.demo~demo.svc.cluster.local"),
+    );
     Arc::new(MapProperties(m))
 }
 
 fn req(path: &str, mode: Option<&str>) -> HeaderMap {
-    let mut h = HeaderMap::from_pairs([(":method", "GET"), (":path", path), (":authority", "echo")]);
+    let mut h =
+        HeaderMap::from_pairs([(":method", "GET"), (":path", path), (":authority", "echo")]);
     if let Some(m) = mode {
         h.add(b"x-conformance", m.as_bytes());
     }
@@ -55,7 +75,11 @@ fn req(path: &str, mode: Option<&str>) -> HeaderMap {
 }
 
 fn cfg(name: &str) -> PluginConfig {
-    PluginConfig::new(name).root_id("conformance").vm_id("vm1").configuration("hello").vm_configuration("vmcfg")
+    PluginConfig::new(name)
+        .root_id("conformance")
+        .vm_id("vm1")
+        .configuration("hello")
+        .vm_configuration("vmcfg")
 }
 
 macro_rules! per_runtime {
@@ -381,8 +405,14 @@ per_runtime! {
 
 #[test]
 fn runtime_not_compiled_in_is_a_clear_error() {
-    let err = nasp::wasm::runtime_by_name("v8").err().expect("v8 is not a runtime").to_string();
-    assert!(err.contains("\"v8\" is not compiled into this build"), "{err}");
+    let err = nasp::wasm::runtime_by_name("v8")
+        .err()
+        .expect("v8 is not a runtime")
+        .to_string();
+    assert!(
+        err.contains("\"v8\" is not compiled into this build"),
+        "{err}"
+    );
     for r in nasp::wasm::Runtime::ALL {
         assert_eq!(r.create().is_ok(), r.is_compiled_in(), "{r:?}");
     }
