@@ -38,7 +38,7 @@ fn exec(runtime: &str, request: &str) -> serde_json::Value {
 #[test]
 fn http_transcripts_are_identical_across_runtimes() {
     let mut first: Option<serde_json::Value> = None;
-    for rt in ["wasmtime", "wasmi"] {
+    for rt in ["wasmtime", "wasmi", "wasm3"] {
         let mut t = exec(rt, "examples/wasm-exec/request.json");
         assert_eq!(t["runtime"], rt);
         assert_eq!(t["request"]["body"], "HELLO FROM NASP", "{rt}: {t}");
@@ -60,7 +60,7 @@ fn http_transcripts_are_identical_across_runtimes() {
 
 #[test]
 fn tcp_transcript() {
-    for rt in ["wasmtime", "wasmi"] {
+    for rt in ["wasmtime", "wasmi", "wasm3"] {
         let t = nasp(&[
             "wasm",
             "exec",

@@ -381,6 +381,54 @@ per_runtime! {
         assert_eq!(r, Some(runtime::Val::I32(1)), "{rt}");
         assert!(h.env.metrics.prometheus_text().contains("big_gauge 5000000000"), "{rt}");
     };
+    deep_recursion_traps_and_the_host_survives => |rt: &str| {
+        // Unbounded recursion must end in a "stack" trap on every runtime,
+        // never in a crash of the host thread (a 2 MiB test thread here).
+        let wasm = wat::parse_str(r#"(module
+            (memory (export "memory") 1)
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "malloc") (param i32) (result i32) i32.const 1024)
+            (func $down (export "down") (param i32) (result i32)
+              (i32.add (call $down (i32.add (local.get 0) (i32.const 1))) (i32.const 1)))
+            (func (export "ok") (result i32) i32.const 7))"#).unwrap();
+        let h = Harness::new();
+        let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
+        let module = WasmModule::new(runtime.as_ref(), &wasm).unwrap();
+        let mut p = Plugin::new(&module, cfg("recursion"), h.env.clone()).unwrap();
+        let err = p.call_export("down", &FuncType::new(&[ValType::I32], &[ValType::I32]), &[runtime::Val::I32(0)]).unwrap_err();
+        assert!(err.message.to_lowercase().contains("stack"), "{rt}: {err}");
+        let mut fresh = Plugin::new(&module, cfg("recursion"), h.env.clone()).unwrap();
+        let ok = fresh.call_export("ok", &FuncType::new(&[], &[ValType::I32]), &[]).unwrap();
+        assert_eq!(ok, Some(runtime::Val::I32(7)), "{rt}");
+    };
+    interrupt_from_another_thread => |rt: &str| {
+        let wasm = wat::parse_str(r#"(module
+            (memory (export "memory") 1)
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "malloc") (param i32) (result i32) i32.const 1024)
+            (func (export "spin") (loop (br 0))))"#).unwrap();
+        let h = Harness::new();
+        let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
+        let module = WasmModule::new(runtime.as_ref(), &wasm).unwrap();
+        // A deadline far away: only the interrupt can stop the loop.
+        let limits = Limits { call_deadline: Some(Duration::from_secs(120)), ..Limits::default() };
+        let mut p = Plugin::new(&module, cfg("spin").limits(limits), h.env.clone()).unwrap();
+        let Some(interrupt) = p.interrupt_handle() else {
+            // wasmi has no cross-thread interrupt (docs/proxy-wasm-host.md);
+            // fuel bounds its calls instead.
+            assert_eq!(rt, "wasmi", "only wasmi lacks an interrupt handle");
+            return;
+        };
+        let started = std::time::Instant::now();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            interrupt();
+        });
+        let err = p.call_export("spin", &FuncType::new(&[], &[]), &[]).unwrap_err();
+        t.join().unwrap();
+        assert_eq!(err.kind, runtime::TrapKind::Interrupted, "{rt}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(60), "{rt}: stopped by the interrupt, not the deadline");
+    };
     load_errors_are_clear => |rt: &str| {
         let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
         let err = WasmModule::new(runtime.as_ref(), b"garbage").unwrap_err().to_string();
