@@ -50,11 +50,11 @@ fn setup() -> Result<(), String> {
         .args(["target", "list", "--installed"])
         .output()
         .map_err(|e| format!("rustup: {e}"))?;
-    if !String::from_utf8_lossy(&installed.stdout)
-        .lines()
-        .any(|l| l.trim() == "wasm32-wasip1")
-    {
-        run(Command::new("rustup").args(["target", "add", "wasm32-wasip1"]))?;
+    let installed = String::from_utf8_lossy(&installed.stdout).into_owned();
+    for target in FILTER_TARGETS.iter().map(|(t, _)| *t) {
+        if !installed.lines().any(|l| l.trim() == target) {
+            run(Command::new("rustup").args(["target", "add", target]))?;
+        }
     }
     if !has_libclang() {
         eprintln!(
@@ -84,22 +84,29 @@ fn setup() -> Result<(), String> {
     Ok(())
 }
 
+/// Every filter is built for both targets the Rust SDK supports; the
+/// wasip1 build keeps the crate's name, the other gets a suffix.
+const FILTER_TARGETS: [(&str, &str); 2] = [("wasm32-wasip1", ""), ("wasm32-unknown-unknown", "-unknown")];
+
 fn build_filters() -> Result<(), String> {
     let root = root();
     let filters = root.join("filters");
-    run(cargo()
-        .current_dir(&filters)
-        .args(["build", "--release", "--target", "wasm32-wasip1"]))?;
     let out = root.join("target").join("filters");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let built = filters.join("target/wasm32-wasip1/release");
-    let entries = std::fs::read_dir(&built).map_err(|e| format!("{}: {e}", built.display()))?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "wasm") {
-            let to = out.join(path.file_name().unwrap_or_default());
-            std::fs::copy(&path, &to).map_err(|e| format!("copy {}: {e}", path.display()))?;
-            eprintln!("xtask: {}", to.display());
+    for (target, suffix) in FILTER_TARGETS {
+        run(cargo()
+            .current_dir(&filters)
+            .args(["build", "--release", "--target", target]))?;
+        let built = filters.join("target").join(target).join("release");
+        let entries = std::fs::read_dir(&built).map_err(|e| format!("{}: {e}", built.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "wasm") {
+                let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                let to = out.join(format!("{stem}{suffix}.wasm"));
+                std::fs::copy(&path, &to).map_err(|e| format!("copy {}: {e}", path.display()))?;
+                eprintln!("xtask: {}", to.display());
+            }
         }
     }
     Ok(())

@@ -381,6 +381,26 @@ per_runtime! {
         assert_eq!(r, Some(runtime::Val::I32(1)), "{rt}");
         assert!(h.env.metrics.prometheus_text().contains("big_gauge 5000000000"), "{rt}");
     };
+    wasi_env_clocks_and_random_reach_the_guest => |rt: &str| {
+        // The filter reads them through the Rust std, i.e. through WASI.
+        let random_of = |h: &Harness| -> (u64, String) {
+            let mut chain = h.chain(rt, cfg("conf"));
+            let mut s = chain.http_stream(props());
+            assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("wasi")), true), FilterStatus::Continue, "{rt}");
+            let line = h.logs.lines().into_iter().map(|r| r.message).find(|m| m.starts_with("wasi: ")).unwrap_or_else(|| panic!("{rt}: no wasi line: {:?}", h.logs.lines()));
+            let realtime: u64 = line.split("realtime ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{rt}: {line}"));
+            (realtime, line)
+        };
+        let (a, b) = (Harness::new(), Harness::new());
+        let (realtime, line_a) = random_of(&a);
+        let (_, line_b) = random_of(&b);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(realtime.abs_diff(now) < 120, "{rt}: the guest's wall clock is the host's: {line_a}");
+        assert!(line_a.contains("0 env vars"), "{rt}: the host exposes no environment: {line_a}");
+        assert!(line_a.contains("monotonic ok true"), "{rt}: {line_a}");
+        let random = |l: &str| l.rsplit("random ").next().unwrap_or_default().to_string();
+        assert_ne!(random(&line_a), random(&line_b), "{rt}: two VMs got the same random seed");
+    };
     deep_recursion_traps_and_the_host_survives => |rt: &str| {
         // Unbounded recursion must end in a "stack" trap on every runtime,
         // never in a crash of the host thread (a 2 MiB test thread here).

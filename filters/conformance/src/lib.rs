@@ -13,6 +13,8 @@
 //! - `callout`: dispatches an HTTP call and resumes the request when the
 //!   response arrives;
 //! - `queue`: enqueues on its own shared queue (the root logs on_queue_ready).
+//! - `wasi` (wasm32-wasip1 builds): reads the environment, both clocks and
+//!   random bytes through the Rust std (so through WASI) and logs them.
 //!
 //! Every request also: logs, reads headers, adds `x-conformance-seen`,
 //! reads `plugin_root_id` and `node.id`, sets the `conformance.seen`
@@ -185,6 +187,22 @@ impl HttpContext for Http {
                     Err(e) => log::error!("callout failed: {:?}", e),
                 }
                 Action::Pause
+            }
+            #[cfg(target_os = "wasi")]
+            Some("wasi") => {
+                use std::hash::{BuildHasher, Hasher};
+                let vars = std::env::vars().count();
+                let realtime = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let start = std::time::Instant::now();
+                let monotonic_ok = start.elapsed() < Duration::from_secs(3600);
+                // std seeds RandomState from random_get.
+                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+                hasher.write(b"conformance");
+                log::info!("wasi: {} env vars, realtime {} s, monotonic ok {}, random {:016x}", vars, realtime, monotonic_ok, hasher.finish());
+                Action::Continue
             }
             Some("queue") => {
                 let _ = hostcalls::enqueue_shared_queue(self.queue, Some(path.as_bytes()));
