@@ -153,21 +153,33 @@ fn headers_json(h: &HeaderMap) -> Value {
     )
 }
 
+/// Reads a JSON or YAML document: by extension (`.json`, `.yaml`, `.yml`),
+/// else JSON first and YAML if that fails.
+fn read_document<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let yaml = |t: &str| {
+        serde_saphyr::from_str::<T>(t).with_context(|| format!("parsing {} as YAML", path.display()))
+    };
+    let json = |t: &str| {
+        serde_json::from_str::<T>(t).with_context(|| format!("parsing {} as JSON", path.display()))
+    };
+    match ext {
+        "yaml" | "yml" => yaml(&text),
+        "json" => json(&text),
+        _ => json(&text).or_else(|e| yaml(&text).map_err(|_| e)),
+    }
+}
+
 fn exec(args: ExecArgs) -> Result<Value> {
     let wasm = std::fs::read(&args.plugin)
         .with_context(|| format!("reading {}", args.plugin.display()))?;
-    let exchange: Exchange = serde_json::from_slice(
-        &std::fs::read(&args.request)
-            .with_context(|| format!("reading {}", args.request.display()))?,
-    )
-    .with_context(|| format!("parsing {}", args.request.display()))?;
+    let exchange: Exchange = read_document(&args.request)?;
     let mut props = HashMap::new();
     if let Some(p) = &args.properties {
-        let v: Value = serde_json::from_slice(
-            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-        )?;
+        let v: Value = read_document(p)?;
         let Value::Object(m) = v else {
-            bail!("{}: properties must be a JSON object", p.display())
+            bail!("{}: properties must be an object (a map)", p.display())
         };
         for (k, v) in m {
             props.insert(k, json_property(&v));

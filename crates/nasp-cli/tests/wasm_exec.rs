@@ -74,6 +74,31 @@ fn http_transcripts_are_identical_across_runtimes_and_targets() {
 }
 
 #[test]
+fn yaml_request_gives_the_json_transcript() {
+    let json = exec("wasmi", PLUGINS[0], "examples/wasm-exec/request.json");
+    let yaml = exec("wasmi", PLUGINS[0], "examples/wasm-exec/request.yaml");
+    assert_eq!(json, yaml);
+}
+
+#[test]
+fn malformed_request_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("nasp-bad-request-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "request: [unclosed").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_nasp"))
+        .args(["wasm", "exec", "--runtime", "wasmi", "--plugin", PLUGINS[0], "--request"])
+        .arg(&bad)
+        .current_dir(ROOT)
+        .output()
+        .expect("run nasp");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("parsing") && err.contains("bad.yaml") && err.contains("as YAML"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn tcp_transcript() {
     for rt in ["wasmtime", "wasmi", "wasm3"] {
         let t = nasp(&[
