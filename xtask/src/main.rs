@@ -86,7 +86,10 @@ fn setup() -> Result<(), String> {
 
 /// Every filter is built for both targets the Rust SDK supports; the
 /// wasip1 build keeps the crate's name, the other gets a suffix.
-const FILTER_TARGETS: [(&str, &str); 2] = [("wasm32-wasip1", ""), ("wasm32-unknown-unknown", "-unknown")];
+const FILTER_TARGETS: [(&str, &str); 2] = [
+    ("wasm32-wasip1", ""),
+    ("wasm32-unknown-unknown", "-unknown"),
+];
 
 fn build_filters() -> Result<(), String> {
     let root = root();

@@ -156,10 +156,15 @@ fn headers_json(h: &HeaderMap) -> Value {
 /// Reads a JSON or YAML document: by extension (`.json`, `.yaml`, `.yml`),
 /// else JSON first and YAML if that fails.
 fn read_document<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default();
     let yaml = |t: &str| {
-        serde_saphyr::from_str::<T>(t).with_context(|| format!("parsing {} as YAML", path.display()))
+        serde_saphyr::from_str::<T>(t)
+            .with_context(|| format!("parsing {} as YAML", path.display()))
     };
     let json = |t: &str| {
         serde_json::from_str::<T>(t).with_context(|| format!("parsing {} as JSON", path.display()))

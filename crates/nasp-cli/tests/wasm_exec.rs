@@ -87,14 +87,25 @@ fn malformed_request_file_is_a_clear_error() {
     let bad = dir.join("bad.yaml");
     std::fs::write(&bad, "request: [unclosed").expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_nasp"))
-        .args(["wasm", "exec", "--runtime", "wasmi", "--plugin", PLUGINS[0], "--request"])
+        .args([
+            "wasm",
+            "exec",
+            "--runtime",
+            "wasmi",
+            "--plugin",
+            PLUGINS[0],
+            "--request",
+        ])
         .arg(&bad)
         .current_dir(ROOT)
         .output()
         .expect("run nasp");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("parsing") && err.contains("bad.yaml") && err.contains("as YAML"), "{err}");
+    assert!(
+        err.contains("parsing") && err.contains("bad.yaml") && err.contains("as YAML"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,6 +1,6 @@
 //! proxy-wasm host benchmarks, per runtime: host→guest call, guest→host call,
 //! compile, instantiate (plugin start), and one full HTTP stream lifecycle
-//! through the conformance filter. Run with `cargo bench -p nasp --bench
+//! through the conformance filter and through the lean `headers` filter. Run with `cargo bench -p nasp --bench
 //! proxywasm` after `cargo xtask build-filters`; results in docs/benchmarks.md.
 
 use std::sync::Arc;
@@ -23,12 +23,43 @@ const CALLS: &str = r#"(module
       (br $l)))
     local.get $acc))"#;
 
-fn conformance() -> Vec<u8> {
-    std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../target/filters/conformance.wasm"
-    ))
-    .expect("build the filters first: cargo xtask build-filters")
+fn read_filter(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../../target/filters/{name}.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build the filters first: cargo xtask build-filters")
+    })
+}
+
+/// One HTTP stream through `module`: create, request headers, response
+/// headers, done/log/delete.
+fn lifecycle(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    module: &WasmModule,
+) {
+    let plugin = Plugin::new(
+        module,
+        PluginConfig::new("c").configuration("bench"),
+        quiet_env(),
+    )
+    .expect("plugin");
+    let mut chain = FilterChain::new(vec![plugin]);
+    let provider: Arc<dyn PropertyProvider> = Arc::new(NoProperties);
+    let req = HeaderMap::from_pairs([(":method", "GET"), (":path", "/"), (":authority", "echo")]);
+    let resp = HeaderMap::from_pairs([(":status", "200")]);
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            let mut s = chain.http_stream(provider.clone());
+            let mut h = req.clone();
+            s.request_headers(&mut chain, &mut h, true);
+            let mut r = resp.clone();
+            s.response_headers(&mut chain, &mut r, true);
+            s.finish(&mut chain);
+        })
+    });
 }
 
 fn quiet_env() -> HostEnv {
@@ -48,7 +79,7 @@ fn quiet_env() -> HostEnv {
 
 fn bench(c: &mut Criterion) {
     let calls = wat::parse_str(CALLS).expect("valid wat");
-    let filter = conformance();
+    let filter = read_filter("conformance");
     for rt in Runtime::available_names() {
         let runtime = nasp::wasm::runtime_by_name(rt).expect("compiled in");
         let mut g = c.benchmark_group(rt);
@@ -79,27 +110,9 @@ fn bench(c: &mut Criterion) {
             })
         });
 
-        let plugin = Plugin::new(
-            &module,
-            PluginConfig::new("c").configuration("bench"),
-            quiet_env(),
-        )
-        .expect("plugin");
-        let mut chain = FilterChain::new(vec![plugin]);
-        let provider: Arc<dyn PropertyProvider> = Arc::new(NoProperties);
-        let req =
-            HeaderMap::from_pairs([(":method", "GET"), (":path", "/"), (":authority", "echo")]);
-        let resp = HeaderMap::from_pairs([(":status", "200")]);
-        g.bench_function("http_stream_lifecycle", |b| {
-            b.iter(|| {
-                let mut s = chain.http_stream(provider.clone());
-                let mut h = req.clone();
-                s.request_headers(&mut chain, &mut h, true);
-                let mut r = resp.clone();
-                s.response_headers(&mut chain, &mut r, true);
-                s.finish(&mut chain);
-            })
-        });
+        lifecycle(&mut g, "http_stream_lifecycle", &module);
+        let headers = WasmModule::new(runtime.as_ref(), &read_filter("headers")).expect("compile");
+        lifecycle(&mut g, "http_stream_lifecycle_headers_filter", &headers);
         g.finish();
     }
 }

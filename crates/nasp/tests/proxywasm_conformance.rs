@@ -401,6 +401,24 @@ per_runtime! {
         let random = |l: &str| l.rsplit("random ").next().unwrap_or_default().to_string();
         assert_ne!(random(&line_a), random(&line_b), "{rt}: two VMs got the same random seed");
     };
+    lean_headers_filter_reads_and_adds_headers => |rt: &str| {
+        // The benchmark's filter does what the benchmark claims.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/filters/headers.wasm");
+        let wasm = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}; run `cargo xtask build-filters`"));
+        let h = Harness::new();
+        let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
+        let module = WasmModule::new(runtime.as_ref(), &wasm).unwrap();
+        let mut chain = FilterChain::new(vec![Plugin::new(&module, cfg("headers"), h.env.clone()).unwrap()]);
+        let mut s = chain.http_stream(props());
+        let mut request = req("/lean", None);
+        assert_eq!(s.request_headers(&mut chain, &mut request, true), FilterStatus::Continue);
+        assert_eq!(request.get_str("x-path-seen").as_deref(), Some("/lean"), "{rt}");
+        let mut response = HeaderMap::from_pairs([(":status", "204")]);
+        assert_eq!(s.response_headers(&mut chain, &mut response, true), FilterStatus::Continue);
+        assert_eq!(response.get_str("x-status-seen").as_deref(), Some("204"), "{rt}");
+        s.finish(&mut chain);
+        assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok);
+    };
     deep_recursion_traps_and_the_host_survives => |rt: &str| {
         // Unbounded recursion must end in a "stack" trap on every runtime,
         // never in a crash of the host thread (a 2 MiB test thread here).
