@@ -123,6 +123,9 @@ pub struct SharedStore {
     data: Mutex<HashMap<(String, String), (Vec<u8>, u32)>>,
     queues: Mutex<Queues>,
     ready: Mutex<HashMap<u64, Vec<(u32, u32)>>>,
+    /// Whether `ready` may hold anything: every callback checks for queue
+    /// notifications, and almost always there are none.
+    any_ready: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for SharedStore {
@@ -223,15 +226,25 @@ impl SharedStore {
 
     /// Records that queue `token` of root context `owner.1` in VM `owner.0` has data.
     pub(crate) fn notify(&self, owner: (u64, u32), token: u32) {
-        lock(&self.ready)
-            .entry(owner.0)
-            .or_default()
-            .push((owner.1, token));
+        let mut ready = lock(&self.ready);
+        ready.entry(owner.0).or_default().push((owner.1, token));
+        self.any_ready
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Takes the pending `proxy_on_queue_ready` notifications of a VM.
     pub(crate) fn take_ready(&self, vm_key: u64) -> Vec<(u32, u32)> {
-        lock(&self.ready).remove(&vm_key).unwrap_or_default()
+        if !self.any_ready.load(std::sync::atomic::Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut ready = lock(&self.ready);
+        let mine = ready.remove(&vm_key).unwrap_or_default();
+        if ready.is_empty() {
+            // Under the lock, so a concurrent `notify` sets it again after.
+            self.any_ready
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        mine
     }
 
     /// Dequeues one item.

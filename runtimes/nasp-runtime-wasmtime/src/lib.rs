@@ -92,7 +92,7 @@ struct Data {
     handlers: HandlerSlots,
     limits: wasmtime::StoreLimits,
     memory: Option<wasmtime::Memory>,
-    funcs: Vec<wasmtime::Func>,
+    funcs: Vec<Arc<GuestFunc>>,
     deadline: Option<Instant>,
     interrupt: Arc<AtomicBool>,
     depth: u32,
@@ -149,20 +149,96 @@ fn to_trap(e: wasmtime::Error) -> Trap {
     }
 }
 
-fn call_func(
-    store: impl wasmtime::AsContextMut<Data = Data>,
-    f: wasmtime::Func,
-    args: &[Val],
-) -> Result<Option<Val>, Trap> {
-    let mut store = store;
-    let params: Vec<wasmtime::Val> = args.iter().map(to_wt).collect();
-    let ty = f.ty(&store);
-    let mut results: Vec<wasmtime::Val> = ty
-        .results()
-        .map(|t| wasmtime::Val::default_for_ty(&t).unwrap_or(wasmtime::Val::I32(0)))
-        .collect();
-    f.call(&mut store, &params, &mut results).map_err(to_trap)?;
-    Ok(results.first().and_then(from_wt))
+/// An export the host calls, with a typed entry point for the shapes the
+/// ABI's callbacks have (all-i32 parameters, no result or one i32): a typed
+/// call skips wasmtime's per-call signature lookup and `Val` conversions.
+struct GuestFunc {
+    func: wasmtime::Func,
+    results: Vec<ValType>,
+    typed: Typed,
+}
+
+macro_rules! typed_shapes {
+    ($( $variant:ident ( $($p:ident),* ) -> $r:tt ; )*) => {
+        enum Typed {
+            Dynamic,
+            $( $variant(wasmtime::TypedFunc<( $($p,)* ), $r>), )*
+        }
+
+        impl Typed {
+            fn new(store: &impl wasmtime::AsContext, f: &wasmtime::Func, ty: &FuncType) -> Typed {
+                let all_i32 = ty.params.iter().all(|t| *t == ValType::I32);
+                let result = match ty.results.as_slice() {
+                    [] => Some(false),
+                    [ValType::I32] => Some(true),
+                    _ => None,
+                };
+                if !all_i32 {
+                    return Typed::Dynamic;
+                }
+                let Some(has_result) = result else { return Typed::Dynamic };
+                let arity = ty.params.len();
+                $(
+                    if arity == typed_shapes!(@count $($p)*) && has_result == typed_shapes!(@has $r) {
+                        if let Ok(t) = f.typed::<( $($p,)* ), $r>(store) {
+                            return Typed::$variant(t);
+                        }
+                    }
+                )*
+                Typed::Dynamic
+            }
+
+            /// `None` when the shape has no typed entry point.
+            fn call(
+                &self,
+                store: impl wasmtime::AsContextMut<Data = Data>,
+                args: &[Val],
+            ) -> Option<wasmtime::Result<Option<Val>>> {
+                #[allow(unused_variables, unused_mut)]
+                let mut it = args.iter().map(|a| a.i32().unwrap_or(0));
+                match self {
+                    Typed::Dynamic => None,
+                    $( Typed::$variant(t) => {
+                        let params = ( $( typed_shapes!(@next it $p), )* );
+                        Some(t.call(store, params).map(|r| typed_shapes!(@wrap r $r)))
+                    } )*
+                }
+            }
+        }
+    };
+    (@count) => { 0 };
+    (@count $h:ident $($t:ident)*) => { 1 + typed_shapes!(@count $($t)*) };
+    (@has ()) => { false };
+    (@has i32) => { true };
+    (@next $it:ident $p:ident) => { $it.next().unwrap_or(0) };
+    (@wrap $r:ident ()) => {{ let () = $r; None }};
+    (@wrap $r:ident i32) => { Some(Val::I32($r)) };
+}
+
+typed_shapes! {
+    V0() -> (); V1(i32) -> (); V2(i32, i32) -> (); V3(i32, i32, i32) -> ();
+    V4(i32, i32, i32, i32) -> (); V5(i32, i32, i32, i32, i32) -> ();
+    I0() -> i32; I1(i32) -> i32; I2(i32, i32) -> i32; I3(i32, i32, i32) -> i32;
+    I4(i32, i32, i32, i32) -> i32; I5(i32, i32, i32, i32, i32) -> i32;
+}
+
+impl GuestFunc {
+    fn call(
+        &self,
+        mut store: impl wasmtime::AsContextMut<Data = Data>,
+        args: &[Val],
+    ) -> Result<Option<Val>, Trap> {
+        if let Some(r) = self.typed.call(&mut store, args) {
+            return r.map_err(to_trap);
+        }
+        let params: Vec<wasmtime::Val> = args.iter().map(to_wt).collect();
+        let mut results: Vec<wasmtime::Val> =
+            self.results.iter().map(|t| to_wt(&Val::zero(*t))).collect();
+        self.func
+            .call(&mut store, &params, &mut results)
+            .map_err(to_trap)?;
+        Ok(results.first().and_then(from_wt))
+    }
 }
 
 struct CallerGuest<'a, 'b> {
@@ -177,16 +253,32 @@ impl Guest for CallerGuest<'_, '_> {
         }
     }
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
-        let Some(f) = self.caller.data().funcs.get(func.0 as usize).copied() else {
+        let Some(f) = self.caller.data().funcs.get(func.0 as usize).cloned() else {
             return Err(Trap::engine(format!(
                 "unknown function reference {}",
                 func.0
             )));
         };
-        call_func(&mut *self.caller, f, args)
+        f.call(&mut *self.caller, args)
     }
 }
 
+/// Runs host function `id` for the guest behind `caller`.
+fn dispatch(
+    caller: &mut wasmtime::Caller<'_, Data>,
+    id: u32,
+    args: &[Val],
+) -> Result<Option<Val>, Trap> {
+    // Take the handler out so the guest can be borrowed while it runs; a host
+    // call made while it is out (from the guest allocator) goes to the
+    // restricted handler.
+    let mut taken = caller.data_mut().handlers.take()?;
+    let r = taken.call(id, &mut CallerGuest { caller }, args);
+    caller.data_mut().handlers.restore(taken);
+    r
+}
+
+/// The general entry point (`Linker::func_new`), for any signature.
 fn host_call(
     mut caller: wasmtime::Caller<'_, Data>,
     id: u32,
@@ -194,22 +286,7 @@ fn host_call(
     results: &mut [wasmtime::Val],
 ) -> wasmtime::Result<()> {
     let args: Vec<Val> = params.iter().filter_map(from_wt).collect();
-    // Take the handler out so the guest can be borrowed while it runs; a host
-    // call made while it is out (from the guest allocator) goes to the
-    // restricted handler.
-    let mut taken = match caller.data_mut().handlers.take() {
-        Ok(t) => t,
-        Err(t) => return Err(wasmtime::Error::new(t)),
-    };
-    let r = taken.call(
-        id,
-        &mut CallerGuest {
-            caller: &mut caller,
-        },
-        &args,
-    );
-    caller.data_mut().handlers.restore(taken);
-    match r {
+    match dispatch(&mut caller, id, &args) {
         Ok(v) => {
             if let (Some(v), Some(slot)) = (v, results.first_mut()) {
                 *slot = to_wt(&v);
@@ -217,6 +294,49 @@ fn host_call(
             Ok(())
         }
         Err(t) => Err(wasmtime::Error::new(t)),
+    }
+}
+
+/// Links an all-i32 host function returning one i32 (most of the ABI)
+/// through `Linker::func_wrap`: no `Val` slices and no allocation per call.
+/// `Ok(false)` for an arity it does not cover.
+fn wrap_all_i32(
+    linker: &mut wasmtime::Linker<Data>,
+    module: &str,
+    name: &str,
+    id: u32,
+    arity: usize,
+) -> wasmtime::Result<bool> {
+    macro_rules! arities {
+        ($( $k:literal => ($($a:ident),*) ),* $(,)?) => {
+            match arity {
+                $( $k => {
+                    linker.func_wrap(module, name, move |mut caller: wasmtime::Caller<'_, Data>, $($a: i32),*| -> wasmtime::Result<i32> {
+                        match dispatch(&mut caller, id, &[$(Val::I32($a)),*]) {
+                            Ok(v) => Ok(v.and_then(|v| v.i32()).unwrap_or(0)),
+                            Err(t) => Err(wasmtime::Error::new(t)),
+                        }
+                    })?;
+                    Ok(true)
+                } )*
+                _ => Ok(false),
+            }
+        };
+    }
+    arities! {
+        0 => (),
+        1 => (a),
+        2 => (a, b),
+        3 => (a, b, c),
+        4 => (a, b, c, d),
+        5 => (a, b, c, d, e),
+        6 => (a, b, c, d, e, f),
+        7 => (a, b, c, d, e, f, g),
+        8 => (a, b, c, d, e, f, g, h),
+        9 => (a, b, c, d, e, f, g, h, i),
+        10 => (a, b, c, d, e, f, g, h, i, j),
+        11 => (a, b, c, d, e, f, g, h, i, j, k),
+        12 => (a, b, c, d, e, f, g, h, i, j, k, l),
     }
 }
 
@@ -235,6 +355,14 @@ impl Compiled {
         }
         let mut linker: wasmtime::Linker<Data> = wasmtime::Linker::new(&self.engine);
         for h in matched {
+            let all_i32 =
+                h.ty.params.iter().all(|t| *t == ValType::I32) && h.ty.results == [ValType::I32];
+            if all_i32
+                && wrap_all_i32(&mut linker, h.module, h.name, h.id, h.ty.params.len())
+                    .map_err(|e| EngineError::new(NAME, format!("{e:#}")))?
+            {
+                continue;
+            }
             let ty = wasmtime::FuncType::new(
                 &self.engine,
                 h.ty.params.iter().copied().map(wt_type),
@@ -335,15 +463,20 @@ impl Instance for WasmtimeInstance {
         if !same(&mut fty.params(), &ty.params) || !same(&mut fty.results(), &ty.results) {
             return None;
         }
+        let typed = Typed::new(&self.store, &f, ty);
         let funcs = &mut self.store.data_mut().funcs;
-        funcs.push(f);
+        funcs.push(Arc::new(GuestFunc {
+            func: f,
+            results: ty.results.clone(),
+            typed,
+        }));
         let r = FuncRef((funcs.len() - 1) as u32);
         self.lookups.insert((name.to_string(), ty.clone()), r);
         Some(r)
     }
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
-        let Some(f) = self.store.data().funcs.get(func.0 as usize).copied() else {
+        let Some(f) = self.store.data().funcs.get(func.0 as usize).cloned() else {
             return Err(Trap::engine(format!(
                 "unknown function reference {}",
                 func.0
@@ -356,7 +489,7 @@ impl Instance for WasmtimeInstance {
             d.interrupt.store(false, Ordering::Relaxed);
         }
         self.store.set_epoch_deadline(1);
-        let r = call_func(&mut self.store, f, args);
+        let r = f.call(&mut self.store, args);
         self.store.data_mut().depth -= 1;
         r
     }
