@@ -372,6 +372,7 @@ pub struct TakenHandler {
 
 impl TakenHandler {
     /// Dispatches the host call.
+    #[inline]
     pub fn call(
         &mut self,
         id: u32,
@@ -393,6 +394,7 @@ impl HandlerSlots {
 
     /// Takes the handler for a host call: the main one, or the restricted one
     /// when the main one is already out (a host call from inside a host call).
+    #[inline]
     pub fn take(&mut self) -> Result<TakenHandler, Trap> {
         if let Some(handler) = self.handler.take() {
             return Ok(TakenHandler {
@@ -412,6 +414,7 @@ impl HandlerSlots {
     }
 
     /// Puts a taken handler back where it came from.
+    #[inline]
     pub fn restore(&mut self, taken: TakenHandler) {
         if taken.nested {
             self.restricted = Some(taken.handler);

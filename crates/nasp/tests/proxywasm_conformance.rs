@@ -287,7 +287,9 @@ per_runtime! {
         let wasm = wat::parse_str(r#"(module
             (import "env" "proxy_get_configuration" (func $cfg (param i32 i32) (result i32)))
             (import "env" "proxy_continue_request" (func $cr (result i32)))
+            (import "env" "proxy_continue_response" (func $cresp (result i32)))
             (import "env" "proxy_clear_route_cache" (func $crc (result i32)))
+            (import "env" "emscripten_notify_memory_growth" (func $grew (param i32)))
             (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
             (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
             (memory (export "memory") 1)
@@ -307,6 +309,9 @@ per_runtime! {
               (i32.store (i32.const 200) (call $get (i32.const 0) (i32.const 0) (i32.const 7) (i32.const 208) (i32.const 212)))
               (if (i32.eqz (i32.load (i32.const 200))) (then (drop (call $log (i32.const 2) (i32.const 0) (i32.const 7)))))
               (drop (call $cr)) (drop (call $crc))
+              ;; continue_response during request headers: the reference host accepts it
+              (if (i32.ne (call $cresp) (i32.const 0)) (then unreachable))
+              (call $grew (i32.const 0))
               i32.const 0))"#).unwrap();
         let h = Harness::new();
         let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
@@ -317,7 +322,8 @@ per_runtime! {
         let mut s = chain.http_stream(props());
         assert_eq!(s.request_headers(&mut chain, &mut req("/", None), true), FilterStatus::Continue);
         assert!(h.logs.contains("missing"), "{rt}: {:?}", h.logs.lines());
-        assert_eq!(s.state().lock().unwrap().continued, vec![0]);
+        // proxy_continue_request then proxy_continue_response (0.1.0 forms).
+        assert_eq!(s.state().lock().unwrap().continued, vec![0, 1], "{rt}");
     };
     allocator_host_calls_are_restricted => |rt: &str| {
         // The allocator logs (allowed) for size 3 and calls proxy_done
@@ -419,6 +425,35 @@ per_runtime! {
         s.finish(&mut chain);
         assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok);
     };
+    wasi_functions_give_the_reference_return_codes => |rt: &str| {
+        // Every WASI function the Rust std does not call itself, called raw
+        // by the filter; codes as Envoy's host gives them (docs/proxy-wasm-host.md).
+        let h = Harness::new();
+        let mut chain = h.chain(rt, cfg("conf"));
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("wasi-corners")), true), FilterStatus::Continue, "{rt}");
+        let line = h.logs.lines().into_iter().map(|r| r.message).find(|m| m.starts_with("wasi-corners: ")).unwrap_or_else(|| panic!("{rt}: {:?}", h.logs.lines()));
+        let expected = "args_sizes_get=0 args_count=0 args_get=0 clock_res_get_realtime=0 clock_res=1 \
+            clock_res_get_process=58 fd_close=0 fd_datasync_stdout=0 fd_sync_other=8 fd_fdstat_get_stdout=0 \
+            fd_filetype=2 fd_fdstat_get_other=8 fd_fdstat_set_flags=52 fd_filestat_get=8 fd_pread=52 \
+            fd_pwrite=0 fd_pwrite_bytes=12 fd_prestat_get=8 fd_prestat_dir_name=52 fd_read=52 fd_readdir=20 \
+            fd_renumber=58 fd_seek=0 fd_tell=0 fd_tell_offset=0 path_filestat_get=58 path_open=44 \
+            poll_oneoff=0 poll_events=0 sched_yield=0 random_get_too_big=28 random_get=0";
+        assert_eq!(line, format!("wasi-corners: {expected}"), "{rt}");
+        // fd_pwrite to stdout is a log line, like fd_write.
+        assert!(h.logs.contains("pwrite line"), "{rt}");
+    };
+    header_map_size_and_buffer_status => |rt: &str| {
+        let h = Harness::new();
+        let mut chain = h.chain(rt, cfg("conf"));
+        let mut s = chain.http_stream(props());
+        let mut headers = req("/", Some("abi-corners"));
+        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue, "{rt}");
+        // The filter added x-conformance-seen before asking for the size.
+        let size = headers.serialize().len();
+        let expected = format!("abi-corners: map_size={size} status=0 buffer_status=0 bad_map=2");
+        assert!(h.logs.contains(&expected), "{rt}: want {expected:?} in {:?}", h.logs.lines());
+    };
     deep_recursion_traps_and_the_host_survives => |rt: &str| {
         // Unbounded recursion must end in a "stack" trap on every runtime,
         // never in a crash of the host thread (a 2 MiB test thread here).
@@ -502,4 +537,38 @@ fn runtime_not_compiled_in_is_a_clear_error() {
     for r in nasp::wasm::Runtime::ALL {
         assert_eq!(r.create().is_ok(), r.is_compiled_in(), "{r:?}");
     }
+}
+
+#[test]
+fn test_modules_together_import_every_host_function() {
+    // The filters under filters/ plus the hand-written modules of this suite
+    // must reach every host function of the table; a new host function
+    // without a test that calls it fails here.
+    let this_suite = include_str!("proxywasm_conformance.rs");
+    let info = ModuleInfo::parse(&conformance_wasm()).expect("conformance filter parses");
+    let mut missing = Vec::new();
+    for f in nasp::wasm::abi::HostFn::ALL {
+        let (module, name, ..) = f.spec();
+        // WASI functions are listed once under "wasi" and linked under both
+        // wasi_snapshot_preview1 and wasi_unstable (same code).
+        let modules: &[&str] = if module == "wasi" {
+            &["wasi_snapshot_preview1", "wasi_unstable"]
+        } else {
+            &[module]
+        };
+        let in_filter = info
+            .imports
+            .iter()
+            .any(|(m, n, _)| modules.contains(&m.as_str()) && n == name);
+        let in_wat = modules
+            .iter()
+            .any(|m| this_suite.contains(&format!("(import \"{m}\" \"{name}\"")));
+        if !(in_filter || in_wat) {
+            missing.push(format!("{module}.{name}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "host functions no test module calls: {missing:?}"
+    );
 }

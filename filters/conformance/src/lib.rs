@@ -15,6 +15,10 @@
 //! - `queue`: enqueues on its own shared queue (the root logs on_queue_ready).
 //! - `wasi` (wasm32-wasip1 builds): reads the environment, both clocks and
 //!   random bytes through the Rust std (so through WASI) and logs them.
+//! - `wasi-corners` (wasm32-wasip1 builds): calls every WASI function the
+//!   std does not, directly, and logs each return code.
+//! - `abi-corners`: calls the ABI functions the SDK does not expose
+//!   (`proxy_get_header_map_size`, `proxy_get_buffer_status`) and logs them.
 //!
 //! Every request also: logs, reads headers, adds `x-conformance-seen`,
 //! reads `plugin_root_id` and `node.id`, sets the `conformance.seen`
@@ -36,6 +40,38 @@ extern "C" {
     fn proxy_log(level: u32, msg: *const u8, len: usize) -> u32;
     fn proxy_get_property(path: *const u8, len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
     fn proxy_call_foreign_function(name: *const u8, name_len: usize, args: *const u8, args_len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
+    fn proxy_get_header_map_size(map: u32, size: *mut usize) -> u32;
+    fn proxy_get_buffer_status(buffer: u32, len: *mut usize, flags: *mut u32) -> u32;
+}
+
+// WASI functions the Rust std does not call on its own, declared with the
+// wasm-level signatures of `wasi_snapshot_preview1`.
+#[cfg(target_os = "wasi")]
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn args_sizes_get(argc: *mut u32, buf_size: *mut u32) -> i32;
+    fn args_get(argv: *mut u32, buf: *mut u8) -> i32;
+    fn clock_res_get(id: i32, res: *mut u64) -> i32;
+    fn fd_close(fd: i32) -> i32;
+    fn fd_datasync(fd: i32) -> i32;
+    fn fd_sync(fd: i32) -> i32;
+    fn fd_fdstat_get(fd: i32, buf: *mut u8) -> i32;
+    fn fd_fdstat_set_flags(fd: i32, flags: i32) -> i32;
+    fn fd_filestat_get(fd: i32, buf: *mut u8) -> i32;
+    fn fd_pread(fd: i32, iovs: *const u32, iovs_len: i32, offset: i64, nread: *mut u32) -> i32;
+    fn fd_pwrite(fd: i32, iovs: *const u32, iovs_len: i32, offset: i64, nwritten: *mut u32) -> i32;
+    fn fd_prestat_get(fd: i32, buf: *mut u8) -> i32;
+    fn fd_prestat_dir_name(fd: i32, path: *mut u8, len: i32) -> i32;
+    fn fd_read(fd: i32, iovs: *const u32, iovs_len: i32, nread: *mut u32) -> i32;
+    fn fd_readdir(fd: i32, buf: *mut u8, len: i32, cookie: i64, used: *mut u32) -> i32;
+    fn fd_renumber(fd: i32, to: i32) -> i32;
+    fn fd_seek(fd: i32, offset: i64, whence: i32, new_offset: *mut u64) -> i32;
+    fn fd_tell(fd: i32, offset: *mut u64) -> i32;
+    fn path_filestat_get(fd: i32, flags: i32, path: *const u8, len: i32, buf: *mut u8) -> i32;
+    fn path_open(fd: i32, dirflags: i32, path: *const u8, len: i32, oflags: i32, base: i64, inheriting: i64, fdflags: i32, opened: *mut u32) -> i32;
+    fn poll_oneoff(subs: *const u8, events: *mut u8, n: i32, nevents: *mut u32) -> i32;
+    fn sched_yield() -> i32;
+    fn random_get(buf: *mut u8, len: i32) -> i32;
 }
 
 #[derive(Default)]
@@ -204,6 +240,21 @@ impl HttpContext for Http {
                 log::info!("wasi: {} env vars, realtime {} s, monotonic ok {}, random {:016x}", vars, realtime, monotonic_ok, hasher.finish());
                 Action::Continue
             }
+            #[cfg(target_os = "wasi")]
+            Some("wasi-corners") => {
+                log::info!("wasi-corners: {}", wasi_corners());
+                Action::Continue
+            }
+            Some("abi-corners") => {
+                let mut size = 0usize;
+                let s1 = unsafe { proxy_get_header_map_size(0, &mut size) };
+                let (mut len, mut flags) = (0usize, 0u32);
+                // Buffer 0 is the request body: not available during headers.
+                let s2 = unsafe { proxy_get_buffer_status(0, &mut len, &mut flags) };
+                let s3 = unsafe { proxy_get_header_map_size(99, &mut size) };
+                log::info!("abi-corners: map_size={} status={} buffer_status={} bad_map={}", size, s1, s2, s3);
+                Action::Continue
+            }
             Some("queue") => {
                 let _ = hostcalls::enqueue_shared_queue(self.queue, Some(path.as_bytes()));
                 Action::Continue
@@ -286,4 +337,57 @@ impl StreamContext for Tcp {
     fn on_log(&mut self) {
         log::info!("#{} tcp log", self.id);
     }
+}
+
+/// Calls the WASI functions the std leaves alone; "name=errno" pairs.
+#[cfg(target_os = "wasi")]
+fn wasi_corners() -> String {
+    let mut out = Vec::new();
+    let mut push = |name: &str, code: i32| out.push(format!("{}={}", name, code));
+    let (mut a, mut b) = (7u32, 7u32);
+    let mut buf = [0u8; 64];
+    let mut word = 7u64;
+    let text = b"pwrite line\n";
+    let iov: [u32; 2] = [text.as_ptr() as u32, text.len() as u32];
+    let mut read_buf = [0u8; 8];
+    let read_iov: [u32; 2] = [read_buf.as_mut_ptr() as u32, read_buf.len() as u32];
+    unsafe {
+        push("args_sizes_get", args_sizes_get(&mut a, &mut b));
+        push("args_count", a as i32);
+        push("args_get", args_get(buf.as_mut_ptr() as *mut u32, buf.as_mut_ptr()));
+        push("clock_res_get_realtime", clock_res_get(0, &mut word));
+        push("clock_res", word as i32);
+        push("clock_res_get_process", clock_res_get(2, &mut word));
+        push("fd_close", fd_close(3));
+        push("fd_datasync_stdout", fd_datasync(1));
+        push("fd_sync_other", fd_sync(5));
+        push("fd_fdstat_get_stdout", fd_fdstat_get(1, buf.as_mut_ptr()));
+        push("fd_filetype", buf[0] as i32);
+        push("fd_fdstat_get_other", fd_fdstat_get(5, buf.as_mut_ptr()));
+        push("fd_fdstat_set_flags", fd_fdstat_set_flags(1, 0));
+        push("fd_filestat_get", fd_filestat_get(1, buf.as_mut_ptr()));
+        push("fd_pread", fd_pread(0, read_iov.as_ptr(), 1, 0, &mut a));
+        push("fd_pwrite", fd_pwrite(1, iov.as_ptr(), 1, 0, &mut a));
+        push("fd_pwrite_bytes", a as i32);
+        push("fd_prestat_get", fd_prestat_get(3, buf.as_mut_ptr()));
+        push("fd_prestat_dir_name", fd_prestat_dir_name(3, buf.as_mut_ptr(), 8));
+        push("fd_read", fd_read(0, read_iov.as_ptr(), 1, &mut a));
+        push("fd_readdir", fd_readdir(3, buf.as_mut_ptr(), 64, 0, &mut a));
+        push("fd_renumber", fd_renumber(1, 2));
+        push("fd_seek", fd_seek(1, 0, 0, &mut word));
+        word = 7;
+        push("fd_tell", fd_tell(1, &mut word));
+        push("fd_tell_offset", word as i32);
+        let path = b"/etc/passwd";
+        push("path_filestat_get", path_filestat_get(3, 0, path.as_ptr(), path.len() as i32, buf.as_mut_ptr()));
+        push("path_open", path_open(3, 0, path.as_ptr(), path.len() as i32, 0, 0, 0, 0, &mut a));
+        a = 7;
+        push("poll_oneoff", poll_oneoff(buf.as_ptr(), buf.as_mut_ptr(), 0, &mut a));
+        push("poll_events", a as i32);
+        push("sched_yield", sched_yield());
+        let mut big = vec![0u8; 64 * 1024 + 1];
+        push("random_get_too_big", random_get(big.as_mut_ptr(), big.len() as i32));
+        push("random_get", random_get(big.as_mut_ptr(), 16));
+    }
+    out.join(" ")
 }
