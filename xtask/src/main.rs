@@ -123,6 +123,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
+    feature_matrix()?;
     // Doc tests first (nextest does not run them), so that the last summary
     // CI prints is the one of the real test run.
     if nextest {
@@ -139,6 +140,39 @@ fn test(extra: &[String]) -> Result<(), String> {
     }
     c.args(extra);
     run(&mut c)
+}
+
+/// The runtime features must build without warnings in every combination
+/// that matters: none, each alone, all together (`cargo check`, so the
+/// dependencies are checked once and shared between the combinations).
+fn feature_matrix() -> Result<(), String> {
+    for features in ["", "wasmtime", "wasmi", "wasm3", "wasmtime,wasmi,wasm3"] {
+        eprintln!("xtask: cargo check, runtime features [{features}]");
+        let out = cargo()
+            .current_dir(root())
+            .args([
+                "check",
+                "-p",
+                "nasp",
+                "-p",
+                "nasp-cli",
+                "--no-default-features",
+                "--features",
+                features,
+            ])
+            .output()
+            .map_err(|e| format!("cargo check: {e}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let warnings: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning"))
+            .collect();
+        if !out.status.success() || !warnings.is_empty() {
+            eprintln!("{stderr}");
+            return Err(format!("features [{features}]: build failed or warned"));
+        }
+    }
+    Ok(())
 }
 
 fn demo() -> Result<(), String> {
