@@ -1,0 +1,198 @@
+//! The Istio CA client: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use nasp_proto::istio_ca::IstioCertificateRequest;
+use nasp_proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::cert::pem_certs;
+use crate::{Error, crypto_provider};
+
+/// istiod's name in its serving certificate, unless configured otherwise.
+pub const DEFAULT_CA_SERVER_NAME: &str = "istiod.istio-system.svc";
+
+/// How to reach and authenticate to the CA.
+#[derive(Clone, Debug)]
+pub struct CaClientConfig {
+    /// `host:port` of the CA (istiod: port 15012).
+    pub addr: String,
+    /// The mesh root(s) that istiod's serving certificate must chain to.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// The DNS name istiod's certificate must carry.
+    pub server_name: String,
+    /// A bearer token file, re-read on every call (tokens rotate).
+    pub token_file: Option<PathBuf>,
+    /// Sent as the `ClusterID` header.
+    pub cluster_id: Option<String>,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Attempts after the first on a transient error.
+    pub retries: u32,
+}
+
+impl CaClientConfig {
+    /// A configuration with Istio's defaults.
+    pub fn new(addr: impl Into<String>, roots: Vec<CertificateDer<'static>>) -> Self {
+        Self {
+            addr: addr.into(),
+            roots,
+            server_name: DEFAULT_CA_SERVER_NAME.to_string(),
+            token_file: None,
+            cluster_id: None,
+            timeout: Duration::from_secs(10),
+            retries: 5,
+        }
+    }
+}
+
+/// A client of the Istio CA. Cheap to clone; connects lazily.
+#[derive(Clone)]
+pub struct CaClient {
+    config: Arc<CaClientConfig>,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaClient")
+            .field("addr", &self.config.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Codes Istio's own client retries on.
+fn transient(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    )
+}
+
+fn status_error(s: &tonic::Status) -> Error {
+    Error::Ca {
+        code: format!("{:?}", s.code()),
+        message: s.message().to_string(),
+    }
+}
+
+impl CaClient {
+    /// Builds the client. No connection is made until the first call.
+    pub fn new(config: CaClientConfig) -> Result<Self, Error> {
+        if config.roots.is_empty() {
+            return Err(Error::Config(
+                "the CA client needs the mesh root certificate".into(),
+            ));
+        }
+        let mut store = rustls::RootCertStore::empty();
+        for r in &config.roots {
+            store
+                .add(r.clone())
+                .map_err(|e| Error::Certificate(format!("mesh root: {e}")))?;
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let tls = Arc::new(tls);
+        let server_name = ServerName::try_from(config.server_name.clone())
+            .map_err(|e| Error::Config(format!("CA server name {:?}: {e}", config.server_name)))?;
+        let addr = config.addr.clone();
+        let connector = tower::service_fn(move |_uri: Uri| {
+            let (tls, server_name, addr) = (tls.clone(), server_name.clone(), addr.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tokio_rustls::TlsConnector::from(tls)
+                    .connect(server_name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        // The URI only names the authority for HTTP/2; the connector dials.
+        let endpoint = Endpoint::from_shared(format!("http://{}", config.addr))
+            .map_err(|e| Error::Config(format!("CA address {:?}: {e}", config.addr)))?
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout);
+        let channel = endpoint.connect_with_connector_lazy(connector);
+        Ok(Self {
+            config: Arc::new(config),
+            channel,
+        })
+    }
+
+    /// Asks the CA to sign `csr_pem` for `ttl`; returns the chain, leaf first
+    /// and root last (at least two certificates).
+    pub async fn sign(
+        &self,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        let resp = loop {
+            match self.sign_once(csr_pem, ttl).await {
+                Ok(chain) => break chain,
+                Err(s) if transient(s.code()) && attempt < self.config.retries => {
+                    tracing::debug!(attempt, code = ?s.code(), "CA call failed, retrying: {}", s.message());
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(s) => return Err(status_error(&s)),
+            }
+        };
+        if resp.len() < 2 {
+            return Err(Error::Ca {
+                code: "InvalidResponse".into(),
+                message: format!(
+                    "the CA returned {} certificate(s); a chain ends with the root, so at least 2 are expected",
+                    resp.len()
+                ),
+            });
+        }
+        let mut chain = Vec::new();
+        for pem in &resp {
+            chain.extend(pem_certs(pem.as_bytes())?);
+        }
+        Ok(chain)
+    }
+
+    async fn sign_once(&self, csr_pem: &str, ttl: Duration) -> Result<Vec<String>, tonic::Status> {
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem.to_string(),
+            validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: None,
+        });
+        if let Some(path) = &self.config.token_file {
+            // Re-read every time: projected service-account tokens rotate.
+            let token = tokio::fs::read_to_string(path).await.map_err(|e| {
+                tonic::Status::unauthenticated(format!("token file {}: {e}", path.display()))
+            })?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                tonic::Status::unauthenticated("the token is not a valid header value")
+            })?;
+            req.metadata_mut().insert("authorization", value);
+        }
+        if let Some(cluster) = &self.config.cluster_id {
+            let value = cluster
+                .parse()
+                .map_err(|_| tonic::Status::invalid_argument("bad cluster id"))?;
+            req.metadata_mut().insert("clusterid", value);
+        }
+        let mut client = IstioCertificateServiceClient::new(self.channel.clone());
+        let resp = client.create_certificate(req).await?;
+        Ok(resp.into_inner().cert_chain)
+    }
+}
