@@ -210,7 +210,14 @@ fn main() -> ExitCode {
         Some("build-filters") => setup().and_then(|()| build_filters()),
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
-        _ => Err("usage: cargo xtask <setup|build-filters|test|demo>".into()),
+        // Regenerates crates/nasp-proto/src/gen (protox, no protoc); the
+        // generator is its own workspace so normal builds never compile it.
+        Some("codegen") => run(cargo().current_dir(root()).args([
+            "run",
+            "--manifest-path",
+            "xtask/codegen/Cargo.toml",
+        ])),
+        _ => Err("usage: cargo xtask <setup|build-filters|test|demo|codegen>".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

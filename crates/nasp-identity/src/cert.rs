@@ -57,7 +57,10 @@ pub fn pem_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, Error> {
 
 /// PEM text of a certificate.
 pub fn cert_pem(cert: &CertificateDer<'_>) -> String {
-    ::pem::encode(&::pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()))
+    ::pem::encode_config(
+        &::pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()),
+        ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
+    )
 }
 
 /// The URI SANs of a certificate.
