@@ -56,10 +56,21 @@ fn setup() -> Result<(), String> {
             run(Command::new("rustup").args(["target", "add", target]))?;
         }
     }
+    let mut apt_packages = Vec::new();
     if !has_libclang() {
-        eprintln!(
-            "xtask: libclang not found (wasm3's bindings need it); installing libclang-dev with apt-get"
-        );
+        eprintln!("xtask: libclang not found (wasm3's bindings need it)");
+        apt_packages.push("libclang-dev");
+    }
+    let has_openssl = Command::new("openssl")
+        .arg("version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !has_openssl {
+        eprintln!("xtask: openssl not found (the interop tests run it)");
+        apt_packages.push("openssl");
+    }
+    if !apt_packages.is_empty() {
         let sudo = if Command::new("id")
             .arg("-u")
             .output()
@@ -79,7 +90,9 @@ fn setup() -> Result<(), String> {
             run(&mut c)
         };
         apt(&["update", "-qq"])?;
-        apt(&["install", "-y", "-qq", "libclang-dev"])?;
+        let mut install = vec!["install", "-y", "-qq"];
+        install.extend(apt_packages);
+        apt(&install)?;
     }
     Ok(())
 }

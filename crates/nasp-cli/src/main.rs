@@ -3,7 +3,12 @@
 //! - `nasp wasm exec`: runs a proxy-wasm filter against a described HTTP
 //!   exchange or TCP stream and prints a JSON transcript;
 //! - `nasp wasm inspect`: prints a module's ABI version, imports, exports and
-//!   the imports this host cannot satisfy.
+//!   the imports this host cannot satisfy;
+//! - `nasp controlplane`: the embedded control plane (the Istio CA today);
+//! - `nasp ca issue`: gets a workload certificate from a CA and writes it in
+//!   Istio's file layout.
+
+mod identity;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,19 @@ enum Command {
     /// proxy-wasm filters.
     #[command(subcommand)]
     Wasm(WasmCommand),
+    /// Run the embedded control plane (Istio CA; xDS joins later).
+    #[cfg(feature = "controlplane")]
+    Controlplane(identity::ControlPlaneArgs),
+    /// Certificates from an Istio CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Request a workload certificate and write cert-chain.pem, key.pem and
+    /// root-cert.pem.
+    Issue(identity::IssueArgs),
 }
 
 #[derive(Subcommand)]
@@ -348,10 +366,20 @@ fn inspect(path: &Path) -> Result<Value> {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NASP_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let out = match cli.command {
         Command::Wasm(WasmCommand::Exec(args)) => exec(args)?,
         Command::Wasm(WasmCommand::Inspect { plugin }) => inspect(&plugin)?,
+        #[cfg(feature = "controlplane")]
+        Command::Controlplane(args) => return identity::controlplane(args),
+        Command::Ca(CaCommand::Issue(args)) => identity::issue(args)?,
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -3,13 +3,21 @@
 //! This crate only re-exports the pieces, each under a short name:
 //! - [`wasm`]: the proxy-wasm host ([`nasp_proxywasm`]) and the runtimes
 //!   compiled in, chosen at start-up by name with [`wasm::runtime_by_name`];
-//! - [`telemetry`]: the metric registry and Prometheus exposition.
+//! - [`telemetry`]: the metric registry and Prometheus exposition;
+//! - [`identity`]: SPIFFE ids, the Istio CA client, certificate rotation and
+//!   rustls glue ([`nasp_identity`]);
+//! - `controlplane`: the embedded control plane (feature `controlplane`).
 //!
 //! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
 //! proxy-wasm runtime. Any combination builds, including none; a runtime that
 //! is not compiled in is a clear error at start-up, never a build failure.
 
+pub use nasp_identity as identity;
 pub use nasp_telemetry as telemetry;
+
+/// The embedded control plane (feature `controlplane`, on by default).
+#[cfg(feature = "controlplane")]
+pub use nasp_controlplane as controlplane;
 
 /// The proxy-wasm host and its runtimes.
 pub mod wasm {

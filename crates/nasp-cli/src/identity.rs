@@ -1,0 +1,182 @@
+//! `nasp controlplane` and `nasp ca issue`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+#[cfg(feature = "controlplane")]
+use nasp::controlplane::{CertificateAuthority, ControlPlane, ControlPlaneConfig, TokenPolicy};
+use nasp::identity::cert::pem_certs;
+use nasp::identity::{CaClient, CaClientConfig, KeyAlgorithm, SpiffeId, WorkloadCert, keys};
+use serde_json::{Value, json};
+
+/// Parses `90s`, `30m`, `24h`, `7d` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("bad duration {s:?}: use a number with s, m, h or d"),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(feature = "controlplane")]
+#[derive(clap::Args)]
+pub struct ControlPlaneArgs {
+    /// Address to listen on (CA now; xDS joins on the same port).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: String,
+    /// Where to write the mesh root certificate (PEM) for workloads.
+    #[arg(long)]
+    root_out: Option<PathBuf>,
+    /// The mesh trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Token file: one `TOKEN SPIFFE-ID` per line; turns token checking on.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Longest certificate lifetime to issue.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    max_ttl: Duration,
+    /// Use this CA certificate (PEM; may be an intermediate) instead of a
+    /// generated root; needs --ca-key.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The rest of the CA's chain up to the root (PEM), for an intermediate.
+    #[arg(long, requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+}
+
+#[cfg(feature = "controlplane")]
+pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut ca = match (&args.ca_cert, &args.ca_key) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = std::fs::read_to_string(cert).with_context(|| format!("reading {}", cert.display()))?;
+                let key_pem = std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?;
+                let chain = match &args.ca_chain {
+                    Some(p) => {
+                        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                        pem_certs(text.as_bytes())?.iter().map(nasp::identity::cert::cert_pem).collect()
+                    }
+                    None => Vec::new(),
+                };
+                CertificateAuthority::from_pem(&cert_pem, &key_pem, &chain, &args.trust_domain)?
+            }
+            _ => CertificateAuthority::generate(&args.trust_domain)?,
+        }
+        .max_ttl(args.max_ttl);
+        if let Some(p) = &args.tokens {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            ca = ca.tokens(TokenPolicy::from_text(&text)?);
+        }
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let cp = ControlPlane::start(listener, ControlPlaneConfig { ca: Arc::new(ca) })?;
+        if let Some(out) = &args.root_out {
+            std::fs::write(out, cp.root_pem()).with_context(|| format!("writing {}", out.display()))?;
+        }
+        // One line a script can wait for.
+        println!("{}", json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate() => {}
+        }
+        cp.shutdown().await;
+        Ok(())
+    })
+}
+
+#[cfg(all(unix, feature = "controlplane"))]
+async fn terminate() {
+    if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        s.recv().await;
+    }
+}
+
+#[cfg(all(not(unix), feature = "controlplane"))]
+async fn terminate() {
+    std::future::pending::<()>().await
+}
+
+#[derive(clap::Args)]
+pub struct IssueArgs {
+    /// The CA address (istiod:15012 or `nasp controlplane`).
+    #[arg(long)]
+    ca: String,
+    /// The mesh root certificate (PEM) the CA's certificate chains to.
+    #[arg(long)]
+    root: PathBuf,
+    /// The identity to request.
+    #[arg(long)]
+    spiffe: SpiffeId,
+    /// Bearer token file.
+    #[arg(long)]
+    token: Option<PathBuf>,
+    /// Requested lifetime.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    ttl: Duration,
+    /// Key algorithm: ecdsa or rsa.
+    #[arg(long, default_value = "ecdsa")]
+    key: KeyAlgorithm,
+    /// The name the CA's certificate must carry.
+    #[arg(long, default_value = nasp::identity::ca_client::DEFAULT_CA_SERVER_NAME)]
+    server_name: String,
+    /// Sent as the ClusterID header.
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Directory for cert-chain.pem, key.pem and root-cert.pem.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn issue(args: IssueArgs) -> Result<Value> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let root_pem = std::fs::read(&args.root)
+            .with_context(|| format!("reading {}", args.root.display()))?;
+        let roots = pem_certs(&root_pem)?;
+        let mut cfg = CaClientConfig::new(args.ca.clone(), roots.clone());
+        cfg.token_file = args.token.clone();
+        cfg.server_name = args.server_name.clone();
+        cfg.cluster_id = args.cluster_id.clone();
+        let client = CaClient::new(cfg)?;
+        let csr = keys::generate_csr(&args.spiffe, args.key)?;
+        let chain = client.sign(&csr.csr_pem, args.ttl).await?;
+        let mut all_roots = roots;
+        if let Some(last) = chain.last() {
+            if !all_roots.contains(last) {
+                all_roots.push(last.clone());
+            }
+        }
+        let key = nasp::identity::cert::pem_key(csr.key_pem.as_bytes())?;
+        let cert = WorkloadCert::new(chain, key, all_roots)?;
+        cert.write_dir(&args.out, &csr.key_pem)?;
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        Ok(json!({
+            "spiffe": cert.id().map(ToString::to_string),
+            "not_before": secs(cert.not_before()),
+            "not_after": secs(cert.not_after()),
+            "chain_length": cert.chain().len(),
+            "out": args.out,
+        }))
+    })
+}
