@@ -185,6 +185,24 @@ fn feature_matrix() -> Result<(), String> {
             return Err(format!("features [{features}]: build failed or warned"));
         }
     }
+    // The identity crate with the other crypto provider.
+    let out = cargo()
+        .current_dir(root())
+        .args([
+            "check",
+            "-p",
+            "nasp-identity",
+            "--no-default-features",
+            "--features",
+            "ring",
+        ])
+        .output()
+        .map_err(|e| format!("cargo check: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.lines().any(|l| l.starts_with("warning")) {
+        eprintln!("{stderr}");
+        return Err("nasp-identity with ring: build failed or warned".into());
+    }
     Ok(())
 }
 

@@ -238,3 +238,109 @@ async fn garbage_on_the_socket_does_not_hurt_the_ca() {
         .await
         .expect("still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intermediate_ca_returns_the_whole_chain() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    // An offline root and an intermediate it signed; the embedded CA runs
+    // with the intermediate only.
+    let root_key = KeyPair::generate().expect("key");
+    let mut root_params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "offline root");
+    root_params.distinguished_name = dn;
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let root = root_params.self_signed(&root_key).expect("root");
+    let root_issuer = Issuer::new(root_params, root_key);
+    let inter_key = KeyPair::generate().expect("key");
+    let mut inter_params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "cluster intermediate");
+    inter_params.distinguished_name = dn;
+    inter_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    inter_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let inter = inter_params
+        .signed_by(&inter_key, &root_issuer)
+        .expect("intermediate");
+
+    let ca = CertificateAuthority::from_pem(
+        &inter.pem(),
+        &inter_key.serialize_pem(),
+        &[root.pem()],
+        "cluster.local",
+    )
+    .expect("ca");
+    assert_eq!(
+        ca.root_pem(),
+        root.pem(),
+        "the root is the end of the chain"
+    );
+    let cp = start(ca).await;
+    let me = id("spiffe://cluster.local/ns/demo/sa/web");
+    let csr = keys::generate_csr(&me, KeyAlgorithm::EcdsaP256).expect("csr");
+    let chain = client(&cp, |_| {})
+        .sign(&csr.csr_pem, Duration::from_secs(600))
+        .await
+        .expect("signed");
+    assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+    assert_eq!(cert_pem(&chain[2]), root.pem());
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(dir.path().join("inter.pem"), cert_pem(&chain[1])).expect("write");
+    std::fs::write(dir.path().join("root.pem"), root.pem()).expect("write");
+    std::fs::write(dir.path().join("leaf.pem"), cert_pem(&chain[0])).expect("write");
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(dir.path().join("root.pem"))
+        .arg("-untrusted")
+        .arg(dir.path().join("inter.pem"))
+        .arg(dir.path().join("leaf.pem"))
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_merges_the_root_file_with_the_ca_root() {
+    use nasp_identity::{RenewalPolicy, SecretManager, Source};
+    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    // A second root the workload must also trust (e.g. during a root move).
+    let other = CertificateAuthority::generate("cluster.local").expect("ca");
+    let dir = tempfile::tempdir().expect("tmp");
+    let root_file = dir.path().join("extra-root.pem");
+    std::fs::write(&root_file, other.root_pem()).expect("write");
+    let mut cfg = CaClientConfig::new(
+        cp.addr().to_string(),
+        pem_certs(cp.root_pem().as_bytes()).expect("root"),
+    );
+    cfg.retries = 0;
+    let mgr = SecretManager::start(
+        Source::Ca {
+            client: CaClient::new(cfg).expect("client"),
+            id: id("spiffe://cluster.local/ns/demo/sa/web"),
+            key: KeyAlgorithm::EcdsaP256,
+            ttl: Duration::from_secs(3600),
+            root_file: Some(root_file),
+        },
+        RenewalPolicy::default(),
+    );
+    let cert = mgr.ready(Duration::from_secs(5)).await.expect("cert");
+    let roots: Vec<String> = cert.roots().iter().map(cert_pem).collect();
+    assert_eq!(roots.len(), 2, "{roots:?}");
+    assert!(
+        roots.contains(&other.root_pem().to_string()),
+        "the file's root"
+    );
+    assert!(
+        roots.contains(&cp.root_pem().to_string()),
+        "the CA response's root"
+    );
+}
