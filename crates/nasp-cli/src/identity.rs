@@ -1,6 +1,7 @@
 //! `nasp controlplane` and `nasp ca issue`.
 
 use std::path::PathBuf;
+#[cfg(feature = "controlplane")]
 use std::sync::Arc;
 use std::time::Duration;
 
