@@ -159,7 +159,14 @@ fn test(extra: &[String]) -> Result<(), String> {
 /// that matters: none, each alone, all together (`cargo check`, so the
 /// dependencies are checked once and shared between the combinations).
 fn feature_matrix() -> Result<(), String> {
-    for features in ["", "wasmtime", "wasmi", "wasm3", "wasmtime,wasmi,wasm3", "controlplane"] {
+    for features in [
+        "",
+        "wasmtime",
+        "wasmi",
+        "wasm3",
+        "wasmtime,wasmi,wasm3",
+        "controlplane",
+    ] {
         eprintln!("xtask: cargo check, runtime features [{features}]");
         let out = cargo()
             .current_dir(root())

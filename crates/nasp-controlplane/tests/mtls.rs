@@ -115,6 +115,15 @@ async fn echo_server(
 }
 
 async fn dial(certs: Watch, expected: &str, addr: std::net::SocketAddr) -> Result<Vec<u8>, String> {
+    dial_group(certs, expected, addr).await.map(|(out, _)| out)
+}
+
+/// Dials and also reports the negotiated key-exchange group.
+async fn dial_group(
+    certs: Watch,
+    expected: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(Vec<u8>, String), String> {
     let cfg = Arc::new(
         client_config(certs, vec![expected.to_string()], &[b"istio-h2"]).expect("client config"),
     );
@@ -126,10 +135,16 @@ async fn dial(certs: Watch, expected: &str, addr: std::net::SocketAddr) -> Resul
         )
         .await
         .map_err(|e| e.to_string())?;
+    let group = tls
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()))
+        .unwrap_or_default();
     tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-    Ok(out)
+    Ok((out, group))
 }
 
 /// Error text without case or spaces, to match rustls' wording.

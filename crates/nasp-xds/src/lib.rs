@@ -1,0 +1,38 @@
+//! xDS for nasp.
+//!
+//! - [`dump`]: Envoy admin config dumps (JSON) read into typed resources;
+//! - [`view`]: the resolved mesh — outbound lookups by `host:port`, inbound
+//!   by port — computed once per update and read without locks;
+//! - [`client`]: the ADS client (State-of-the-World and Delta), with ACK/NACK,
+//!   reconnects and the view swapped atomically on each update;
+//! - [`types`]: type URLs and resource encoding shared with the server.
+
+pub mod client;
+pub mod dump;
+pub mod types;
+pub mod view;
+
+pub use client::{AdsClient, AdsConfig, Protocol};
+pub use dump::{ResourceSet, read_config_dump};
+pub use view::{ClusterInfo, Endpoint, Inbound, MeshView, Outbound, ViewSettings};
+
+/// Errors of the xDS layer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum XdsError {
+    /// A config dump could not be read.
+    #[error("config dump: {0}")]
+    Dump(String),
+    /// A resource could not be decoded or failed validation.
+    #[error("bad resource {type_url} {name:?}: {message}")]
+    Resource {
+        /// Type URL.
+        type_url: String,
+        /// Resource name, if known.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The ADS connection failed.
+    #[error("ADS: {0}")]
+    Transport(String),
+}
