@@ -87,7 +87,7 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        let cp = ControlPlane::start(listener, ControlPlaneConfig { ca: Arc::new(ca) })?;
+        let cp = ControlPlane::start(listener, ControlPlaneConfig { ca: Arc::new(ca), xds: None })?;
         if let Some(out) = &args.root_out {
             std::fs::write(out, cp.root_pem()).with_context(|| format!("writing {}", out.display()))?;
         }

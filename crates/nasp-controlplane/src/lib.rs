@@ -1,9 +1,11 @@
 //! nasp's embedded control plane: what istiod serves, in-process or as
-//! `nasp controlplane`, for laptops, demos and tests. Today: the Istio CA
-//! service ([`ca`]). The ADS server joins it on the same port (issue 4).
+//! `nasp controlplane`, for laptops, demos and tests: the Istio CA service
+//! ([`ca`]) and an ADS server ([`xds`]) on one port.
 
 pub mod ca;
 pub mod server;
+pub mod xds;
 
 pub use ca::{CaService, CertificateAuthority, TokenPolicy};
 pub use server::{ControlPlane, ControlPlaneConfig};
+pub use xds::{AdsService, Snapshot, SnapshotCache};

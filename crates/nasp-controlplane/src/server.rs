@@ -1,4 +1,7 @@
-//! The control plane's gRPC server over TLS, as istiod serves port 15012.
+//! The control plane's gRPC server, as istiod serves port 15012, on one
+//! port: a connection that starts with a TLS handshake gets the CA and ADS
+//! over TLS; one that starts in plaintext HTTP/2 gets ADS only (as istiod's
+//! plaintext port 15010), so local tools need no certificate to read config.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,6 +26,8 @@ pub const SERVING_DNS_NAMES: &[&str] = &["istiod.istio-system.svc", "localhost"]
 pub struct ControlPlaneConfig {
     /// The signing authority.
     pub ca: Arc<CertificateAuthority>,
+    /// The xDS snapshots to serve, if any.
+    pub xds: Option<Arc<crate::xds::SnapshotCache>>,
 }
 
 /// A running control plane. Dropping it stops the server.
@@ -34,38 +39,92 @@ pub struct ControlPlane {
     task: tokio::task::JoinHandle<()>,
 }
 
-struct TlsConn(TlsStream<TcpStream>);
+/// A connection: TLS or plaintext, cut when the control plane stops (ADS
+/// streams never end on their own, so a graceful stop alone would leave
+/// clients attached to a server that is gone).
+struct Conn {
+    io: Io,
+    stop: tokio_stream::wrappers::WatchStream<bool>,
+}
 
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = Option<SocketAddr>;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().0.peer_addr().ok()
+enum Io {
+    Tls(Box<TlsStream<TcpStream>>),
+    Plain(TcpStream),
+}
+
+impl Conn {
+    fn stopped(&mut self, cx: &mut Context<'_>) -> bool {
+        use tokio_stream::Stream;
+        loop {
+            match Pin::new(&mut self.stop).poll_next(cx) {
+                Poll::Ready(Some(false)) => continue,
+                Poll::Ready(Some(true)) | Poll::Ready(None) => return true,
+                Poll::Pending => return false,
+            }
+        }
     }
 }
 
-impl AsyncRead for TlsConn {
+fn aborted() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "control plane stopped",
+    )
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = Option<SocketAddr>;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match &self.io {
+            Io::Tls(t) => t.get_ref().0.peer_addr().ok(),
+            Io::Plain(t) => t.peer_addr().ok(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.stopped(cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        match &mut this.io {
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+            Io::Plain(t) => Pin::new(t).poll_read(cx, buf),
+        }
     }
 }
 
-impl AsyncWrite for TlsConn {
+impl AsyncWrite for Conn {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.stopped(cx) {
+            return Poll::Ready(Err(aborted()));
+        }
+        match &mut this.io {
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+            Io::Plain(t) => Pin::new(t).poll_write(cx, buf),
+        }
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+            Io::Plain(t) => Pin::new(t).poll_flush(cx),
+        }
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+            Io::Plain(t) => Pin::new(t).poll_shutdown(cx),
+        }
     }
 }
 
@@ -97,19 +156,51 @@ impl ControlPlane {
             .map_err(|e| CaError::Serve(e.to_string()))?;
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let (conn_tx, conn_rx) = mpsc::channel::<std::io::Result<TlsConn>>(64);
+        let (tls_tx, tls_rx) = mpsc::channel::<std::io::Result<Conn>>(64);
+        let (plain_tx, plain_rx) = mpsc::channel::<std::io::Result<Conn>>(64);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let root_pem = ca.root_pem().to_string();
-        let router =
+        let xds = config.xds;
+        let mut tls_router =
             tonic::transport::Server::builder().add_service(CaService::new(ca).into_server());
+        if let Some(cache) = &xds {
+            tls_router =
+                tls_router.add_service(crate::xds::AdsService::new(cache.clone()).into_server());
+        }
+        let plain_router = xds.as_ref().map(|cache| {
+            tonic::transport::Server::builder()
+                .add_service(crate::xds::AdsService::new(cache.clone()).into_server())
+        });
         let task = tokio::spawn(async move {
             let accept = tokio::spawn(async move {
                 loop {
                     let Ok((tcp, peer)) = listener.accept().await else {
                         continue;
                     };
-                    let (acceptor, conn_tx) = (acceptor.clone(), conn_tx.clone());
+                    let (acceptor, tls_tx, plain_tx) =
+                        (acceptor.clone(), tls_tx.clone(), plain_tx.clone());
+                    let stop = tokio_stream::wrappers::WatchStream::new(cut_rx.clone());
                     tokio::spawn(async move {
+                        // A TLS connection starts with a handshake record (0x16).
+                        let mut first = [0u8; 1];
+                        let peeked = tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            tcp.peek(&mut first),
+                        )
+                        .await;
+                        if !matches!(peeked, Ok(Ok(1))) {
+                            return;
+                        }
+                        if first[0] != 0x16 {
+                            let _ = plain_tx
+                                .send(Ok(Conn {
+                                    io: Io::Plain(tcp),
+                                    stop,
+                                }))
+                                .await;
+                            return;
+                        }
                         // A failed handshake (garbage, wrong protocol) only
                         // costs that connection.
                         match tokio::time::timeout(
@@ -119,7 +210,12 @@ impl ControlPlane {
                         .await
                         {
                             Ok(Ok(tls)) => {
-                                let _ = conn_tx.send(Ok(TlsConn(tls))).await;
+                                let _ = tls_tx
+                                    .send(Ok(Conn {
+                                        io: Io::Tls(Box::new(tls)),
+                                        stop,
+                                    }))
+                                    .await;
                             }
                             Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -127,13 +223,39 @@ impl ControlPlane {
                     });
                 }
             });
-            let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
-            let r = router
+            let (stop_plain_tx, stop_plain_rx) = oneshot::channel::<()>();
+            let plain = tokio::spawn(async move {
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(plain_rx);
+                match plain_router {
+                    Some(router) => {
+                        let r = router
+                            .serve_with_incoming_shutdown(incoming, async {
+                                let _ = stop_plain_rx.await;
+                            })
+                            .await;
+                        if let Err(e) = r {
+                            tracing::error!("plaintext xDS server failed: {e}");
+                        }
+                    }
+                    // No xDS: plaintext connections are dropped.
+                    None => {
+                        use tokio_stream::StreamExt;
+                        let mut incoming = incoming;
+                        while incoming.next().await.is_some() {}
+                    }
+                }
+            });
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(tls_rx);
+            let r = tls_router
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop_rx.await;
+                    // Cut every connection: long-lived streams end now.
+                    let _ = cut_tx.send(true);
                 })
                 .await;
             accept.abort();
+            let _ = stop_plain_tx.send(());
+            plain.abort();
             if let Err(e) = r {
                 tracing::error!("control plane server failed: {e}");
             }

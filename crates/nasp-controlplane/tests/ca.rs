@@ -13,7 +13,14 @@ async fn start(ca: CertificateAuthority) -> ControlPlane {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    ControlPlane::start(listener, ControlPlaneConfig { ca: Arc::new(ca) }).expect("start")
+    ControlPlane::start(
+        listener,
+        ControlPlaneConfig {
+            ca: Arc::new(ca),
+            xds: None,
+        },
+    )
+    .expect("start")
 }
 
 fn client(cp: &ControlPlane, tweak: impl FnOnce(&mut CaClientConfig)) -> CaClient {

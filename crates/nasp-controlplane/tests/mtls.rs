@@ -362,7 +362,7 @@ async fn openssl_client_with_and_without_a_certificate() {
 
 async fn start_cp(ca: Arc<CertificateAuthority>, addr: &str) -> ControlPlane {
     let listener = TcpListener::bind(addr).await.expect("bind");
-    ControlPlane::start(listener, ControlPlaneConfig { ca }).expect("start")
+    ControlPlane::start(listener, ControlPlaneConfig { ca, xds: None }).expect("start")
 }
 
 fn ca_source(cp_addr: std::net::SocketAddr, root_pem: &str, who: &str, ttl: Duration) -> Source {

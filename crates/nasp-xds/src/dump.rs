@@ -178,7 +178,13 @@ pub fn read_config_dump(json: &str) -> Result<ResourceSet, XdsError> {
                         .and_then(|s| s.listener.as_ref())
                 });
                 for any in statics.chain(dynamics) {
-                    let l: Listener = any_as(any, "listener")?;
+                    let mut l: Listener = any_as(any, "listener")?;
+                    if l.name.is_empty() {
+                        // Bootstrap listeners may be unnamed; name them the
+                        // way Istio names listeners: `<address>_<port>`.
+                        l.name = crate::view::listener_address_name(&l)
+                            .unwrap_or_else(|| format!("unnamed-{}", set.listeners.len()));
+                    }
                     set.listeners.insert(l.name.clone(), l);
                 }
             }

@@ -201,6 +201,11 @@ fn socket(addr: &Option<Address>) -> Option<(String, u32)> {
     }
 }
 
+/// `<address>_<port>` of a listener bound to a socket address.
+pub fn listener_address_name(l: &Listener) -> Option<String> {
+    socket(&l.address).map(|(ip, port)| format!("{ip}_{port}"))
+}
+
 fn upstream_tls(ts: &Option<TransportSocket>) -> Option<UpstreamTlsContext> {
     match ts.as_ref()?.config_type.as_ref()? {
         transport_socket::ConfigType::TypedConfig(any) => any_is(any, TLS_CONTEXT_UPSTREAM),
