@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 #[cfg(feature = "controlplane")]
-use nasp::controlplane::{CertificateAuthority, ControlPlane, ControlPlaneConfig, TokenPolicy};
+use nasp::controlplane::{
+    CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache, TokenPolicy,
+};
 use nasp::identity::cert::pem_certs;
 use nasp::identity::{CaClient, CaClientConfig, KeyAlgorithm, SpiffeId, WorkloadCert, keys};
 use serde_json::{Value, json};
@@ -33,7 +35,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 #[cfg(feature = "controlplane")]
 #[derive(clap::Args)]
 pub struct ControlPlaneArgs {
-    /// Address to listen on (CA now; xDS joins on the same port).
+    /// Address to listen on: the CA and ADS over TLS, ADS over plaintext.
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: String,
     /// Where to write the mesh root certificate (PEM) for workloads.
@@ -58,6 +60,18 @@ pub struct ControlPlaneArgs {
     /// The rest of the CA's chain up to the root (PEM), for an intermediate.
     #[arg(long, requires = "ca_cert")]
     ca_chain: Option<PathBuf>,
+    /// Serve the resources of this Envoy config dump (JSON) over ADS;
+    /// reloaded when the file changes.
+    #[arg(long)]
+    config_dump: Option<PathBuf>,
+}
+
+/// Reads the xDS source, if any.
+#[cfg(feature = "controlplane")]
+fn read_source(path: &std::path::Path) -> Result<nasp::xds::ResourceSet> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    nasp::xds::read_config_dump(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 #[cfg(feature = "controlplane")]
@@ -84,10 +98,37 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             ca = ca.tokens(TokenPolicy::from_text(&text)?);
         }
+        let xds = match &args.config_dump {
+            Some(path) => Some(Arc::new(SnapshotCache::new(&read_source(path)?))),
+            None => None,
+        };
+        if let (Some(cache), Some(path)) = (&xds, &args.config_dump) {
+            // Reload on change; a bad file keeps the last good snapshot.
+            let (cache, path) = (cache.clone(), path.clone());
+            tokio::spawn(async move {
+                let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+                let mut seen = mtime(&path);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let now = mtime(&path);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    match read_source(&path) {
+                        Ok(set) => {
+                            cache.set(&set);
+                            eprintln!("nasp controlplane: reloaded {}", path.display());
+                        }
+                        Err(e) => eprintln!("nasp controlplane: keeping the last good config: {e:#}"),
+                    }
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
-        let cp = ControlPlane::start(listener, ControlPlaneConfig { ca: Arc::new(ca), xds: None })?;
+        let cp = ControlPlane::start(listener, ControlPlaneConfig { ca: Arc::new(ca), xds })?;
         if let Some(out) = &args.root_out {
             std::fs::write(out, cp.root_pem()).with_context(|| format!("writing {}", out.display()))?;
         }

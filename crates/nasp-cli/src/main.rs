@@ -6,9 +6,12 @@
 //!   the imports this host cannot satisfy;
 //! - `nasp controlplane`: the embedded control plane (the Istio CA today);
 //! - `nasp ca issue`: gets a workload certificate from a CA and writes it in
-//!   Istio's file layout.
+//!   Istio's file layout;
+//! - `nasp xds resolve` / `nasp xds dump`: what an ADS server says about the
+//!   mesh.
 
 mod identity;
+mod xds;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +44,17 @@ enum Command {
     /// Certificates from an Istio CA.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Ask an ADS server (istiod or `nasp controlplane`) about the mesh.
+    #[command(subcommand)]
+    Xds(XdsCommand),
+}
+
+#[derive(Subcommand)]
+enum XdsCommand {
+    /// Resolve HOST:PORT as a workload would: cluster, SNI, TLS, endpoints.
+    Resolve(xds::ResolveArgs),
+    /// Print the configuration received, as an Envoy config dump.
+    Dump(xds::Connect),
 }
 
 #[derive(Subcommand)]
@@ -380,6 +394,8 @@ fn main() -> Result<()> {
         #[cfg(feature = "controlplane")]
         Command::Controlplane(args) => return identity::controlplane(args),
         Command::Ca(CaCommand::Issue(args)) => identity::issue(args)?,
+        Command::Xds(XdsCommand::Resolve(args)) => xds::resolve(args)?,
+        Command::Xds(XdsCommand::Dump(args)) => xds::dump(args)?,
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

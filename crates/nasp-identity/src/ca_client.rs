@@ -65,6 +65,48 @@ impl std::fmt::Debug for CaClient {
     }
 }
 
+/// A lazily connecting gRPC channel to `addr` over TLS (ALPN h2): the
+/// server's certificate must chain to `roots` and carry `server_name`.
+pub fn grpc_channel(
+    addr: &str,
+    roots: &[CertificateDer<'static>],
+    server_name: &str,
+    timeout: Duration,
+) -> Result<Channel, Error> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(r.clone())
+            .map_err(|e| Error::Certificate(format!("root certificate: {e}")))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = Arc::new(tls);
+    let server_name = ServerName::try_from(server_name.to_string())
+        .map_err(|e| Error::Config(format!("server name {server_name:?}: {e}")))?;
+    let dial = addr.to_string();
+    let connector = tower::service_fn(move |_uri: Uri| {
+        let (tls, server_name, addr) = (tls.clone(), server_name.clone(), dial.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(server_name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    // The URI only names the authority for HTTP/2; the connector dials.
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Config(format!("address {addr:?}: {e}")))?
+        .connect_timeout(timeout);
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
 /// Codes Istio's own client retries on.
 fn transient(code: tonic::Code) -> bool {
     matches!(
@@ -93,39 +135,12 @@ impl CaClient {
                 "the CA client needs the mesh root certificate".into(),
             ));
         }
-        let mut store = rustls::RootCertStore::empty();
-        for r in &config.roots {
-            store
-                .add(r.clone())
-                .map_err(|e| Error::Certificate(format!("mesh root: {e}")))?;
-        }
-        let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Tls(e.to_string()))?
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let tls = Arc::new(tls);
-        let server_name = ServerName::try_from(config.server_name.clone())
-            .map_err(|e| Error::Config(format!("CA server name {:?}: {e}", config.server_name)))?;
-        let addr = config.addr.clone();
-        let connector = tower::service_fn(move |_uri: Uri| {
-            let (tls, server_name, addr) = (tls.clone(), server_name.clone(), addr.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let stream = tokio_rustls::TlsConnector::from(tls)
-                    .connect(server_name, tcp)
-                    .await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        });
-        // The URI only names the authority for HTTP/2; the connector dials.
-        let endpoint = Endpoint::from_shared(format!("http://{}", config.addr))
-            .map_err(|e| Error::Config(format!("CA address {:?}: {e}", config.addr)))?
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout);
-        let channel = endpoint.connect_with_connector_lazy(connector);
+        let channel = grpc_channel(
+            &config.addr,
+            &config.roots,
+            &config.server_name,
+            config.timeout,
+        )?;
         Ok(Self {
             config: Arc::new(config),
             channel,
@@ -175,6 +190,7 @@ impl CaClient {
             validity_duration: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             metadata: None,
         });
+        req.set_timeout(self.config.timeout);
         if let Some(path) = &self.config.token_file {
             // Re-read every time: projected service-account tokens rotate.
             let token = tokio::fs::read_to_string(path).await.map_err(|e| {

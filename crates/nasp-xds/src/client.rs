@@ -198,6 +198,20 @@ impl AdsClient {
         lock(&self.shared).0.resources.clone()
     }
 
+    /// What the client holds, as an Envoy admin config dump (JSON).
+    pub fn config_dump(&self) -> Result<serde_json::Value, XdsError> {
+        let (set, versions) = {
+            let g = lock(&self.shared);
+            let versions =
+                g.0.types
+                    .iter()
+                    .map(|(t, s)| (t.to_string(), s.version.clone()))
+                    .collect();
+            (g.0.resources.clone(), versions)
+        };
+        crate::dump::write_config_dump(&set, &versions)
+    }
+
     /// The accepted version of each type.
     pub fn versions(&self) -> HashMap<String, String> {
         lock(&self.shared)

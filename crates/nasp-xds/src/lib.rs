@@ -12,8 +12,9 @@ pub mod dump;
 pub mod types;
 pub mod view;
 
-pub use client::{AdsClient, AdsConfig, Protocol};
+pub use client::{AdsClient, AdsConfig, ClientStats, Protocol};
 pub use dump::{ResourceSet, read_config_dump};
+pub use envoy_types;
 pub use view::{ClusterInfo, Endpoint, Inbound, MeshView, Outbound, ViewSettings};
 
 /// Errors of the xDS layer.

@@ -151,3 +151,20 @@ fn garbage_dumps_are_clear_errors() {
         .to_string();
     assert!(e.contains("ClustersConfigDump"), "{e}");
 }
+
+#[test]
+fn a_written_dump_reads_back_the_same() {
+    let set = read_config_dump(&dump("config_v1.json")).expect("v1");
+    let versions = HashMap::from([(nasp_xds::types::CLUSTER.to_string(), "7".to_string())]);
+    let json = nasp_xds::dump::write_config_dump(&set, &versions).expect("write");
+    assert_eq!(
+        json["configs"][0]["@type"],
+        "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"
+    );
+    assert_eq!(json["configs"][0]["version_info"], "7");
+    let again = read_config_dump(&json.to_string()).expect("read back");
+    assert_eq!(again.clusters, set.clusters);
+    assert_eq!(again.endpoints, set.endpoints);
+    assert_eq!(again.routes, set.routes);
+    assert_eq!(again.listeners.len(), set.listeners.len());
+}

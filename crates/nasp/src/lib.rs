@@ -6,6 +6,7 @@
 //! - [`telemetry`]: the metric registry and Prometheus exposition;
 //! - [`identity`]: SPIFFE ids, the Istio CA client, certificate rotation and
 //!   rustls glue ([`nasp_identity`]);
+//! - [`xds`]: the ADS client, the resolved mesh view and config dumps;
 //! - `controlplane`: the embedded control plane (feature `controlplane`).
 //!
 //! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
@@ -14,6 +15,7 @@
 
 pub use nasp_identity as identity;
 pub use nasp_telemetry as telemetry;
+pub use nasp_xds as xds;
 
 /// The embedded control plane (feature `controlplane`, on by default).
 #[cfg(feature = "controlplane")]
