@@ -299,7 +299,12 @@ pub fn read_config_dump(json: &str) -> Result<ResourceSet, XdsError> {
                     );
                 for any in all {
                     let r: RouteConfiguration = any_as(any, "route configuration")?;
-                    set.routes.insert(r.name.clone(), r);
+                    // Unnamed static route configurations are the inline
+                    // ones of bootstrap listeners: they travel inside their
+                    // listener, not over RDS.
+                    if !r.name.is_empty() {
+                        set.routes.insert(r.name.clone(), r);
+                    }
                 }
             }
         }

@@ -152,6 +152,64 @@ pub struct Inbound {
     pub client_certificate_required: bool,
 }
 
+/// A route configuration prepared for lookups: exact domains hashed,
+/// wildcard domains kept aside, longest first.
+#[derive(Debug, Default)]
+struct RouteTable {
+    vhosts: Vec<VHost>,
+    exact: HashMap<String, usize>,
+    /// (pattern without `*`, is-suffix, vhost index), longest pattern first.
+    wildcards: Vec<(String, bool, usize)>,
+}
+
+impl RouteTable {
+    fn new(vhosts: Vec<VHost>) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcards = Vec::new();
+        for (i, v) in vhosts.iter().enumerate() {
+            for d in &v.domains {
+                if let Some(suffix) = d.strip_prefix('*') {
+                    wildcards.push((suffix.to_string(), true, i));
+                } else if let Some(prefix) = d.strip_suffix('*') {
+                    wildcards.push((prefix.to_string(), false, i));
+                } else {
+                    // The first virtual host that lists a domain wins.
+                    exact.entry(d.clone()).or_insert(i);
+                }
+            }
+        }
+        wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Self {
+            vhosts,
+            exact,
+            wildcards,
+        }
+    }
+
+    /// `host` must be lower case. `buf` is scratch space.
+    fn find(&self, host: &str, port: u16, buf: &mut String) -> Option<&VHost> {
+        if let Some(i) = self.exact.get(host) {
+            return self.vhosts.get(*i);
+        }
+        use std::fmt::Write as _;
+        buf.clear();
+        let _ = write!(buf, "{host}:{port}");
+        if let Some(i) = self.exact.get(buf.as_str()) {
+            return self.vhosts.get(*i);
+        }
+        self.wildcards
+            .iter()
+            .find(|(p, suffix, _)| {
+                if *suffix {
+                    host.ends_with(p.as_str()) || buf.ends_with(p.as_str())
+                } else {
+                    host.starts_with(p.as_str())
+                }
+            })
+            .and_then(|(_, _, i)| self.vhosts.get(*i))
+    }
+}
+
 #[derive(Clone, Debug)]
 struct VHost {
     name: String,
@@ -173,7 +231,9 @@ pub struct MeshView {
     /// `(ip, port)` → cluster, from listeners named `<ip>_<port>`.
     by_listener: HashMap<(IpAddr, u16), ListenerTarget>,
     /// Route configuration name → virtual hosts.
-    route_tables: HashMap<String, Arc<Vec<VHost>>>,
+    route_tables: HashMap<String, Arc<RouteTable>>,
+    /// Tables named after a port (Istio's HTTP outbound tables).
+    port_tables: HashMap<u16, Arc<RouteTable>>,
     inbound: HashMap<u16, Inbound>,
     names: HashMap<String, Vec<IpAddr>>,
     settings: ViewSettings,
@@ -442,8 +502,11 @@ impl MeshView {
                 .insert(name.clone(), Arc::new(cluster_info(c, cla)));
         }
         for (name, rc) in &set.routes {
-            view.route_tables
-                .insert(name.clone(), Arc::new(Self::vhosts(rc)));
+            let table = Arc::new(RouteTable::new(Self::vhosts(rc)));
+            if let Ok(port) = name.parse::<u16>() {
+                view.port_tables.insert(port, table.clone());
+            }
+            view.route_tables.insert(name.clone(), table);
         }
         for l in set.listeners.values() {
             view.add_listener(l);
@@ -491,7 +554,7 @@ impl MeshView {
                     Some(RouteSpecifier::RouteConfig(rc)) => {
                         let name = format!("{}_{port}#inline", ip);
                         self.route_tables
-                            .insert(name.clone(), Arc::new(Self::vhosts(&rc)));
+                            .insert(name.clone(), Arc::new(RouteTable::new(Self::vhosts(&rc))));
                         self.by_listener
                             .insert((ip, port), ListenerTarget::Http(name));
                     }
@@ -571,55 +634,27 @@ impl MeshView {
         self.inbound.get(&port).cloned()
     }
 
-    fn match_vhost<'a>(table: &'a [VHost], host: &str, port: u16) -> Option<&'a VHost> {
-        let host = host.to_ascii_lowercase();
-        let with_port = format!("{host}:{port}");
-        // Exact (with or without port) first, then the longest wildcard.
-        if let Some(v) = table
-            .iter()
-            .find(|v| v.domains.iter().any(|d| *d == host || *d == with_port))
-        {
-            return Some(v);
-        }
-        let mut best: Option<(&VHost, usize)> = None;
-        for v in table {
-            for d in &v.domains {
-                let hit = if d == "*" {
-                    Some(0)
-                } else if let Some(suffix) = d.strip_prefix('*') {
-                    (host.ends_with(suffix) || with_port.ends_with(suffix)).then_some(suffix.len())
-                } else if let Some(prefix) = d.strip_suffix('*') {
-                    (host.starts_with(prefix)).then_some(prefix.len())
-                } else {
-                    None
-                };
-                if let Some(len) = hit {
-                    if best.is_none_or(|(_, l)| len > l) {
-                        best = Some((v, len));
-                    }
-                }
-            }
-        }
-        best.map(|(v, _)| v)
-    }
-
-    fn via_routes(&self, table: &str, host: &str, port: u16) -> Option<Outbound> {
-        let vhs = self.route_tables.get(table)?;
-        let vh = Self::match_vhost(vhs, host, port)?;
+    fn via_table(&self, table: &RouteTable, host: &str, port: u16, buf: &mut String) -> Option<Outbound> {
+        let vh = table.find(host, port, buf)?;
         // The cluster of the first route (the catch-all `/` in Istio's
         // tables); per-request routing uses `routes`.
-        let cluster = vh.routes.first()?.clusters.first()?.0.clone();
+        let cluster = &vh.routes.first()?.clusters.first()?.0;
         // Istio's catch-all virtual host (`*` → PassthroughCluster or
         // BlackHoleCluster) is how a sidecar handles hosts *outside* the
         // mesh: such a host is not a mesh destination.
-        if is_catch_all(&cluster) {
+        if is_catch_all(cluster) {
             return None;
         }
         Some(Outbound {
-            cluster: self.clusters.get(&cluster)?.clone(),
+            cluster: self.clusters.get(cluster)?.clone(),
             routes: Some(vh.routes.clone()),
             virtual_host: Some(vh.name.clone()),
         })
+    }
+
+    fn via_routes(&self, table: &str, host: &str, port: u16) -> Option<Outbound> {
+        let t = self.route_tables.get(table)?;
+        self.via_table(t, host, port, &mut String::new())
     }
 
     fn by_ip(&self, ip: IpAddr, port: u16) -> Option<Outbound> {
@@ -636,35 +671,45 @@ impl MeshView {
 
     /// Where a connection to `host:port` goes, if the mesh knows it.
     pub fn outbound(&self, host: &str, port: u16) -> Option<Outbound> {
-        let port_table = port.to_string();
-        if let Ok(ip) = host
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<IpAddr>()
-        {
-            return self
-                .by_ip(ip, port)
-                .or_else(|| self.via_routes(&port_table, &ip.to_string(), port));
-        }
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let mut candidates = vec![host.clone()];
-        candidates.extend(
-            self.settings
-                .search_domains
-                .iter()
-                .map(|d| format!("{host}.{d}")),
-        );
-        for name in &candidates {
-            if let Some(o) = self.via_routes(&port_table, name, port) {
+        if let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+            if let Some(o) = self.by_ip(ip, port) {
                 return Some(o);
             }
-            if let Some(c) = self.clusters.get(&format!("outbound|{port}||{name}")) {
+            let t = self.port_tables.get(&port)?;
+            return self.via_table(t, &ip.to_string(), port, &mut String::new());
+        }
+        let host = host.trim_end_matches('.');
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
+        let table = self.port_tables.get(&port);
+        let mut buf = String::with_capacity(64);
+        let mut name = String::with_capacity(64);
+        for i in 0..=self.settings.search_domains.len() {
+            name.clear();
+            name.push_str(host);
+            if i > 0 {
+                name.push('.');
+                name.push_str(&self.settings.search_domains[i - 1]);
+            }
+            if let Some(o) = table.and_then(|t| self.via_table(t, &name, port, &mut buf)) {
+                return Some(o);
+            }
+            use std::fmt::Write as _;
+            buf.clear();
+            let _ = write!(buf, "outbound|{port}||{name}");
+            if let Some(c) = self.clusters.get(buf.as_str()) {
                 return Some(Outbound {
                     cluster: c.clone(),
                     routes: None,
                     virtual_host: None,
                 });
             }
-            if let Some(ips) = self.names.get(name) {
+            if let Some(ips) = self.names.get(name.as_str()) {
                 if let Some(o) = ips.iter().find_map(|ip| self.by_ip(*ip, port)) {
                     return Some(o);
                 }
