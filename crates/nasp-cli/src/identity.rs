@@ -62,16 +62,30 @@ pub struct ControlPlaneArgs {
     ca_chain: Option<PathBuf>,
     /// Serve the resources of this Envoy config dump (JSON) over ADS;
     /// reloaded when the file changes.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mesh")]
     config_dump: Option<PathBuf>,
+    /// Serve Istio-shaped resources (and an NDS name table) generated from
+    /// this mesh file (YAML or JSON, see docs/xds.md); reloaded on change.
+    #[arg(long)]
+    mesh: Option<PathBuf>,
 }
 
-/// Reads the xDS source, if any.
+/// Reads the xDS source and loads it into `cache`.
 #[cfg(feature = "controlplane")]
-fn read_source(path: &std::path::Path) -> Result<nasp::xds::ResourceSet> {
+fn load_source(path: &std::path::Path, mesh: bool, cache: &SnapshotCache) -> Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    nasp::xds::read_config_dump(&text).with_context(|| format!("parsing {}", path.display()))
+    if mesh {
+        let file = nasp::controlplane::mesh::MeshFile::parse(&text)?;
+        let (set, names) = nasp::controlplane::mesh::generate(&file)
+            .with_context(|| format!("{}", path.display()))?;
+        cache.set_with_names(&set, &names);
+    } else {
+        let set = nasp::xds::read_config_dump(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        cache.set(&set);
+    }
+    Ok(())
 }
 
 #[cfg(feature = "controlplane")]
@@ -98,13 +112,22 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             ca = ca.tokens(TokenPolicy::from_text(&text)?);
         }
-        let xds = match &args.config_dump {
-            Some(path) => Some(Arc::new(SnapshotCache::new(&read_source(path)?))),
+        let source = match (&args.config_dump, &args.mesh) {
+            (Some(p), _) => Some((p.clone(), false)),
+            (None, Some(p)) => Some((p.clone(), true)),
+            (None, None) => None,
+        };
+        let xds = match &source {
+            Some((path, mesh)) => {
+                let cache = Arc::new(SnapshotCache::default());
+                load_source(path, *mesh, &cache)?;
+                Some(cache)
+            }
             None => None,
         };
-        if let (Some(cache), Some(path)) = (&xds, &args.config_dump) {
+        if let (Some(cache), Some((path, mesh))) = (&xds, source) {
             // Reload on change; a bad file keeps the last good snapshot.
-            let (cache, path) = (cache.clone(), path.clone());
+            let cache = cache.clone();
             tokio::spawn(async move {
                 let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
                 let mut seen = mtime(&path);
@@ -115,11 +138,8 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
                         continue;
                     }
                     seen = now;
-                    match read_source(&path) {
-                        Ok(set) => {
-                            cache.set(&set);
-                            eprintln!("nasp controlplane: reloaded {}", path.display());
-                        }
+                    match load_source(&path, mesh, &cache) {
+                        Ok(()) => eprintln!("nasp controlplane: reloaded {}", path.display()),
                         Err(e) => eprintln!("nasp controlplane: keeping the last good config: {e:#}"),
                     }
                 }

@@ -38,6 +38,9 @@ pub struct Connect {
     /// A DNS search domain (repeatable; replaces the namespace's defaults).
     #[arg(long = "search-domain")]
     search_domains: Vec<String>,
+    /// Also subscribe to Istio's NDS name table.
+    #[arg(long)]
+    nds: bool,
 }
 
 impl Connect {
@@ -68,6 +71,7 @@ impl Connect {
         } else {
             Protocol::Sotw
         };
+        config.nds = self.nds;
         config.view = ViewSettings {
             search_domains: if self.search_domains.is_empty() {
                 vec![

@@ -153,3 +153,81 @@ fn an_unreachable_server_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("no configuration from"), "{err}");
 }
+
+#[test]
+fn a_mesh_file_is_served_and_reloaded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mesh = dir.path().join("mesh.yaml");
+    let example = format!(
+        "{}/../../examples/mesh/mesh.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(example).expect("example");
+    std::fs::write(&mesh, &text).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nasp"))
+        .args(["controlplane", "--listen", "127.0.0.1:0", "--mesh"])
+        .arg(&mesh)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    let _cp = Running(child);
+    let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+    let addr = v["listening"].as_str().expect("addr").to_string();
+
+    let (ok, v, err) = nasp(&[
+        "xds",
+        "resolve",
+        "db:5432",
+        "--xds",
+        &addr,
+        "--namespace",
+        "demo",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        (v["tls"].as_bool(), v["permissive"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (ok, v, err) = nasp(&[
+        "xds",
+        "resolve",
+        "echo.example.internal:12050",
+        "--xds",
+        &addr,
+        "--nds",
+        "--delta",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(v["cluster"], "outbound|12050||echo.demo.svc.cluster.local");
+
+    // A new endpoint for db appears once the file changes.
+    std::fs::write(
+        &mesh,
+        text.replace(
+            "- { ip: 10.20.1.5 }",
+            "- { ip: 10.20.1.5 }\n      - { ip: 10.20.1.6 }",
+        ),
+    )
+    .expect("write");
+    for _ in 0..40 {
+        let (ok, v, _) = nasp(&[
+            "xds",
+            "resolve",
+            "db:5432",
+            "--xds",
+            &addr,
+            "--namespace",
+            "demo",
+        ]);
+        if ok && v["endpoints"].as_array().is_some_and(|e| e.len() == 2) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    panic!("the changed mesh file was not served");
+}

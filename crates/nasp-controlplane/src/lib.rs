@@ -3,6 +3,7 @@
 //! ([`ca`]) and an ADS server ([`xds`]) on one port.
 
 pub mod ca;
+pub mod mesh;
 pub mod server;
 pub mod xds;
 

@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use nasp_xds::ResourceSet;
-use nasp_xds::types::{CLUSTER, Encoded, LISTENER, encode_set};
+use nasp_xds::types::{CLUSTER, Encoded, LISTENER, NAME_TABLE, encode_set};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -70,6 +70,29 @@ impl SnapshotCache {
         self.set_raw(resources);
     }
 
+    /// Replaces everything with `set` plus an NDS name table.
+    pub fn set_with_names(&self, set: &ResourceSet, names: &nasp_proto::istio_nds::NameTable) {
+        use prost::Message;
+        let mut resources: BTreeMap<String, BTreeMap<String, Encoded>> = encode_set(set)
+            .into_iter()
+            .map(|(t, m)| (t.to_string(), m))
+            .collect();
+        let value = names.encode_to_vec();
+        let encoded = Encoded {
+            name: String::new(),
+            version: nasp_xds::types::content_version(&value),
+            any: envoy_types::pb::google::protobuf::Any {
+                type_url: NAME_TABLE.to_string(),
+                value,
+            },
+        };
+        resources.insert(
+            NAME_TABLE.to_string(),
+            BTreeMap::from([(String::new(), encoded)]),
+        );
+        self.set_raw(resources);
+    }
+
     /// Replaces everything with already encoded resources (tools and tests
     /// use it to serve resources a `ResourceSet` cannot hold, e.g. broken ones).
     pub fn set_raw(&self, resources: BTreeMap<String, BTreeMap<String, Encoded>>) {
@@ -113,7 +136,7 @@ impl AdsService {
 }
 
 fn wildcard_type(type_url: &str) -> bool {
-    type_url == CLUSTER || type_url == LISTENER
+    type_url == CLUSTER || type_url == LISTENER || type_url == NAME_TABLE
 }
 
 #[derive(Default)]

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nasp_xds::envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use nasp_xds::envoy_types::pb::envoy::config::core::v3::{
+    Address, SocketAddress, address, socket_address,
+};
 use nasp_xds::envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
@@ -41,12 +43,21 @@ static GLOBAL: Counting = Counting;
 
 fn settings() -> ViewSettings {
     ViewSettings {
-        search_domains: vec!["demo.svc.cluster.local".into(), "svc.cluster.local".into(), "cluster.local".into()],
+        search_domains: vec![
+            "demo.svc.cluster.local".into(),
+            "svc.cluster.local".into(),
+            "cluster.local".into(),
+        ],
     }
 }
 
 /// What a client does with a full snapshot it received.
-fn apply(encoded: &[(&'static str, Vec<nasp_xds::envoy_types::pb::google::protobuf::Any>)]) -> (ResourceSet, MeshView) {
+fn apply(
+    encoded: &[(
+        &'static str,
+        Vec<nasp_xds::envoy_types::pb::google::protobuf::Any>,
+    )],
+) -> (ResourceSet, MeshView) {
     let mut set = ResourceSet::default();
     for (t, anys) in encoded {
         for a in anys {
@@ -84,16 +95,29 @@ fn big_cla(n: u32) -> ClusterLoadAssignment {
 }
 
 fn bench(c: &mut Criterion) {
-    let path = format!("{}/../../../shared/data/istio-config-dumps/config_v0.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../../../shared/data/istio-config-dumps/config_v0.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let set = read_config_dump(&std::fs::read_to_string(path).expect("dump")).expect("parse");
     let encoded: Vec<(&'static str, Vec<_>)> = {
         let all = encode_set(&set);
         RESOURCE_TYPES
             .iter()
-            .map(|t| (*t, all.get(t).map(|m| m.values().map(|e| e.any.clone()).collect()).unwrap_or_default()))
+            .map(|t| {
+                (
+                    *t,
+                    all.get(t)
+                        .map(|m| m.values().map(|e| e.any.clone()).collect())
+                        .unwrap_or_default(),
+                )
+            })
             .collect()
     };
-    let wire: usize = encoded.iter().flat_map(|(_, a)| a.iter().map(|a| a.value.len())).sum();
+    let wire: usize = encoded
+        .iter()
+        .flat_map(|(_, a)| a.iter().map(|a| a.value.len()))
+        .sum();
 
     let before = LIVE.load(Ordering::Relaxed);
     let (held_set, held_view) = apply(&encoded);
@@ -115,10 +139,27 @@ fn bench(c: &mut Criterion) {
     g.sample_size(100);
 
     let view = MeshView::build(&set, HashMap::new(), settings());
-    g.bench_function("lookup_http_short_name", |b| b.iter(|| view.outbound(std::hint::black_box("echo"), 80).expect("known")));
-    g.bench_function("lookup_http_fqdn", |b| b.iter(|| view.outbound(std::hint::black_box("echo.demo.svc.cluster.local"), 80).expect("known")));
-    g.bench_function("lookup_tcp_ip", |b| b.iter(|| view.outbound(std::hint::black_box("10.10.42.110"), 12050).expect("known")));
-    g.bench_function("lookup_inbound_port", |b| b.iter(|| view.inbound(std::hint::black_box(8080)).expect("known")));
+    g.bench_function("lookup_http_short_name", |b| {
+        b.iter(|| {
+            view.outbound(std::hint::black_box("echo"), 80)
+                .expect("known")
+        })
+    });
+    g.bench_function("lookup_http_fqdn", |b| {
+        b.iter(|| {
+            view.outbound(std::hint::black_box("echo.demo.svc.cluster.local"), 80)
+                .expect("known")
+        })
+    });
+    g.bench_function("lookup_tcp_ip", |b| {
+        b.iter(|| {
+            view.outbound(std::hint::black_box("10.10.42.110"), 12050)
+                .expect("known")
+        })
+    });
+    g.bench_function("lookup_inbound_port", |b| {
+        b.iter(|| view.inbound(std::hint::black_box(8080)).expect("known"))
+    });
 
     let cla = big_cla(10_000);
     let any = nasp_xds::envoy_types::pb::google::protobuf::Any {

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::types::{self, CLUSTER, Decoded, ENDPOINT, LISTENER, ROUTE};
+use crate::types::{self, CLUSTER, Decoded, ENDPOINT, LISTENER, NAME_TABLE, ROUTE};
 use crate::{MeshView, ResourceSet, ViewSettings, XdsError};
 
 /// SotW or Delta.
@@ -55,6 +55,8 @@ pub struct AdsConfig {
     pub backoff_initial: Duration,
     /// Longest reconnect delay (default 30 s).
     pub backoff_max: Duration,
+    /// Subscribe to Istio's NDS name table (names → IPs for lookups).
+    pub nds: bool,
 }
 
 impl AdsConfig {
@@ -66,6 +68,7 @@ impl AdsConfig {
             view: ViewSettings::default(),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            nds: false,
         }
     }
 }
@@ -98,6 +101,7 @@ struct TypeState {
 struct Shared {
     resources: ResourceSet,
     types: HashMap<&'static str, TypeState>,
+    names: HashMap<String, Vec<std::net::IpAddr>>,
 }
 
 /// A running ADS client. Dropping it stops the background task.
@@ -145,6 +149,7 @@ impl AdsClient {
         let shared = Arc::new(Mutex::new(SharedHandle(Shared {
             resources: ResourceSet::default(),
             types: HashMap::new(),
+            names: HashMap::new(),
         })));
         let (ready_tx, ready_rx) = watch::channel(false);
         let (stats_tx, stats_rx) = watch::channel(ClientStats::default());
@@ -264,7 +269,11 @@ impl Worker {
     }
 
     fn rebuild(&self, shared: &Shared) {
-        let view = MeshView::build(&shared.resources, HashMap::new(), self.config.view.clone());
+        let view = MeshView::build(
+            &shared.resources,
+            shared.names.clone(),
+            self.config.view.clone(),
+        );
         self.view.store(Arc::new(view));
         let (eds, rds) = types::referenced(&shared.resources);
         let got = |t: &str| shared.types.get(t).is_some_and(|s| s.received);
@@ -277,15 +286,42 @@ impl Worker {
         }
     }
 
-    /// Which names each type should be subscribed to now.
-    fn wanted(shared: &Shared) -> [(&'static str, Option<BTreeSet<String>>); 4] {
+    /// Which names each type should be subscribed to now (`None`: wildcard).
+    fn wanted(&self, shared: &Shared) -> Vec<(&'static str, Option<BTreeSet<String>>)> {
         let (eds, rds) = types::referenced(&shared.resources);
-        [
+        let mut v = vec![
             (CLUSTER, None),
             (LISTENER, None),
             (ENDPOINT, Some(eds)),
             (ROUTE, Some(rds)),
-        ]
+        ];
+        if self.config.nds {
+            v.push((NAME_TABLE, None));
+        }
+        v
+    }
+
+    /// Reads an NDS response; `Err` is a NACK.
+    fn name_table(
+        resources: &[envoy_types::pb::google::protobuf::Any],
+    ) -> Result<HashMap<String, Vec<std::net::IpAddr>>, XdsError> {
+        use prost::Message;
+        let mut names = HashMap::new();
+        for any in resources {
+            let table =
+                nasp_proto::istio_nds::NameTable::decode(any.value.as_slice()).map_err(|e| {
+                    XdsError::Resource {
+                        type_url: NAME_TABLE.to_string(),
+                        name: String::new(),
+                        message: e.to_string(),
+                    }
+                })?;
+            for (host, info) in table.table {
+                let ips = info.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+                names.insert(host.to_ascii_lowercase(), ips);
+            }
+        }
+        Ok(names)
     }
 
     /// Runs one SotW stream. `Ok(true)` if it carried data before ending.
@@ -299,7 +335,7 @@ impl Worker {
         {
             let mut g = lock(&self.shared);
             let shared = &mut g.0;
-            for (type_url, names) in Self::wanted(shared) {
+            for (type_url, names) in self.wanted(shared) {
                 if let Some(n) = &names {
                     if n.is_empty() {
                         continue;
@@ -354,6 +390,41 @@ impl Worker {
     }
 
     fn on_sotw(&self, resp: DiscoveryResponse, out: &mut Vec<DiscoveryRequest>) {
+        if resp.type_url == NAME_TABLE && self.config.nds {
+            let mut g = lock(&self.shared);
+            let shared = &mut g.0;
+            let st = shared.types.entry(NAME_TABLE).or_default();
+            st.nonce = resp.nonce.clone();
+            match Self::name_table(&resp.resources) {
+                Ok(names) => {
+                    st.version = resp.version_info.clone();
+                    st.received = true;
+                    out.push(DiscoveryRequest {
+                        version_info: st.version.clone(),
+                        type_url: NAME_TABLE.to_string(),
+                        response_nonce: resp.nonce,
+                        ..Default::default()
+                    });
+                    shared.names = names;
+                    self.stats.send_modify(|s| s.acks += 1);
+                    self.rebuild(shared);
+                }
+                Err(e) => {
+                    out.push(DiscoveryRequest {
+                        version_info: st.version.clone(),
+                        type_url: NAME_TABLE.to_string(),
+                        response_nonce: resp.nonce,
+                        error_detail: Some(nack_detail(&e)),
+                        ..Default::default()
+                    });
+                    self.stats.send_modify(|s| {
+                        s.nacks += 1;
+                        s.last_nack = Some(e.to_string());
+                    });
+                }
+            }
+            return;
+        }
         let Some(type_url) = types::RESOURCE_TYPES
             .iter()
             .copied()
@@ -414,7 +485,7 @@ impl Worker {
                 });
                 self.stats.send_modify(|s| s.acks += 1);
                 // Follow references: EDS after CDS, RDS after LDS.
-                for (t, names) in Self::wanted(shared) {
+                for (t, names) in self.wanted(shared) {
                     let Some(names) = names else { continue };
                     let st = shared.types.entry(t).or_default();
                     if st.names != names {
@@ -451,7 +522,7 @@ impl Worker {
         {
             let mut g = lock(&self.shared);
             let shared = &mut g.0;
-            for (type_url, names) in Self::wanted(shared) {
+            for (type_url, names) in self.wanted(shared) {
                 if let Some(n) = &names {
                     if n.is_empty() {
                         continue;
@@ -509,6 +580,47 @@ impl Worker {
     }
 
     fn on_delta(&self, resp: DeltaDiscoveryResponse, out: &mut Vec<DeltaDiscoveryRequest>) {
+        if resp.type_url == NAME_TABLE && self.config.nds {
+            let anys: Vec<_> = resp
+                .resources
+                .iter()
+                .filter_map(|r| r.resource.clone())
+                .collect();
+            let mut g = lock(&self.shared);
+            let shared = &mut g.0;
+            match Self::name_table(&anys) {
+                Ok(names) => {
+                    let st = shared.types.entry(NAME_TABLE).or_default();
+                    for r in &resp.resources {
+                        st.versions.insert(r.name.clone(), r.version.clone());
+                    }
+                    st.received = true;
+                    if !anys.is_empty() || !resp.removed_resources.is_empty() {
+                        shared.names = names;
+                    }
+                    out.push(DeltaDiscoveryRequest {
+                        type_url: NAME_TABLE.to_string(),
+                        response_nonce: resp.nonce,
+                        ..Default::default()
+                    });
+                    self.stats.send_modify(|s| s.acks += 1);
+                    self.rebuild(shared);
+                }
+                Err(e) => {
+                    out.push(DeltaDiscoveryRequest {
+                        type_url: NAME_TABLE.to_string(),
+                        response_nonce: resp.nonce,
+                        error_detail: Some(nack_detail(&e)),
+                        ..Default::default()
+                    });
+                    self.stats.send_modify(|s| {
+                        s.nacks += 1;
+                        s.last_nack = Some(e.to_string());
+                    });
+                }
+            }
+            return;
+        }
         let Some(type_url) = types::RESOURCE_TYPES
             .iter()
             .copied()
@@ -568,7 +680,7 @@ impl Worker {
                     ..Default::default()
                 });
                 self.stats.send_modify(|s| s.acks += 1);
-                for (t, names) in Self::wanted(shared) {
+                for (t, names) in self.wanted(shared) {
                     let Some(names) = names else { continue };
                     let st = shared.types.entry(t).or_default();
                     if st.names == names {

@@ -634,7 +634,13 @@ impl MeshView {
         self.inbound.get(&port).cloned()
     }
 
-    fn via_table(&self, table: &RouteTable, host: &str, port: u16, buf: &mut String) -> Option<Outbound> {
+    fn via_table(
+        &self,
+        table: &RouteTable,
+        host: &str,
+        port: u16,
+        buf: &mut String,
+    ) -> Option<Outbound> {
         let vh = table.find(host, port, buf)?;
         // The cluster of the first route (the catch-all `/` in Istio's
         // tables); per-request routing uses `routes`.
@@ -671,7 +677,10 @@ impl MeshView {
 
     /// Where a connection to `host:port` goes, if the mesh knows it.
     pub fn outbound(&self, host: &str, port: u16) -> Option<Outbound> {
-        if let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<IpAddr>()
+        {
             if let Some(o) = self.by_ip(ip, port) {
                 return Some(o);
             }
