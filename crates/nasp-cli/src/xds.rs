@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use nasp::xds::envoy_types::pb::envoy::config::core::v3::Node;
 use nasp::xds::{AdsClient, AdsConfig, Protocol, ViewSettings};
 use serde_json::{Value, json};
 
@@ -16,12 +15,10 @@ pub struct Connect {
     /// Use Delta xDS instead of State of the World.
     #[arg(long)]
     delta: bool,
-    /// The node id the control plane sees.
-    #[arg(
-        long,
-        default_value = "sidecar~127.0.0.1~nasp.default~default.svc.cluster.local"
-    )]
-    node_id: String,
+    /// The node id the control plane sees (default: built like Istio's agent
+    /// from POD_NAME, POD_NAMESPACE, INSTANCE_IPS, … in the environment).
+    #[arg(long)]
+    node_id: Option<String>,
     /// Connect over TLS, trusting this root (PEM); plaintext without it.
     #[arg(long)]
     root: Option<PathBuf>,
@@ -31,10 +28,11 @@ pub struct Connect {
     /// How long to wait for the configuration.
     #[arg(long, default_value = "10s", value_parser = crate::identity::parse_duration)]
     timeout: Duration,
-    /// The workload's namespace: search domains `<ns>.svc.cluster.local`,
-    /// `svc.cluster.local`, `cluster.local`, unless --search-domain is given.
-    #[arg(long, default_value = "default")]
-    namespace: String,
+    /// The workload's namespace (default: POD_NAMESPACE, else `default`):
+    /// search domains `<ns>.svc.cluster.local`, `svc.cluster.local`,
+    /// `cluster.local`, unless --search-domain is given.
+    #[arg(long)]
+    namespace: Option<String>,
     /// A DNS search domain (repeatable; replaces the namespace's defaults).
     #[arg(long = "search-domain")]
     search_domains: Vec<String>,
@@ -62,10 +60,15 @@ impl Connect {
                 .connect_timeout(self.timeout)
                 .connect_lazy(),
         };
-        let mut config = AdsConfig::new(Node {
-            id: self.node_id.clone(),
-            ..Default::default()
-        });
+        let mut settings = nasp::xds::WorkloadSettings::from_env();
+        if let Some(ns) = &self.namespace {
+            settings.namespace = ns.clone();
+        }
+        let mut node = settings.node();
+        if let Some(id) = &self.node_id {
+            node.id = id.clone();
+        }
+        let mut config = AdsConfig::new(node);
         config.protocol = if self.delta {
             Protocol::Delta
         } else {
@@ -74,11 +77,7 @@ impl Connect {
         config.nds = self.nds;
         config.view = ViewSettings {
             search_domains: if self.search_domains.is_empty() {
-                vec![
-                    format!("{}.svc.cluster.local", self.namespace),
-                    "svc.cluster.local".into(),
-                    "cluster.local".into(),
-                ]
+                settings.search_domains()
             } else {
                 self.search_domains.clone()
             },

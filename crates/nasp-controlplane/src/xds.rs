@@ -44,6 +44,7 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct SnapshotCache {
     tx: watch::Sender<Arc<Snapshot>>,
+    nodes: std::sync::Mutex<BTreeMap<String, envoy_types::pb::envoy::config::core::v3::Node>>,
 }
 
 impl Default for SnapshotCache {
@@ -56,7 +57,10 @@ impl SnapshotCache {
     /// A cache serving `set`.
     pub fn new(set: &ResourceSet) -> Self {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
-        let cache = Self { tx };
+        let cache = Self {
+            tx,
+            nodes: Default::default(),
+        };
         cache.set(set);
         cache
     }
@@ -102,6 +106,21 @@ impl SnapshotCache {
                 resources,
             })
         });
+    }
+
+    /// The nodes that have connected, by id, as they described themselves.
+    pub fn nodes(&self) -> BTreeMap<String, envoy_types::pb::envoy::config::core::v3::Node> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn saw(&self, node: &envoy_types::pb::envoy::config::core::v3::Node) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.id.clone(), node.clone());
     }
 
     /// The current snapshot.
@@ -175,6 +194,7 @@ fn selected<'a>(
 }
 
 async fn sotw_stream(
+    cache: Arc<SnapshotCache>,
     mut inbound: Streaming<DiscoveryRequest>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -217,6 +237,7 @@ async fn sotw_stream(
                 };
                 if let Some(n) = &req.node {
                     node = n.id.clone();
+                    cache.saw(n);
                 }
                 let sub = subs.entry(req.type_url.clone()).or_default();
                 if !req.response_nonce.is_empty() && req.response_nonce != sub.nonce {
@@ -256,6 +277,7 @@ struct DeltaSub {
 }
 
 async fn delta_stream(
+    cache: Arc<SnapshotCache>,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -323,6 +345,7 @@ async fn delta_stream(
                 };
                 if let Some(n) = &req.node {
                     node = n.id.clone();
+                    cache.saw(n);
                 }
                 if let Some(err) = &req.error_detail {
                     tracing::warn!(%node, type_url = %req.type_url, "delta NACK: {}", err.message);
@@ -370,6 +393,7 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(sotw_stream(
+            self.cache.clone(),
             request.into_inner(),
             tx,
             self.cache.subscribe(),
@@ -383,6 +407,7 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(delta_stream(
+            self.cache.clone(),
             request.into_inner(),
             tx,
             self.cache.subscribe(),

@@ -214,3 +214,38 @@ async fn sotw_meets_the_expectations() {
 async fn delta_meets_the_expectations() {
     expectations(Protocol::Delta).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_arrives_with_its_workload_metadata() {
+    let cache = Arc::new(SnapshotCache::new(&dump("config_v0.json")));
+    let cp = start(cache.clone(), "127.0.0.1:0").await;
+    let settings = nasp_xds::WorkloadSettings::from_lookup(|k| match k {
+        "POD_NAME" => Some("catalog-v1-abc".into()),
+        "POD_NAMESPACE" => Some("demo".into()),
+        "CLUSTER_ID" => Some("waynz0r-0626-01".into()),
+        "INSTANCE_IPS" => Some("10.20.1.7".into()),
+        _ => None,
+    });
+    for protocol in [Protocol::Sotw, Protocol::Delta] {
+        let mut c = AdsConfig::new(settings.node());
+        c.protocol = protocol;
+        c.view = ViewSettings {
+            search_domains: settings.search_domains(),
+        };
+        let client = AdsClient::start(channel(cp.addr()), c);
+        client.ready(Duration::from_secs(10)).await.expect("ready");
+        assert!(
+            client.view().outbound("echo", 80).is_some(),
+            "{protocol:?}: search domains from the settings"
+        );
+    }
+    let nodes = cache.nodes();
+    let node = nodes
+        .get("sidecar~10.20.1.7~catalog-v1-abc.demo~demo.svc.cluster.local")
+        .expect("the node connected");
+    let md = node.metadata.as_ref().expect("metadata");
+    let cluster_id = md.fields.get("CLUSTER_ID").and_then(|v| v.kind.clone());
+    assert!(
+        matches!(cluster_id, Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) if s == "waynz0r-0626-01")
+    );
+}

@@ -9,13 +9,15 @@
 
 pub mod client;
 pub mod dump;
+pub mod node;
 pub mod types;
 pub mod view;
 
 pub use client::{AdsClient, AdsConfig, ClientStats, Protocol};
 pub use dump::{ResourceSet, read_config_dump};
 pub use envoy_types;
-pub use view::{ClusterInfo, Endpoint, Inbound, MeshView, Outbound, ViewSettings};
+pub use node::WorkloadSettings;
+pub use view::{ClusterInfo, Endpoint, Inbound, MeshView, Outbound, OutlierSettings, ViewSettings};
 
 /// Errors of the xDS layer.
 #[derive(Clone, Debug, thiserror::Error)]

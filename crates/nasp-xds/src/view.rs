@@ -124,8 +124,23 @@ pub struct ClusterInfo {
     /// Circuit-breaker thresholds of the default priority:
     /// (max connections, max pending, max requests, max retries).
     pub circuit_breakers: Option<(u32, u32, u32, u32)>,
-    /// Whether outlier detection is configured.
-    pub outlier_detection: bool,
+    /// Outlier detection, when configured.
+    pub outlier_detection: Option<OutlierSettings>,
+}
+
+/// Outlier detection of a cluster (Envoy's defaults where unset).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierSettings {
+    /// Consecutive 5xx before ejection (default 5).
+    pub consecutive_5xx: u32,
+    /// Consecutive gateway failures before ejection (default 5).
+    pub consecutive_gateway_failure: u32,
+    /// Analysis interval in milliseconds (default 10 000).
+    pub interval_ms: u64,
+    /// Base ejection time in milliseconds (default 30 000).
+    pub base_ejection_ms: u64,
+    /// Most hosts ejected at once, in percent (default 10).
+    pub max_ejection_percent: u32,
 }
 
 /// The answer to an outbound lookup.
@@ -399,7 +414,23 @@ fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> ClusterInfo
             .map(|p| p.as_str_name().to_string())
             .unwrap_or_default(),
         circuit_breakers,
-        outlier_detection: c.outlier_detection.is_some(),
+        outlier_detection: c.outlier_detection.as_ref().map(|o| {
+            let u = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
+                w.as_ref().map(|w| w.value).unwrap_or(d)
+            };
+            let ms = |d: &Option<envoy_types::pb::google::protobuf::Duration>, default: u64| {
+                d.as_ref()
+                    .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000)
+                    .unwrap_or(default)
+            };
+            OutlierSettings {
+                consecutive_5xx: u(&o.consecutive_5xx, 5),
+                consecutive_gateway_failure: u(&o.consecutive_gateway_failure, 5),
+                interval_ms: ms(&o.interval, 10_000),
+                base_ejection_ms: ms(&o.base_ejection_time, 30_000),
+                max_ejection_percent: u(&o.max_ejection_percent, 10),
+            }
+        }),
     }
 }
 
