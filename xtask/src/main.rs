@@ -2,13 +2,16 @@
 //! so it builds in a second on a fresh machine.
 //!
 //! - `setup`: installs what the build needs and the machine may lack: the
-//!   `wasm32-wasip1` target (rustup) and libclang (apt, for wasm3's bindings).
-//! - `build-filters`: builds every crate under `filters/` to wasm32-wasip1
+//!   `wasm32-wasip1` and `wasm32-unknown-unknown` targets (rustup), libclang
+//!   (apt, for wasm3's bindings) and openssl (apt, for the interop tests).
+//! - `build-filters`: builds every crate under `filters/` for both targets
 //!   (release) and copies the modules to `target/filters/`.
-//! - `test`: setup, build-filters, then the workspace tests (nextest if
+//! - `test`: setup, build-filters, the runtime feature matrix (`cargo check`,
+//!   no warnings allowed), doc tests, then the workspace tests (nextest if
 //!   installed, else `cargo test`). This is the command CI runs.
-//! - `demo`: setup, build-filters, then runs the conformance filter through
-//!   `nasp wasm exec` on every runtime.
+//! - `demo`: the embedded control plane, a certificate, xDS lookups and a
+//!   filter on every runtime (see `demo()`).
+//! - `codegen`: regenerates the checked-in protobuf code.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -213,31 +216,110 @@ fn feature_matrix() -> Result<(), String> {
     Ok(())
 }
 
+/// The main job: the embedded control plane (CA + ADS from the example mesh
+/// file) on loopback; a workload certificate from it, checked by openssl; the
+/// mesh resolved over SotW and Delta; a filter run on every runtime.
 fn demo() -> Result<(), String> {
     setup()?;
     build_filters()?;
     let root = root();
-    let plugin = root.join("target/filters/conformance.wasm");
-    let request = root.join("examples/wasm-exec/request.json");
-    for rt in ["wasmtime", "wasmi", "wasm3"] {
-        run(cargo()
-            .current_dir(&root)
+    run(cargo()
+        .current_dir(&root)
+        .args(["build", "-q", "-p", "nasp-cli"]))?;
+    let nasp = root.join("target/debug/nasp");
+    let out = root.join("target/demo");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let root_pem = out.join("root-cert.pem");
+
+    eprintln!("demo: starting the embedded control plane (CA + ADS) with examples/mesh/mesh.yaml");
+    let mut cp = Command::new(&nasp)
+        .current_dir(&root)
+        .args([
+            "controlplane",
+            "--listen",
+            "127.0.0.1:0",
+            "--mesh",
+            "examples/mesh/mesh.yaml",
+            "--root-out",
+        ])
+        .arg(&root_pem)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nasp controlplane: {e}"))?;
+    let result = (|| -> Result<(), String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let stdout = cp.stdout.take().ok_or("no stdout")?;
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let addr = line
+            .split("\"listening\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .ok_or_else(|| format!("unexpected first line: {line}"))?
+            .to_string();
+        eprintln!("demo: control plane on {addr}");
+        let certs = out.join("web");
+        run(Command::new(&nasp)
+            .args(["ca", "issue", "--ca", &addr, "--root"])
+            .arg(&root_pem)
             .args([
-                "run",
-                "-q",
-                "-p",
-                "nasp-cli",
-                "--",
-                "wasm",
-                "exec",
-                "--runtime",
-                rt,
-                "--plugin",
+                "--spiffe",
+                "spiffe://cluster.local/ns/demo/sa/web",
+                "--ttl",
+                "1h",
+                "--out",
             ])
-            .arg(&plugin)
-            .args(["--config", "demo", "--request"])
-            .arg(&request))?;
-    }
+            .arg(&certs))?;
+        run(Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(certs.join("root-cert.pem"))
+            .arg(certs.join("cert-chain.pem")))?;
+        run(Command::new(&nasp).args([
+            "xds",
+            "resolve",
+            "echo:80",
+            "--xds",
+            &addr,
+            "--namespace",
+            "demo",
+        ]))?;
+        run(Command::new(&nasp).args([
+            "xds",
+            "resolve",
+            "10.10.42.110:12050",
+            "--xds",
+            &addr,
+            "--delta",
+        ]))?;
+        run(Command::new(&nasp)
+            .args([
+                "xds",
+                "resolve",
+                "db:5432",
+                "--xds",
+                &addr,
+                "--namespace",
+                "demo",
+                "--root",
+            ])
+            .arg(&root_pem))?;
+        let plugin = root.join("target/filters/conformance.wasm");
+        let request = root.join("examples/wasm-exec/request.json");
+        for rt in ["wasmtime", "wasmi", "wasm3"] {
+            run(Command::new(&nasp)
+                .args(["wasm", "exec", "--runtime", rt, "--plugin"])
+                .arg(&plugin)
+                .args(["--config", "demo", "--request"])
+                .arg(&request))?;
+        }
+        Ok(())
+    })();
+    let _ = cp.kill();
+    let _ = cp.wait();
+    result?;
+    eprintln!("demo: done");
     Ok(())
 }
 
