@@ -268,6 +268,18 @@ impl Worker {
         }
     }
 
+    fn acked(&self) {
+        self.stats.send_modify(|s| s.acks += 1);
+    }
+
+    fn nacked(&self, e: &XdsError) {
+        tracing::warn!("NACK: {e}");
+        self.stats.send_modify(|s| {
+            s.nacks += 1;
+            s.last_nack = Some(e.to_string());
+        });
+    }
+
     fn rebuild(&self, shared: &Shared) {
         let view = MeshView::build(
             &shared.resources,
@@ -406,7 +418,7 @@ impl Worker {
                         ..Default::default()
                     });
                     shared.names = names;
-                    self.stats.send_modify(|s| s.acks += 1);
+                    self.acked();
                     self.rebuild(shared);
                 }
                 Err(e) => {
@@ -417,10 +429,7 @@ impl Worker {
                         error_detail: Some(nack_detail(&e)),
                         ..Default::default()
                     });
-                    self.stats.send_modify(|s| {
-                        s.nacks += 1;
-                        s.last_nack = Some(e.to_string());
-                    });
+                    self.nacked(&e);
                 }
             }
             return;
@@ -459,10 +468,7 @@ impl Worker {
                     error_detail: Some(nack_detail(&e)),
                     ..Default::default()
                 });
-                self.stats.send_modify(|s| {
-                    s.nacks += 1;
-                    s.last_nack = Some(e.to_string());
-                });
+                self.nacked(&e);
             }
             Ok(items) => {
                 // SotW: the response is the whole state of what we asked for.
@@ -483,7 +489,7 @@ impl Worker {
                     response_nonce: resp.nonce,
                     ..Default::default()
                 });
-                self.stats.send_modify(|s| s.acks += 1);
+                self.acked();
                 // Follow references: EDS after CDS, RDS after LDS.
                 for (t, names) in self.wanted(shared) {
                     let Some(names) = names else { continue };
@@ -603,7 +609,7 @@ impl Worker {
                         response_nonce: resp.nonce,
                         ..Default::default()
                     });
-                    self.stats.send_modify(|s| s.acks += 1);
+                    self.acked();
                     self.rebuild(shared);
                 }
                 Err(e) => {
@@ -613,10 +619,7 @@ impl Worker {
                         error_detail: Some(nack_detail(&e)),
                         ..Default::default()
                     });
-                    self.stats.send_modify(|s| {
-                        s.nacks += 1;
-                        s.last_nack = Some(e.to_string());
-                    });
+                    self.nacked(&e);
                 }
             }
             return;
@@ -656,10 +659,7 @@ impl Worker {
                     error_detail: Some(nack_detail(&e)),
                     ..Default::default()
                 });
-                self.stats.send_modify(|s| {
-                    s.nacks += 1;
-                    s.last_nack = Some(e.to_string());
-                });
+                self.nacked(&e);
             }
             Ok(items) => {
                 let st = shared.types.entry(type_url).or_default();
@@ -679,7 +679,7 @@ impl Worker {
                     response_nonce: resp.nonce,
                     ..Default::default()
                 });
-                self.stats.send_modify(|s| s.acks += 1);
+                self.acked();
                 for (t, names) in self.wanted(shared) {
                     let Some(names) = names else { continue };
                     let st = shared.types.entry(t).or_default();

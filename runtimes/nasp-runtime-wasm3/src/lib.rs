@@ -263,6 +263,38 @@ unsafe fn call_raw(
     Ok(Some(val_from(out, rt)))
 }
 
+/// The linear memory of the instance behind `state` (empty if it has none).
+///
+/// # Safety
+/// `state` is live; the caller ties the slice's lifetime to a borrow during
+/// which no wasm runs. The pointer is re-read on every call because a nested
+/// call may grow (and move) the memory.
+unsafe fn memory_of<'a>(state: *mut State) -> &'a mut [u8] {
+    // SAFETY: per the contract.
+    unsafe {
+        let mut size: u32 = 0;
+        let p = ffi::m3_GetMemory((*state).runtime, &mut size, 0);
+        if p.is_null() {
+            return &mut [];
+        }
+        std::slice::from_raw_parts_mut(p, size as usize)
+    }
+}
+
+/// The function behind a handle.
+///
+/// # Safety
+/// `state` is live and not borrowed elsewhere; the lookup copies what it
+/// needs and drops the reference before returning.
+unsafe fn func_of(state: *mut State, func: FuncRef) -> Result<(ffi::IM3Function, FuncType), Trap> {
+    // SAFETY: per the contract.
+    let found = unsafe {
+        let funcs = &(*state).funcs;
+        funcs.get(func.0 as usize).cloned()
+    };
+    found.ok_or_else(|| Trap::engine(format!("unknown function reference {}", func.0)))
+}
+
 /// The guest as host functions see it.
 struct StateGuest {
     state: *mut State,
@@ -270,33 +302,14 @@ struct StateGuest {
 
 impl Guest for StateGuest {
     fn memory(&mut self) -> &mut [u8] {
-        // SAFETY: the state outlives every call into the instance; the
-        // memory pointer is re-read on every access because a nested call
-        // may grow (and move) it, and the slice's lifetime is tied to
-        // `&mut self`, during which no wasm runs.
-        unsafe {
-            let mut size: u32 = 0;
-            let p = ffi::m3_GetMemory((*self.state).runtime, &mut size, 0);
-            if p.is_null() {
-                return &mut [];
-            }
-            std::slice::from_raw_parts_mut(p, size as usize)
-        }
+        // SAFETY: the state outlives every call into the instance, and the
+        // slice's lifetime is tied to `&mut self`, during which no wasm runs.
+        unsafe { memory_of(self.state) }
     }
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
-        // SAFETY: as above; the lookup copies what it needs and drops the
-        // reference before calling into wasm.
-        let found = unsafe {
-            let funcs = &(*self.state).funcs;
-            funcs.get(func.0 as usize).cloned()
-        };
-        let Some((f, ty)) = found else {
-            return Err(Trap::engine(format!(
-                "unknown function reference {}",
-                func.0
-            )));
-        };
+        // SAFETY: the state is live and not borrowed here.
+        let (f, ty) = unsafe { func_of(self.state, func) }?;
         // SAFETY: wasm3 moved the stack base above this host function's
         // frame, so the nested call cannot overwrite the suspended caller.
         unsafe { call_raw(self.state, f, &ty, args) }
@@ -717,16 +730,7 @@ impl Instance for Wasm3Instance {
 
     fn call(&mut self, func: FuncRef, args: &[Val]) -> Result<Option<Val>, Trap> {
         // SAFETY: no reference into the state is live between calls.
-        let found = unsafe {
-            let funcs = &(*self.state).funcs;
-            funcs.get(func.0 as usize).cloned()
-        };
-        let Some((f, ty)) = found else {
-            return Err(Trap::engine(format!(
-                "unknown function reference {}",
-                func.0
-            )));
-        };
+        let (f, ty) = unsafe { func_of(self.state, func) }?;
         self.enter();
         // SAFETY: the state is live and unborrowed; `f` belongs to it.
         let r = unsafe { call_raw(self.state, f, &ty, args) };
@@ -735,7 +739,9 @@ impl Instance for Wasm3Instance {
     }
 
     fn memory(&mut self) -> &mut [u8] {
-        StateGuest { state: self.state }.memory_static()
+        // SAFETY: the slice's lifetime is tied to `&mut self`, during which
+        // no wasm runs.
+        unsafe { memory_of(self.state) }
     }
 
     fn handler(&mut self) -> &mut dyn HostHandler {
@@ -747,20 +753,5 @@ impl Instance for Wasm3Instance {
     fn interrupt_handle(&self) -> Option<InterruptHandle> {
         let flag = self.interrupt.clone();
         Some(Arc::new(move || flag.store(true, Ordering::Relaxed)))
-    }
-}
-
-impl StateGuest {
-    fn memory_static<'a>(self) -> &'a mut [u8] {
-        // SAFETY: see `Guest::memory`; callers tie the lifetime to a borrow
-        // of the instance.
-        unsafe {
-            let mut size: u32 = 0;
-            let p = ffi::m3_GetMemory((*self.state).runtime, &mut size, 0);
-            if p.is_null() {
-                return &mut [];
-            }
-            std::slice::from_raw_parts_mut(p, size as usize)
-        }
     }
 }
