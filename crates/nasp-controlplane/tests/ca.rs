@@ -351,3 +351,49 @@ async fn the_manager_merges_the_root_file_with_the_ca_root() {
         "the CA response's root"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_retries_a_ca_that_is_not_up_yet() {
+    // A free port with nothing on it yet: the first attempts are Unavailable.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
+    let root = pem_certs(ca.root_pem().as_bytes()).expect("root");
+    let csr = keys::generate_csr(
+        &id("spiffe://cluster.local/ns/a/sa/b"),
+        KeyAlgorithm::EcdsaP256,
+    )
+    .expect("csr");
+
+    let mut no_retry = CaClientConfig::new(addr.to_string(), root.clone());
+    no_retry.retries = 0;
+    let err = CaClient::new(no_retry)
+        .expect("client")
+        .sign(&csr.csr_pem, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Ca { code, .. } if code == "Unavailable"),
+        "{err}"
+    );
+
+    let mut with_retries = CaClientConfig::new(addr.to_string(), root);
+    with_retries.retries = 5; // 100 + 200 + 400 + 800 + 1600 ms of backoff
+    let client = CaClient::new(with_retries).expect("client");
+    let pending =
+        tokio::spawn(async move { client.sign(&csr.csr_pem, Duration::from_secs(60)).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let _cp = ControlPlane::start(
+        listener,
+        ControlPlaneConfig {
+            ca: Arc::new(ca),
+            xds: None,
+        },
+    )
+    .expect("start");
+    let chain = pending.await.expect("join").expect("signed after retrying");
+    assert_eq!(chain.len(), 2);
+}
