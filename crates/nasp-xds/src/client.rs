@@ -336,6 +336,41 @@ impl Worker {
         Ok(names)
     }
 
+    /// Feeds each response of a stream to `handle` and sends the requests it
+    /// produces, until the stream ends. `Ok(true)` if it carried data (a
+    /// stream that worked for a while ends normally and resets the backoff).
+    async fn pump<Req, Resp>(
+        &self,
+        mut inbound: tonic::Streaming<Resp>,
+        tx: &mpsc::Sender<Req>,
+        handle: fn(&Self, Resp, &mut Vec<Req>),
+    ) -> Result<bool, XdsError> {
+        self.stats.send_modify(|s| s.connected = true);
+        let mut had_data = false;
+        loop {
+            let resp = match inbound.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(had_data),
+                Err(_) if had_data => return Ok(true),
+                Err(s) => {
+                    return Err(XdsError::Transport(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message()
+                    )));
+                }
+            };
+            had_data = true;
+            let mut out = Vec::new();
+            handle(self, resp, &mut out);
+            for r in out {
+                if tx.send(r).await.is_err() {
+                    return Ok(had_data);
+                }
+            }
+        }
+    }
+
     /// Runs one SotW stream. `Ok(true)` if it carried data before ending.
     async fn sotw(&self) -> Result<bool, XdsError> {
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
@@ -367,38 +402,12 @@ impl Worker {
                     .map_err(|e| XdsError::Transport(e.to_string()))?;
             }
         }
-        let mut inbound = client
+        let inbound = client
             .stream_aggregated_resources(ReceiverStream::new(rx))
             .await
             .map_err(|s| XdsError::Transport(format!("{:?}: {}", s.code(), s.message())))?
             .into_inner();
-        self.stats.send_modify(|s| s.connected = true);
-        let mut had_data = false;
-        loop {
-            let resp: DiscoveryResponse = match inbound.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Ok(had_data),
-                Err(s) => {
-                    return if had_data {
-                        Ok(true)
-                    } else {
-                        Err(XdsError::Transport(format!(
-                            "{:?}: {}",
-                            s.code(),
-                            s.message()
-                        )))
-                    };
-                }
-            };
-            had_data = true;
-            let mut out = Vec::new();
-            self.on_sotw(resp, &mut out);
-            for r in out {
-                if tx.send(r).await.is_err() {
-                    return Ok(had_data);
-                }
-            }
-        }
+        self.pump(inbound, &tx, Self::on_sotw).await
     }
 
     fn on_sotw(&self, resp: DiscoveryResponse, out: &mut Vec<DiscoveryRequest>) {
@@ -551,38 +560,12 @@ impl Worker {
                     .map_err(|e| XdsError::Transport(e.to_string()))?;
             }
         }
-        let mut inbound = client
+        let inbound = client
             .delta_aggregated_resources(ReceiverStream::new(rx))
             .await
             .map_err(|s| XdsError::Transport(format!("{:?}: {}", s.code(), s.message())))?
             .into_inner();
-        self.stats.send_modify(|s| s.connected = true);
-        let mut had_data = false;
-        loop {
-            let resp: DeltaDiscoveryResponse = match inbound.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Ok(had_data),
-                Err(s) => {
-                    return if had_data {
-                        Ok(true)
-                    } else {
-                        Err(XdsError::Transport(format!(
-                            "{:?}: {}",
-                            s.code(),
-                            s.message()
-                        )))
-                    };
-                }
-            };
-            had_data = true;
-            let mut out = Vec::new();
-            self.on_delta(resp, &mut out);
-            for r in out {
-                if tx.send(r).await.is_err() {
-                    return Ok(had_data);
-                }
-            }
-        }
+        self.pump(inbound, &tx, Self::on_delta).await
     }
 
     fn on_delta(&self, resp: DeltaDiscoveryResponse, out: &mut Vec<DeltaDiscoveryRequest>) {
