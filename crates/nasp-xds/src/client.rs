@@ -287,12 +287,15 @@ impl Worker {
             self.config.view.clone(),
         );
         self.view.store(Arc::new(view));
-        let (eds, rds) = types::referenced(&shared.resources);
+        // The EDS and RDS subscriptions were brought up to date with the
+        // resources before every rebuild, so they say what is referenced.
         let got = |t: &str| shared.types.get(t).is_some_and(|s| s.received);
+        let wanted = |t: &str| shared.types.get(t).is_some_and(|s| !s.names.is_empty());
         let ready = got(CLUSTER)
             && got(LISTENER)
-            && (eds.is_empty() || got(ENDPOINT))
-            && (rds.is_empty() || got(ROUTE));
+            && (!wanted(ENDPOINT) || got(ENDPOINT))
+            && (!wanted(ROUTE) || got(ROUTE))
+            && (!self.config.nds || got(NAME_TABLE));
         if ready {
             self.ready.send_if_modified(|r| !std::mem::replace(r, true));
         }
