@@ -312,17 +312,14 @@ pub fn read_config_dump(json: &str) -> Result<ResourceSet, XdsError> {
     // Clusters whose endpoints come from EDS but have none in the dump get
     // an empty assignment, so a subscriber hears "no endpoints" instead of
     // waiting forever.
-    for (name, c) in &set.clusters {
-        if c.cluster_discovery_type.is_some() && crate::view::is_eds(c) {
-            let service = crate::view::eds_service_name(c);
-            set.endpoints
-                .entry(service.clone())
-                .or_insert_with(|| ClusterLoadAssignment {
-                    cluster_name: service,
-                    ..Default::default()
-                });
-        }
-        let _ = name;
+    for c in set.clusters.values().filter(|c| crate::view::is_eds(c)) {
+        let service = crate::view::eds_service_name(c);
+        set.endpoints
+            .entry(service.clone())
+            .or_insert_with(|| ClusterLoadAssignment {
+                cluster_name: service,
+                ..Default::default()
+            });
     }
     Ok(set)
 }
