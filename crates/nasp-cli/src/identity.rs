@@ -219,12 +219,9 @@ pub fn issue(args: IssueArgs) -> Result<Value> {
         let client = CaClient::new(cfg)?;
         let csr = keys::generate_csr(&args.spiffe, args.key)?;
         let chain = client.sign(&csr.csr_pem, args.ttl).await?;
+        // The mesh root file plus the CA response's root (its last element).
         let mut all_roots = roots;
-        if let Some(last) = chain.last() {
-            if !all_roots.contains(last) {
-                all_roots.push(last.clone());
-            }
-        }
+        nasp::identity::cert::merge_roots(&mut all_roots, chain.last().cloned());
         let key = nasp::identity::cert::pem_key(csr.key_pem.as_bytes())?;
         let cert = WorkloadCert::new(chain, key, all_roots)?;
         cert.write_dir(&args.out, &csr.key_pem)?;

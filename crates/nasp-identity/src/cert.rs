@@ -63,6 +63,18 @@ pub fn cert_pem(cert: &CertificateDer<'_>) -> String {
     )
 }
 
+/// Adds the roots of `more` that `into` does not have yet, in order.
+pub fn merge_roots(
+    into: &mut Vec<CertificateDer<'static>>,
+    more: impl IntoIterator<Item = CertificateDer<'static>>,
+) {
+    for r in more {
+        if !into.contains(&r) {
+            into.push(r);
+        }
+    }
+}
+
 /// The URI SANs of a certificate.
 pub fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
     let (_, x) = X509Certificate::from_der(cert.as_ref())

@@ -9,10 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 
-use crate::cert::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE, pem_certs};
+use crate::cert::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE, merge_roots, pem_certs};
 use crate::{CaClient, Error, KeyAlgorithm, SpiffeId, WorkloadCert, keys};
 
 /// Where certificates come from.
@@ -155,17 +154,6 @@ impl SecretManager {
                     self.stats().last_error.unwrap_or_else(|| "none".into())
                 ),
             }),
-        }
-    }
-}
-
-fn merge_roots(
-    into: &mut Vec<CertificateDer<'static>>,
-    more: impl IntoIterator<Item = CertificateDer<'static>>,
-) {
-    for r in more {
-        if !into.contains(&r) {
-            into.push(r);
         }
     }
 }
