@@ -73,8 +73,18 @@ impl WasmRuntime for Wasm3Runtime {
 
     fn compile(&self, wasm: &[u8]) -> Result<Arc<dyn CompiledModule>, EngineError> {
         let imports = function_imports(NAME, wasm)?;
-        let instrumented =
-            instrument::instrument(wasm, 65_536).map_err(|m| EngineError::new(NAME, m))?;
+        // Instrument for the default memory cap, which most instances use, so
+        // the first instantiation finds these bytes ready; a module whose
+        // initial memory is over that cap is instrumented for the largest one
+        // (its instances then say whether their own cap fits).
+        let default_pages = pages_for(&Limits::default());
+        let (pages, instrumented) = match instrument::instrument(wasm, default_pages) {
+            Ok(out) => (default_pages, out),
+            Err(_) => (
+                65_536,
+                instrument::instrument(wasm, 65_536).map_err(|m| EngineError::new(NAME, m))?,
+            ),
+        };
         let bytes: Arc<[u8]> = instrumented.wasm.into();
         // Let wasm3 parse it once now, so its own refusals are load errors.
         // SAFETY: a fresh environment; the module is freed before it is
@@ -99,7 +109,7 @@ impl WasmRuntime for Wasm3Runtime {
             original: wasm.into(),
             imports,
             exports: Arc::new(instrumented.exported_functions),
-            capped: Mutex::new((65_536, bytes)),
+            capped: Mutex::new((pages, bytes)),
         }))
     }
 }
