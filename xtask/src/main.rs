@@ -37,15 +37,81 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn has_libclang() -> bool {
-    if std::env::var_os("LIBCLANG_PATH").is_some() {
-        return true;
+/// What bindgen (through clang-sys) loads: `libclang.so`, `libclang-<N>.so`
+/// and their versioned forms (`libclang.so.1`, `libclang-14.so.1`). Not
+/// `libclang-cpp.so.*`, the C++ interface that a machine may ship alone.
+fn is_loadable_libclang(file_name: &str) -> bool {
+    let Some(rest) = file_name.strip_prefix("libclang") else {
+        return false;
+    };
+    let rest = match rest.strip_prefix('-') {
+        // `libclang-<N>[.<M>...].so[.<K>...]`: only a version may follow the dash.
+        Some(version) => {
+            let Some(end) = version.find(".so") else {
+                return false;
+            };
+            let (v, after) = version.split_at(end);
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_digit() || c == '.') {
+                return false;
+            }
+            after
+        }
+        None => rest,
+    };
+    match rest.strip_prefix(".so") {
+        Some("") => true,
+        Some(suffix) => suffix
+            .strip_prefix('.')
+            .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.')),
+        None => false,
     }
-    Command::new("sh")
-        .args(["-c", "ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* /usr/lib/aarch64-linux-gnu/libclang*.so* 2>/dev/null | grep -q ."])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+}
+
+/// Whether `dir` holds a libclang that bindgen would load.
+fn dir_has_libclang(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| is_loadable_libclang(&e.file_name().to_string_lossy()))
+    })
+}
+
+/// The directories clang-sys searches on Linux, in its order: `LIBCLANG_PATH`
+/// alone when set, else `llvm-config --libdir` and the system's library
+/// directories.
+fn libclang_dirs() -> Vec<PathBuf> {
+    if let Some(dir) = std::env::var_os("LIBCLANG_PATH") {
+        return vec![PathBuf::from(dir)];
+    }
+    let mut dirs = Vec::new();
+    if let Ok(out) = Command::new("llvm-config").arg("--libdir").output()
+        && out.status.success()
+    {
+        dirs.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        let mut llvm: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+            .map(|e| e.path().join("lib"))
+            .collect();
+        llvm.sort();
+        dirs.extend(llvm);
+    }
+    for d in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    ] {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs
+}
+
+fn has_libclang() -> bool {
+    libclang_dirs().iter().any(|d| dir_has_libclang(d))
 }
 
 fn setup() -> Result<(), String> {
@@ -96,6 +162,14 @@ fn setup() -> Result<(), String> {
         let mut install = vec!["install", "-y", "-qq"];
         install.extend(apt_packages);
         apt(&install)?;
+    }
+    if !has_libclang() {
+        return Err(
+            "libclang is missing (wasm3's bindings load libclang.so through bindgen): \
+             install it with `apt-get install libclang-dev`, or point LIBCLANG_PATH at \
+             the directory that holds libclang.so"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -345,5 +419,48 @@ fn main() -> ExitCode {
             eprintln!("xtask: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libclang_names_bindgen_loads() {
+        for name in [
+            "libclang.so",
+            "libclang.so.1",
+            "libclang.so.14.0.6",
+            "libclang-14.so",
+            "libclang-14.so.1",
+            "libclang-14.0.so.1",
+        ] {
+            assert!(is_loadable_libclang(name), "{name} should be loadable");
+        }
+        for name in [
+            "libclang-cpp.so",
+            "libclang-cpp.so.14",
+            "libclang.a",
+            "libclangBasic.a",
+            "libclang-14.a",
+            "libclang.so.",
+            "libclang-.so",
+            "libclangd.so",
+        ] {
+            assert!(!is_loadable_libclang(name), "{name} should not count");
+        }
+    }
+
+    #[test]
+    fn a_directory_with_only_libclang_cpp_reads_as_missing() {
+        let dir = std::env::temp_dir().join(format!("xtask-libclang-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("libclang-cpp.so.14"), b"").expect("write");
+        assert!(!dir_has_libclang(&dir));
+        std::fs::write(dir.join("libclang-14.so.1"), b"").expect("write");
+        assert!(dir_has_libclang(&dir));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
