@@ -3,18 +3,30 @@
 //!
 //! - `setup`: installs what the build needs and the machine may lack: the
 //!   `wasm32-wasip1` and `wasm32-unknown-unknown` targets (rustup), libclang
-//!   (apt, for wasm3's bindings) and openssl (apt, for the interop tests).
+//!   (apt, for wasm3's bindings) and openssl (apt, for the interop tests);
+//!   and the tools of the checks: cargo-deny and cargo-fuzz (`cargo install
+//!   --locked`) and a nightly toolchain (rustup, for libFuzzer).
 //! - `build-filters`: builds every crate under `filters/` for both targets
 //!   (release) and copies the modules to `target/filters/`.
-//! - `test`: setup, build-filters, the runtime feature matrix (`cargo check`,
-//!   no warnings allowed), doc tests, then the workspace tests (nextest if
-//!   installed, else `cargo test`). This is the command CI runs.
+//! - `lint`: rustfmt (`--check`), clippy on every target with `-D warnings`
+//!   (the lint set is `[workspace.lints]` in `Cargo.toml`), and cargo-deny
+//!   (bans, licenses, sources, advisories) against the offline RustSec
+//!   snapshot in `../shared/advisory-db`. Runs all three, then fails if any
+//!   did.
+//! - `fuzz [SECS]`: builds the cargo-fuzz targets of `fuzz/` and runs each
+//!   for SECS seconds (default 30); fails on a crash, whose input is left in
+//!   `fuzz/artifacts/<target>/`. See `docs/fuzzing.md`.
+//! - `test`: setup, lint, build-filters, the runtime feature matrix (`cargo
+//!   check`, no warnings allowed), doc tests, the workspace tests (nextest if
+//!   installed, else `cargo test`), then every fuzz target for 30 s. This is
+//!   the command CI runs; each stage prints how long it took.
 //! - `demo`: the embedded control plane, a certificate, xDS lookups and a
 //!   filter on every runtime (see `demo()`).
 //! - `codegen`: regenerates the checked-in protobuf code.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Instant;
 
 fn root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -114,7 +126,8 @@ fn has_libclang() -> bool {
     libclang_dirs().iter().any(|d| dir_has_libclang(d))
 }
 
-fn setup() -> Result<(), String> {
+/// What the build and the demo need.
+fn setup_build() -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -174,6 +187,377 @@ fn setup() -> Result<(), String> {
     Ok(())
 }
 
+/// Everything: what the build needs, and the tools of `lint` and `fuzz`.
+fn setup() -> Result<(), String> {
+    setup_build()?;
+    ensure_cargo_tool("deny", "cargo-deny")?;
+    ensure_nightly()?;
+    ensure_cargo_tool("fuzz", "cargo-fuzz")
+}
+
+/// Runs `f` and prints how long it took, so that CI logs show where the time
+/// goes (`docs/fuzzing.md` records the numbers).
+fn timed<T>(stage: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let start = Instant::now();
+    let r = f();
+    let outcome = if r.is_ok() { "done" } else { "FAILED" };
+    eprintln!(
+        "xtask: stage {stage} {outcome} in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    r
+}
+
+/// Installs `cargo <sub>` from crates.io (`cargo install --locked <krate>`)
+/// when `cargo <sub> --version` does not run.
+fn ensure_cargo_tool(sub: &str, krate: &str) -> Result<(), String> {
+    let present = cargo()
+        .args([sub, "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: cargo {sub} not found, installing {krate} (a few minutes, once)");
+    timed(&format!("install {krate}"), || {
+        run(cargo().args(["install", "--locked", krate]))
+    })
+}
+
+/// The nightly toolchain libFuzzer needs (`-Zsanitizer`-style flags).
+fn ensure_nightly() -> Result<(), String> {
+    let present = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    timed("install nightly", || {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+    })
+    .map_err(|e| {
+        format!(
+            "the fuzz targets need a nightly toolchain (`rustup toolchain install nightly`): {e}"
+        )
+    })
+}
+
+/// The directory cargo-deny opens for the default RustSec database under
+/// its `db-path`: the URL's last segment and a hash of the URL
+/// (`url_to_db_path` in cargo-deny).
+const ADVISORY_DB_DIR: &str = "advisory-db-3157b0e258782691";
+
+/// Copies the RustSec snapshot that sits beside the clone
+/// (`../shared/advisory-db`, or `NASP_ADVISORY_DB`) to where deny.toml's
+/// `db-path` points, as the git repository cargo-deny expects. A fresh copy
+/// every time: it takes a second and a newer snapshot is never shadowed.
+fn prepare_advisory_db(root: &Path) -> Result<(), String> {
+    let src = std::env::var_os("NASP_ADVISORY_DB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/advisory-db"));
+    if !src.join("crates").is_dir() {
+        return Err(format!(
+            "no RustSec advisory database at {}: cargo-deny runs offline against a copy of \
+             rustsec/advisory-db there (or where NASP_ADVISORY_DB points)",
+            src.display()
+        ));
+    }
+    let dbs = root.join("target/advisory-dbs");
+    let db = dbs.join(ADVISORY_DB_DIR);
+    if db.exists() {
+        std::fs::remove_dir_all(&db).map_err(|e| format!("{}: {e}", db.display()))?;
+    }
+    copy_tree(&src, &db)?;
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(&db)
+            .args(["-c", "user.name=xtask", "-c", "user.email=xtask@localhost"])
+            .args(args)
+            .output()
+            .map_err(|e| format!("git: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "git {args:?} in {}: {}",
+                db.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    git(&["init", "-q"])?;
+    git(&["add", "-A"])?;
+    git(&["commit", "-q", "-m", "RustSec advisory-db snapshot"])?;
+    eprintln!(
+        "xtask: advisory database {} -> {}",
+        src.display(),
+        db.display()
+    );
+    Ok(())
+}
+
+/// Copies a directory tree. Contents only: the snapshot is read-only and a
+/// copy that kept its modes could not be removed again.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    let entries = std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", from.display()))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_name() == ".git" {
+            continue;
+        }
+        let ty = entry
+            .file_type()
+            .map_err(|e| format!("{}: {e}", src.display()))?;
+        if ty.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if ty.is_file() {
+            let data = std::fs::read(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+            std::fs::write(&dst, data).map_err(|e| format!("{}: {e}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// rustfmt, clippy and cargo-deny. All three run; the error names each one
+/// that failed.
+fn lint() -> Result<(), String> {
+    let root = root();
+    let mut failed = Vec::new();
+    let fmt = timed("lint: rustfmt", || {
+        // The workspace, and the two workspaces of our own beside it (the
+        // fuzz targets, the code generator). Not `--all` there: that would
+        // also check their path dependencies, the workspace crates again.
+        run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        for manifest in ["fuzz/Cargo.toml", "xtask/codegen/Cargo.toml"] {
+            run(cargo()
+                .current_dir(&root)
+                .args(["fmt", "--check", "--manifest-path", manifest]))?;
+        }
+        Ok(())
+    });
+    if fmt.is_err() {
+        failed.push("rustfmt (`cargo fmt --all` fixes it)");
+    }
+    let clippy = timed("lint: clippy", || {
+        run(cargo().current_dir(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    });
+    if clippy.is_err() {
+        failed.push("clippy");
+    }
+    let deny = timed("lint: cargo-deny", || {
+        ensure_cargo_tool("deny", "cargo-deny")?;
+        // cargo-deny reads the metadata of every package, for every target:
+        // fetch them while online, then check offline (the advisory database
+        // cannot be fetched on these machines).
+        run(cargo().current_dir(&root).args(["fetch", "--locked"]))?;
+        prepare_advisory_db(&root)?;
+        run(cargo()
+            .current_dir(&root)
+            .args(["deny", "--locked", "--offline", "check"]))
+    });
+    if deny.is_err() {
+        failed.push("cargo-deny");
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("lint failed: {}", failed.join(", ")))
+    }
+}
+
+/// The fuzz targets of `fuzz/` (see `docs/fuzzing.md`).
+const FUZZ_TARGETS: [&str; 6] = [
+    "pairs",
+    "host_calls",
+    "module_info",
+    "xds_view",
+    "config_dump",
+    "wasm3_instrument",
+];
+
+/// Build flags shared by `fuzz build` and `fuzz run` (a `run` with other
+/// flags would rebuild). No sanitizer: the code under test is safe Rust (the
+/// workspace denies `unsafe_code` outside the runtime glue, which no target
+/// reaches), so ASan would find nothing there and halve the executions;
+/// panics, overflow (debug assertions are on), timeouts and OOMs are what the
+/// targets look for.
+const FUZZ_BUILD_FLAGS: [&str; 2] = ["--sanitizer", "none"];
+
+/// `cargo +nightly` through rustup, with the variables of the outer (stable)
+/// cargo removed so that they do not leak into the nightly build.
+fn nightly_cargo() -> Command {
+    let mut c = Command::new("rustup");
+    c.args(["run", "nightly", "cargo"]);
+    for var in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+/// What libFuzzer reported at the end of a run.
+#[derive(Debug, Default, PartialEq)]
+struct FuzzStats {
+    runs: u64,
+    execs_per_sec: u64,
+    coverage: u64,
+    corpus_units: u64,
+    corpus_size: String,
+}
+
+/// Reads the last status line (`#1234 DONE cov: 56 ft: 78 corp: 9/1024b
+/// ... exec/s: 41 rss: 50Mb`) and the final stats (`stat::...: N`).
+fn parse_fuzz_stats(log: &str) -> FuzzStats {
+    let mut s = FuzzStats::default();
+    let field = |line: &str, key: &str| -> Option<String> {
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == key)?;
+        words.next().map(str::to_string)
+    };
+    if let Some(line) = log
+        .lines()
+        .filter(|l| l.starts_with('#') && l.contains(" corp: "))
+        .last()
+    {
+        s.coverage = field(line, "cov:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if let Some(corp) = field(line, "corp:") {
+            let (units, size) = corp.split_once('/').unwrap_or((&corp, ""));
+            s.corpus_units = units.parse().unwrap_or(0);
+            s.corpus_size = size.to_string();
+        }
+        s.execs_per_sec = field(line, "exec/s:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    }
+    for line in log.lines() {
+        if let Some(v) = line.strip_prefix("stat::number_of_executed_units:") {
+            s.runs = v.trim().parse().unwrap_or(0);
+        }
+        if let Some(v) = line.strip_prefix("stat::average_exec_per_sec:") {
+            s.execs_per_sec = v.trim().parse().unwrap_or(s.execs_per_sec);
+        }
+    }
+    s
+}
+
+fn fuzz(secs: u64) -> Result<(), String> {
+    let root = root();
+    let dir = root.join("fuzz");
+    ensure_nightly()?;
+    ensure_cargo_tool("fuzz", "cargo-fuzz")?;
+    timed("fuzz: build", || {
+        run(nightly_cargo()
+            .current_dir(&dir)
+            .args(["fuzz", "build"])
+            .args(FUZZ_BUILD_FLAGS))
+    })?;
+    let mut table = Vec::new();
+    let mut crashed = Vec::new();
+    for target in FUZZ_TARGETS {
+        // New inputs go to the first directory (kept between runs, ignored by
+        // git); the seeds are read only.
+        let corpus = dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        let mut c = nightly_cargo();
+        c.current_dir(&dir)
+            .args(["fuzz", "run"])
+            .args(FUZZ_BUILD_FLAGS)
+            .arg(target)
+            .arg(&corpus);
+        let seeds = dir.join("seeds").join(target);
+        if seeds.is_dir() {
+            c.arg(&seeds);
+        }
+        // Real proxy-wasm modules, when `build-filters` has run.
+        let filters = root.join("target/filters");
+        if target == "module_info" && filters.is_dir() {
+            c.arg(&filters);
+        }
+        c.args([
+            "--",
+            &format!("-max_total_time={secs}"),
+            "-timeout=10",
+            "-rss_limit_mb=2048",
+            "-print_final_stats=1",
+        ]);
+        eprintln!("xtask: fuzzing {target} for {secs} s");
+        let start = Instant::now();
+        let out = c
+            .output()
+            .map_err(|e| format!("cargo fuzz run {target}: {e}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let stats = parse_fuzz_stats(&log);
+        eprintln!(
+            "xtask: {target}: {} runs, {} exec/s, cov {}, corpus {} units / {} in {:.0} s",
+            stats.runs,
+            stats.execs_per_sec,
+            stats.coverage,
+            stats.corpus_units,
+            stats.corpus_size,
+            start.elapsed().as_secs_f64()
+        );
+        if !out.status.success() {
+            // The libFuzzer report: the panic, the input's path, the command
+            // that reproduces it.
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            for line in tail.into_iter().rev() {
+                eprintln!("  {line}");
+            }
+            crashed.push(target);
+        }
+        table.push((target, stats));
+    }
+    eprintln!("xtask: fuzz summary ({secs} s each)");
+    eprintln!(
+        "  {:<18} {:>10} {:>8} {:>7} {:>14}",
+        "target", "runs", "exec/s", "cov", "corpus"
+    );
+    for (target, s) in &table {
+        eprintln!(
+            "  {:<18} {:>10} {:>8} {:>7} {:>14}",
+            target,
+            s.runs,
+            s.execs_per_sec,
+            s.coverage,
+            format!("{}/{}", s.corpus_units, s.corpus_size)
+        );
+    }
+    if crashed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "fuzz targets failed: {} (inputs in fuzz/artifacts/<target>/; reproduce with \
+             `cargo +nightly fuzz run --sanitizer none <target> <input>` in fuzz/)",
+            crashed.join(", ")
+        ))
+    }
+}
+
 /// Every filter is built for both targets the Rust SDK supports; the
 /// wasip1 build keeps the crate's name, the other gets a suffix.
 const FILTER_TARGETS: [(&str, &str); 2] = [
@@ -205,21 +589,29 @@ fn build_filters() -> Result<(), String> {
     Ok(())
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test` (CI).
+const CI_FUZZ_SECS: u64 = 30;
+
 fn test(extra: &[String]) -> Result<(), String> {
-    setup()?;
-    build_filters()?;
-    let nextest = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let start = Instant::now();
+    timed("setup", setup)?;
+    // Lint first: it is the quickest way to fail.
+    timed("lint", lint)?;
+    timed("build-filters", build_filters)?;
+    let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    feature_matrix()?;
-    // Doc tests first (nextest does not run them), so that the last summary
-    // CI prints is the one of the real test run.
+    timed("feature matrix", feature_matrix)?;
+    // Doc tests first (nextest does not run them), so that the test summary
+    // CI prints last is the one of the real test run.
     if nextest {
-        run(cargo()
-            .current_dir(root())
-            .args(["test", "--workspace", "--doc"]))?;
+        timed("doc tests", || {
+            run(cargo()
+                .current_dir(root())
+                .args(["test", "--workspace", "--doc"]))
+        })?;
     }
     let mut c = cargo();
     c.current_dir(root());
@@ -229,7 +621,13 @@ fn test(extra: &[String]) -> Result<(), String> {
         c.args(["test", "--workspace", "--no-fail-fast"]);
     }
     c.args(extra);
-    run(&mut c)
+    timed("tests", || run(&mut c))?;
+    timed("fuzz", || fuzz(CI_FUZZ_SECS))?;
+    eprintln!(
+        "xtask: test done in {:.1} min",
+        start.elapsed().as_secs_f64() / 60.0
+    );
+    Ok(())
 }
 
 /// The runtime features must build without warnings in every combination
@@ -294,7 +692,7 @@ fn feature_matrix() -> Result<(), String> {
 /// file) on loopback; a workload certificate from it, checked by openssl; the
 /// mesh resolved over SotW and Delta; a filter run on every runtime.
 fn demo() -> Result<(), String> {
-    setup()?;
+    setup_build()?;
     build_filters()?;
     let root = root();
     run(cargo()
@@ -401,7 +799,16 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("build-filters") => setup().and_then(|()| build_filters()),
+        Some("build-filters") => setup_build().and_then(|()| build_filters()),
+        Some("lint") => lint(),
+        Some("fuzz") => match args.get(1).map(|s| s.parse::<u64>()) {
+            None => fuzz(CI_FUZZ_SECS),
+            Some(Ok(secs)) if secs > 0 => fuzz(secs),
+            Some(_) => Err(format!(
+                "cargo xtask fuzz [SECS]: {:?} is not a number of seconds",
+                args[1]
+            )),
+        },
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         // Regenerates crates/nasp-proto/src/gen (protox, no protoc); the
@@ -411,7 +818,9 @@ fn main() -> ExitCode {
             "--manifest-path",
             "xtask/codegen/Cargo.toml",
         ])),
-        _ => Err("usage: cargo xtask <setup|build-filters|test|demo|codegen>".into()),
+        _ => Err(
+            "usage: cargo xtask <setup|build-filters|lint|fuzz [SECS]|test|demo|codegen>".into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -462,5 +871,28 @@ mod tests {
         std::fs::write(dir.join("libclang-14.so.1"), b"").expect("write");
         assert!(dir_has_libclang(&dir));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fuzz_stats_are_read_from_libfuzzer_output() {
+        let log = "INFO: Seed: 1\n\
+            #2\tINITED cov: 10 ft: 11 corp: 1/1b exec/s: 0 rss: 30Mb\n\
+            #65536\tpulse  cov: 88 ft: 120 corp: 30/2110b lim: 652 exec/s: 21845 rss: 40Mb\n\
+            #131072\tDONE   cov: 91 ft: 130 corp: 33/2400b lim: 1300 exec/s: 4369 rss: 41Mb\n\
+            Done 131072 runs in 31 second(s)\n\
+            stat::number_of_executed_units: 131072\n\
+            stat::average_exec_per_sec:     4228\n\
+            stat::new_units_added:          32\n";
+        assert_eq!(
+            parse_fuzz_stats(log),
+            FuzzStats {
+                runs: 131_072,
+                execs_per_sec: 4228,
+                coverage: 91,
+                corpus_units: 33,
+                corpus_size: "2400b".into(),
+            }
+        );
+        assert_eq!(parse_fuzz_stats("no fuzzer here"), FuzzStats::default());
     }
 }

@@ -83,5 +83,9 @@ fn main() {
     }
     let bytes = compiler.encode_file_descriptor_set();
     std::fs::write(out.join("config_dump.bin"), &bytes).expect("write descriptor set");
-    eprintln!("codegen: wrote {} ({} KiB descriptor set)", out.display(), bytes.len() / 1024);
+    eprintln!(
+        "codegen: wrote {} ({} KiB descriptor set)",
+        out.display(),
+        bytes.len() / 1024
+    );
 }
