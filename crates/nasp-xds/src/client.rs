@@ -483,9 +483,18 @@ impl Worker {
                 self.nacked(&e);
             }
             Ok(items) => {
-                // SotW: the response is the whole state of what we asked for.
-                for name in types::names(&shared.resources, type_url) {
-                    types::remove(&mut shared.resources, type_url, &name);
+                // SotW: an LDS or CDS response is the whole state of its
+                // type, so what it leaves out is gone. EDS and RDS responses
+                // are not: istiod sends only the changed load assignments on
+                // an incremental push and only the newly subscribed route
+                // configurations after a subscription change, so those are
+                // upserts and a resource of theirs goes away only when it is
+                // no longer subscribed (below). This is Envoy's reading of
+                // the protocol too.
+                if types::is_full_state(type_url) {
+                    for name in types::names(&shared.resources, type_url) {
+                        types::remove(&mut shared.resources, type_url, &name);
+                    }
                 }
                 for d in items {
                     types::insert(&mut shared.resources, d);

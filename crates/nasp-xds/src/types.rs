@@ -26,6 +26,13 @@ pub const NAME_TABLE: &str = "type.googleapis.com/istio.networking.nds.v1.NameTa
 /// The four resource types, in the order a client subscribes.
 pub const RESOURCE_TYPES: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
 
+/// Whether a SotW response of this type carries the whole state of the type
+/// (LDS and CDS), so that a resource missing from it is removed. EDS and RDS
+/// responses may carry only some of the subscribed resources.
+pub fn is_full_state(type_url: &str) -> bool {
+    type_url == CLUSTER || type_url == LISTENER
+}
+
 /// One encoded resource.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Encoded {
