@@ -68,6 +68,9 @@ pub trait LogSink: Send + Sync {
 pub struct TracingLogSink;
 
 impl LogSink for TracingLogSink {
+    fn level(&self) -> LogLevel {
+        Self::current_level()
+    }
     fn log(&self, r: LogRecord) {
         match r.level {
             LogLevel::Trace => tracing::trace!(plugin = %r.plugin, "{}", r.message),
@@ -81,16 +84,55 @@ impl LogSink for TracingLogSink {
     }
 }
 
+impl TracingLogSink {
+    /// The most verbose level `tracing` lets through right now.
+    fn current_level() -> LogLevel {
+        use tracing::level_filters::LevelFilter;
+        let max = LevelFilter::current();
+        if max >= LevelFilter::TRACE {
+            LogLevel::Trace
+        } else if max >= LevelFilter::DEBUG {
+            LogLevel::Debug
+        } else if max >= LevelFilter::INFO {
+            LogLevel::Info
+        } else if max >= LevelFilter::WARN {
+            LogLevel::Warn
+        } else if max >= LevelFilter::ERROR {
+            LogLevel::Error
+        } else {
+            LogLevel::Critical
+        }
+    }
+}
+
 /// Keeps every line in memory (tests, `nasp wasm exec`).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct MemoryLogSink {
     lines: Arc<Mutex<Vec<LogRecord>>>,
+    level: LogLevel,
+}
+
+impl Default for MemoryLogSink {
+    fn default() -> Self {
+        Self {
+            lines: Arc::default(),
+            level: LogLevel::Trace,
+        }
+    }
 }
 
 impl MemoryLogSink {
-    /// A new, empty sink.
+    /// A new, empty sink that keeps every level.
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A sink that drops lines below `level` (and tells plugins so through
+    /// `proxy_get_log_level`).
+    pub fn with_level(level: LogLevel) -> Self {
+        Self {
+            level,
+            ..Self::default()
+        }
     }
     /// The lines so far.
     pub fn lines(&self) -> Vec<LogRecord> {
@@ -104,7 +146,12 @@ impl MemoryLogSink {
 
 impl LogSink for MemoryLogSink {
     fn log(&self, record: LogRecord) {
-        lock(&self.lines).push(record);
+        if record.level >= self.level {
+            lock(&self.lines).push(record);
+        }
+    }
+    fn level(&self) -> LogLevel {
+        self.level
     }
 }
 
@@ -120,9 +167,12 @@ pub type StatusResult<T> = std::result::Result<T, i32>;
 /// Shared key-value data and queues, keyed by VM id as in Envoy.
 #[derive(Default)]
 pub struct SharedStore {
-    data: Mutex<HashMap<(String, String), (Vec<u8>, u32)>>,
+    data: Mutex<SharedData>,
     queues: Mutex<Queues>,
     ready: Mutex<HashMap<u64, Vec<(u32, u32)>>>,
+    /// Told the VM key each time a notification is posted, so an embedder
+    /// can wake the task that owns an idle consumer VM.
+    ready_hook: Mutex<Option<ReadyHook>>,
     /// Whether `ready` may hold anything: every callback checks for queue
     /// notifications, and almost always there are none.
     any_ready: std::sync::atomic::AtomicBool,
@@ -132,6 +182,16 @@ impl fmt::Debug for SharedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SharedStore")
     }
+}
+
+/// Called with the VM key that has queue notifications waiting.
+pub type ReadyHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+#[derive(Default)]
+struct SharedData {
+    entries: HashMap<(String, String), (Vec<u8>, u32)>,
+    /// One CAS counter for every key, as in Envoy's host.
+    last_cas: u32,
 }
 
 #[derive(Default)]
@@ -150,30 +210,27 @@ impl SharedStore {
     /// Reads a value and its CAS.
     pub fn get(&self, vm_id: &str, key: &str) -> StatusResult<(Vec<u8>, u32)> {
         lock(&self.data)
+            .entries
             .get(&(vm_id.to_string(), key.to_string()))
             .cloned()
             .ok_or(crate::abi::status::NOT_FOUND)
     }
 
-    /// Writes a value; `cas` 0 is unconditional, otherwise it must match.
+    /// Writes a value; `cas` 0 is unconditional, otherwise it must match an
+    /// existing key's CAS. A missing key is inserted whatever the CAS (as
+    /// Envoy's host). Every write takes the next value of one counter.
     pub fn set(&self, vm_id: &str, key: &str, value: &[u8], cas: u32) -> StatusResult<()> {
         let mut data = lock(&self.data);
-        let entry = data.entry((vm_id.to_string(), key.to_string()));
-        match entry {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                if cas != 0 && cas != e.get().1 {
-                    return Err(crate::abi::status::CAS_MISMATCH);
-                }
-                let next = e.get().1.wrapping_add(1).max(1);
-                *e.get_mut() = (value.to_vec(), next);
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                if cas != 0 {
-                    return Err(crate::abi::status::CAS_MISMATCH);
-                }
-                e.insert((value.to_vec(), 1));
-            }
+        let data = &mut *data;
+        let k = (vm_id.to_string(), key.to_string());
+        if let Some((_, current)) = data.entries.get(&k)
+            && cas != 0
+            && cas != *current
+        {
+            return Err(crate::abi::status::CAS_MISMATCH);
         }
+        data.last_cas = data.last_cas.wrapping_add(1).max(1);
+        data.entries.insert(k, (value.to_vec(), data.last_cas));
         Ok(())
     }
 
@@ -226,10 +283,49 @@ impl SharedStore {
 
     /// Records that queue `token` of root context `owner.1` in VM `owner.0` has data.
     pub(crate) fn notify(&self, owner: (u64, u32), token: u32) {
+        // Owner 0: the VM that registered the queue is gone.
+        if owner.0 == 0 {
+            return;
+        }
+        {
+            let mut ready = lock(&self.ready);
+            ready.entry(owner.0).or_default().push((owner.1, token));
+            self.any_ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        let hook = lock(&self.ready_hook).clone();
+        if let Some(hook) = hook {
+            hook(owner.0);
+        }
+    }
+
+    /// Sets the function told which VM has `proxy_on_queue_ready` waiting
+    /// (the embedder then calls [`crate::FilterChain::dispatch_pending`] or
+    /// [`crate::Plugin::dispatch_queue_ready`] on it).
+    pub fn set_ready_hook(&self, hook: ReadyHook) {
+        *lock(&self.ready_hook) = Some(hook);
+    }
+
+    /// Whether notifications wait for a VM.
+    pub fn has_ready(&self, vm_key: u64) -> bool {
+        self.any_ready.load(std::sync::atomic::Ordering::Acquire)
+            && lock(&self.ready).contains_key(&vm_key)
+    }
+
+    /// A VM is gone: its pending notifications are dropped, and so are later
+    /// ones for queues it still owns.
+    pub(crate) fn forget_vm(&self, vm_key: u64) {
+        for q in lock(&self.queues).queues.values_mut() {
+            if q.owner.0 == vm_key {
+                q.owner = (0, 0);
+            }
+        }
         let mut ready = lock(&self.ready);
-        ready.entry(owner.0).or_default().push((owner.1, token));
-        self.any_ready
-            .store(true, std::sync::atomic::Ordering::Release);
+        ready.remove(&vm_key);
+        if ready.is_empty() {
+            self.any_ready
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// Takes the pending `proxy_on_queue_ready` notifications of a VM.
@@ -313,8 +409,13 @@ pub trait Callouts: Send + Sync {
     fn grpc_send(&self, _token: u32, _message: &[u8], _end_stream: bool) -> StatusResult<()> {
         Ok(())
     }
-    /// A call was cancelled or closed by the plugin.
+    /// A call was cancelled by the plugin: no answer is delivered.
     fn grpc_cancel(&self, _token: u32) -> StatusResult<()> {
+        Ok(())
+    }
+    /// The plugin closed its side of a call or stream; the answer still
+    /// comes (`proxy_grpc_close` closes, it does not cancel).
+    fn grpc_close(&self, _token: u32) -> StatusResult<()> {
         Ok(())
     }
 }
@@ -339,6 +440,10 @@ pub struct RecordingCallouts {
     pub http: Arc<Mutex<Vec<(u32, HttpCallout)>>>,
     /// gRPC calls and streams, with their tokens.
     pub grpc: Arc<Mutex<Vec<(u32, GrpcCallout)>>>,
+    /// Tokens the plugin cancelled.
+    pub cancelled: Arc<Mutex<Vec<u32>>>,
+    /// Tokens the plugin closed.
+    pub closed: Arc<Mutex<Vec<u32>>>,
 }
 
 impl Callouts for RecordingCallouts {
@@ -348,6 +453,14 @@ impl Callouts for RecordingCallouts {
     }
     fn grpc_call(&self, _: &str, token: u32, call: GrpcCallout, _: bool) -> StatusResult<()> {
         lock(&self.grpc).push((token, call));
+        Ok(())
+    }
+    fn grpc_cancel(&self, token: u32) -> StatusResult<()> {
+        lock(&self.cancelled).push(token);
+        Ok(())
+    }
+    fn grpc_close(&self, token: u32) -> StatusResult<()> {
+        lock(&self.closed).push(token);
         Ok(())
     }
 }

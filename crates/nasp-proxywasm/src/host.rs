@@ -7,11 +7,12 @@
 //! with its own allocator, never host memory.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use nasp_telemetry::{MetricError, MetricId, MetricKind};
+use nasp_telemetry::{MetricError, MetricId, MetricKind, MetricOp};
 
 use crate::abi::{HostFn, errno, status};
 use crate::bytecode::AbiVersion;
@@ -71,10 +72,18 @@ pub(crate) struct AbiHost {
     pub call: CallData,
     pub tick_period_ms: u32,
     pub done_called: bool,
+    /// The root context's `proxy_on_done` returned false: `proxy_done` is
+    /// allowed (and `proxy_on_delete` follows it).
+    pub pending_done: bool,
     pub stop_iteration: bool,
-    next_callout: u32,
+    /// Callout tokens this VM issued that may still get an answer.
+    pub callouts: HashSet<u32>,
     monotonic_base: Instant,
 }
+
+/// Callout tokens come from one counter for the whole process, so a token
+/// of a failed VM is never issued again by its replacement.
+static NEXT_CALLOUT: AtomicU32 = AtomicU32::new(1);
 
 impl AbiHost {
     pub fn new(abi: AbiVersion, info: Arc<PluginInfo>, env: HostEnv, vm_key: u64) -> Self {
@@ -92,8 +101,9 @@ impl AbiHost {
             call: CallData::default(),
             tick_period_ms: 0,
             done_called: false,
+            pending_done: false,
             stop_iteration: false,
-            next_callout: 0,
+            callouts: HashSet::new(),
             monotonic_base: Instant::now(),
         }
     }
@@ -219,43 +229,87 @@ impl AbiHost {
     /// Allocates in the guest and copies `data` there. The outer error is a
     /// trap of the allocator; the inner one a bad pointer it returned.
     fn guest_alloc(&mut self, g: &mut dyn Guest, data: &[u8]) -> Result<Result<i32, ()>, Trap> {
-        let Some(alloc) = self.alloc else {
-            return Ok(Err(()));
-        };
-        let Ok(len) = i32::try_from(data.len()) else {
-            return Ok(Err(()));
-        };
-        let ptr = match g.call(alloc, &[Val::I32(len)])? {
-            Some(Val::I32(p)) if p != 0 => p,
-            _ => return Ok(Err(())),
+        let ptr = match self.guest_alloc_len(g, data.len())? {
+            Ok(p) => p,
+            Err(()) => return Ok(Err(())),
         };
         Ok(mem::write(g, ptr, data).map(|()| ptr))
     }
 
-    fn buffer(&self, kind: i32) -> Result<Vec<u8>, i32> {
-        use crate::abi::buffer::*;
-        let from_stream = |f: fn(&crate::types::StreamState) -> &Vec<u8>| {
-            self.stream()
-                .map(|s| f(&lock(s)).clone())
-                .ok_or(status::NOT_FOUND)
+    /// Allocates `len` bytes in the guest with its allocator.
+    fn guest_alloc_len(&mut self, g: &mut dyn Guest, len: usize) -> Result<Result<i32, ()>, Trap> {
+        let Some(alloc) = self.alloc else {
+            return Ok(Err(()));
         };
-        match kind {
-            HTTP_REQUEST_BODY => from_stream(|s| &s.request_body),
-            HTTP_RESPONSE_BODY => from_stream(|s| &s.response_body),
-            DOWNSTREAM_DATA => from_stream(|s| &s.downstream_data),
-            UPSTREAM_DATA => from_stream(|s| &s.upstream_data),
-            HTTP_CALL_RESPONSE_BODY => self.call.body.clone().ok_or(status::NOT_FOUND),
-            GRPC_CALL_MESSAGE => self.call.grpc_message.clone().ok_or(status::NOT_FOUND),
-            VM_CONFIGURATION if self.phase == Phase::VmStart => {
-                Ok(self.info.vm_configuration.clone())
+        let Ok(len) = i32::try_from(len) else {
+            return Ok(Err(()));
+        };
+        match g.call(alloc, &[Val::I32(len)])? {
+            Some(Val::I32(p)) if p != 0 => Ok(Ok(p)),
+            _ => Ok(Err(())),
+        }
+    }
+
+    /// Runs `f` over buffer `kind` where it lives, without copying it.
+    fn with_buffer<R>(&self, kind: i32, f: impl FnOnce(&[u8]) -> R) -> Result<R, i32> {
+        use crate::abi::buffer::*;
+        let of_stream = |pick: fn(&crate::types::StreamState) -> &[u8],
+                         f: &mut dyn FnMut(&[u8])| {
+            match self.stream() {
+                Some(s) => {
+                    f(pick(&lock(s)));
+                    Ok(())
+                }
+                None => Err(status::NOT_FOUND),
+            }
+        };
+        let mut f = Some(f);
+        let mut out = None;
+        let mut run = |d: &[u8]| {
+            if let Some(f) = f.take() {
+                out = Some(f(d));
+            }
+        };
+        let r = match kind {
+            HTTP_REQUEST_BODY => of_stream(|s| &s.request_body, &mut run),
+            HTTP_RESPONSE_BODY => of_stream(|s| &s.response_body, &mut run),
+            DOWNSTREAM_DATA => of_stream(|s| &s.downstream_data, &mut run),
+            UPSTREAM_DATA => of_stream(|s| &s.upstream_data, &mut run),
+            HTTP_CALL_RESPONSE_BODY => match &self.call.body {
+                Some(b) => {
+                    run(b);
+                    Ok(())
+                }
+                None => Err(status::NOT_FOUND),
+            },
+            GRPC_CALL_MESSAGE => match &self.call.grpc_message {
+                Some(b) => {
+                    run(b);
+                    Ok(())
+                }
+                None => Err(status::NOT_FOUND),
+            },
+            // Readable at any time (Envoy keeps it for the VM's life); the
+            // plugin configuration only while it is being applied.
+            VM_CONFIGURATION => {
+                run(&self.info.vm_configuration);
+                Ok(())
             }
             PLUGIN_CONFIGURATION if self.phase == Phase::Configure => {
-                Ok(self.info.configuration.clone())
+                run(&self.info.configuration);
+                Ok(())
             }
-            VM_CONFIGURATION | PLUGIN_CONFIGURATION => Err(status::NOT_FOUND),
-            FOREIGN_FUNCTION_ARGUMENTS => self.call.foreign_args.clone().ok_or(status::NOT_FOUND),
+            PLUGIN_CONFIGURATION => Err(status::NOT_FOUND),
+            FOREIGN_FUNCTION_ARGUMENTS => match &self.call.foreign_args {
+                Some(b) => {
+                    run(b);
+                    Ok(())
+                }
+                None => Err(status::NOT_FOUND),
+            },
             _ => Err(status::BAD_ARGUMENT),
-        }
+        };
+        r.and_then(|()| out.ok_or(status::INTERNAL_FAILURE))
     }
 
     fn with_map<R>(&mut self, kind: i32, f: impl FnOnce(&mut HeaderMap) -> R) -> Result<R, i32> {
@@ -303,24 +357,23 @@ impl AbiHost {
     }
 
     fn next_token(&mut self, kind: u32) -> u32 {
-        self.next_callout += 1;
-        (self.next_callout << 2) | kind
+        // 30 bits of sequence; the low two carry the kind. Zero is skipped
+        // on wrap-around so a token is never 0.
+        let n = NEXT_CALLOUT.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
+        (n.max(1) << 2) | kind
     }
+}
 
-    fn metric_id(&self, id: i32) -> Result<MetricId, i32> {
-        let id = id as u32;
-        let m = MetricId((id >> 2) as usize);
-        let kind = match id & 3 {
-            0 => MetricKind::Counter,
-            1 => MetricKind::Gauge,
-            2 => MetricKind::Histogram,
-            _ => return Err(status::NOT_FOUND),
-        };
-        match self.env.metrics.kind(m) {
-            Some(k) if k == kind => Ok(m),
-            _ => Err(status::NOT_FOUND),
-        }
-    }
+/// The registry id and the kind carried in the low two bits of an ABI id.
+fn metric_id(id: i32) -> Result<(MetricId, MetricKind), i32> {
+    let id = id as u32;
+    let kind = match id & 3 {
+        0 => MetricKind::Counter,
+        1 => MetricKind::Gauge,
+        2 => MetricKind::Histogram,
+        _ => return Err(status::NOT_FOUND),
+    };
+    Ok((MetricId((id >> 2) as usize), kind))
 }
 
 fn metric_status(e: MetricError) -> i32 {
@@ -337,7 +390,19 @@ fn now_nanos() -> u64 {
         .unwrap_or(0)
 }
 
+/// Most bytes one `fd_write` gathers into a log line.
+pub(crate) const MAX_FD_WRITE_BYTES: usize = 64 * 1024;
+/// Most iovecs one `fd_write` reads (POSIX's `IOV_MAX`).
+pub(crate) const MAX_FD_WRITE_IOVECS: u32 = 1024;
+
 /// `fd_write` / `fd_pwrite`: fd 1 logs at info, fd 2 at error.
+///
+/// The gathering is capped at [`MAX_FD_WRITE_BYTES`] and
+/// [`MAX_FD_WRITE_IOVECS`]: past that the write is short (the count written
+/// back says how much was taken), which wasi-libc and Rust's std handle by
+/// writing the rest again. Without the cap a module can name the same
+/// megabyte in hundreds of thousands of iovecs and make the host allocate
+/// without bound.
 fn fd_write(
     g: &mut dyn Guest,
     args: &[Val],
@@ -350,13 +415,18 @@ fn fd_write(
         2 => LogLevel::Error,
         _ => return st(errno::BADF),
     };
-    let (iovs, n) = (arg(args, 1), arg(args, 2));
+    let (iovs, n) = (arg(args, 1), arg(args, 2) as u32);
     let mut out = Vec::new();
-    for i in 0..(n as u32) {
+    for i in 0..n.min(MAX_FD_WRITE_IOVECS) {
+        let room = MAX_FD_WRITE_BYTES - out.len();
+        if room == 0 {
+            break;
+        }
         let at = (iovs as u32).wrapping_add(i.wrapping_mul(8)) as i32;
         let ptr = try_wasi!(mem::read_u32(g, at));
         let len = try_wasi!(mem::read_u32(g, at.wrapping_add(4)));
-        out.extend_from_slice(try_wasi!(mem::slice(g, ptr as i32, len as i32)));
+        let data = try_wasi!(mem::slice(g, ptr as i32, len as i32));
+        out.extend_from_slice(&data[..data.len().min(room)]);
     }
     let written = out.len() as u32;
     let mut text = String::from_utf8_lossy(&out).into_owned();
@@ -409,9 +479,7 @@ impl HostHandler for AbiHost {
                 st(status::OK)
             }
             HostFn::SetTickPeriodMilliseconds => {
-                if self.effective != self.root_id {
-                    return st(status::BAD_ARGUMENT);
-                }
+                // From a stream context it applies to its root, as in Envoy.
                 self.tick_period_ms = arg(a, 0) as u32;
                 st(status::OK)
             }
@@ -423,24 +491,47 @@ impl HostHandler for AbiHost {
                 self.copy_out(g, &data, arg(a, 0), arg(a, 1))
             }
             HostFn::GetBufferBytes => {
+                let kind = arg(a, 0);
                 let (start, max) = (arg(a, 1) as u32 as usize, arg(a, 2) as u32 as usize);
-                let data = match self.buffer(arg(a, 0)) {
-                    Ok(d) => d,
+                let Some(end) = start.checked_add(max) else {
+                    return match self.with_buffer(kind, |_| ()) {
+                        Ok(()) => st(status::BAD_ARGUMENT),
+                        Err(s) => st(s),
+                    };
+                };
+                let range = |d: &[u8]| start.min(d.len())..end.min(d.len());
+                let len = match self.with_buffer(kind, |d| range(d).len()) {
+                    Ok(n) => n,
                     Err(s) => return st(s),
                 };
-                let Some(end) = start.checked_add(max) else {
-                    return st(status::BAD_ARGUMENT);
+                if len == 0 {
+                    try_mem!(mem::write_u32(g, arg(a, 3), 0));
+                    try_mem!(mem::write_u32(g, arg(a, 4), 0));
+                    return st(status::OK);
+                }
+                // Only the requested range is copied, straight from where the
+                // buffer lives into memory the guest allocated.
+                let ptr = try_mem!(self.guest_alloc_len(g, len)?);
+                let copied = self.with_buffer(kind, |d| {
+                    let r = range(d);
+                    let n = r.len().min(len);
+                    mem::write(g, ptr, &d[r.start..r.start + n]).map(|()| n)
+                });
+                let n = match copied {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(())) => return st(status::INVALID_MEMORY_ACCESS),
+                    Err(s) => return st(s),
                 };
-                let from = start.min(data.len());
-                let to = end.min(data.len());
-                self.copy_out(g, &data[from..to], arg(a, 3), arg(a, 4))
+                try_mem!(mem::write_u32(g, arg(a, 3), ptr as u32));
+                try_mem!(mem::write_u32(g, arg(a, 4), n as u32));
+                st(status::OK)
             }
             HostFn::GetBufferStatus => {
-                let data = match self.buffer(arg(a, 0)) {
-                    Ok(d) => d,
+                let len = match self.with_buffer(arg(a, 0), <[u8]>::len) {
+                    Ok(n) => n,
                     Err(s) => return st(s),
                 };
-                try_mem!(mem::write_u32(g, arg(a, 1), data.len() as u32));
+                try_mem!(mem::write_u32(g, arg(a, 1), len as u32));
                 try_mem!(mem::write_u32(g, arg(a, 2), 0));
                 st(status::OK)
             }
@@ -476,7 +567,8 @@ impl HostHandler for AbiHost {
                 }
                 st(status::OK)
             }
-            HostFn::GetHeaderMapSize => match self.with_map(arg(a, 0), |m| m.serialize().len()) {
+            // Envoy's `byteSize()`: the bytes of every name and value.
+            HostFn::GetHeaderMapSize => match self.with_map(arg(a, 0), |m| m.byte_size()) {
                 Ok(n) => {
                     try_mem!(mem::write_u32(g, arg(a, 1), n as u32));
                     st(status::OK)
@@ -593,6 +685,10 @@ impl HostHandler for AbiHost {
                 if !(0..=3).contains(&kind) {
                     return st(status::BAD_ARGUMENT);
                 }
+                // Envoy cannot pause (so cannot continue) upstream reads.
+                if f == HostFn::ContinueStream && kind == crate::abi::stream::UPSTREAM {
+                    return st(status::UNIMPLEMENTED);
+                }
                 let Some(s) = self.stream() else {
                     return st(status::NOT_FOUND);
                 };
@@ -628,7 +724,10 @@ impl HostHandler for AbiHost {
                     timeout_ms: arg(a, 8) as u32,
                 };
                 match self.env.callouts.http_call(&self.info.name, token, call) {
-                    Ok(()) => st(status::OK),
+                    Ok(()) => {
+                        self.callouts.insert(token);
+                        st(status::OK)
+                    }
                     Err(s) => st(s),
                 }
             }
@@ -667,7 +766,10 @@ impl HostHandler for AbiHost {
                     .callouts
                     .grpc_call(&self.info.name, token, call, stream)
                 {
-                    Ok(()) => st(status::OK),
+                    Ok(()) => {
+                        self.callouts.insert(token);
+                        st(status::OK)
+                    }
                     Err(s) => st(s),
                 }
             }
@@ -682,8 +784,28 @@ impl HostHandler for AbiHost {
                     Err(s) => st(s),
                 }
             }
-            HostFn::GrpcCancel | HostFn::GrpcClose => {
-                match self.env.callouts.grpc_cancel(arg(a, 0) as u32) {
+            HostFn::GrpcCancel => {
+                let token = arg(a, 0) as u32;
+                if !self.callouts.contains(&token) {
+                    return st(status::NOT_FOUND);
+                }
+                match self.env.callouts.grpc_cancel(token) {
+                    Ok(()) => {
+                        // A cancelled call gets no more callbacks.
+                        self.callouts.remove(&token);
+                        st(status::OK)
+                    }
+                    Err(s) => st(s),
+                }
+            }
+            HostFn::GrpcClose => {
+                // Half-closes the local side; the answer (and on_grpc_close)
+                // still arrives, so the token stays pending.
+                let token = arg(a, 0) as u32;
+                if !self.callouts.contains(&token) {
+                    return st(status::NOT_FOUND);
+                }
+                match self.env.callouts.grpc_close(token) {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
                 }
@@ -768,26 +890,29 @@ impl HostHandler for AbiHost {
                 ));
                 st(status::OK)
             }
-            HostFn::RecordMetric | HostFn::IncrementMetric => {
-                let id = match self.metric_id(arg(a, 0)) {
-                    Ok(id) => id,
+            HostFn::RecordMetric | HostFn::IncrementMetric | HostFn::GetMetric => {
+                let (id, kind) = match metric_id(arg(a, 0)) {
+                    Ok(v) => v,
                     Err(s) => return st(s),
                 };
-                let r = if f == HostFn::RecordMetric {
-                    self.env.metrics.record(id, arg64(a, 1) as u64)
-                } else {
-                    self.env.metrics.increment(id, arg64(a, 1))
+                let v = arg64(a, 1);
+                // As Envoy: record adds to a counter, sets a gauge, records a
+                // histogram sample; a counter only grows, by a positive
+                // increment; a histogram has no value to increment or read.
+                let op = match (f, kind) {
+                    (HostFn::RecordMetric, MetricKind::Counter) => MetricOp::Add(v),
+                    (HostFn::RecordMetric, MetricKind::Gauge) => MetricOp::Set(v),
+                    (HostFn::RecordMetric, MetricKind::Histogram) => MetricOp::Record(v as u64),
+                    (HostFn::IncrementMetric, MetricKind::Counter) if v > 0 => MetricOp::Add(v),
+                    (HostFn::IncrementMetric, MetricKind::Gauge) => MetricOp::Add(v),
+                    (HostFn::GetMetric, MetricKind::Counter | MetricKind::Gauge) => MetricOp::Get,
+                    _ => return st(status::BAD_ARGUMENT),
                 };
-                st(r.map(|()| status::OK).unwrap_or_else(metric_status))
-            }
-            HostFn::GetMetric => {
-                let id = match self.metric_id(arg(a, 0)) {
-                    Ok(id) => id,
-                    Err(s) => return st(s),
-                };
-                match self.env.metrics.get(id) {
-                    Ok(v) => {
-                        try_mem!(mem::write_u64(g, arg(a, 1), v as u64));
+                match self.env.metrics.update(id, kind, op) {
+                    Ok(value) => {
+                        if f == HostFn::GetMetric {
+                            try_mem!(mem::write_u64(g, arg(a, 1), value as u64));
+                        }
                         st(status::OK)
                     }
                     Err(e) => st(metric_status(e)),
@@ -803,7 +928,9 @@ impl HostHandler for AbiHost {
                 }
             }
             HostFn::Done => {
-                if self.effective == self.root_id {
+                // As Envoy: only a root context whose `proxy_on_done`
+                // returned false may say it is done.
+                if self.pending_done && !self.done_called {
                     self.done_called = true;
                     st(status::OK)
                 } else {

@@ -68,6 +68,10 @@ pub fn decode(buf: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
         data_at += 1;
         out.push((key, value));
     }
+    // Bytes after the last pair mean the sizes and the data disagree.
+    if data_at != buf.len() {
+        return None;
+    }
     Some(out)
 }
 
@@ -103,5 +107,8 @@ mod tests {
         let last = enc.len() - 1;
         enc[last] = 1; // missing NUL terminator
         assert!(decode(&enc).is_none());
+        let mut trailing = encode(vec![(&b"a"[..], &b"b"[..])]);
+        trailing.push(0);
+        assert!(decode(&trailing).is_none(), "trailing bytes are rejected");
     }
 }

@@ -243,6 +243,9 @@ pub struct Plugin {
     vm: Option<Vm>,
     fail: FailState,
     failed_at: Option<Instant>,
+    /// When the current VM started; a VM that ran long enough without
+    /// failing resets the reload backoff.
+    healthy_since: Option<Instant>,
     consecutive_failures: u32,
     next_context_id: u32,
     reloads: u32,
@@ -277,6 +280,7 @@ impl Plugin {
             vm: None,
             fail: FailState::Ok,
             failed_at: None,
+            healthy_since: None,
             consecutive_failures: 0,
             next_context_id: 1,
             reloads: 0,
@@ -389,6 +393,7 @@ impl Plugin {
                 self.config.name
             )));
         }
+        self.healthy_since = Some(Instant::now());
         Ok(())
     }
 
@@ -435,11 +440,64 @@ impl Plugin {
             message: msg.clone(),
         });
         self.fail = FailState::RuntimeError(msg);
-        self.failed_at = Some(Instant::now());
+        let now = Instant::now();
+        // A VM that served for twice the delay it waited for before failing
+        // again is healthy again: the backoff starts over.
+        let reset_after = self
+            .backoff_delay(self.consecutive_failures)
+            .saturating_mul(2);
+        if self
+            .healthy_since
+            .is_some_and(|t| now.duration_since(t) >= reset_after)
+        {
+            self.consecutive_failures = 0;
+        }
+        self.healthy_since = None;
+        self.failed_at = Some(now);
         self.consecutive_failures += 1;
         // The instance may hold broken state (the Rust SDK leaves a RefCell
-        // borrowed on panic): drop it so it is never called again.
-        self.vm = None;
+        // borrowed on panic): drop it so it is never called again. Its
+        // pending queue notifications go with it.
+        self.drop_vm();
+    }
+
+    fn drop_vm(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            self.env.shared.forget_vm(vm.vm_key);
+        }
+    }
+
+    /// The wait before a reload after `failures` consecutive failures.
+    fn backoff_delay(&self, failures: u32) -> Duration {
+        let FailPolicy::Reload { backoff } = self.config.fail_policy else {
+            return Duration::ZERO;
+        };
+        let exp = failures.saturating_sub(1).min(16);
+        backoff
+            .saturating_mul(1u32 << exp)
+            .min(Duration::from_secs(60))
+    }
+
+    /// Under [`FailPolicy::Reload`], with the VM down: how long after the
+    /// failure the next reload may happen. `None` while the VM runs.
+    pub fn reload_delay(&self) -> Option<Duration> {
+        match (self.config.fail_policy, &self.vm) {
+            (FailPolicy::Reload { .. }, None) => {
+                Some(self.backoff_delay(self.consecutive_failures))
+            }
+            _ => None,
+        }
+    }
+
+    /// An id of the running VM instance, unique in the process; `None` while
+    /// it is down. A stream is bound to the instance that created its context.
+    pub fn vm_key(&self) -> Option<u64> {
+        self.vm.as_ref().map(|vm| vm.vm_key)
+    }
+
+    /// Stream contexts alive in the running VM.
+    pub fn live_streams(&mut self) -> usize {
+        self.vm.as_mut().map_or(0, |vm| vm.host().streams.len())
     }
 
     /// Calls a root-context callback. `Err` means the VM failed (or is gone).
@@ -478,12 +536,42 @@ impl Plugin {
     fn after_call(&mut self) {
         let Some(vm) = self.vm.as_mut() else { return };
         let key = vm.vm_key;
-        {
+        let root = vm.root_id as i32;
+        let delete_root = {
             let h = vm.host();
             h.phase = Phase::Callback;
             h.call = CallData::default();
+            // `proxy_done` from a root context pending done: its
+            // `proxy_on_delete` follows the call that made it, as in Envoy.
+            let d = h.pending_done && h.done_called;
+            if d {
+                h.pending_done = false;
+            }
+            d
+        };
+        if delete_root {
+            let _ = self.call_root(
+                |c| c.on_delete,
+                "proxy_on_delete",
+                &[Val::I32(root)],
+                Phase::Callback,
+            );
         }
+        self.deliver_queue_ready(key);
+    }
+
+    /// Delivers the `proxy_on_queue_ready` notifications posted to this VM
+    /// (by any VM's enqueue) since its last call. Returns how many.
+    pub fn dispatch_queue_ready(&mut self) -> usize {
+        match self.vm.as_ref().map(|vm| vm.vm_key) {
+            Some(key) => self.deliver_queue_ready(key),
+            None => 0,
+        }
+    }
+
+    fn deliver_queue_ready(&mut self, key: u64) -> usize {
         let ready = self.env.shared.take_ready(key);
+        let n = ready.len();
         for (root, token) in ready {
             let _ = self.call_root(
                 |c| c.on_queue_ready,
@@ -492,6 +580,7 @@ impl Plugin {
                 Phase::Callback,
             );
         }
+        n
     }
 
     /// Recreates a failed VM under the reload policy, when the backoff allows.
@@ -502,10 +591,8 @@ impl Plugin {
         if self.vm.is_some() {
             return;
         }
-        let exp = self.consecutive_failures.saturating_sub(1).min(16);
-        let delay = backoff
-            .saturating_mul(1u32 << exp)
-            .min(Duration::from_secs(60));
+        let _ = backoff;
+        let delay = self.backoff_delay(self.consecutive_failures);
         if self.failed_at.is_some_and(|t| t.elapsed() < delay) {
             return;
         }
@@ -519,7 +606,7 @@ impl Plugin {
                 });
             }
             Err(e) => {
-                self.vm = None;
+                self.drop_vm();
                 self.failed_at = Some(Instant::now());
                 self.consecutive_failures += 1;
                 self.fail = FailState::RuntimeError(format!("reload failed: {e}"));
@@ -536,12 +623,13 @@ impl Plugin {
     }
 
     /// Creates a stream context in this VM. `None` if the VM is down.
-    fn create_stream(&mut self, state: &SharedStream) -> Option<u32> {
+    fn create_stream(&mut self, state: &SharedStream) -> Option<StreamCtx> {
         self.maybe_reload();
         let vm = self.vm.as_mut()?;
         let id = self.next_context_id;
         self.next_context_id += 1;
         let root = vm.root_id;
+        let vm_key = vm.vm_key;
         vm.host().streams.insert(id, state.clone());
         let f = vm.cb.on_context_create;
         self.call_stream(
@@ -551,7 +639,16 @@ impl Plugin {
             &[Val::I32(id as i32), Val::I32(root as i32)],
         )
         .ok()?;
-        Some(id)
+        Some(StreamCtx { vm_key, id })
+    }
+
+    /// The context id of `ctx` if it lives in the running VM. A context of a
+    /// VM that failed (even if a fresh one runs now) is never delivered to
+    /// another instance: the SDKs panic on an unknown context id.
+    fn live(&self, ctx: Option<StreamCtx>) -> Option<u32> {
+        let ctx = ctx?;
+        let vm = self.vm.as_ref()?;
+        (vm.vm_key == ctx.vm_key).then_some(ctx.id)
     }
 
     /// Calls a stream callback with the stream as the effective context.
@@ -586,19 +683,25 @@ impl Plugin {
 
     fn stream_action(
         &mut self,
-        id: Option<u32>,
-        pick: fn(&Callbacks) -> Option<FuncRef>,
+        ctx: Option<StreamCtx>,
+        cb: Cb,
         name: &str,
         args: &[Val],
     ) -> FilterStatus {
-        let (Some(id), Some(vm)) = (id, self.vm.as_mut()) else {
+        let Some(id) = self.live(ctx) else {
             return self.failed_status();
         };
-        let f = pick(&vm.cb);
+        let Some(vm) = self.vm.as_mut() else {
+            return self.failed_status();
+        };
+        let f = (cb.pick)(&vm.cb);
         match self.call_stream(id, f, name, args) {
             Ok(None) => FilterStatus::Continue,
-            // 0 Continue and 2 ContinueAndEndStream go on; every stop value pauses.
-            Ok(Some(Val::I32(0 | 2))) => FilterStatus::Continue,
+            // As Envoy maps them: headers 0 Continue and 2
+            // ContinueAndEndStream go on; for bodies, trailers and TCP data
+            // only 0 does (2 is StopIterationAndWatermark on a body).
+            Ok(Some(Val::I32(0))) => FilterStatus::Continue,
+            Ok(Some(Val::I32(2))) if cb.headers => FilterStatus::Continue,
             Ok(Some(_)) => FilterStatus::Pause,
             Err(()) => self.failed_status(),
         }
@@ -606,25 +709,25 @@ impl Plugin {
 
     fn stream_event(
         &mut self,
-        id: Option<u32>,
+        ctx: Option<StreamCtx>,
         pick: fn(&Callbacks) -> Option<FuncRef>,
         name: &str,
         args: &[Val],
     ) {
-        let (Some(id), Some(vm)) = (id, self.vm.as_mut()) else {
-            return;
-        };
+        let Some(id) = self.live(ctx) else { return };
+        let Some(vm) = self.vm.as_mut() else { return };
         let f = pick(&vm.cb);
         let _ = self.call_stream(id, f, name, args);
     }
 
-    /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` for a stream.
-    fn finish_stream(&mut self, id: Option<u32>) {
-        let Some(id) = id else { return };
+    /// `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` for a stream, and
+    /// its state freed. Nothing for a context of a VM that is gone.
+    fn finish_stream(&mut self, ctx: Option<StreamCtx>) {
+        let Some(id) = self.live(ctx) else { return };
         let i = id as i32;
-        self.stream_event(Some(id), |c| c.on_done, "proxy_on_done", &[Val::I32(i)]);
-        self.stream_event(Some(id), |c| c.on_log, "proxy_on_log", &[Val::I32(i)]);
-        self.stream_event(Some(id), |c| c.on_delete, "proxy_on_delete", &[Val::I32(i)]);
+        self.stream_event(ctx, |c| c.on_done, "proxy_on_done", &[Val::I32(i)]);
+        self.stream_event(ctx, |c| c.on_log, "proxy_on_log", &[Val::I32(i)]);
+        self.stream_event(ctx, |c| c.on_delete, "proxy_on_delete", &[Val::I32(i)]);
         if let Some(vm) = self.vm.as_mut() {
             vm.host().streams.remove(&id);
         }
@@ -641,7 +744,19 @@ impl Plugin {
         );
     }
 
-    /// Delivers an HTTP callout response to the root context.
+    /// A callout answer whose token this VM never issued (or already closed):
+    /// it belongs to a VM that failed, and the SDKs panic on unknown tokens,
+    /// so it is dropped.
+    fn unknown_token(&self, callback: &str, token: u32) {
+        self.env.logs.log(LogRecord {
+            level: LogLevel::Debug,
+            plugin: self.config.name.clone(),
+            message: format!("{callback}: token {token} is not pending in this VM; dropped"),
+        });
+    }
+
+    /// Delivers an HTTP callout response to the root context. A token the
+    /// running VM did not issue (one from a VM that failed) is dropped.
     pub fn on_http_call_response(
         &mut self,
         token: u32,
@@ -650,6 +765,10 @@ impl Plugin {
         trailers: HeaderMap,
     ) {
         let Some(vm) = self.vm.as_mut() else { return };
+        if !vm.host().callouts.remove(&token) {
+            self.unknown_token("on_http_call_response", token);
+            return;
+        }
         let root = vm.root_id as i32;
         let (nh, nb, nt) = (
             headers.len() as i32,
@@ -684,6 +803,10 @@ impl Plugin {
     /// Delivers gRPC initial metadata.
     pub fn on_grpc_receive_initial_metadata(&mut self, token: u32, metadata: HeaderMap) {
         let Some(vm) = self.vm.as_mut() else { return };
+        if !vm.host().callouts.contains(&token) {
+            self.unknown_token("on_grpc_receive_initial_metadata", token);
+            return;
+        }
         let root = vm.root_id as i32;
         let n = metadata.len() as i32;
         vm.host().call = CallData {
@@ -700,6 +823,10 @@ impl Plugin {
     /// Delivers a gRPC message.
     pub fn on_grpc_receive(&mut self, token: u32, message: Vec<u8>) {
         let Some(vm) = self.vm.as_mut() else { return };
+        if !vm.host().callouts.contains(&token) {
+            self.unknown_token("on_grpc_receive", token);
+            return;
+        }
         let root = vm.root_id as i32;
         let n = message.len() as i32;
         vm.host().call = CallData {
@@ -716,6 +843,10 @@ impl Plugin {
     /// Delivers gRPC trailing metadata.
     pub fn on_grpc_receive_trailing_metadata(&mut self, token: u32, metadata: HeaderMap) {
         let Some(vm) = self.vm.as_mut() else { return };
+        if !vm.host().callouts.contains(&token) {
+            self.unknown_token("on_grpc_receive_trailing_metadata", token);
+            return;
+        }
         let root = vm.root_id as i32;
         let n = metadata.len() as i32;
         vm.host().call = CallData {
@@ -732,6 +863,10 @@ impl Plugin {
     /// Delivers the end of a gRPC call with its status.
     pub fn on_grpc_close(&mut self, token: u32, status: u32, message: String) {
         let Some(vm) = self.vm.as_mut() else { return };
+        if !vm.host().callouts.remove(&token) {
+            self.unknown_token("on_grpc_close", token);
+            return;
+        }
         let root = vm.root_id as i32;
         vm.host().call = CallData {
             status: Some((status, message)),
@@ -774,9 +909,11 @@ impl Plugin {
         self.call_root(pick, name, args, Phase::Callback)
     }
 
-    /// Tears the root context down: `proxy_on_done`; if it returns false the
-    /// plugin must call `proxy_done()` before `proxy_on_delete` runs. Returns
-    /// whether the root context was deleted.
+    /// Tears the root context down: `proxy_on_done`; if it returns true,
+    /// `proxy_on_delete` follows at once. If it returns false the root
+    /// context is pending done: `proxy_on_delete` runs after the call in
+    /// which the plugin calls `proxy_done()` (which is NOT_FOUND at any other
+    /// time, as in Envoy). Returns whether the root context was deleted now.
     pub fn shutdown(&mut self) -> bool {
         let root = match self.vm.as_ref() {
             Some(vm) => vm.root_id as i32,
@@ -788,18 +925,26 @@ impl Plugin {
             &[Val::I32(root)],
             Phase::Callback,
         );
-        let done_now = !matches!(done, Ok(Some(Val::I32(0))));
-        let done_later = self.vm.as_mut().is_some_and(|vm| vm.host().done_called);
-        if done_now || done_later {
-            let _ = self.call_root(
-                |c| c.on_delete,
-                "proxy_on_delete",
-                &[Val::I32(root)],
-                Phase::Callback,
-            );
-            return true;
+        match done {
+            Err(()) => true,
+            Ok(Some(Val::I32(0))) => {
+                if let Some(vm) = self.vm.as_mut() {
+                    let h = vm.host();
+                    h.pending_done = true;
+                    h.done_called = false;
+                }
+                false
+            }
+            Ok(_) => {
+                let _ = self.call_root(
+                    |c| c.on_delete,
+                    "proxy_on_delete",
+                    &[Val::I32(root)],
+                    Phase::Callback,
+                );
+                true
+            }
         }
-        false
     }
 
     /// Whether the root context called `proxy_done()`.
@@ -835,17 +980,86 @@ impl Plugin {
     }
 }
 
+/// A stream's context in one plugin: the VM instance that created it and
+/// its context id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StreamCtx {
+    vm_key: u64,
+    id: u32,
+}
+
+/// Which callback a stream action is, for mapping its return value.
+#[derive(Clone, Copy)]
+struct Cb {
+    pick: fn(&Callbacks) -> Option<FuncRef>,
+    headers: bool,
+}
+
+/// Up to three callback arguments, without a vector per call.
+#[derive(Clone, Copy)]
+struct Args {
+    vals: [Val; 3],
+    len: usize,
+}
+
+impl Args {
+    fn new(vals: &[i32]) -> Self {
+        let mut a = Args {
+            vals: [Val::I32(0); 3],
+            len: vals.len().min(3),
+        };
+        for (slot, v) in a.vals.iter_mut().zip(vals) {
+            *slot = Val::I32(*v);
+        }
+        a
+    }
+    fn as_slice(&self) -> &[Val] {
+        &self.vals[..self.len]
+    }
+}
+
+static NEXT_CHAIN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Contexts of streams dropped without `finish()`, waiting for their chain
+/// to end them.
+type Dropped = Arc<Mutex<Vec<Vec<Option<StreamCtx>>>>>;
+
 /// Plugins applied in order to every stream of one direction.
-#[derive(Debug, Default)]
+///
+/// A stream belongs to the chain that created it: driving it through
+/// another chain fails (`FilterStatus::Fail`) without calling any plugin.
+/// A stream dropped without [`HttpStream::finish`] / [`TcpStream::finish`]
+/// (a cancelled request future) is ended by the chain at its next use, or
+/// by [`FilterChain::dispatch_pending`]: `proxy_on_done`, `proxy_on_log`,
+/// `proxy_on_delete`, and its state freed.
+#[derive(Debug)]
 pub struct FilterChain {
     /// The plugins, first to last.
     pub plugins: Vec<Plugin>,
+    id: u64,
+    dropped: Dropped,
+}
+
+impl Default for FilterChain {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl Drop for FilterChain {
+    fn drop(&mut self) {
+        self.reap_dropped();
+    }
 }
 
 impl FilterChain {
     /// A chain of plugins.
     pub fn new(plugins: Vec<Plugin>) -> Self {
-        Self { plugins }
+        Self {
+            plugins,
+            id: NEXT_CHAIN_ID.fetch_add(1, Ordering::Relaxed),
+            dropped: Arc::default(),
+        }
     }
 
     fn new_state(provider: Arc<dyn PropertyProvider>) -> SharedStream {
@@ -855,45 +1069,72 @@ impl FilterChain {
         }))
     }
 
+    fn contexts(&mut self, state: &SharedStream) -> Vec<Option<StreamCtx>> {
+        self.reap_dropped();
+        self.plugins
+            .iter_mut()
+            .map(|p| p.create_stream(state))
+            .collect()
+    }
+
+    /// Ends the streams dropped without `finish()`. Returns how many.
+    pub fn reap_dropped(&mut self) -> usize {
+        let dropped = std::mem::take(&mut *lock(&self.dropped));
+        for contexts in &dropped {
+            for (p, ctx) in self.plugins.iter_mut().zip(contexts) {
+                p.finish_stream(*ctx);
+            }
+        }
+        dropped.len()
+    }
+
+    /// Work that arrived while the chain was idle: ends dropped streams and
+    /// delivers `proxy_on_queue_ready` posted to its VMs by other VMs.
+    pub fn dispatch_pending(&mut self) {
+        self.reap_dropped();
+        for p in &mut self.plugins {
+            p.dispatch_queue_ready();
+        }
+    }
+
     /// Starts an HTTP stream: one context in every plugin.
     pub fn http_stream(&mut self, provider: Arc<dyn PropertyProvider>) -> HttpStream {
         let state = Self::new_state(provider);
-        let contexts = self
-            .plugins
-            .iter_mut()
-            .map(|p| p.create_stream(&state))
-            .collect();
+        let contexts = self.contexts(&state);
         HttpStream {
             state,
             contexts,
+            chain_id: self.id,
+            dropped: self.dropped.clone(),
             finished: false,
+            request: Flow::default(),
+            response: Flow::default(),
         }
     }
 
     /// Starts a TCP stream and calls `proxy_on_new_connection`.
     pub fn tcp_stream(&mut self, provider: Arc<dyn PropertyProvider>) -> (TcpStream, FilterStatus) {
         let state = Self::new_state(provider);
-        let contexts: Vec<Option<u32>> = self
-            .plugins
-            .iter_mut()
-            .map(|p| p.create_stream(&state))
-            .collect();
+        let contexts = self.contexts(&state);
         let mut s = TcpStream {
             state,
             contexts,
+            chain_id: self.id,
+            dropped: self.dropped.clone(),
             finished: false,
         };
         let status = s.run(
             self,
             |c| c.on_new_connection,
             "proxy_on_new_connection",
-            |id| vec![Val::I32(id as i32)],
+            |id| Args::new(&[id as i32]),
         );
         (s, status)
     }
 
     /// Calls `proxy_on_tick` on every plugin whose tick period is set.
     pub fn tick(&mut self) {
+        self.dispatch_pending();
         for p in &mut self.plugins {
             if !p.tick_period().is_zero() {
                 p.tick();
@@ -902,45 +1143,453 @@ impl FilterChain {
     }
 }
 
+/// Runs one callback over the plugins from `start`; returns the status and
+/// the index of the plugin that stopped, if one did.
 fn run_chain(
     chain: &mut FilterChain,
     state: &SharedStream,
-    contexts: &[Option<u32>],
-    pick: fn(&Callbacks) -> Option<FuncRef>,
+    contexts: &[Option<StreamCtx>],
+    start: usize,
+    cb: Cb,
     name: &str,
-    args: impl Fn(u32, &StreamState, bool) -> Vec<Val>,
-) -> FilterStatus {
-    for (plugin, id) in chain.plugins.iter_mut().zip(contexts) {
-        let status = match (*id, plugin.vm.as_ref()) {
+    args: impl Fn(u32, &StreamState, bool) -> Args,
+) -> (FilterStatus, usize) {
+    for (i, (plugin, ctx)) in chain
+        .plugins
+        .iter_mut()
+        .zip(contexts)
+        .enumerate()
+        .skip(start)
+    {
+        let status = match (plugin.live(*ctx), plugin.vm.as_ref()) {
             (Some(id), Some(vm)) => {
                 let eos = vm.cb.headers_eos;
                 let a = args(id, &lock(state), eos);
-                plugin.stream_action(Some(id), pick, name, &a)
+                plugin.stream_action(*ctx, cb, name, a.as_slice())
             }
             _ => plugin.failed_status(),
         };
         if lock(state).local_response.is_some() {
-            return FilterStatus::LocalResponse;
+            return (FilterStatus::LocalResponse, i);
         }
         if status != FilterStatus::Continue {
-            return status;
+            return (status, i);
         }
     }
-    FilterStatus::Continue
+    (FilterStatus::Continue, contexts.len())
+}
+
+/// Where a paused direction of an HTTP stream stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// In the headers callback.
+    Headers,
+    /// In the body callback.
+    Body,
+    /// In the trailers callback.
+    Trailers,
+}
+
+/// One direction of an HTTP stream: where it paused and what arrived since.
+#[derive(Debug, Default)]
+struct Flow {
+    /// The stage and the plugin that paused.
+    paused: Option<(Stage, usize)>,
+    /// `end_of_stream` given with the headers.
+    headers_eos: bool,
+    /// Body data arrived (and is buffered) while paused; with its `end_of_stream`.
+    body_pending: Option<bool>,
+    /// Trailers arrived while paused.
+    trailers_pending: bool,
+}
+
+/// Request or response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The request (decoding).
+    Request,
+    /// The response (encoding).
+    Response,
+}
+
+/// What resuming a paused direction produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resumed {
+    /// The outcome: `Continue` if the direction ran to the end of the chain.
+    pub status: FilterStatus,
+    /// The body to forward, when the body stage completed.
+    pub body: Option<Vec<u8>>,
+    /// Whether the trailers stage completed (read them from the state).
+    pub trailers: bool,
+}
+
+struct Callbacks3 {
+    headers: Cb,
+    body: Cb,
+    trailers: Cb,
+    names: [&'static str; 3],
+}
+
+const REQUEST: Callbacks3 = Callbacks3 {
+    headers: Cb {
+        pick: |c| c.on_request_headers,
+        headers: true,
+    },
+    body: Cb {
+        pick: |c| c.on_request_body,
+        headers: false,
+    },
+    trailers: Cb {
+        pick: |c| c.on_request_trailers,
+        headers: false,
+    },
+    names: [
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_request_trailers",
+    ],
+};
+
+const RESPONSE: Callbacks3 = Callbacks3 {
+    headers: Cb {
+        pick: |c| c.on_response_headers,
+        headers: true,
+    },
+    body: Cb {
+        pick: |c| c.on_response_body,
+        headers: false,
+    },
+    trailers: Cb {
+        pick: |c| c.on_response_trailers,
+        headers: false,
+    },
+    names: [
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_response_trailers",
+    ],
+};
+
+fn headers_of(s: &mut StreamState, dir: Direction) -> &mut HeaderMap {
+    match dir {
+        Direction::Request => &mut s.request_headers,
+        Direction::Response => &mut s.response_headers,
+    }
+}
+
+fn body_of(s: &mut StreamState, dir: Direction) -> &mut Vec<u8> {
+    match dir {
+        Direction::Request => &mut s.request_body,
+        Direction::Response => &mut s.response_body,
+    }
+}
+
+fn trailers_of(s: &mut StreamState, dir: Direction) -> &mut HeaderMap {
+    match dir {
+        Direction::Request => &mut s.request_trailers,
+        Direction::Response => &mut s.response_trailers,
+    }
 }
 
 /// One HTTP exchange through a [`FilterChain`].
+///
+/// A direction that a plugin pauses stays paused: data that arrives is
+/// buffered without callbacks, and [`HttpStream::resume`] (after the plugin
+/// called `proxy_continue_stream`, see [`HttpStream::resume_continued`])
+/// continues with the plugin after the one that paused, as Envoy's
+/// `continueDecoding` / `continueEncoding` do.
 #[derive(Debug)]
 pub struct HttpStream {
     state: SharedStream,
-    contexts: Vec<Option<u32>>,
+    contexts: Vec<Option<StreamCtx>>,
+    chain_id: u64,
+    dropped: Dropped,
     finished: bool,
+    request: Flow,
+    response: Flow,
+}
+
+impl Drop for HttpStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            lock(&self.dropped).push(std::mem::take(&mut self.contexts));
+        }
+    }
 }
 
 impl HttpStream {
     /// The shared state (headers, bodies, properties set by filters).
     pub fn state(&self) -> &SharedStream {
         &self.state
+    }
+
+    /// Whether this stream was created by `chain`; a stream is never driven
+    /// through another chain.
+    fn mine(&self, chain: &mut FilterChain) -> bool {
+        if chain.id != self.chain_id {
+            return false;
+        }
+        chain.reap_dropped();
+        true
+    }
+
+    fn flow(&mut self, dir: Direction) -> &mut Flow {
+        match dir {
+            Direction::Request => &mut self.request,
+            Direction::Response => &mut self.response,
+        }
+    }
+
+    /// Where a direction is paused, if it is.
+    pub fn paused(&self, dir: Direction) -> Option<Stage> {
+        match dir {
+            Direction::Request => self.request.paused.map(|p| p.0),
+            Direction::Response => self.response.paused.map(|p| p.0),
+        }
+    }
+
+    fn run_headers(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        from: usize,
+    ) -> FilterStatus {
+        let cbs = match dir {
+            Direction::Request => &REQUEST,
+            Direction::Response => &RESPONSE,
+        };
+        let eos = self.flow(dir).headers_eos;
+        let (st, at) = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            from,
+            cbs.headers,
+            cbs.names[0],
+            |id, s, eos3| {
+                let n = match dir {
+                    Direction::Request => s.request_headers.len(),
+                    Direction::Response => s.response_headers.len(),
+                } as i32;
+                if eos3 {
+                    Args::new(&[id as i32, n, i32::from(eos)])
+                } else {
+                    Args::new(&[id as i32, n])
+                }
+            },
+        );
+        if st == FilterStatus::Pause {
+            self.flow(dir).paused = Some((Stage::Headers, at));
+        }
+        st
+    }
+
+    fn run_body(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        from: usize,
+        eos: bool,
+    ) -> FilterStatus {
+        let cbs = match dir {
+            Direction::Request => &REQUEST,
+            Direction::Response => &RESPONSE,
+        };
+        let (st, at) = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            from,
+            cbs.body,
+            cbs.names[1],
+            |id, s, _| {
+                let n = match dir {
+                    Direction::Request => s.request_body.len(),
+                    Direction::Response => s.response_body.len(),
+                } as i32;
+                Args::new(&[id as i32, n, i32::from(eos)])
+            },
+        );
+        if st == FilterStatus::Pause {
+            let f = self.flow(dir);
+            f.paused = Some((Stage::Body, at));
+            // A body paused at its end stays buffered for the filter that
+            // resumes; one paused mid-stream gets the next chunk with it.
+            f.body_pending = eos.then_some(true);
+        }
+        st
+    }
+
+    fn run_trailers(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        from: usize,
+    ) -> FilterStatus {
+        let cbs = match dir {
+            Direction::Request => &REQUEST,
+            Direction::Response => &RESPONSE,
+        };
+        let (st, at) = run_chain(
+            chain,
+            &self.state,
+            &self.contexts,
+            from,
+            cbs.trailers,
+            cbs.names[2],
+            |id, s, _| {
+                let n = match dir {
+                    Direction::Request => s.request_trailers.len(),
+                    Direction::Response => s.response_trailers.len(),
+                } as i32;
+                Args::new(&[id as i32, n])
+            },
+        );
+        if st == FilterStatus::Pause {
+            self.flow(dir).paused = Some((Stage::Trailers, at));
+        }
+        st
+    }
+
+    /// Finishes a status: a local response on the request side is sent
+    /// through the response callbacks, as Envoy's local replies are.
+    fn conclude(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        st: FilterStatus,
+    ) -> FilterStatus {
+        if st == FilterStatus::LocalResponse && dir == Direction::Request {
+            self.local_reply(chain);
+        }
+        st
+    }
+
+    /// Runs a local reply through every plugin's response callbacks, with
+    /// `:status` and the reply's headers, then its body, and keeps what the
+    /// filters made of it.
+    fn local_reply(&mut self, chain: &mut FilterChain) {
+        let Some(lr) = lock(&self.state).local_response.take() else {
+            return;
+        };
+        {
+            let mut s = lock(&self.state);
+            let mut h = HeaderMap::new();
+            h.add(b":status", lr.status.to_string().as_bytes());
+            for (k, v) in lr.headers.iter() {
+                h.add(k, v);
+            }
+            s.response_headers = h;
+            s.response_body = lr.body.clone();
+        }
+        self.response = Flow {
+            headers_eos: lr.body.is_empty(),
+            ..Flow::default()
+        };
+        let st = self.run_headers(chain, Direction::Response, 0);
+        if st == FilterStatus::Continue && !lr.body.is_empty() {
+            self.run_body(chain, Direction::Response, 0, true);
+        }
+        let mut s = lock(&self.state);
+        // A second local reply from a response callback is ignored: the
+        // first one is being sent.
+        s.local_response = None;
+        let headers = std::mem::take(&mut s.response_headers);
+        let status = headers
+            .get_str(":status")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(lr.status);
+        let mut rest = HeaderMap::new();
+        for (k, v) in headers.iter().filter(|(k, _)| *k != b":status") {
+            rest.add(k, v);
+        }
+        let body = std::mem::take(&mut s.response_body);
+        s.local_response = Some(crate::types::LocalResponse {
+            status,
+            headers: rest,
+            body,
+            ..lr
+        });
+    }
+
+    fn headers_step(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> FilterStatus {
+        if !self.mine(chain) {
+            return FilterStatus::Fail;
+        }
+        *headers_of(&mut lock(&self.state), dir) = std::mem::take(headers);
+        *self.flow(dir) = Flow {
+            headers_eos: end_of_stream,
+            ..Flow::default()
+        };
+        let st = self.run_headers(chain, dir, 0);
+        let st = self.conclude(chain, dir, st);
+        headers.clone_from(headers_of(&mut lock(&self.state), dir));
+        st
+    }
+
+    fn body_step(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> (FilterStatus, Vec<u8>) {
+        if !self.mine(chain) {
+            return (FilterStatus::Fail, Vec::new());
+        }
+        body_of(&mut lock(&self.state), dir).extend_from_slice(chunk);
+        let (paused, pending) = {
+            let f = self.flow(dir);
+            (f.paused, f.body_pending.is_some())
+        };
+        match paused {
+            // Paused in headers (waiting for a callout, say) or at the end of
+            // the body: buffer until resumed.
+            Some((Stage::Headers, _)) | Some((Stage::Trailers, _)) => {
+                self.flow(dir).body_pending = Some(end_of_stream);
+                return (FilterStatus::Pause, Vec::new());
+            }
+            Some((Stage::Body, _)) if pending => {
+                return (FilterStatus::Pause, Vec::new());
+            }
+            _ => {}
+        }
+        self.flow(dir).paused = None;
+        let st = self.run_body(chain, dir, 0, end_of_stream);
+        let st = self.conclude(chain, dir, st);
+        let body = if st == FilterStatus::Pause {
+            Vec::new()
+        } else {
+            std::mem::take(body_of(&mut lock(&self.state), dir))
+        };
+        (st, body)
+    }
+
+    fn trailers_step(
+        &mut self,
+        chain: &mut FilterChain,
+        dir: Direction,
+        trailers: &mut HeaderMap,
+    ) -> FilterStatus {
+        if !self.mine(chain) {
+            return FilterStatus::Fail;
+        }
+        *trailers_of(&mut lock(&self.state), dir) = std::mem::take(trailers);
+        if self.flow(dir).paused.is_some() {
+            self.flow(dir).trailers_pending = true;
+            trailers.clone_from(trailers_of(&mut lock(&self.state), dir));
+            return FilterStatus::Pause;
+        }
+        let st = self.run_trailers(chain, dir, 0);
+        let st = self.conclude(chain, dir, st);
+        trailers.clone_from(trailers_of(&mut lock(&self.state), dir));
+        st
     }
 
     /// Runs `proxy_on_request_headers` with these headers; they are replaced
@@ -951,26 +1600,7 @@ impl HttpStream {
         headers: &mut HeaderMap,
         end_of_stream: bool,
     ) -> FilterStatus {
-        lock(&self.state).request_headers = std::mem::take(headers);
-        let st = run_chain(
-            chain,
-            &self.state,
-            &self.contexts,
-            |c| c.on_request_headers,
-            "proxy_on_request_headers",
-            |id, s, eos3| {
-                let mut v = vec![
-                    Val::I32(id as i32),
-                    Val::I32(s.request_headers.len() as i32),
-                ];
-                if eos3 {
-                    v.push(Val::I32(i32::from(end_of_stream)));
-                }
-                v
-            },
-        );
-        *headers = lock(&self.state).request_headers.clone();
-        st
+        self.headers_step(chain, Direction::Request, headers, end_of_stream)
     }
 
     /// Runs `proxy_on_response_headers`.
@@ -980,59 +1610,22 @@ impl HttpStream {
         headers: &mut HeaderMap,
         end_of_stream: bool,
     ) -> FilterStatus {
-        lock(&self.state).response_headers = std::mem::take(headers);
-        let st = run_chain(
-            chain,
-            &self.state,
-            &self.contexts,
-            |c| c.on_response_headers,
-            "proxy_on_response_headers",
-            |id, s, eos3| {
-                let mut v = vec![
-                    Val::I32(id as i32),
-                    Val::I32(s.response_headers.len() as i32),
-                ];
-                if eos3 {
-                    v.push(Val::I32(i32::from(end_of_stream)));
-                }
-                v
-            },
-        );
-        *headers = lock(&self.state).response_headers.clone();
-        st
+        self.headers_step(chain, Direction::Response, headers, end_of_stream)
     }
 
     /// Adds a request body chunk and runs `proxy_on_request_body` over
     /// everything buffered. On `Continue` the (possibly rewritten) body is
-    /// returned and the buffer emptied; on `Pause` it stays buffered and the
-    /// next chunk is delivered together with it.
+    /// returned and the buffer emptied; on `Pause` it stays buffered: a
+    /// filter that paused mid-body gets the next chunk together with it, one
+    /// that paused at the end keeps it until the stream is resumed. While the
+    /// request is paused in an earlier stage the chunk is only buffered.
     pub fn request_body(
         &mut self,
         chain: &mut FilterChain,
         chunk: &[u8],
         end_of_stream: bool,
     ) -> (FilterStatus, Vec<u8>) {
-        lock(&self.state).request_body.extend_from_slice(chunk);
-        let st = run_chain(
-            chain,
-            &self.state,
-            &self.contexts,
-            |c| c.on_request_body,
-            "proxy_on_request_body",
-            |id, s, _| {
-                vec![
-                    Val::I32(id as i32),
-                    Val::I32(s.request_body.len() as i32),
-                    Val::I32(i32::from(end_of_stream)),
-                ]
-            },
-        );
-        let body = if st == FilterStatus::Pause && !end_of_stream {
-            Vec::new()
-        } else {
-            std::mem::take(&mut lock(&self.state).request_body)
-        };
-        (st, body)
+        self.body_step(chain, Direction::Request, chunk, end_of_stream)
     }
 
     /// As [`Self::request_body`], for the response.
@@ -1042,87 +1635,107 @@ impl HttpStream {
         chunk: &[u8],
         end_of_stream: bool,
     ) -> (FilterStatus, Vec<u8>) {
-        lock(&self.state).response_body.extend_from_slice(chunk);
-        let st = run_chain(
-            chain,
-            &self.state,
-            &self.contexts,
-            |c| c.on_response_body,
-            "proxy_on_response_body",
-            |id, s, _| {
-                vec![
-                    Val::I32(id as i32),
-                    Val::I32(s.response_body.len() as i32),
-                    Val::I32(i32::from(end_of_stream)),
-                ]
-            },
-        );
-        let body = if st == FilterStatus::Pause && !end_of_stream {
-            Vec::new()
-        } else {
-            std::mem::take(&mut lock(&self.state).response_body)
-        };
-        (st, body)
+        self.body_step(chain, Direction::Response, chunk, end_of_stream)
     }
 
-    /// Runs `proxy_on_request_trailers`.
+    /// Runs `proxy_on_request_trailers` (only buffered while paused).
     pub fn request_trailers(
         &mut self,
         chain: &mut FilterChain,
         trailers: &mut HeaderMap,
     ) -> FilterStatus {
-        lock(&self.state).request_trailers = std::mem::take(trailers);
-        let st = run_chain(
-            chain,
-            &self.state,
-            &self.contexts,
-            |c| c.on_request_trailers,
-            "proxy_on_request_trailers",
-            |id, s, _| {
-                vec![
-                    Val::I32(id as i32),
-                    Val::I32(s.request_trailers.len() as i32),
-                ]
-            },
-        );
-        *trailers = lock(&self.state).request_trailers.clone();
-        st
+        self.trailers_step(chain, Direction::Request, trailers)
     }
 
-    /// Runs `proxy_on_response_trailers`.
+    /// Runs `proxy_on_response_trailers` (only buffered while paused).
     pub fn response_trailers(
         &mut self,
         chain: &mut FilterChain,
         trailers: &mut HeaderMap,
     ) -> FilterStatus {
-        lock(&self.state).response_trailers = std::mem::take(trailers);
-        let st = run_chain(
-            chain,
-            &self.state,
-            &self.contexts,
-            |c| c.on_response_trailers,
-            "proxy_on_response_trailers",
-            |id, s, _| {
-                vec![
-                    Val::I32(id as i32),
-                    Val::I32(s.response_trailers.len() as i32),
-                ]
-            },
-        );
-        *trailers = lock(&self.state).response_trailers.clone();
-        st
+        self.trailers_step(chain, Direction::Response, trailers)
     }
 
-    /// The local response a filter sent, if any.
+    /// Continues a paused direction with the plugin after the one that
+    /// paused, then runs the stages that arrived meanwhile (buffered body,
+    /// trailers) through the whole chain. Headers and trailers are read from
+    /// [`Self::state`]. A direction that is not paused gives `Continue` and
+    /// nothing to forward.
+    pub fn resume(&mut self, chain: &mut FilterChain, dir: Direction) -> Resumed {
+        let mut out = Resumed {
+            status: FilterStatus::Continue,
+            body: None,
+            trailers: false,
+        };
+        if !self.mine(chain) {
+            out.status = FilterStatus::Fail;
+            return out;
+        }
+        let Some((stage, at)) = self.flow(dir).paused.take() else {
+            return out;
+        };
+        let mut st = FilterStatus::Continue;
+        if stage == Stage::Headers {
+            st = self.run_headers(chain, dir, at + 1);
+        }
+        if st == FilterStatus::Continue && stage != Stage::Trailers {
+            let from = if stage == Stage::Body { at + 1 } else { 0 };
+            let pending = self.flow(dir).body_pending.take();
+            if stage == Stage::Body || pending.is_some() {
+                let eos = pending.unwrap_or(false);
+                st = self.run_body(chain, dir, from, eos);
+                if st == FilterStatus::Continue {
+                    out.body = Some(std::mem::take(body_of(&mut lock(&self.state), dir)));
+                }
+            }
+        }
+        if st == FilterStatus::Continue {
+            let from = if stage == Stage::Trailers { at + 1 } else { 0 };
+            if stage == Stage::Trailers || std::mem::take(&mut self.flow(dir).trailers_pending) {
+                st = self.run_trailers(chain, dir, from);
+                out.trailers = st == FilterStatus::Continue;
+            }
+        }
+        out.status = self.conclude(chain, dir, st);
+        out
+    }
+
+    /// Resumes every direction a filter asked to continue with
+    /// `proxy_continue_stream` (or 0.1.0's `proxy_continue_request` /
+    /// `proxy_continue_response`) since the last time; call it after
+    /// delivering a callout answer.
+    pub fn resume_continued(&mut self, chain: &mut FilterChain) -> Vec<(Direction, Resumed)> {
+        let asked = std::mem::take(&mut lock(&self.state).continued);
+        let mut out = Vec::new();
+        for dir in [Direction::Request, Direction::Response] {
+            let code = match dir {
+                Direction::Request => crate::abi::stream::HTTP_REQUEST,
+                Direction::Response => crate::abi::stream::HTTP_RESPONSE,
+            };
+            if asked.contains(&code) && self.paused(dir).is_some() {
+                out.push((dir, self.resume(chain, dir)));
+            }
+        }
+        out
+    }
+
+    /// The local response a filter sent, if any (after the response
+    /// callbacks ran over it).
     pub fn local_response(&self) -> Option<crate::types::LocalResponse> {
         lock(&self.state).local_response.clone()
     }
 
-    /// Ends the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` in every plugin.
+    /// Ends the stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` in
+    /// every plugin. Through another chain than its own it does nothing here
+    /// and the stream is ended as a dropped one by its own chain.
     pub fn finish(mut self, chain: &mut FilterChain) {
+        if chain.id != self.chain_id {
+            return;
+        }
         self.finished = true;
-        for (p, id) in chain.plugins.iter_mut().zip(&self.contexts) {
-            p.finish_stream(*id);
+        chain.reap_dropped();
+        for (p, ctx) in chain.plugins.iter_mut().zip(&self.contexts) {
+            p.finish_stream(*ctx);
         }
     }
 }
@@ -1131,8 +1744,18 @@ impl HttpStream {
 #[derive(Debug)]
 pub struct TcpStream {
     state: SharedStream,
-    contexts: Vec<Option<u32>>,
+    contexts: Vec<Option<StreamCtx>>,
+    chain_id: u64,
+    dropped: Dropped,
     finished: bool,
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            lock(&self.dropped).push(std::mem::take(&mut self.contexts));
+        }
+    }
 }
 
 impl TcpStream {
@@ -1146,16 +1769,62 @@ impl TcpStream {
         chain: &mut FilterChain,
         pick: fn(&Callbacks) -> Option<FuncRef>,
         name: &str,
-        args: impl Fn(u32) -> Vec<Val>,
+        args: impl Fn(u32) -> Args,
     ) -> FilterStatus {
+        if chain.id != self.chain_id {
+            return FilterStatus::Fail;
+        }
+        // Any non-zero return of a TCP callback stops iteration (Envoy's
+        // `Network::FilterStatus` has only Continue and StopIteration).
+        let cb = Cb {
+            pick,
+            headers: false,
+        };
         run_chain(
             chain,
             &self.state,
             &self.contexts,
-            pick,
+            0,
+            cb,
             name,
             |id, _, _| args(id),
         )
+        .0
+    }
+
+    fn data(
+        &mut self,
+        chain: &mut FilterChain,
+        upstream: bool,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> (FilterStatus, Vec<u8>) {
+        fn buf(s: &mut StreamState, upstream: bool) -> &mut Vec<u8> {
+            if upstream {
+                &mut s.upstream_data
+            } else {
+                &mut s.downstream_data
+            }
+        }
+        let n = {
+            let mut s = lock(&self.state);
+            let b = buf(&mut s, upstream);
+            b.extend_from_slice(chunk);
+            b.len() as i32
+        };
+        let (pick, name): (fn(&Callbacks) -> Option<FuncRef>, &str) = if upstream {
+            (|c| c.on_upstream_data, "proxy_on_upstream_data")
+        } else {
+            (|c| c.on_downstream_data, "proxy_on_downstream_data")
+        };
+        let eos = i32::from(end_of_stream);
+        let st = self.run(chain, pick, name, |id| Args::new(&[id as i32, n, eos]));
+        let data = if st == FilterStatus::Pause && !end_of_stream {
+            Vec::new()
+        } else {
+            std::mem::take(buf(&mut lock(&self.state), upstream))
+        };
+        (st, data)
     }
 
     /// Data from downstream: runs `proxy_on_downstream_data` and returns what
@@ -1166,26 +1835,7 @@ impl TcpStream {
         chunk: &[u8],
         end_of_stream: bool,
     ) -> (FilterStatus, Vec<u8>) {
-        lock(&self.state).downstream_data.extend_from_slice(chunk);
-        let n = lock(&self.state).downstream_data.len() as i32;
-        let st = self.run(
-            chain,
-            |c| c.on_downstream_data,
-            "proxy_on_downstream_data",
-            |id| {
-                vec![
-                    Val::I32(id as i32),
-                    Val::I32(n),
-                    Val::I32(i32::from(end_of_stream)),
-                ]
-            },
-        );
-        let data = if st == FilterStatus::Pause && !end_of_stream {
-            Vec::new()
-        } else {
-            std::mem::take(&mut lock(&self.state).downstream_data)
-        };
-        (st, data)
+        self.data(chain, false, chunk, end_of_stream)
     }
 
     /// Data from upstream: runs `proxy_on_upstream_data`.
@@ -1195,57 +1845,49 @@ impl TcpStream {
         chunk: &[u8],
         end_of_stream: bool,
     ) -> (FilterStatus, Vec<u8>) {
-        lock(&self.state).upstream_data.extend_from_slice(chunk);
-        let n = lock(&self.state).upstream_data.len() as i32;
-        let st = self.run(
-            chain,
-            |c| c.on_upstream_data,
-            "proxy_on_upstream_data",
-            |id| {
-                vec![
-                    Val::I32(id as i32),
-                    Val::I32(n),
-                    Val::I32(i32::from(end_of_stream)),
-                ]
-            },
-        );
-        let data = if st == FilterStatus::Pause && !end_of_stream {
-            Vec::new()
+        self.data(chain, true, chunk, end_of_stream)
+    }
+
+    fn close(&mut self, chain: &mut FilterChain, upstream: bool, peer: i32) {
+        if chain.id != self.chain_id {
+            return;
+        }
+        let (pick, name): (fn(&Callbacks) -> Option<FuncRef>, &str) = if upstream {
+            (
+                |c| c.on_upstream_connection_close,
+                "proxy_on_upstream_connection_close",
+            )
         } else {
-            std::mem::take(&mut lock(&self.state).upstream_data)
+            (
+                |c| c.on_downstream_connection_close,
+                "proxy_on_downstream_connection_close",
+            )
         };
-        (st, data)
+        for (p, ctx) in chain.plugins.iter_mut().zip(&self.contexts) {
+            let id = ctx.map_or(0, |c| c.id) as i32;
+            p.stream_event(*ctx, pick, name, &[Val::I32(id), Val::I32(peer)]);
+        }
     }
 
     /// The downstream peer closed (`peer`: 0 unknown, 1 local, 2 remote).
     pub fn downstream_close(&mut self, chain: &mut FilterChain, peer: i32) {
-        for (p, id) in chain.plugins.iter_mut().zip(&self.contexts) {
-            p.stream_event(
-                *id,
-                |c| c.on_downstream_connection_close,
-                "proxy_on_downstream_connection_close",
-                &[Val::I32(id.unwrap_or(0) as i32), Val::I32(peer)],
-            );
-        }
+        self.close(chain, false, peer);
     }
 
     /// The upstream peer closed.
     pub fn upstream_close(&mut self, chain: &mut FilterChain, peer: i32) {
-        for (p, id) in chain.plugins.iter_mut().zip(&self.contexts) {
-            p.stream_event(
-                *id,
-                |c| c.on_upstream_connection_close,
-                "proxy_on_upstream_connection_close",
-                &[Val::I32(id.unwrap_or(0) as i32), Val::I32(peer)],
-            );
-        }
+        self.close(chain, true, peer);
     }
 
-    /// Ends the connection's contexts.
+    /// Ends the connection's contexts (see [`HttpStream::finish`]).
     pub fn finish(mut self, chain: &mut FilterChain) {
+        if chain.id != self.chain_id {
+            return;
+        }
         self.finished = true;
-        for (p, id) in chain.plugins.iter_mut().zip(&self.contexts) {
-            p.finish_stream(*id);
+        chain.reap_dropped();
+        for (p, ctx) in chain.plugins.iter_mut().zip(&self.contexts) {
+            p.finish_stream(*ctx);
         }
     }
 }

@@ -66,15 +66,44 @@ impl HeaderMap {
         self.get(name.as_bytes())
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
-    /// Appends a value.
+    /// Appends a value. A pseudo-header (`:name`) goes after the existing
+    /// pseudo-headers, before every regular header, as HTTP/2 requires and
+    /// Envoy's header map keeps them.
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
-        self.entries
-            .push((name.to_ascii_lowercase(), value.to_vec()));
+        let entry = (name.to_ascii_lowercase(), value.to_vec());
+        if name.first() == Some(&b':') {
+            let at = self
+                .entries
+                .iter()
+                .position(|(k, _)| k.first() != Some(&b':'))
+                .unwrap_or(self.entries.len());
+            self.entries.insert(at, entry);
+        } else {
+            self.entries.push(entry);
+        }
     }
-    /// Replaces all values of `name` by one (or adds it).
+    /// Replaces all values of `name` by one, in the place of the first (or
+    /// adds it).
     pub fn replace(&mut self, name: &[u8], value: &[u8]) {
-        self.remove(name);
-        self.add(name, value);
+        match self
+            .entries
+            .iter()
+            .position(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some(first) => {
+                self.entries[first].1 = value.to_vec();
+                let mut i = 0;
+                self.entries.retain(|(k, _)| {
+                    i += 1;
+                    i - 1 <= first || !k.eq_ignore_ascii_case(name)
+                });
+            }
+            None => self.add(name, value),
+        }
+    }
+    /// Envoy's `byteSize()`: the bytes of every name and value.
+    pub fn byte_size(&self) -> usize {
+        self.entries.iter().map(|(k, v)| k.len() + v.len()).sum()
     }
     /// Removes all values of `name`.
     pub fn remove(&mut self, name: &[u8]) {
@@ -84,12 +113,14 @@ impl HeaderMap {
     pub fn serialize(&self) -> Vec<u8> {
         crate::pairs::encode(self.iter())
     }
-    /// Replaces the whole map.
+    /// Replaces the whole map (pseudo-headers moved first, in order).
     pub fn set_all(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
-        self.entries = pairs
+        let (mut pseudo, regular): (Vec<_>, Vec<_>) = pairs
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
+            .partition(|(k, _)| k.first() == Some(&b':'));
+        pseudo.extend(regular);
+        self.entries = pseudo;
     }
     /// Entries as lossy strings, for display.
     pub fn to_string_pairs(&self) -> Vec<(String, String)> {

@@ -54,6 +54,19 @@ pub enum MetricError {
     WrongKind,
 }
 
+/// One operation on a metric, for [`MetricsRegistry::update`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricOp {
+    /// Add to a counter or gauge (saturating).
+    Add(i64),
+    /// Set a counter or gauge.
+    Set(i64),
+    /// Record a histogram sample.
+    Record(u64),
+    /// Read a counter or gauge.
+    Get,
+}
+
 /// A registry shared by every plugin of a process (or mesh instance).
 #[derive(Clone, Default, Debug)]
 pub struct MetricsRegistry {
@@ -103,6 +116,42 @@ impl MetricsRegistry {
         });
         inner.by_name.insert((name.to_string(), kind_tag(kind)), id);
         MetricId(id)
+    }
+
+    /// Applies `op` to metric `id` if it has kind `kind`, under one lock, and
+    /// returns the value after it (0 for a histogram). `NotFound` when there
+    /// is no such metric of that kind, `WrongKind` when the operation does
+    /// not apply to it.
+    pub fn update(&self, id: MetricId, kind: MetricKind, op: MetricOp) -> Result<i64, MetricError> {
+        let mut inner = self.lock();
+        let m = inner
+            .metrics
+            .get_mut(id.0)
+            .filter(|m| m.kind == kind)
+            .ok_or(MetricError::NotFound)?;
+        match (op, m.kind) {
+            (MetricOp::Record(v), MetricKind::Histogram) => {
+                let x = v as f64;
+                for (i, b) in DEFAULT_BUCKETS.iter().enumerate() {
+                    if x <= *b {
+                        m.buckets[i] += 1;
+                    }
+                }
+                m.sum += x;
+                m.count += 1;
+                Ok(0)
+            }
+            (MetricOp::Add(d), MetricKind::Counter | MetricKind::Gauge) => {
+                m.value = m.value.saturating_add(d);
+                Ok(m.value)
+            }
+            (MetricOp::Set(v), MetricKind::Counter | MetricKind::Gauge) => {
+                m.value = v;
+                Ok(m.value)
+            }
+            (MetricOp::Get, MetricKind::Counter | MetricKind::Gauge) => Ok(m.value),
+            _ => Err(MetricError::WrongKind),
+        }
     }
 
     /// The kind of a metric.

@@ -48,6 +48,30 @@ impl Harness {
         Plugin::new(&module, config, self.env.clone())
     }
 
+    fn chain_of(&self, rt: &str, configs: Vec<PluginConfig>) -> FilterChain {
+        FilterChain::new(
+            configs
+                .into_iter()
+                .map(|c| self.plugin(rt, c).unwrap_or_else(|e| panic!("{rt}: {e}")))
+                .collect(),
+        )
+    }
+
+    fn wat_plugin(&self, rt: &str, wat: &str, config: PluginConfig) -> Plugin {
+        let wasm = wat::parse_str(wat).unwrap_or_else(|e| panic!("{e}"));
+        let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
+        let module = WasmModule::new(runtime.as_ref(), &wasm).unwrap();
+        Plugin::new(&module, config, self.env.clone()).unwrap_or_else(|e| panic!("{rt}: {e}"))
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.logs
+            .lines()
+            .iter()
+            .filter(|l| l.message.contains(needle))
+            .count()
+    }
+
     fn chain(&self, rt: &str, config: PluginConfig) -> FilterChain {
         FilterChain::new(vec![
             self.plugin(rt, config)
@@ -81,6 +105,95 @@ fn cfg(name: &str) -> PluginConfig {
         .configuration("hello")
         .vm_configuration("vmcfg")
 }
+
+/// A module for the ABI corners: statuses land in i32 slots at 512 + 4·i,
+/// read back with the `slot` export.
+const CORNERS: &str = r#"(module
+    (import "env" "proxy_set_header_map_pairs" (func $set_pairs (param i32 i32 i32) (result i32)))
+    (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+    (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+    (import "env" "proxy_done" (func $done (result i32)))
+    (import "env" "proxy_define_metric" (func $def (param i32 i32 i32 i32) (result i32)))
+    (import "env" "proxy_record_metric" (func $rec (param i32 i64) (result i32)))
+    (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+    (import "env" "proxy_get_metric" (func $get (param i32 i32) (result i32)))
+    (import "env" "proxy_set_shared_data" (func $sset (param i32 i32 i32 i32 i32) (result i32)))
+    (import "env" "proxy_get_shared_data" (func $sget (param i32 i32 i32 i32 i32) (result i32)))
+    (import "env" "proxy_grpc_stream" (func $gstream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "env" "proxy_grpc_close" (func $gclose (param i32) (result i32)))
+    (import "env" "proxy_grpc_cancel" (func $gcancel (param i32) (result i32)))
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 4096))
+    ;; one pair ("a", "b") followed by a stray byte
+    (data (i32.const 0) "\01\00\00\00\01\00\00\00\01\00\00\00a\00b\00\ff")
+    (data (i32.const 32) "ch" )
+    (data (i32.const 40) "k1k2vv")
+    (data (i32.const 48) "upsm")
+    (func (export "proxy_abi_version_0_2_1"))
+    (func (export "malloc") (param i32) (result i32)
+      (local i32) global.get $heap local.set 1
+      global.get $heap local.get 0 i32.add global.set $heap local.get 1)
+    (func $put (param i32 i32) (i32.store (i32.add (i32.const 512) (i32.mul (local.get 0) (i32.const 4))) (local.get 1)))
+    (func (export "slot") (param i32) (result i32) (i32.load (i32.add (i32.const 512) (i32.mul (local.get 0) (i32.const 4)))))
+    (func (export "proxy_on_context_create") (param i32 i32))
+    (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
+    (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+    (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+      (call $put (i32.const 0) (call $set_pairs (i32.const 0) (i32.const 0) (i32.const 17)))
+      (call $put (i32.const 1) (call $tick (i32.const 250)))
+      (call $put (i32.const 2) (call $continue (i32.const 3)))
+      i32.const 2)
+    (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) i32.const 2)
+    (func (export "proxy_on_new_connection") (param i32) (result i32) i32.const 0)
+    (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) i32.const 2)
+    (func (export "proxy_on_done") (param i32) (result i32) (i32.ne (local.get 0) (i32.const 1)))
+    (func (export "proxy_on_delete") (param i32)
+      (if (i32.eq (local.get 0) (i32.const 1)) (then (call $put (i32.const 9) (i32.const 1)))))
+    (func (export "done") (result i32) (call $done))
+    (func (export "metrics") (result i32)
+      (drop (call $def (i32.const 0) (i32.const 32) (i32.const 1) (i32.const 600)))
+      (drop (call $rec (i32.load (i32.const 600)) (i64.const 5)))
+      (drop (call $rec (i32.load (i32.const 600)) (i64.const 5)))
+      (drop (call $get (i32.load (i32.const 600)) (i32.const 608)))
+      (call $put (i32.const 4) (i32.wrap_i64 (i64.load (i32.const 608))))
+      (call $put (i32.const 5) (call $inc (i32.load (i32.const 600)) (i64.const 0)))
+      (call $put (i32.const 6) (call $inc (i32.load (i32.const 600)) (i64.const -1)))
+      (drop (call $def (i32.const 2) (i32.const 33) (i32.const 1) (i32.const 616)))
+      (call $put (i32.const 7) (call $get (i32.load (i32.const 616)) (i32.const 624)))
+      i32.const 0)
+    (func (export "cas") (result i32)
+      (call $put (i32.const 10) (call $sset (i32.const 40) (i32.const 2) (i32.const 44) (i32.const 2) (i32.const 7)))
+      (drop (call $sget (i32.const 40) (i32.const 2) (i32.const 640) (i32.const 644) (i32.const 700)))
+      (drop (call $sset (i32.const 42) (i32.const 2) (i32.const 44) (i32.const 2) (i32.const 0)))
+      (drop (call $sget (i32.const 42) (i32.const 2) (i32.const 640) (i32.const 644) (i32.const 704)))
+      (call $put (i32.const 11) (i32.sub (i32.load (i32.const 704)) (i32.load (i32.const 700))))
+      i32.const 0)
+    (func (export "grpc") (result i32)
+      (drop (call $gstream (i32.const 48) (i32.const 2) (i32.const 50) (i32.const 1) (i32.const 51) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 720)))
+      (call $put (i32.const 12) (i32.load (i32.const 720)))
+      (call $put (i32.const 13) (call $gclose (i32.load (i32.const 720))))
+      (call $put (i32.const 14) (call $gcancel (i32.load (i32.const 720))))
+      (call $put (i32.const 15) (call $gcancel (i32.load (i32.const 720))))
+      i32.const 0))"#;
+
+/// `fd_write` with 400 000 iovecs of one megabyte each (all the same bytes).
+const FD_WRITE_BOMB: &str = r#"(module
+    (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 70)
+    (func (export "proxy_abi_version_0_2_1"))
+    (func (export "malloc") (param i32) (result i32) i32.const 0)
+    (func (export "bomb") (result i32)
+      (local $i i32) (local $at i32)
+      (local.set $at (i32.const 1048576))
+      (block $done (loop $fill
+        (br_if $done (i32.ge_u (local.get $i) (i32.const 400000)))
+        (i32.store (local.get $at) (i32.const 0))
+        (i32.store (i32.add (local.get $at) (i32.const 4)) (i32.const 1048576))
+        (local.set $at (i32.add (local.get $at) (i32.const 8)))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $fill)))
+      (call $fd_write (i32.const 1) (i32.const 1048576) (i32.const 400000) (i32.const 16)))
+    (func (export "written") (result i32) (i32.load (i32.const 16))))"#;
 
 macro_rules! per_runtime {
     ($($name:ident => $body:expr;)*) => {
@@ -153,8 +266,13 @@ per_runtime! {
         assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::LocalResponse);
         let lr = s.local_response().expect("local response");
         assert_eq!(lr.status, 403);
-        assert_eq!(lr.body, b"denied by conformance filter");
         assert_eq!(lr.headers.get_str("x-denied-by").as_deref(), Some("conformance"));
+        // The reply went through the response callbacks, with a :status, as
+        // Envoy's local replies do: the filter copies :status into a header
+        // and appends to the body at its end.
+        assert_eq!(lr.headers.get_str("x-upstream-status").as_deref(), Some("403"), "{rt}: {lr:?}");
+        assert!(lr.headers.get_str(":status").is_none(), "{rt}: :status is the status field");
+        assert_eq!(String::from_utf8_lossy(&lr.body), "denied by conformance filter [filtered]", "{rt}");
         s.finish(&mut chain);
     };
     trap_fails_closed => |rt: &str| {
@@ -450,7 +568,8 @@ per_runtime! {
         let mut headers = req("/", Some("abi-corners"));
         assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue, "{rt}");
         // The filter added x-conformance-seen before asking for the size.
-        let size = headers.serialize().len();
+        // Envoy's byte size: names and values, no serialization overhead.
+        let size: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
         let expected = format!("abi-corners: map_size={size} status=0 buffer_status=0 bad_map=2");
         assert!(h.logs.contains(&expected), "{rt}: want {expected:?} in {:?}", h.logs.lines());
     };
@@ -501,6 +620,243 @@ per_runtime! {
         t.join().unwrap();
         assert_eq!(err.kind, runtime::TrapKind::Interrupted, "{rt}: {err}");
         assert!(started.elapsed() < Duration::from_secs(60), "{rt}: stopped by the interrupt, not the deadline");
+    };
+    resume_continues_after_the_paused_plugin => |rt: &str| {
+        let h = Harness::new();
+        let mut chain = h.chain_of(rt, vec![cfg("active"), cfg("passive").configuration("passive")]);
+        let mut s = chain.http_stream(props());
+        let mut headers = req("/", Some("callout"));
+        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Pause, "{rt}");
+        assert_eq!(s.paused(Direction::Request), Some(Stage::Headers));
+        assert!(headers.get_str("x-passive-seen").is_none(), "{rt}: the second plugin waits");
+        let (token, _) = h.callouts.http.lock().unwrap()[0].clone();
+        chain.plugins[0].on_http_call_response(token, HeaderMap::from_pairs([(":status", "200")]), b"answer".to_vec(), HeaderMap::new());
+        let resumed = s.resume_continued(&mut chain);
+        assert_eq!(resumed.len(), 1, "{rt}: {resumed:?}");
+        assert_eq!(resumed[0].0, Direction::Request);
+        assert_eq!(resumed[0].1.status, FilterStatus::Continue, "{rt}");
+        let st = s.state().lock().unwrap();
+        assert_eq!(st.request_headers.get_str("x-callout-body").as_deref(), Some("answer"), "{rt}");
+        assert!(st.request_headers.get_str("x-passive-seen").is_some(), "{rt}: the plugin after the paused one ran");
+        drop(st);
+        // Each plugin saw the request headers once: the chain did not start over.
+        assert_eq!(h.count("request headers:"), 2, "{rt}: {:?}", h.logs.lines());
+        assert_eq!(s.paused(Direction::Request), None);
+        s.finish(&mut chain);
+    };
+    body_paused_at_its_end_stays_buffered_for_the_resumed_filter => |rt: &str| {
+        let h = Harness::new();
+        let mut chain = h.chain_of(rt, vec![cfg("active"), cfg("passive").configuration("passive")]);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("pause-body")), false), FilterStatus::Continue);
+        let (st, body) = s.request_body(&mut chain, b"hello", true);
+        assert_eq!((st, body.as_slice()), (FilterStatus::Pause, &b""[..]), "{rt}: a body paused at its end is not forwarded");
+        let (token, call) = h.callouts.http.lock().unwrap()[0].clone();
+        assert_eq!(call.headers.get_str(":path").as_deref(), Some("/body"));
+        chain.plugins[0].on_http_call_response(token, HeaderMap::from_pairs([(":status", "200")]), b"ok".to_vec(), HeaderMap::new());
+        let resumed = s.resume_continued(&mut chain);
+        assert_eq!(resumed.len(), 1, "{rt}");
+        // The passive plugin upper-cases the whole body at its end.
+        assert_eq!(resumed[0].1, Resumed { status: FilterStatus::Continue, body: Some(b"HELLO".to_vec()), trailers: false }, "{rt}");
+        assert_eq!(h.count("paused for a callout"), 1, "{rt}: the pausing plugin is not called again");
+        s.finish(&mut chain);
+    };
+    dropped_stream_runs_its_teardown_and_frees_its_state => |rt: &str| {
+        let h = Harness::new();
+        let mut chain = h.chain(rt, cfg("conf"));
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, &mut req("/", None), true), FilterStatus::Continue);
+        assert_eq!(chain.plugins[0].live_streams(), 1);
+        // What a cancelled request future does: drop without finish().
+        drop(s);
+        assert_eq!(chain.reap_dropped(), 1, "{rt}");
+        assert!(h.logs.contains("#2 log"), "{rt}: on_log ran: {:?}", h.logs.lines());
+        assert_eq!(chain.plugins[0].live_streams(), 0, "{rt}: its state is freed");
+        // TCP too, reaped by the next use of the chain.
+        let mut chain = h.chain(rt, cfg("conf").configuration("tcp"));
+        let (s, _) = chain.tcp_stream(props());
+        drop(s);
+        let (s2, _) = chain.tcp_stream(props());
+        assert!(h.logs.contains("tcp log"), "{rt}: {:?}", h.logs.lines());
+        assert_eq!(chain.plugins[0].live_streams(), 1, "{rt}: only the new stream is alive");
+        s2.finish(&mut chain);
+        assert_eq!(chain.plugins[0].live_streams(), 0);
+    };
+    stream_is_bound_to_its_chain => |rt: &str| {
+        let h = Harness::new();
+        let mut a = h.chain(rt, cfg("a"));
+        let mut b = h.chain(rt, cfg("b"));
+        let mut s = a.http_stream(props());
+        assert_eq!(s.request_headers(&mut b, &mut req("/", None), true), FilterStatus::Fail, "{rt}");
+        assert_eq!(h.count("request headers:"), 0, "{rt}: no plugin of the other chain was called");
+        s.finish(&mut b);
+        assert_eq!(b.plugins[0].fail_state(), &FailState::Ok);
+        assert_eq!(a.plugins[0].live_streams(), 1, "{rt}: finish through another chain does nothing");
+        assert_eq!(a.reap_dropped(), 1, "{rt}: its own chain ends it");
+        assert_eq!(a.plugins[0].live_streams(), 0);
+    };
+    reload_never_delivers_stale_streams_or_tokens => |rt: &str| {
+        let h = Harness::new();
+        let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::Reload { backoff: Duration::ZERO }));
+        let mut old = chain.http_stream(props());
+        assert_eq!(old.request_headers(&mut chain, &mut req("/", Some("callout")), false), FilterStatus::Pause);
+        let (old_token, _) = h.callouts.http.lock().unwrap()[0].clone();
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        let mut fresh = chain.http_stream(props());
+        assert_eq!(chain.plugins[0].reloads(), 1, "{rt}");
+        // The stream of the failed VM fails closed and never reaches the new VM.
+        let mut resp = HeaderMap::from_pairs([(":status", "200")]);
+        assert_eq!(old.response_headers(&mut chain, &mut resp, true), FilterStatus::Fail, "{rt}");
+        chain.plugins[0].on_http_call_response(old_token, HeaderMap::from_pairs([(":status", "200")]), b"late".to_vec(), HeaderMap::new());
+        old.finish(&mut chain);
+        s.finish(&mut chain);
+        assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok, "{rt}: the fresh VM never saw a stale id");
+        assert!(!h.logs.contains("root got callout response"), "{rt}");
+        // The fresh VM works, and its tokens are new.
+        let mut headers = req("/", Some("callout"));
+        assert_eq!(fresh.request_headers(&mut chain, &mut headers, true), FilterStatus::Pause, "{rt}");
+        let (new_token, _) = h.callouts.http.lock().unwrap()[1].clone();
+        assert_ne!(new_token, old_token, "{rt}: tokens are unique across VMs");
+        chain.plugins[0].on_http_call_response(new_token, HeaderMap::from_pairs([(":status", "200")]), b"fresh".to_vec(), HeaderMap::new());
+        assert_eq!(fresh.state().lock().unwrap().request_headers.get_str("x-callout-body").as_deref(), Some("fresh"));
+        fresh.finish(&mut chain);
+        assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok, "{rt}");
+    };
+    reload_backoff_resets_after_a_healthy_period => |rt: &str| {
+        let h = Harness::new();
+        let backoff = Duration::from_millis(20);
+        let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::Reload { backoff }));
+        let trap = |chain: &mut FilterChain| {
+            let mut s = chain.http_stream(props());
+            assert_eq!(s.request_headers(chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        };
+        let wait_reload = |chain: &mut FilterChain| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let mut s = chain.http_stream(props());
+                if s.request_headers(chain, &mut req("/", None), true) == FilterStatus::Continue {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "no reload");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        trap(&mut chain);
+        assert_eq!(chain.plugins[0].reload_delay(), Some(backoff), "{rt}");
+        wait_reload(&mut chain);
+        trap(&mut chain);
+        assert_eq!(chain.plugins[0].reload_delay(), Some(backoff * 2), "{rt}: a quick second failure doubles it");
+        wait_reload(&mut chain);
+        // Healthy for longer than twice the last delay: the backoff starts over.
+        std::thread::sleep(Duration::from_millis(100));
+        trap(&mut chain);
+        assert_eq!(chain.plugins[0].reload_delay(), Some(backoff), "{rt}");
+    };
+    idle_consumer_vm_gets_queue_ready => |rt: &str| {
+        let h = Harness::new();
+        let mut consumer = h.chain(rt, cfg("consumer"));
+        let mut producer = h.chain(rt, cfg("producer").configuration("producer"));
+        let mut s = producer.http_stream(props());
+        assert_eq!(s.request_headers(&mut producer, &mut req("/posted", Some("queue")), true), FilterStatus::Continue);
+        s.finish(&mut producer);
+        assert!(!h.logs.contains("queue ready"), "{rt}: not delivered to the producer");
+        let key = consumer.plugins[0].vm_key().unwrap();
+        assert!(h.env.shared.has_ready(key), "{rt}: posted to the consumer VM");
+        consumer.dispatch_pending();
+        assert!(h.logs.contains("queue ready: /posted"), "{rt}: the idle consumer got it: {:?}", h.logs.lines());
+        // A dead consumer's notifications are dropped.
+        let mut c = consumer.http_stream(props());
+        assert_eq!(c.request_headers(&mut consumer, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        let mut s = producer.http_stream(props());
+        s.request_headers(&mut producer, &mut req("/late", Some("queue")), true);
+        assert!(!h.env.shared.has_ready(key), "{rt}");
+        s.finish(&mut producer);
+    };
+    pseudo_headers_stay_first => |rt: &str| {
+        let h = Harness::new();
+        let mut chain = h.chain(rt, cfg("conf"));
+        let mut s = chain.http_stream(props());
+        let mut headers = req("/orig", Some("pseudo"));
+        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue);
+        let names: Vec<String> = headers.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
+        assert_eq!(&names[..4], &[":method", ":path", ":authority", ":custom"], "{rt}: {names:?}");
+        assert!(names[4..].iter().all(|n| !n.starts_with(':')), "{rt}: {names:?}");
+        assert_eq!(headers.get_str(":path").as_deref(), Some("/rewritten"));
+    };
+    vm_configuration_and_log_level => |rt: &str| {
+        let logs = MemoryLogSink::with_level(LogLevel::Warn);
+        let env = HostEnv { logs: Arc::new(logs.clone()), ..HostEnv::default() };
+        let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
+        let module = WasmModule::new(runtime.as_ref(), &conformance_wasm()).unwrap();
+        let mut chain = FilterChain::new(vec![Plugin::new(&module, cfg("conf"), env).unwrap()]);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("log-level")), true), FilterStatus::Continue);
+        assert!(logs.contains("log level 3 (status 0)"), "{rt}: the configured level: {:?}", logs.lines());
+        assert!(!logs.contains("request headers:"), "{rt}: info lines are below the level");
+        let h = Harness::new();
+        let _chain = h.chain(rt, cfg("conf"));
+        assert!(h.logs.contains("vm configuration during configure: vmcfg"), "{rt}: {:?}", h.logs.lines());
+    };
+    abi_statuses_as_envoy => |rt: &str| {
+        // Callback return values, proxy_done, metrics, shared data CAS,
+        // malformed pairs, tick period from a stream, continue_stream
+        // (UPSTREAM) and gRPC close vs cancel.
+        let h = Harness::new();
+        let p = h.wat_plugin(rt, CORNERS, cfg("corners"));
+        let mut chain = FilterChain::new(vec![p]);
+        let ty = FuncType::new(&[], &[ValType::I32]);
+        let slot = |chain: &mut FilterChain, i: i32| chain.plugins[0].call_export("slot", &FuncType::new(&[ValType::I32], &[ValType::I32]), &[runtime::Val::I32(i)]).unwrap();
+        let mut s = chain.http_stream(props());
+        // Headers return 2 (ContinueAndEndStream): continue.
+        assert_eq!(s.request_headers(&mut chain, &mut req("/", None), false), FilterStatus::Continue, "{rt}");
+        assert_eq!(slot(&mut chain, 0), Some(runtime::Val::I32(2)), "{rt}: trailing bytes after the pairs are BAD_ARGUMENT");
+        assert_eq!(slot(&mut chain, 1), Some(runtime::Val::I32(0)), "{rt}: tick period from a stream is accepted");
+        assert_eq!(chain.plugins[0].tick_period(), Duration::from_millis(250), "{rt}: and applies to its root");
+        assert_eq!(slot(&mut chain, 2), Some(runtime::Val::I32(12)), "{rt}: continue_stream(UPSTREAM) is UNIMPLEMENTED");
+        // A body callback returning 2 is StopIterationAndWatermark.
+        assert_eq!(s.request_body(&mut chain, b"x", true).0, FilterStatus::Pause, "{rt}");
+        s.finish(&mut chain);
+        let (mut t, _) = chain.tcp_stream(props());
+        assert_eq!(t.downstream_data(&mut chain, b"x", false).0, FilterStatus::Pause, "{rt}: non-zero TCP return stops");
+        t.finish(&mut chain);
+        // Metrics.
+        assert_eq!(chain.plugins[0].call_export("metrics", &ty, &[]).unwrap(), Some(runtime::Val::I32(0)));
+        assert_eq!(slot(&mut chain, 4), Some(runtime::Val::I32(10)), "{rt}: record_metric on a counter adds");
+        assert_eq!(slot(&mut chain, 5), Some(runtime::Val::I32(2)), "{rt}: zero increment of a counter");
+        assert_eq!(slot(&mut chain, 6), Some(runtime::Val::I32(2)), "{rt}: negative increment of a counter");
+        assert_eq!(slot(&mut chain, 7), Some(runtime::Val::I32(2)), "{rt}: get_metric on a histogram");
+        // Shared data.
+        chain.plugins[0].call_export("cas", &ty, &[]).unwrap();
+        assert_eq!(slot(&mut chain, 10), Some(runtime::Val::I32(0)), "{rt}: CAS on a missing key inserts");
+        assert_eq!(slot(&mut chain, 11), Some(runtime::Val::I32(1)), "{rt}: one CAS counter for all keys");
+        // gRPC close is not cancel.
+        chain.plugins[0].call_export("grpc", &ty, &[]).unwrap();
+        let token = match slot(&mut chain, 12) { Some(runtime::Val::I32(t)) => t as u32, other => panic!("{rt}: {other:?}") };
+        assert_eq!(slot(&mut chain, 13), Some(runtime::Val::I32(0)));
+        assert_eq!(slot(&mut chain, 14), Some(runtime::Val::I32(0)));
+        assert_eq!(slot(&mut chain, 15), Some(runtime::Val::I32(1)), "{rt}: a cancelled call is gone");
+        assert_eq!(*h.callouts.closed.lock().unwrap(), vec![token], "{rt}");
+        assert_eq!(*h.callouts.cancelled.lock().unwrap(), vec![token], "{rt}");
+        // proxy_done: NOT_FOUND unless pending done; on_delete follows it.
+        assert_eq!(chain.plugins[0].call_export("done", &ty, &[]).unwrap(), Some(runtime::Val::I32(1)), "{rt}");
+        assert!(!chain.plugins[0].shutdown(), "{rt}: on_done returned false");
+        assert_eq!(slot(&mut chain, 9), Some(runtime::Val::I32(0)), "{rt}: not deleted yet");
+        assert_eq!(chain.plugins[0].call_export("done", &ty, &[]).unwrap(), Some(runtime::Val::I32(0)), "{rt}");
+        assert_eq!(slot(&mut chain, 9), Some(runtime::Val::I32(1)), "{rt}: on_delete followed proxy_done");
+        assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok);
+    };
+    fd_write_gathering_is_capped => |rt: &str| {
+        // 400 000 iovecs naming the same megabyte: 400 GB if gathered whole.
+        let h = Harness::new();
+        let mut p = h.wat_plugin(rt, FD_WRITE_BOMB, cfg("fdbomb"));
+        let r = p.call_export("bomb", &FuncType::new(&[], &[ValType::I32]), &[]).unwrap();
+        assert_eq!(r, Some(runtime::Val::I32(0)), "{rt}: errno");
+        let r = p.call_export("written", &FuncType::new(&[], &[ValType::I32]), &[]).unwrap();
+        assert_eq!(r, Some(runtime::Val::I32(64 * 1024)), "{rt}: a short write of the cap");
+        let line = h.logs.lines().into_iter().find(|l| l.plugin == "fdbomb").expect("a log line");
+        assert_eq!(line.message.len(), 64 * 1024, "{rt}");
+        assert_eq!(p.fail_state(), &FailState::Ok);
     };
     load_errors_are_clear => |rt: &str| {
         let runtime = nasp::wasm::runtime_by_name(rt).unwrap();

@@ -19,6 +19,16 @@
 //!   std does not, directly, and logs each return code.
 //! - `abi-corners`: calls the ABI functions the SDK does not expose
 //!   (`proxy_get_header_map_size`, `proxy_get_buffer_status`) and logs them.
+//! - `log-level`: logs (at warn) what `proxy_get_log_level` returns.
+//! - `pseudo`: adds the pseudo-header `:custom` and replaces `:path`.
+//! - `pause-body`: at the end of the request body dispatches a callout and
+//!   pauses; the callout answer resumes the request.
+//!
+//! Configuration `passive...` makes a plugin ignore `x-conformance` (it only
+//! does the every-request work and adds `x-passive-seen`), so a chain can
+//! pair one active plugin with one that shows where iteration resumed.
+//! Configuration `producer...` resolves the `conformance` queue instead of
+//! registering it, so another VM of the same VM id stays its owner.
 //!
 //! Every request also: logs, reads headers, adds `x-conformance-seen`,
 //! reads `plugin_root_id` and `node.id`, sets the `conformance.seen`
@@ -42,6 +52,7 @@ extern "C" {
     fn proxy_call_foreign_function(name: *const u8, name_len: usize, args: *const u8, args_len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
     fn proxy_get_header_map_size(map: u32, size: *mut usize) -> u32;
     fn proxy_get_buffer_status(buffer: u32, len: *mut usize, flags: *mut u32) -> u32;
+    fn proxy_get_log_level(level: *mut u32) -> u32;
 }
 
 // WASI functions the Rust std does not call on its own, declared with the
@@ -100,13 +111,19 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         self.config = self.get_plugin_configuration().unwrap_or_default();
         log::info!("configure: {}", String::from_utf8_lossy(&self.config));
+        let vm = self.get_vm_configuration().unwrap_or_default();
+        log::info!("vm configuration during configure: {}", String::from_utf8_lossy(&vm));
         if self.config.starts_with(b"reject-empty") || self.config.is_empty() && self.get_property(vec!["plugin_root_id"]).as_deref() == Some(b"reject-empty") {
             return false;
         }
         self.counter = hostcalls::define_metric(MetricType::Counter, "conformance_requests_total").unwrap_or(0);
         self.gauge = hostcalls::define_metric(MetricType::Gauge, "conformance_last_header_count").unwrap_or(0);
         self.histogram = hostcalls::define_metric(MetricType::Histogram, "conformance_body_bytes").unwrap_or(0);
-        self.queue = hostcalls::register_shared_queue("conformance").unwrap_or(0);
+        self.queue = if self.config.starts_with(b"producer") {
+            hostcalls::resolve_shared_queue("", "conformance").ok().flatten().unwrap_or(0)
+        } else {
+            hostcalls::register_shared_queue("conformance").unwrap_or(0)
+        };
         if self.config.starts_with(b"tick") {
             self.set_tick_period(Duration::from_millis(100));
         }
@@ -124,7 +141,8 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Http { id: context_id, counter: self.counter, gauge: self.gauge, histogram: self.histogram, queue: self.queue }))
+        let passive = self.config.starts_with(b"passive");
+        Some(Box::new(Http { id: context_id, counter: self.counter, gauge: self.gauge, histogram: self.histogram, queue: self.queue, passive, mode: None }))
     }
 
     fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
@@ -148,6 +166,8 @@ struct Http {
     gauge: u32,
     histogram: u32,
     queue: u32,
+    passive: bool,
+    mode: Option<String>,
 }
 
 fn status_of(r: u32) -> String {
@@ -193,7 +213,12 @@ impl HttpContext for Http {
         let name = b"conformance_unknown";
         let ff = unsafe { proxy_call_foreign_function(name.as_ptr(), name.len(), core::ptr::null(), 0, core::ptr::null_mut(), core::ptr::null_mut()) };
         log::debug!("foreign function status {}", ff);
-        match self.get_http_request_header("x-conformance").as_deref() {
+        if self.passive {
+            self.set_http_request_header("x-passive-seen", Some(&self.id.to_string()));
+            return Action::Continue;
+        }
+        self.mode = self.get_http_request_header("x-conformance");
+        match self.mode.as_deref() {
             Some("local-response") => {
                 self.send_http_response(403, vec![("x-denied-by", "conformance")], Some(b"denied by conformance filter"));
                 Action::Pause
@@ -255,6 +280,17 @@ impl HttpContext for Http {
                 log::info!("abi-corners: map_size={} status={} buffer_status={} bad_map={}", size, s1, s2, s3);
                 Action::Continue
             }
+            Some("log-level") => {
+                let mut level = 99u32;
+                let s = unsafe { proxy_get_log_level(&mut level) };
+                log::warn!("log level {} (status {})", level, s);
+                Action::Continue
+            }
+            Some("pseudo") => {
+                self.add_http_request_header(":custom", "pseudo");
+                self.set_http_request_header(":path", Some("/rewritten"));
+                Action::Continue
+            }
             Some("queue") => {
                 let _ = hostcalls::enqueue_shared_queue(self.queue, Some(path.as_bytes()));
                 Action::Continue
@@ -265,6 +301,11 @@ impl HttpContext for Http {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if !end_of_stream {
+            return Action::Pause;
+        }
+        if self.mode.as_deref() == Some("pause-body") {
+            log::info!("#{} body of {} bytes paused for a callout", self.id, body_size);
+            let _ = self.dispatch_http_call("upstream", vec![(":method", "GET"), (":path", "/body"), (":authority", "upstream")], None, vec![], Duration::from_secs(1));
             return Action::Pause;
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
