@@ -50,11 +50,26 @@ const TYPE_PREFIX: &str = "type.googleapis.com/";
 fn sanitize(v: &mut serde_json::Value, pool: &DescriptorPool) {
     match v {
         serde_json::Value::Object(map) => {
-            let unknown = map
+            let type_name = map
                 .get("@type")
                 .and_then(|t| t.as_str())
-                .map(|t| t.strip_prefix(TYPE_PREFIX).unwrap_or(t))
-                .is_some_and(|name| pool.get_message_by_name(name).is_none());
+                .map(|t| t.strip_prefix(TYPE_PREFIX).unwrap_or(t));
+            // The value of a `Struct` (or `Value`, `ListValue`) is plain
+            // JSON, not messages: an `@type` inside it is data. Rewriting it
+            // would also make reading not idempotent, since the `Struct` an
+            // unknown type becomes (below) keeps its nested objects as they
+            // are, and reading the dump written from it must too.
+            if type_name.is_some_and(|name| {
+                matches!(
+                    name,
+                    "google.protobuf.Struct"
+                        | "google.protobuf.Value"
+                        | "google.protobuf.ListValue"
+                )
+            }) {
+                return;
+            }
+            let unknown = type_name.is_some_and(|name| pool.get_message_by_name(name).is_none());
             if unknown {
                 let mut fields = std::mem::take(map);
                 let original = fields.remove("@type");
