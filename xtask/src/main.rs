@@ -493,11 +493,6 @@ fn fuzz(secs: u64) -> Result<(), String> {
         if seeds.is_dir() {
             c.arg(&seeds);
         }
-        // Real proxy-wasm modules, when `build-filters` has run.
-        let filters = root.join("target/filters");
-        if target == "module_info" && filters.is_dir() {
-            c.arg(&filters);
-        }
         c.args([
             "--",
             &format!("-max_total_time={secs}"),
