@@ -99,6 +99,26 @@ fn resolve_and_dump_over_sotw_delta_and_tls() {
     assert!(ok, "{err}");
     assert_eq!(v["sni"], "outbound_.80_._.echo.demo.svc.cluster.local");
     assert_eq!(v["routes"][0]["retry"]["num_retries"], 2);
+    // The typed route table: matcher, action, Envoy's reading of `0s`.
+    assert_eq!(v["kind"], "http");
+    assert_eq!(v["routes"][0]["match"]["path"]["prefix"], "/");
+    assert_eq!(
+        v["routes"][0]["action"]["forward"]["cluster"],
+        "outbound|80||echo.demo.svc.cluster.local"
+    );
+    assert_eq!(
+        v["routes"][0]["action"]["timeout_ms"],
+        serde_json::Value::Null,
+        "timeout 0s means disabled"
+    );
+    assert_eq!(
+        v["routes"][0]["retry"]["host_predicates"][0],
+        "PreviousHosts"
+    );
+    assert_eq!(
+        v["routes"][0]["retry"]["host_selection_retry_max_attempts"],
+        5
+    );
 
     let (ok, _, err) = nasp(&["xds", "resolve", "nowhere.example:80", "--xds", &addr]);
     assert!(!ok);

@@ -154,6 +154,22 @@ impl AdsService {
     }
 }
 
+/// The types of `subs` in make-before-break order: CDS, EDS, LDS, RDS, then
+/// anything else (NDS) by name. A client that applies a push in this order
+/// never holds a listener or route naming a cluster it does not know yet, nor
+/// a cluster without its endpoints (the order the xDS protocol prescribes).
+fn push_order<V>(subs: &HashMap<String, V>) -> Vec<String> {
+    let rank = |t: &str| {
+        nasp_xds::types::RESOURCE_TYPES
+            .iter()
+            .position(|r| *r == t)
+            .unwrap_or(nasp_xds::types::RESOURCE_TYPES.len())
+    };
+    let mut types: Vec<String> = subs.keys().cloned().collect();
+    types.sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
+    types
+}
+
 fn wildcard_type(type_url: &str) -> bool {
     type_url == CLUSTER || type_url == LISTENER || type_url == NAME_TABLE
 }
@@ -204,8 +220,12 @@ async fn sotw_stream(
     let mut node = String::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
-        // Send whatever is due.
-        for (type_url, sub) in subs.iter_mut() {
+        // Send whatever is due, in make-before-break order.
+        for type_url in push_order(&subs) {
+            let Some(sub) = subs.get_mut(&type_url) else {
+                continue;
+            };
+            let type_url = &type_url;
             let items = selected(&snap, type_url, sub.wildcard, &sub.names);
             let hash = content_hash(&items);
             if sub.sent.is_some_and(|(_, h)| h == hash) {
@@ -287,7 +307,11 @@ async fn delta_stream(
     let mut node = String::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
-        for (type_url, sub) in subs.iter_mut() {
+        for type_url in push_order(&subs) {
+            let Some(sub) = subs.get_mut(&type_url) else {
+                continue;
+            };
+            let type_url = &type_url;
             let empty = BTreeMap::new();
             let all = snap.of_type(type_url).unwrap_or(&empty);
             let mut resources = Vec::new();

@@ -31,8 +31,9 @@ fn addrs(view: &MeshView, host: &str, port: u16) -> Vec<String> {
     let o = view
         .outbound(host, port)
         .unwrap_or_else(|| panic!("{host}:{port}"));
-    let mut v: Vec<String> = o
-        .cluster
+    let mut v: Vec<String> = view
+        .plain_cluster(&o)
+        .expect("a cluster")
         .endpoints
         .iter()
         .map(|e| e.address.clone())
@@ -53,21 +54,23 @@ fn generated_resources_resolve_like_istio() {
         "10.10.42.110",
     ] {
         let o = view.outbound(host, 80).unwrap_or_else(|| panic!("{host}"));
-        assert_eq!(o.cluster.name, "outbound|80||echo.demo.svc.cluster.local");
+        let c = view.plain_cluster(&o).expect("GET / is forwarded");
+        assert_eq!(c.name, "outbound|80||echo.demo.svc.cluster.local");
         assert_eq!(
-            o.cluster.sni.as_deref(),
+            c.sni.as_deref(),
             Some("outbound_.80_._.echo.demo.svc.cluster.local")
         );
-        assert!(o.cluster.tls && o.cluster.permissive);
+        assert!(c.tls && c.permissive);
         assert_eq!(
-            o.cluster.expected_sans,
+            c.expected_sans,
             vec!["spiffe://cluster.local/ns/demo/sa/default".to_string()]
         );
-        let retry = o
-            .routes
-            .as_ref()
-            .and_then(|r| r[0].retry.clone())
-            .expect("retries");
+        let route = &o.http().expect("HTTP").virtual_host.routes[0];
+        let retry = match &route.action {
+            nasp_xds::route::RouteAction::Forward(f) => f.retry_policy.clone(),
+            _ => None,
+        }
+        .expect("retries");
         assert_eq!(
             (retry.num_retries, retry.retriable_status_codes),
             (2, vec![503])
@@ -77,9 +80,11 @@ fn generated_resources_resolve_like_istio() {
         addrs(&view, "echo", 80),
         vec!["10.20.160.131:8080", "10.20.164.172:8080", "10.20.9.9:8080"]
     );
-    let echo = view.outbound("echo", 80).expect("echo");
+    let echo = view
+        .outbound("echo", 80)
+        .and_then(|o| view.plain_cluster(&o))
+        .expect("echo");
     let plain = echo
-        .cluster
         .endpoints
         .iter()
         .find(|e| e.address == "10.20.9.9:8080")
@@ -89,7 +94,6 @@ fn generated_resources_resolve_like_istio() {
         "a non-Istio endpoint gets plaintext in PERMISSIVE mode"
     );
     let weighted = echo
-        .cluster
         .endpoints
         .iter()
         .find(|e| e.address == "10.20.164.172:8080")
@@ -99,19 +103,24 @@ fn generated_resources_resolve_like_istio() {
         (2, "eu-central-1/eu-central-1b/")
     );
 
-    let tcp = view.outbound("10.10.42.110", 12050).expect("tcp by vip");
+    let cluster = |h: &str, p: u16| {
+        view.outbound(h, p)
+            .and_then(|o| view.plain_cluster(&o))
+            .unwrap_or_else(|| panic!("{h}:{p}"))
+    };
+    let tcp = cluster("10.10.42.110", 12050);
     assert_eq!(
-        tcp.cluster.sni.as_deref(),
+        tcp.sni.as_deref(),
         Some("outbound_.12050_._.echo.demo.svc.cluster.local")
     );
-    let db = view.outbound("db", 5432).expect("db");
-    assert!(db.cluster.tls && !db.cluster.permissive, "STRICT");
+    let db = cluster("db", 5432);
+    assert!(db.tls && !db.permissive, "STRICT");
     assert_eq!(
-        db.cluster.expected_sans,
+        db.expected_sans,
         vec!["spiffe://cluster.local/ns/demo/sa/postgres".to_string()]
     );
-    let legacy = view.outbound("legacy.other", 8080).expect("legacy");
-    assert!(!legacy.cluster.tls, "DISABLE");
+    let legacy = cluster("legacy.other", 8080);
+    assert!(!legacy.tls, "DISABLE");
 
     let i = view.inbound(8080).expect("8080");
     assert!(i.tls && i.permissive && i.client_certificate_required);
@@ -173,8 +182,8 @@ async fn names_only_nds_knows_resolve_when_nds_is_on() {
             assert_eq!(found.is_some(), nds, "{protocol:?} nds={nds}");
             if let Some(o) = found {
                 assert_eq!(
-                    o.cluster.name,
-                    "outbound|12050||echo.demo.svc.cluster.local"
+                    o.cluster().map(|c| c.name.as_str()),
+                    Some("outbound|12050||echo.demo.svc.cluster.local")
                 );
             }
         }

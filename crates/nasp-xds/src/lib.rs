@@ -5,11 +5,14 @@
 //!   by port — computed once per update and read without locks;
 //! - [`client`]: the ADS client (State-of-the-World and Delta), with ACK/NACK,
 //!   reconnects and the view swapped atomically on each update;
+//! - [`route`]: typed HTTP route tables (matchers, actions, retries, faults),
+//!   converted once per update;
 //! - [`types`]: type URLs and resource encoding shared with the server.
 
 pub mod client;
 pub mod dump;
 pub mod node;
+pub mod route;
 pub mod types;
 pub mod view;
 
@@ -17,7 +20,11 @@ pub use client::{AdsClient, AdsConfig, ClientStats, Protocol};
 pub use dump::{ResourceSet, read_config_dump};
 pub use envoy_types;
 pub use node::WorkloadSettings;
-pub use view::{ClusterInfo, Endpoint, Inbound, MeshView, Outbound, OutlierSettings, ViewSettings};
+pub use route::{RequestHeaders, RouteConfig, VirtualHost};
+pub use view::{
+    ClusterInfo, Endpoint, HttpDestination, Inbound, MeshView, Outbound, OutlierSettings,
+    RouteDecision, ViewSettings,
+};
 
 /// Errors of the xDS layer.
 #[derive(Clone, Debug, thiserror::Error)]

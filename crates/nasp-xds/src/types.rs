@@ -156,6 +156,11 @@ pub fn decode(type_url: &str, any: &Any) -> Result<Decoded, XdsError> {
     if d.name().is_empty() {
         return Err(bad("the resource has no name".into()));
     }
+    // A route configuration the view cannot convert (a regex that does not
+    // compile, weights summing to 0, …) is one Envoy would reject: NACK it.
+    if let Decoded::Route(r) = &d {
+        crate::route::RouteConfig::from_proto(r)?;
+    }
     Ok(d)
 }
 

@@ -23,11 +23,7 @@ use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
 use envoy_types::pb::envoy::config::core::v3::{Address, TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
-use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
-use envoy_types::pb::envoy::config::route::v3::route::Action;
-use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier as RouteCluster;
-use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
@@ -38,6 +34,9 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 use crate::dump::ResourceSet;
+use crate::route::{
+    Forward, Redirect, RequestHeaders, Route, RouteAction, RouteConfig, VirtualHost,
+};
 
 const TLS_CONTEXT_UPSTREAM: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
@@ -76,30 +75,6 @@ pub struct Endpoint {
     pub healthy: bool,
     /// Whether the endpoint speaks Istio mTLS (`tlsMode: istio` metadata).
     pub istio_mtls: bool,
-}
-
-/// Retry settings of a route.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Retry {
-    /// Envoy's `retry_on` conditions.
-    pub retry_on: String,
-    /// Attempts after the first.
-    pub num_retries: u32,
-    /// Status codes retried under `retriable-status-codes`.
-    pub retriable_status_codes: Vec<u32>,
-}
-
-/// One route of a virtual host.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Route {
-    /// `prefix:/x`, `path:/x`, `regex:…` or `any`.
-    pub matcher: String,
-    /// Target cluster; weighted targets as `(cluster, weight)`.
-    pub clusters: Vec<(String, u32)>,
-    /// Retry policy.
-    pub retry: Option<Retry>,
-    /// Route timeout in milliseconds, if set.
-    pub timeout_ms: Option<u64>,
 }
 
 /// What is known about a cluster.
@@ -144,14 +119,72 @@ pub struct OutlierSettings {
 }
 
 /// The answer to an outbound lookup.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Outbound {
-    /// The chosen cluster.
-    pub cluster: Arc<ClusterInfo>,
-    /// For HTTP destinations, the routes of the matched virtual host.
-    pub routes: Option<Arc<Vec<Route>>>,
-    /// The virtual host matched, if any.
-    pub virtual_host: Option<String>,
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    /// Every connection goes to this cluster: a TCP service (its listener's
+    /// TCP proxy), or a name known only as a cluster (`outbound|<port>||<fqdn>`).
+    Cluster(Arc<ClusterInfo>),
+    /// An HTTP destination: each request picks its route in the virtual
+    /// host ([`MeshView::route`]).
+    Http(HttpDestination),
+}
+
+/// An HTTP destination: the route configuration and the virtual host that
+/// serves the host.
+#[derive(Clone, Debug)]
+pub struct HttpDestination {
+    /// The route configuration (its header changes apply to every route).
+    pub route_config: Arc<RouteConfig>,
+    /// The matched virtual host with its ordered routes.
+    pub virtual_host: Arc<VirtualHost>,
+}
+
+impl Outbound {
+    /// The cluster of a [`Outbound::Cluster`] answer.
+    pub fn cluster(&self) -> Option<&Arc<ClusterInfo>> {
+        match self {
+            Outbound::Cluster(c) => Some(c),
+            Outbound::Http(_) => None,
+        }
+    }
+
+    /// The HTTP destination of an [`Outbound::Http`] answer.
+    pub fn http(&self) -> Option<&HttpDestination> {
+        match self {
+            Outbound::Http(h) => Some(h),
+            Outbound::Cluster(_) => None,
+        }
+    }
+}
+
+/// What one HTTP request to an [`HttpDestination`] does.
+#[derive(Clone, Debug)]
+pub enum RouteDecision<'a> {
+    /// Forward to `cluster` as `forward` says.
+    Forward {
+        /// The matched route (its header changes, fault, name).
+        route: &'a Route,
+        /// The forwarding settings (rewrites, timeout, retries, hashing, mirrors).
+        forward: &'a Forward,
+        /// The cluster picked for this request.
+        cluster: Arc<ClusterInfo>,
+    },
+    /// Answer with this redirect.
+    Redirect(&'a Route, &'a Redirect),
+    /// Answer with this status and body.
+    DirectResponse {
+        /// The matched route.
+        route: &'a Route,
+        /// Status.
+        status: u16,
+        /// Body, if any.
+        body: Option<&'a [u8]>,
+    },
+    /// No route matches: Envoy answers 404.
+    NoRoute,
+    /// The route names a cluster the mesh does not have (or a
+    /// `cluster_header` the request lacks): Envoy answers 503.
+    ClusterNotFound(Option<&'a str>),
 }
 
 /// The answer to an inbound lookup.
@@ -167,71 +200,6 @@ pub struct Inbound {
     pub client_certificate_required: bool,
 }
 
-/// A route configuration prepared for lookups: exact domains hashed,
-/// wildcard domains kept aside, longest first.
-#[derive(Debug, Default)]
-struct RouteTable {
-    vhosts: Vec<VHost>,
-    exact: HashMap<String, usize>,
-    /// (pattern without `*`, is-suffix, vhost index), longest pattern first.
-    wildcards: Vec<(String, bool, usize)>,
-}
-
-impl RouteTable {
-    fn new(vhosts: Vec<VHost>) -> Self {
-        let mut exact = HashMap::new();
-        let mut wildcards = Vec::new();
-        for (i, v) in vhosts.iter().enumerate() {
-            for d in &v.domains {
-                if let Some(suffix) = d.strip_prefix('*') {
-                    wildcards.push((suffix.to_string(), true, i));
-                } else if let Some(prefix) = d.strip_suffix('*') {
-                    wildcards.push((prefix.to_string(), false, i));
-                } else {
-                    // The first virtual host that lists a domain wins.
-                    exact.entry(d.clone()).or_insert(i);
-                }
-            }
-        }
-        wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
-        Self {
-            vhosts,
-            exact,
-            wildcards,
-        }
-    }
-
-    /// `host` must be lower case. `buf` is scratch space.
-    fn find(&self, host: &str, port: u16, buf: &mut String) -> Option<&VHost> {
-        if let Some(i) = self.exact.get(host) {
-            return self.vhosts.get(*i);
-        }
-        use std::fmt::Write as _;
-        buf.clear();
-        let _ = write!(buf, "{host}:{port}");
-        if let Some(i) = self.exact.get(buf.as_str()) {
-            return self.vhosts.get(*i);
-        }
-        self.wildcards
-            .iter()
-            .find(|(p, suffix, _)| {
-                if *suffix {
-                    host.ends_with(p.as_str()) || buf.ends_with(p.as_str())
-                } else {
-                    host.starts_with(p.as_str())
-                }
-            })
-            .and_then(|(_, _, i)| self.vhosts.get(*i))
-    }
-}
-
-#[derive(Clone, Debug)]
-struct VHost {
-    name: String,
-    domains: Vec<String>,
-    routes: Arc<Vec<Route>>,
-}
-
 /// Settings that shape lookups.
 #[derive(Clone, Debug, Default)]
 pub struct ViewSettings {
@@ -243,12 +211,15 @@ pub struct ViewSettings {
 #[derive(Debug, Default)]
 pub struct MeshView {
     clusters: HashMap<String, Arc<ClusterInfo>>,
-    /// `(ip, port)` → cluster, from listeners named `<ip>_<port>`.
-    by_listener: HashMap<(IpAddr, u16), ListenerTarget>,
-    /// Route configuration name → virtual hosts.
-    route_tables: HashMap<String, Arc<RouteTable>>,
+    /// `(ip, port)` → filter chains, from listeners named `<ip>_<port>`.
+    by_listener: HashMap<(IpAddr, u16), ListenerChains>,
+    /// Port → filter chains, from listeners on `0.0.0.0_<port>` (Istio's
+    /// HTTP ports, and TCP services without a VIP).
+    by_port: HashMap<u16, ListenerChains>,
+    /// Route configuration name → typed routes.
+    route_tables: HashMap<String, Arc<RouteConfig>>,
     /// Tables named after a port (Istio's HTTP outbound tables).
-    port_tables: HashMap<u16, Arc<RouteTable>>,
+    port_tables: HashMap<u16, Arc<RouteConfig>>,
     inbound: HashMap<u16, Inbound>,
     names: HashMap<String, Vec<IpAddr>>,
     settings: ViewSettings,
@@ -258,6 +229,83 @@ pub struct MeshView {
 enum ListenerTarget {
     Tcp(String),
     Http(String),
+}
+
+/// The filter chains of one outbound listener, with what they match on.
+#[derive(Clone, Debug, Default)]
+struct ListenerChains {
+    chains: Vec<Chain>,
+    default: Option<ListenerTarget>,
+}
+
+#[derive(Clone, Debug)]
+struct Chain {
+    /// Destination prefixes (`(network, length)`); empty matches any.
+    prefixes: Vec<(IpAddr, u8)>,
+    port: Option<u16>,
+    /// A chain that needs SNI or TLS cannot take a plaintext connection
+    /// from the application.
+    needs_tls: bool,
+    target: ListenerTarget,
+}
+
+fn in_prefix(ip: IpAddr, (net, len): (IpAddr, u8)) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let len = u32::from(len.min(32));
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let len = u32::from(len.min(128));
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+impl ListenerChains {
+    /// The chain a plaintext connection from the application to `ip:port`
+    /// lands on, as Envoy selects it: destination port, then the most
+    /// specific destination prefix; among equals an HTTP chain (the
+    /// application speaks HTTP to an HTTP port), then configuration order.
+    /// Nothing matching: the default chain.
+    fn select(&self, ip: IpAddr, port: u16) -> Option<&ListenerTarget> {
+        let mut best: Option<(i32, bool, &ListenerTarget)> = None;
+        for c in &self.chains {
+            if c.needs_tls || c.port.is_some_and(|p| p != port) {
+                continue;
+            }
+            let specificity = if c.prefixes.is_empty() {
+                -1
+            } else {
+                match c
+                    .prefixes
+                    .iter()
+                    .filter(|p| in_prefix(ip, **p))
+                    .map(|p| i32::from(p.1))
+                    .max()
+                {
+                    Some(len) => len,
+                    None => continue,
+                }
+            };
+            let http = matches!(c.target, ListenerTarget::Http(_));
+            let better = match best {
+                None => true,
+                Some((s, h, _)) => specificity > s || (specificity == s && http && !h),
+            };
+            if better {
+                best = Some((specificity, http, &c.target));
+            }
+        }
+        best.map(|(_, _, t)| t).or(self.default.as_ref())
+    }
 }
 
 fn any_is<M: Message + Default>(any: &Any, url: &str) -> Option<M> {
@@ -435,7 +483,7 @@ fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> ClusterInfo
 }
 
 /// Istio's clusters for traffic that is not to a mesh service.
-fn is_catch_all(cluster: &str) -> bool {
+pub(crate) fn is_catch_all(cluster: &str) -> bool {
     matches!(
         cluster,
         "PassthroughCluster"
@@ -445,72 +493,76 @@ fn is_catch_all(cluster: &str) -> bool {
     )
 }
 
-fn routes_of(vh: &VirtualHost) -> Vec<Route> {
-    vh.routes
-        .iter()
-        .filter_map(|r| {
-            let matcher = match r.r#match.as_ref().and_then(|m| m.path_specifier.as_ref()) {
-                Some(PathSpecifier::Prefix(p)) => format!("prefix:{p}"),
-                Some(PathSpecifier::Path(p)) => format!("path:{p}"),
-                Some(PathSpecifier::SafeRegex(re)) => format!("regex:{}", re.regex),
-                Some(_) => "other".to_string(),
-                None => "any".to_string(),
-            };
-            let Some(Action::Route(action)) = r.action.as_ref() else {
-                return None;
-            };
-            let clusters = match action.cluster_specifier.as_ref() {
-                Some(RouteCluster::Cluster(c)) => vec![(c.clone(), 100)],
-                Some(RouteCluster::WeightedClusters(w)) => w
+/// What one filter chain does: the first TCP proxy or HTTP connection
+/// manager among its filters.
+fn chain_target(
+    fc: &FilterChain,
+    inline: &mut Vec<(String, RouteConfig)>,
+    inline_name: &str,
+) -> Option<ListenerTarget> {
+    for f in &fc.filters {
+        let Some(filter::ConfigType::TypedConfig(any)) = f.config_type.as_ref() else {
+            continue;
+        };
+        if let Some(tcp) = any_is::<TcpProxy>(any, TCP_PROXY) {
+            return match tcp.cluster_specifier {
+                Some(TcpCluster::Cluster(c)) => Some(ListenerTarget::Tcp(c)),
+                // Weighted TCP routes: the heaviest leg (per-connection
+                // weighting is the transport's, from the raw resource).
+                Some(TcpCluster::WeightedClusters(w)) => w
                     .clusters
                     .iter()
-                    .map(|c| {
-                        (
-                            c.name.clone(),
-                            c.weight.as_ref().map(|w| w.value).unwrap_or(0),
-                        )
-                    })
-                    .collect(),
-                _ => Vec::new(),
+                    .max_by_key(|c| c.weight)
+                    .map(|c| ListenerTarget::Tcp(c.name.clone())),
+                _ => None,
             };
-            let retry = action.retry_policy.as_ref().map(|p| Retry {
-                retry_on: p.retry_on.clone(),
-                num_retries: p.num_retries.as_ref().map(|n| n.value).unwrap_or(1),
-                retriable_status_codes: p.retriable_status_codes.clone(),
-            });
-            let timeout_ms = action
-                .timeout
-                .as_ref()
-                .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000);
-            Some(Route {
-                matcher,
-                clusters,
-                retry,
-                timeout_ms,
-            })
-        })
-        .collect()
+        }
+        if let Some(hcm) = any_is::<HttpConnectionManager>(any, HCM) {
+            return match hcm.route_specifier {
+                Some(RouteSpecifier::Rds(rds)) => Some(ListenerTarget::Http(rds.route_config_name)),
+                Some(RouteSpecifier::RouteConfig(rc)) => match RouteConfig::from_proto(&rc) {
+                    Ok(table) => {
+                        let name = format!("{inline_name}#{}", inline.len());
+                        inline.push((name.clone(), table));
+                        Some(ListenerTarget::Http(name))
+                    }
+                    Err(e) => {
+                        tracing::warn!("inline route configuration of {inline_name} skipped: {e}");
+                        None
+                    }
+                },
+                _ => None,
+            };
+        }
+    }
+    None
 }
 
-fn network_filters(
-    l: &Listener,
-) -> impl Iterator<
-    Item = (
-        &envoy_types::pb::envoy::config::listener::v3::FilterChain,
-        &Any,
-    ),
-> {
-    l.filter_chains
-        .iter()
-        .chain(l.default_filter_chain.as_ref())
-        .flat_map(|fc| {
-            fc.filters
-                .iter()
-                .filter_map(move |f| match f.config_type.as_ref() {
-                    Some(filter::ConfigType::TypedConfig(any)) => Some((fc, any)),
-                    _ => None,
-                })
-        })
+fn chain(fc: &FilterChain, target: ListenerTarget) -> Chain {
+    let m = fc.filter_chain_match.as_ref();
+    Chain {
+        prefixes: m
+            .map(|m| {
+                m.prefix_ranges
+                    .iter()
+                    .filter_map(|r| {
+                        let ip = r.address_prefix.parse::<IpAddr>().ok()?;
+                        let len = r
+                            .prefix_len
+                            .as_ref()
+                            .map(|l| l.value)
+                            .unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+                        Some((ip, u8::try_from(len).unwrap_or(128)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        port: m
+            .and_then(|m| m.destination_port.as_ref())
+            .and_then(|p| u16::try_from(p.value).ok()),
+        needs_tls: m.is_some_and(|m| !m.server_names.is_empty() || m.transport_protocol == "tls"),
+        target,
+    }
 }
 
 impl MeshView {
@@ -533,7 +585,15 @@ impl MeshView {
                 .insert(name.clone(), Arc::new(cluster_info(c, cla)));
         }
         for (name, rc) in &set.routes {
-            let table = Arc::new(RouteTable::new(Self::vhosts(rc)));
+            // The client validated RDS resources on receipt; a dump is not,
+            // so a bad one is skipped here rather than served half-read.
+            let table = match RouteConfig::from_proto(rc) {
+                Ok(t) => Arc::new(t),
+                Err(e) => {
+                    tracing::warn!("route configuration {name:?} skipped: {e}");
+                    continue;
+                }
+            };
             if let Ok(port) = name.parse::<u16>() {
                 view.port_tables.insert(port, table.clone());
             }
@@ -545,17 +605,6 @@ impl MeshView {
         view
     }
 
-    fn vhosts(rc: &RouteConfiguration) -> Vec<VHost> {
-        rc.virtual_hosts
-            .iter()
-            .map(|vh| VHost {
-                name: vh.name.clone(),
-                domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
-                routes: Arc::new(routes_of(vh)),
-            })
-            .collect()
-    }
-
     fn add_listener(&mut self, l: &Listener) {
         let Some((ip, port)) = socket(&l.address) else {
             return;
@@ -565,34 +614,32 @@ impl MeshView {
             self.add_inbound(l);
             return;
         }
-        let Ok(ip) = ip.parse::<IpAddr>() else { return };
-        if ip.is_unspecified() {
-            return; // 0.0.0.0_<port>: HTTP, resolved through the route named after the port
+        if l.name == "virtualOutbound" || port == 15001 {
+            return; // the capture listener: what it matches is "outside the mesh"
         }
-        for (_, any) in network_filters(l) {
-            if let Some(tcp) = any_is::<TcpProxy>(any, TCP_PROXY) {
-                if let Some(TcpCluster::Cluster(c)) = tcp.cluster_specifier {
-                    self.by_listener.insert((ip, port), ListenerTarget::Tcp(c));
-                    return;
-                }
+        let Ok(ip) = ip.parse::<IpAddr>() else { return };
+        let mut inline = Vec::new();
+        let inline_name = format!("{}#inline", l.name);
+        let mut chains = ListenerChains::default();
+        for fc in &l.filter_chains {
+            if let Some(t) = chain_target(fc, &mut inline, &inline_name) {
+                chains.chains.push(chain(fc, t));
             }
-            if let Some(hcm) = any_is::<HttpConnectionManager>(any, HCM) {
-                match hcm.route_specifier {
-                    Some(RouteSpecifier::Rds(rds)) => {
-                        self.by_listener
-                            .insert((ip, port), ListenerTarget::Http(rds.route_config_name));
-                    }
-                    Some(RouteSpecifier::RouteConfig(rc)) => {
-                        let name = format!("{}_{port}#inline", ip);
-                        self.route_tables
-                            .insert(name.clone(), Arc::new(RouteTable::new(Self::vhosts(&rc))));
-                        self.by_listener
-                            .insert((ip, port), ListenerTarget::Http(name));
-                    }
-                    _ => {}
-                }
-                return;
-            }
+        }
+        chains.default = l
+            .default_filter_chain
+            .as_ref()
+            .and_then(|fc| chain_target(fc, &mut inline, &inline_name));
+        for (name, table) in inline {
+            self.route_tables.insert(name, Arc::new(table));
+        }
+        if chains.chains.is_empty() && chains.default.is_none() {
+            return;
+        }
+        if ip.is_unspecified() {
+            self.by_port.insert(port, chains);
+        } else {
+            self.by_listener.insert((ip, port), chains);
         }
     }
 
@@ -651,11 +698,16 @@ impl MeshView {
         self.clusters.get(name).cloned()
     }
 
+    /// A route configuration by name.
+    pub fn route_config(&self, name: &str) -> Option<Arc<RouteConfig>> {
+        self.route_tables.get(name).cloned()
+    }
+
     /// Number of clusters, listeners-with-targets and route tables.
     pub fn counts(&self) -> (usize, usize, usize) {
         (
             self.clusters.len(),
-            self.by_listener.len(),
+            self.by_listener.len() + self.by_port.len(),
             self.route_tables.len(),
         )
     }
@@ -665,58 +717,62 @@ impl MeshView {
         self.inbound.get(&port).cloned()
     }
 
-    fn via_table(
-        &self,
-        table: &RouteTable,
-        host: &str,
-        port: u16,
-        buf: &mut String,
-    ) -> Option<Outbound> {
-        let vh = table.find(host, port, buf)?;
-        // The cluster of the first route (the catch-all `/` in Istio's
-        // tables); per-request routing uses `routes`.
-        let cluster = &vh.routes.first()?.clusters.first()?.0;
-        // Istio's catch-all virtual host (`*` → PassthroughCluster or
-        // BlackHoleCluster) is how a sidecar handles hosts *outside* the
-        // mesh: such a host is not a mesh destination.
-        if is_catch_all(cluster) {
+    fn via_table(&self, table: &Arc<RouteConfig>, host: &str, port: u16) -> Option<Outbound> {
+        let vh = table.virtual_host(host, port)?;
+        // Istio's catch-all virtual host (`*` → PassthroughCluster, or
+        // `block_all` answering 502 under REGISTRY_ONLY) is how a sidecar
+        // handles hosts *outside* the mesh: such a host is not a mesh
+        // destination.
+        if vh.is_outside_mesh() {
             return None;
         }
-        Some(Outbound {
-            cluster: self.clusters.get(cluster)?.clone(),
-            routes: Some(vh.routes.clone()),
-            virtual_host: Some(vh.name.clone()),
-        })
+        Some(Outbound::Http(HttpDestination {
+            route_config: table.clone(),
+            virtual_host: vh.clone(),
+        }))
     }
 
-    fn via_routes(&self, table: &str, host: &str, port: u16) -> Option<Outbound> {
-        let t = self.route_tables.get(table)?;
-        self.via_table(t, host, port, &mut String::new())
+    fn via_target(&self, target: &ListenerTarget, host: &str, port: u16) -> Option<Outbound> {
+        match target {
+            ListenerTarget::Tcp(c) if is_catch_all(c) => None,
+            ListenerTarget::Tcp(c) => Some(Outbound::Cluster(self.clusters.get(c)?.clone())),
+            ListenerTarget::Http(table) => {
+                self.via_table(self.route_tables.get(table)?, host, port)
+            }
+        }
     }
 
     fn by_ip(&self, ip: IpAddr, port: u16) -> Option<Outbound> {
-        match self.by_listener.get(&(ip, port))? {
-            ListenerTarget::Tcp(c) if is_catch_all(c) => None,
-            ListenerTarget::Tcp(c) => Some(Outbound {
-                cluster: self.clusters.get(c)?.clone(),
-                routes: None,
-                virtual_host: None,
-            }),
-            ListenerTarget::Http(table) => self.via_routes(table, &ip.to_string(), port),
-        }
-    }
-
-    /// Where a connection to `host:port` goes, if the mesh knows it.
-    pub fn outbound(&self, host: &str, port: u16) -> Option<Outbound> {
-        if let Ok(ip) = host
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<IpAddr>()
-        {
-            if let Some(o) = self.by_ip(ip, port) {
+        let host = ip.to_string();
+        if let Some(chains) = self.by_listener.get(&(ip, port)) {
+            if let Some(o) = chains
+                .select(ip, port)
+                .and_then(|t| self.via_target(t, &host, port))
+            {
                 return Some(o);
             }
-            let t = self.port_tables.get(&port)?;
-            return self.via_table(t, &ip.to_string(), port, &mut String::new());
+        }
+        // `0.0.0.0_<port>`: an HTTP port's routes (by the IP as domain), or
+        // a TCP service without a VIP that takes the whole port.
+        if let Some(chains) = self.by_port.get(&port) {
+            return chains
+                .select(ip, port)
+                .and_then(|t| self.via_target(t, &host, port));
+        }
+        let t = self.port_tables.get(&port)?;
+        self.via_table(t, &host, port)
+    }
+
+    /// Where a connection to `host:port` goes, if the mesh knows it. An
+    /// IPv6 address may come bracketed or not.
+    pub fn outbound(&self, host: &str, port: u16) -> Option<Outbound> {
+        if let Ok(ip) = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .parse::<IpAddr>()
+        {
+            return self.by_ip(ip, port);
         }
         let host = host.trim_end_matches('.');
         let lowered;
@@ -736,18 +792,14 @@ impl MeshView {
                 name.push('.');
                 name.push_str(&self.settings.search_domains[i - 1]);
             }
-            if let Some(o) = table.and_then(|t| self.via_table(t, &name, port, &mut buf)) {
+            if let Some(o) = table.and_then(|t| self.via_table(t, &name, port)) {
                 return Some(o);
             }
             use std::fmt::Write as _;
             buf.clear();
             let _ = write!(buf, "outbound|{port}||{name}");
             if let Some(c) = self.clusters.get(buf.as_str()) {
-                return Some(Outbound {
-                    cluster: c.clone(),
-                    routes: None,
-                    virtual_host: None,
-                });
+                return Some(Outbound::Cluster(c.clone()));
             }
             if let Some(ips) = self.names.get(name.as_str()) {
                 if let Some(o) = ips.iter().find_map(|ip| self.by_ip(*ip, port)) {
@@ -756,5 +808,55 @@ impl MeshView {
             }
         }
         None
+    }
+
+    /// The cluster a TCP connection goes to, or for an HTTP destination the
+    /// one a plain `GET /` without headers is forwarded to (weighted legs:
+    /// the first). For tools and tests; the transport routes each request
+    /// with [`MeshView::route`].
+    pub fn plain_cluster(&self, o: &Outbound) -> Option<Arc<ClusterInfo>> {
+        match o {
+            Outbound::Cluster(c) => Some(c.clone()),
+            Outbound::Http(h) => match self.route(h, "/", &[], 0) {
+                RouteDecision::Forward { cluster, .. } => Some(cluster),
+                _ => None,
+            },
+        }
+    }
+
+    /// What one request to an HTTP destination does: the first matching
+    /// route, and for a forwarding route the cluster picked for it
+    /// (`random` chooses the weighted leg; pass a fresh random number per
+    /// request). `path` is `:path` with its query string.
+    pub fn route<'a, H: RequestHeaders + ?Sized>(
+        &self,
+        dest: &'a HttpDestination,
+        path: &str,
+        headers: &'a H,
+        random: u64,
+    ) -> RouteDecision<'a> {
+        let Some(route) = dest.virtual_host.route(path, headers) else {
+            return RouteDecision::NoRoute;
+        };
+        match &route.action {
+            RouteAction::Forward(f) => match f.target.pick(headers, random) {
+                Some(name) => match self.clusters.get(name) {
+                    Some(c) => RouteDecision::Forward {
+                        route,
+                        forward: f,
+                        cluster: c.clone(),
+                    },
+                    None => RouteDecision::ClusterNotFound(Some(name)),
+                },
+                None => RouteDecision::ClusterNotFound(None),
+            },
+            RouteAction::Redirect(r) => RouteDecision::Redirect(route, r),
+            RouteAction::DirectResponse { status, body } => RouteDecision::DirectResponse {
+                route,
+                status: *status,
+                body: body.as_deref(),
+            },
+            RouteAction::Unsupported(_) => RouteDecision::NoRoute,
+        }
     }
 }

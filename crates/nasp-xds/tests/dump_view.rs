@@ -3,7 +3,11 @@
 
 use std::collections::HashMap;
 
-use nasp_xds::{MeshView, ViewSettings, read_config_dump};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nasp_xds::route::{ClusterTarget, HostPredicate, PathMatch, RouteAction};
+use nasp_xds::{ClusterInfo, MeshView, Outbound, RouteDecision, ViewSettings, read_config_dump};
 
 fn dump(name: &str) -> String {
     let path = format!(
@@ -28,13 +32,22 @@ fn view(name: &str) -> MeshView {
     )
 }
 
-fn addrs(o: &nasp_xds::Outbound) -> Vec<String> {
-    let mut v: Vec<String> = o
-        .cluster
-        .endpoints
-        .iter()
-        .map(|e| e.address.clone())
-        .collect();
+/// The cluster a TCP connection (or the request `GET /`) to `host:port` goes to.
+fn cluster_of(view: &MeshView, host: &str, port: u16) -> Arc<ClusterInfo> {
+    match view
+        .outbound(host, port)
+        .unwrap_or_else(|| panic!("{host}:{port} is in the mesh"))
+    {
+        Outbound::Cluster(c) => c,
+        Outbound::Http(h) => match view.route(&h, "/", &[], 0) {
+            RouteDecision::Forward { cluster, .. } => cluster,
+            other => panic!("{host}:{port}: GET / is not forwarded: {other:?}"),
+        },
+    }
+}
+
+fn addrs(c: &ClusterInfo) -> Vec<String> {
+    let mut v: Vec<String> = c.endpoints.iter().map(|e| e.address.clone()).collect();
     v.sort();
     v
 }
@@ -65,25 +78,44 @@ fn inbound_8080_is_permissive_mtls_with_client_certs() {
 
 #[test]
 fn tcp_service_by_ip() {
-    let o = view("config_v0.json")
-        .outbound("10.10.42.110", 12050)
-        .expect("known");
-    assert!(o.cluster.tls && o.cluster.permissive);
+    let v0 = view("config_v0.json");
+    let o = v0.outbound("10.10.42.110", 12050).expect("known");
+    let c = o.cluster().expect("a TCP service goes to one cluster");
+    assert!(c.tls && c.permissive);
     assert_eq!(
-        o.cluster.sni.as_deref(),
+        c.sni.as_deref(),
         Some("outbound_.12050_._.echo.demo.svc.cluster.local")
     );
-    assert_eq!(addrs(&o), vec!["10.20.160.131:8080"]);
-    let o = view("config_v1.json")
-        .outbound("10.10.42.110", 12050)
-        .expect("known");
+    assert_eq!(addrs(c), vec!["10.20.160.131:8080"]);
+    let c = cluster_of(&view("config_v1.json"), "10.10.42.110", 12050);
     assert_eq!(
-        addrs(&o),
+        addrs(&c),
         vec![
             "10.20.164.172:8080",
             "10.20.166.13:8080",
             "10.20.166.2:8080"
         ]
+    );
+}
+
+#[test]
+fn tcp_listener_on_0_0_0_0_takes_its_whole_port() {
+    // `0.0.0.0_10032` is a TCP proxy to a ServiceEntry without a VIP: every
+    // connection on port 10032 goes there, whatever the address.
+    let v0 = view("config_v0.json");
+    for ip in ["3.120.0.1", "10.99.1.2"] {
+        let o = v0
+            .outbound(ip, 10032)
+            .unwrap_or_else(|| panic!("{ip}:10032"));
+        assert_eq!(
+            o.cluster().map(|c| c.name.as_str()),
+            Some("outbound|10032||0.tcp.eu.ngrok.io"),
+            "{ip}"
+        );
+    }
+    assert_eq!(
+        cluster_of(&v0, "0.tcp.eu.ngrok.io", 10032).name,
+        "outbound|10032||0.tcp.eu.ngrok.io"
     );
 }
 
@@ -98,38 +130,60 @@ fn http_service_by_ip_and_by_names() {
         "echo.demo.svc.cluster.local",
         "ECHO.demo",
     ] {
-        let o = v0.outbound(host, 80).unwrap_or_else(|| panic!("{host}"));
+        let c = cluster_of(&v0, host, 80);
+        assert_eq!(c.name, "outbound|80||echo.demo.svc.cluster.local", "{host}");
         assert_eq!(
-            o.cluster.name, "outbound|80||echo.demo.svc.cluster.local",
-            "{host}"
-        );
-        assert_eq!(
-            o.cluster.sni.as_deref(),
+            c.sni.as_deref(),
             Some("outbound_.80_._.echo.demo.svc.cluster.local")
         );
-        assert!(o.cluster.tls && o.cluster.permissive);
-        assert_eq!(addrs(&o), vec!["10.20.160.131:8080"]);
+        assert!(c.tls && c.permissive);
+        assert_eq!(addrs(&c), vec!["10.20.160.131:8080"]);
         assert_eq!(
-            o.cluster.expected_sans,
+            c.expected_sans,
             vec!["spiffe://cluster.local/ns/demo/sa/default".to_string()]
         );
-        let routes = o.routes.expect("HTTP routes");
-        let first = &routes[0];
-        assert_eq!(first.matcher, "prefix:/");
-        let retry = first.retry.as_ref().expect("retries");
-        assert_eq!(retry.num_retries, 2);
-        assert!(retry.retry_on.contains("retriable-status-codes"));
-        assert!(retry.retriable_status_codes.contains(&503));
     }
-    let o = view("config_v1.json").outbound("echo", 80).expect("known");
+    let c = cluster_of(&view("config_v1.json"), "echo", 80);
     assert_eq!(
-        addrs(&o),
+        addrs(&c),
         vec![
             "10.20.164.172:8080",
             "10.20.166.13:8080",
             "10.20.166.2:8080"
         ]
     );
+}
+
+#[test]
+fn the_echo_route_is_typed_as_istio_wrote_it() {
+    let v0 = view("config_v0.json");
+    let o = v0.outbound("echo", 80).expect("known");
+    let h = o.http().expect("an HTTP destination");
+    assert_eq!(h.virtual_host.name, "echo.demo.svc.cluster.local:80");
+    let route = &h.virtual_host.routes[0];
+    assert_eq!(route.name, "default");
+    assert!(matches!(&route.matcher.path, PathMatch::Prefix(p) if p == "/"));
+    let RouteAction::Forward(f) = &route.action else {
+        panic!("{:?}", route.action)
+    };
+    assert!(
+        matches!(&f.target, ClusterTarget::Cluster(c) if c == "outbound|80||echo.demo.svc.cluster.local")
+    );
+    // `timeout: 0s` disables the timeout (unset would be Envoy's 15 s).
+    assert_eq!(f.timeout, None);
+    let r = f.retry_policy.as_ref().expect("retries");
+    assert_eq!(r.num_retries, 2);
+    assert!(r.retry_on.connect_failure && r.retry_on.refused_stream);
+    assert!(r.retry_on.grpc_unavailable && r.retry_on.grpc_cancelled);
+    assert!(r.retry_on.retriable_status_codes && !r.retry_on.server_error);
+    assert_eq!(r.retriable_status_codes, vec![503]);
+    assert_eq!(r.host_predicates, vec![HostPredicate::PreviousHosts]);
+    assert_eq!(r.host_selection_retry_max_attempts, 5);
+    assert_eq!(r.back_off.base, Duration::from_millis(25));
+    assert_eq!(r.back_off.max, Duration::from_millis(250));
+    let m = f.max_stream_duration.expect("max_stream_duration");
+    assert_eq!(m.max_stream_duration, Some(Duration::ZERO));
+    assert_eq!(m.grpc_timeout_header_max, Some(Duration::ZERO));
 }
 
 #[test]
