@@ -387,6 +387,7 @@ fn fast_policy() -> RenewalPolicy {
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_millis(800),
         jitter: 0.2,
+        ..RenewalPolicy::default()
     }
 }
 
@@ -395,6 +396,7 @@ async fn rotation_under_traffic_loses_no_handshake() {
     let ca = Arc::new(
         CertificateAuthority::generate("cluster.local")
             .expect("ca")
+            .tokens(nasp_controlplane::TokenPolicy::AnyIdentity)
             .backdate(Duration::ZERO),
     );
     let cp = start_cp(ca.clone(), "127.0.0.1:0").await;
@@ -444,6 +446,7 @@ async fn ca_outage_keeps_the_valid_certificate_and_retries() {
     let ca = Arc::new(
         CertificateAuthority::generate("cluster.local")
             .expect("ca")
+            .tokens(nasp_controlplane::TokenPolicy::AnyIdentity)
             .backdate(Duration::ZERO),
     );
     let cp = start_cp(ca.clone(), "127.0.0.1:0").await;
