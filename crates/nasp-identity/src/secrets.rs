@@ -198,11 +198,11 @@ impl Worker {
 
     fn publish(&self, cert: WorkloadCert) {
         tracing::info!(id = ?cert.id(), not_after = ?cert.not_after(), "new workload certificate");
-        self.cert.send_replace(Some(Arc::new(cert)));
         self.stats.send_modify(|s| {
             s.issued += 1;
             s.last_error = None;
         });
+        self.cert.send_replace(Some(Arc::new(cert)));
     }
 
     /// The roots of the CA source's root file, if it has one.
@@ -272,9 +272,10 @@ impl Worker {
             roots = roots.len(),
             "trust roots reloaded from the root file"
         );
+        // Counters first: whoever sees the new value sees it counted.
+        self.stats.send_modify(|s| s.root_reloads += 1);
         self.cert
             .send_replace(Some(Arc::new(current.with_roots(roots))));
-        self.stats.send_modify(|s| s.root_reloads += 1);
     }
 
     fn root_file_mtime(&self) -> Option<SystemTime> {
