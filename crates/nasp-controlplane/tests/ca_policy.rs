@@ -152,7 +152,15 @@ async fn a_p384_key_signed_with_sha256_gets_a_p384_certificate_openssl_decodes()
     let dir = tempfile::tempdir().expect("tmp");
     openssl(
         dir.path(),
-        &["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out", "key.pem"],
+        &[
+            "ecparam",
+            "-name",
+            "secp384r1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "key.pem",
+        ],
     );
     // ecdsa-with-SHA256 on a P-384 key, plus a subjectKeyIdentifier the CA
     // must ignore rather than refuse.
@@ -175,7 +183,10 @@ async fn a_p384_key_signed_with_sha256_gets_a_p384_certificate_openssl_decodes()
     assert!(text.contains(WEB), "{text}");
     openssl(dir.path(), &["verify", "-CAfile", "root.pem", "leaf.pem"]);
     // The certificate carries the request's key, as openssl derives it.
-    let cert_key = openssl(dir.path(), &["x509", "-in", "leaf.pem", "-noout", "-pubkey"]);
+    let cert_key = openssl(
+        dir.path(),
+        &["x509", "-in", "leaf.pem", "-noout", "-pubkey"],
+    );
     let own_key = openssl(dir.path(), &["pkey", "-in", "key.pem", "-pubout"]);
     assert_eq!(cert_key, own_key);
 }
@@ -247,7 +258,10 @@ fn root_ca(nb: OffsetDateTime, na: OffsetDateTime) -> (String, String) {
 #[test]
 fn nothing_outlives_the_signing_certificate() {
     let now = OffsetDateTime::now_utc();
-    let (cert, key) = root_ca(now - time::Duration::hours(1), now + time::Duration::hours(1));
+    let (cert, key) = root_ca(
+        now - time::Duration::hours(1),
+        now + time::Duration::hours(1),
+    );
     let ca = CertificateAuthority::from_pem(&cert, &key, &[], "cluster.local")
         .expect("ca")
         .tokens(TokenPolicy::AnyIdentity);
@@ -262,13 +276,14 @@ fn nothing_outlives_the_signing_certificate() {
         .1;
     assert_eq!(leaf_end, signer_end, "24 h asked, clamped to the CA's end");
     // The CA's own serving certificate follows the same rule.
-    let (serving, _) = ca
-        .serving_cert(&["localhost"], &[])
-        .expect("serving cert");
+    let (serving, _) = ca.serving_cert(&["localhost"], &[]).expect("serving cert");
     let serving_end = validity(&pem_certs(serving[0].as_bytes()).expect("pem")[0])
         .expect("validity")
         .1;
-    assert!(serving_end <= signer_end, "{serving_end:?} > {signer_end:?}");
+    assert!(
+        serving_end <= signer_end,
+        "{serving_end:?} > {signer_end:?}"
+    );
 }
 
 #[test]
@@ -409,7 +424,9 @@ fn serials_are_random_even_for_one_key() {
         }
     }
     assert_ne!(
-        serial(&cert_pem(&pem_certs(ca.root_pem().as_bytes()).expect("root")[0])),
+        serial(&cert_pem(
+            &pem_certs(ca.root_pem().as_bytes()).expect("root")[0]
+        )),
         serials[0]
     );
 }

@@ -577,12 +577,10 @@ async fn a_rotated_root_file_is_trusted_without_waiting_for_renewal() {
     assert_eq!(first.roots().len(), 1);
     // The mesh is moving to a new root: the file now holds both.
     let next = CertificateAuthority::generate("cluster.local").expect("ca");
-    std::fs::write(
-        &root_file,
-        format!("{}{}", cp.root_pem(), next.root_pem()),
-    )
-    .expect("write");
-    let next_root = pem_certs(next.root_pem().as_bytes()).expect("root").remove(0);
+    std::fs::write(&root_file, format!("{}{}", cp.root_pem(), next.root_pem())).expect("write");
+    let next_root = pem_certs(next.root_pem().as_bytes())
+        .expect("root")
+        .remove(0);
     let mut rx = mgr.watch();
     let got = tokio::time::timeout(
         Duration::from_secs(5),
@@ -607,10 +605,7 @@ async fn a_rotated_root_file_is_trusted_without_waiting_for_renewal() {
     let both = got.roots().to_vec();
     let peer = watch_of(peer.with_roots(both));
     let (addr, mut seen) = echo_server(mgr.watch(), "cluster.local", None).await;
-    assert_eq!(
-        dial(peer, WEB, addr).await.expect("handshake"),
-        b"pong"
-    );
+    assert_eq!(dial(peer, WEB, addr).await.expect("handshake"), b"pong");
     assert_eq!(seen.recv().await.expect("event"), Ok(CLIENT.to_string()));
 }
 
@@ -663,7 +658,12 @@ async fn a_missing_token_file_sends_no_credential() {
     let strict = Arc::new(
         CertificateAuthority::generate("cluster.local")
             .expect("ca")
-            .tokens(nasp_controlplane::TokenPolicy::from_text("t spiffe://cluster.local/ns/demo/sa/web").expect("tokens")),
+            .tokens(
+                nasp_controlplane::TokenPolicy::from_text(
+                    "t spiffe://cluster.local/ns/demo/sa/web",
+                )
+                .expect("tokens"),
+            ),
     );
     let cp2 = start_cp(strict, "127.0.0.1:0").await;
     cfg.addr = cp2.addr().to_string();
@@ -691,7 +691,10 @@ async fn trust_domain_aliases_are_accepted_and_only_they() {
     let old_client = watch_of(old_client);
     let (addr, mut seen) = echo_server(server.clone(), "cluster.local", None).await;
     assert!(dial(old_client.clone(), WEB, addr).await.is_err());
-    assert!(seen.recv().await.expect("event").is_err(), "no alias: refused");
+    assert!(
+        seen.recv().await.expect("event").is_err(),
+        "no alias: refused"
+    );
     let (addr, mut seen) = echo_server(
         server.clone(),
         TrustDomains::new("cluster.local").aliases(["old.local"]),

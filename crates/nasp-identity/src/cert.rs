@@ -327,8 +327,136 @@ impl WorkloadCert {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A self-signed certificate for `id` valid from `nb` to `na`, with its
+    /// key (PKCS#8).
+    pub(crate) fn self_signed(
+        id: &str,
+        nb: SystemTime,
+        na: SystemTime,
+    ) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id.to_string()).expect("ia5"),
+        )];
+        p.not_before = nb.into();
+        p.not_after = na.into();
+        let cert = p.self_signed(&key).expect("cert");
+        (
+            cert.der().clone(),
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
+
+    #[test]
+    fn renewal_is_measured_from_receipt_not_from_a_backdated_not_before() {
+        let now = SystemTime::now();
+        // Backdated a minute, lasting 30 s from now: the lifetime that
+        // counts is the 30 s this workload can use.
+        let (c, k) = self_signed(
+            WEB,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(30),
+        );
+        let cert = WorkloadCert::new(vec![c], k, vec![]).expect("cert");
+        let floor = Duration::from_secs(1);
+        let mid = cert.renew_at(0.5, 0.0, 0.0, floor);
+        let from_receipt = mid.duration_since(cert.received()).expect("after receipt");
+        assert!(
+            (Duration::from_secs(14)..=Duration::from_secs(16)).contains(&from_receipt),
+            "half of the 30 s left: {from_receipt:?}"
+        );
+        // ±1 % jitter of the grace period moves it by at most 0.15 s.
+        for sample in [-1.0, 1.0] {
+            let at = cert.renew_at(0.5, 0.01, sample, floor);
+            let d = at.duration_since(mid).unwrap_or_else(|e| e.duration());
+            assert!(d <= Duration::from_millis(160), "{sample}: {d:?}");
+            assert!(d >= Duration::from_millis(140), "{sample}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn an_expired_or_tiny_certificate_is_not_renewed_back_to_back() {
+        let now = SystemTime::now();
+        let (c, k) = self_signed(
+            WEB,
+            now - Duration::from_secs(120),
+            now - Duration::from_secs(60),
+        );
+        let cert = WorkloadCert::new(vec![c], k, vec![]).expect("cert");
+        let floor = Duration::from_secs(2);
+        let at = cert.renew_at(0.5, 0.01, 1.0, floor);
+        assert_eq!(at, cert.received() + floor, "the floor holds");
+        // Hostile numbers neither panic nor skip the floor.
+        for (f, j) in [(f64::NAN, f64::NAN), (f64::INFINITY, -5.0), (-1.0, 2.0)] {
+            assert!(cert.renew_at(f, j, f, floor) >= cert.received() + floor);
+        }
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let now = SystemTime::now();
+        let (c, _) = self_signed(WEB, now, now + Duration::from_secs(60));
+        let (_, other_key) = self_signed(WEB, now, now + Duration::from_secs(60));
+        let e = WorkloadCert::new(vec![c.clone()], other_key.clone_key(), vec![]).unwrap_err();
+        assert!(e.to_string().contains("does not belong"), "{e}");
+        // The same through mounted files.
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(dir.path().join(CERT_CHAIN_FILE), cert_pem(&c)).expect("write");
+        std::fs::write(dir.path().join(ROOT_CERT_FILE), cert_pem(&c)).expect("write");
+        let key_pem = ::pem::encode(&::pem::Pem::new(
+            "PRIVATE KEY",
+            other_key.secret_der().to_vec(),
+        ));
+        std::fs::write(dir.path().join(KEY_FILE), key_pem).expect("write");
+        let e = WorkloadCert::from_dir(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("does not belong"), "{e}");
+    }
+
+    #[test]
+    fn the_istio_layout_is_replaced_atomically_with_a_private_key() {
+        let now = SystemTime::now();
+        let dir = tempfile::tempdir().expect("tmp");
+        let write = || {
+            let (c, k) = self_signed(WEB, now, now + Duration::from_secs(60));
+            let pem = ::pem::encode(&::pem::Pem::new("PRIVATE KEY", k.secret_der().to_vec()));
+            let cert = WorkloadCert::new(vec![c.clone()], k, vec![c.clone()]).expect("cert");
+            cert.write_dir(dir.path(), &pem).expect("write");
+            c
+        };
+        let first = write();
+        // A reader that opened the old chain keeps reading the old chain,
+        // whole, while a new one is written (a rename, not an overwrite).
+        let mut old = std::fs::File::open(dir.path().join(CERT_CHAIN_FILE)).expect("open");
+        let second = write();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut old, &mut text).expect("read");
+        assert_eq!(text, cert_pem(&first));
+        let now_on_disk = std::fs::read_to_string(dir.path().join(CERT_CHAIN_FILE)).expect("read");
+        assert_eq!(now_on_disk, cert_pem(&second));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // No temporary files are left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        WorkloadCert::from_dir(dir.path()).expect("reads back");
+    }
 
     #[test]
     fn garbage_pem_is_a_clear_error() {

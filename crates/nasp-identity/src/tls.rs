@@ -438,3 +438,37 @@ pub fn client_config(
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn the_resolver_never_serves_a_rotated_away_certificate() {
+        let now = SystemTime::now();
+        let make = || {
+            let (c, k) = crate::cert::tests::self_signed(
+                "spiffe://cluster.local/ns/demo/sa/web",
+                now,
+                now + Duration::from_secs(60),
+            );
+            WorkloadCert::new(vec![c], k, vec![]).expect("cert")
+        };
+        let (tx, rx) = watch::channel(Some(Arc::new(make())));
+        let resolver = CertResolver::new(rx);
+        // Rotate many times, freeing each old certificate before the next is
+        // allocated, so an address-keyed cache would be handed a reused
+        // address sooner or later.
+        for _ in 0..50 {
+            let served = resolver.current().expect("served");
+            let expected = tx.borrow().as_ref().expect("cert").chain()[0].clone();
+            assert_eq!(
+                served.cert[0], expected,
+                "the current certificate is served"
+            );
+            tx.send_replace(None);
+            tx.send_replace(Some(Arc::new(make())));
+        }
+    }
+}
