@@ -22,13 +22,16 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         None => (s, "s"),
     };
     let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
         _ => bail!("bad duration {s:?}: use a number with s, m, h or d"),
     };
+    let secs = n
+        .checked_mul(unit_secs)
+        .with_context(|| format!("duration {s:?} is too long"))?;
     Ok(Duration::from_secs(secs))
 }
 
@@ -44,9 +47,15 @@ pub struct ControlPlaneArgs {
     /// The mesh trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Token file: one `TOKEN SPIFFE-ID` per line; turns token checking on.
-    #[arg(long)]
+    /// Token file: one `TOKEN SPIFFE-ID` per line. A caller gets only the
+    /// identity registered for its token. Without it (and without
+    /// --allow-any-identity) the CA refuses every certificate request.
+    #[arg(long, conflicts_with = "allow_any_identity")]
     tokens: Option<PathBuf>,
+    /// Development mode: issue any identity of the trust domain to any
+    /// caller, no credential needed. Only on a loopback --listen address.
+    #[arg(long)]
+    allow_any_identity: bool,
     /// Longest certificate lifetime to issue.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_ttl: Duration,
@@ -107,10 +116,15 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
             }
             _ => CertificateAuthority::generate(&args.trust_domain)?,
         }
-        .max_ttl(args.max_ttl);
+        .max_ttl(args.max_ttl)?;
         if let Some(p) = &args.tokens {
             let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            ca = ca.tokens(TokenPolicy::from_text(&text)?);
+            ca = ca.tokens(TokenPolicy::from_text(&text).with_context(|| p.display().to_string())?);
+        } else if args.allow_any_identity {
+            eprintln!("nasp controlplane: DEVELOPMENT MODE (--allow-any-identity): any caller can get any identity of {}", args.trust_domain);
+            ca = ca.tokens(TokenPolicy::AnyIdentity);
+        } else {
+            eprintln!("nasp controlplane: no --tokens given: the CA refuses every certificate request (use --tokens FILE, or --allow-any-identity on loopback for development)");
         }
         let source = match (&args.config_dump, &args.mesh) {
             (Some(p), _) => Some((p.clone(), false)),

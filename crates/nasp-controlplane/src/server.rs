@@ -21,6 +21,10 @@ use crate::ca::{CaError, CaService, CertificateAuthority};
 /// so clients configured for istiod work unchanged, and loopback.
 pub const SERVING_DNS_NAMES: &[&str] = &["istiod.istio-system.svc", "localhost"];
 
+/// First and longest pause after a failed `accept`.
+const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How to run the control plane.
 #[derive(Debug)]
 pub struct ControlPlaneConfig {
@@ -135,6 +139,15 @@ impl ControlPlane {
             .local_addr()
             .map_err(|e| CaError::Serve(e.to_string()))?;
         let ca = config.ca;
+        if ca.allows_any_identity() {
+            if !addr.ip().is_loopback() {
+                return Err(CaError::Config(format!(
+                    "refusing to serve the CA's development mode (any identity to anyone) on \
+                     {addr}: it is allowed on loopback addresses only; register tokens instead"
+                )));
+            }
+            tracing::warn!(%addr, "DEVELOPMENT MODE: any local caller can get any identity of the trust domain");
+        }
         let ips = [
             std::net::IpAddr::from([127, 0, 0, 1]),
             std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
@@ -174,9 +187,22 @@ impl ControlPlane {
         });
         let task = tokio::spawn(async move {
             let accept = tokio::spawn(async move {
+                // Accept errors (EMFILE when descriptors run out, ENOBUFS)
+                // persist while their cause does: back off instead of
+                // spinning a core, and reset once a connection gets through.
+                let mut backoff = ACCEPT_BACKOFF_MIN;
                 loop {
-                    let Ok((tcp, peer)) = listener.accept().await else {
-                        continue;
+                    let (tcp, peer) = match listener.accept().await {
+                        Ok(c) => {
+                            backoff = ACCEPT_BACKOFF_MIN;
+                            c
+                        }
+                        Err(e) => {
+                            tracing::warn!("accept failed, retrying in {backoff:?}: {e}");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                            continue;
+                        }
                     };
                     let (acceptor, tls_tx, plain_tx) =
                         (acceptor.clone(), tls_tx.clone(), plain_tx.clone());

@@ -34,6 +34,14 @@ fn client(cp: &ControlPlane, tweak: impl FnOnce(&mut CaClientConfig)) -> CaClien
     CaClient::new(cfg).expect("client")
 }
 
+/// A CA in development mode: any caller, any identity (the tests below
+/// that are about authorization use tokens).
+fn dev_ca() -> CertificateAuthority {
+    CertificateAuthority::generate("cluster.local")
+        .expect("ca")
+        .tokens(TokenPolicy::AnyIdentity)
+}
+
 fn id(s: &str) -> SpiffeId {
     s.parse().expect("spiffe id")
 }
@@ -59,7 +67,7 @@ fn openssl_verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issues_a_chain_openssl_accepts() {
-    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    let cp = start(dev_ca()).await;
     let c = client(&cp, |_| {});
     let me = id("spiffe://cluster.local/ns/demo/sa/web");
     for alg in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::Rsa2048] {
@@ -85,6 +93,8 @@ async fn lifetime_is_capped() {
     let ca = CertificateAuthority::generate("cluster.local")
         .expect("ca")
         .max_ttl(Duration::from_secs(600))
+        .expect("ttl")
+        .tokens(TokenPolicy::AnyIdentity)
         .backdate(Duration::ZERO);
     let cp = start(ca).await;
     let csr = keys::generate_csr(
@@ -102,7 +112,7 @@ async fn lifetime_is_capped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_trust_domain_is_refused() {
-    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    let cp = start(dev_ca()).await;
     let csr = keys::generate_csr(
         &id("spiffe://evil.example/ns/a/sa/b"),
         KeyAlgorithm::EcdsaP256,
@@ -123,7 +133,7 @@ async fn another_trust_domain_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_csr_is_invalid_argument() {
-    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    let cp = start(dev_ca()).await;
     let err = client(&cp, |_| {})
         .sign(
             "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
@@ -194,7 +204,7 @@ async fn tokens_bind_identities_and_are_reread_on_every_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_itself_is_verified() {
-    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    let cp = start(dev_ca()).await;
     let csr = keys::generate_csr(
         &id("spiffe://cluster.local/ns/a/sa/b"),
         KeyAlgorithm::EcdsaP256,
@@ -226,7 +236,7 @@ async fn the_ca_itself_is_verified() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_socket_does_not_hurt_the_ca() {
     use tokio::io::AsyncWriteExt;
-    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    let cp = start(dev_ca()).await;
     for _ in 0..3 {
         let mut s = tokio::net::TcpStream::connect(cp.addr())
             .await
@@ -280,7 +290,8 @@ async fn an_intermediate_ca_returns_the_whole_chain() {
         &[root.pem()],
         "cluster.local",
     )
-    .expect("ca");
+    .expect("ca")
+    .tokens(TokenPolicy::AnyIdentity);
     assert_eq!(
         ca.root_pem(),
         root.pem(),
@@ -318,7 +329,7 @@ async fn an_intermediate_ca_returns_the_whole_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manager_merges_the_root_file_with_the_ca_root() {
     use nasp_identity::{RenewalPolicy, SecretManager, Source};
-    let cp = start(CertificateAuthority::generate("cluster.local").expect("ca")).await;
+    let cp = start(dev_ca()).await;
     // A second root the workload must also trust (e.g. during a root move).
     let other = CertificateAuthority::generate("cluster.local").expect("ca");
     let dir = tempfile::tempdir().expect("tmp");
@@ -359,7 +370,7 @@ async fn the_client_retries_a_ca_that_is_not_up_yet() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
-    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
+    let ca = dev_ca();
     let root = pem_certs(ca.root_pem().as_bytes()).expect("root");
     let csr = keys::generate_csr(
         &id("spiffe://cluster.local/ns/a/sa/b"),

@@ -65,7 +65,7 @@ fn watch_of(cert: WorkloadCert) -> Watch {
 /// Serves one mTLS echo per connection; reports the client id it saw.
 async fn echo_server(
     certs: Watch,
-    td: &str,
+    td: impl Into<nasp_identity::tls::TrustDomains>,
     allow: Option<Vec<SpiffeId>>,
 ) -> (
     std::net::SocketAddr,
@@ -124,9 +124,16 @@ async fn dial_group(
     expected: &str,
     addr: std::net::SocketAddr,
 ) -> Result<(Vec<u8>, String), String> {
-    let cfg = Arc::new(
-        client_config(certs, vec![expected.to_string()], &[b"istio-h2"]).expect("client config"),
-    );
+    dial_sans(certs, vec![expected.to_string()], addr).await
+}
+
+/// Dials expecting any of `expected` (none: the chain only).
+async fn dial_sans(
+    certs: Watch,
+    expected: Vec<String>,
+    addr: std::net::SocketAddr,
+) -> Result<(Vec<u8>, String), String> {
+    let cfg = Arc::new(client_config(certs, expected, &[b"istio-h2"]).expect("client config"));
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let mut tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(
@@ -387,6 +394,7 @@ fn fast_policy() -> RenewalPolicy {
         backoff_initial: Duration::from_millis(200),
         backoff_max: Duration::from_millis(800),
         jitter: 0.2,
+        ..RenewalPolicy::default()
     }
 }
 
@@ -395,6 +403,7 @@ async fn rotation_under_traffic_loses_no_handshake() {
     let ca = Arc::new(
         CertificateAuthority::generate("cluster.local")
             .expect("ca")
+            .tokens(nasp_controlplane::TokenPolicy::AnyIdentity)
             .backdate(Duration::ZERO),
     );
     let cp = start_cp(ca.clone(), "127.0.0.1:0").await;
@@ -444,6 +453,7 @@ async fn ca_outage_keeps_the_valid_certificate_and_retries() {
     let ca = Arc::new(
         CertificateAuthority::generate("cluster.local")
             .expect("ca")
+            .tokens(nasp_controlplane::TokenPolicy::AnyIdentity)
             .backdate(Duration::ZERO),
     );
     let cp = start_cp(ca.clone(), "127.0.0.1:0").await;
@@ -515,4 +525,223 @@ async fn mounted_files_are_reloaded_when_they_change() {
     .clone()
     .expect("cert");
     assert_eq!(cert_pem(&got.chain()[0]), cert_pem(&b.chain()[0]));
+}
+
+fn dev_ca() -> Arc<CertificateAuthority> {
+    Arc::new(
+        CertificateAuthority::generate("cluster.local")
+            .expect("ca")
+            .tokens(nasp_controlplane::TokenPolicy::AnyIdentity),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_are_not_renewed_back_to_back() {
+    // The CA backdates by its default minute; a 2 s certificate used to look
+    // 62 s long and half-expired on arrival, so it was renewed at once, again
+    // and again. Measured from receipt, it is renewed about once a second.
+    let ca = dev_ca();
+    let cp = start_cp(ca, "127.0.0.1:0").await;
+    let mgr = SecretManager::start(
+        ca_source(cp.addr(), cp.root_pem(), WEB, Duration::from_secs(2)),
+        RenewalPolicy::default(),
+    );
+    mgr.ready(Duration::from_secs(5)).await.expect("cert");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let issued = mgr.stats().issued;
+    assert!(
+        (2..=4).contains(&issued),
+        "renewed at about half of each 2 s lifetime, not back to back: {issued}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_root_file_is_trusted_without_waiting_for_renewal() {
+    let ca = dev_ca();
+    let cp = start_cp(ca, "127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let root_file = dir.path().join("root-cert.pem");
+    std::fs::write(&root_file, cp.root_pem()).expect("write");
+    let mut source = ca_source(cp.addr(), cp.root_pem(), WEB, Duration::from_secs(3600));
+    if let Source::Ca { root_file: f, .. } = &mut source {
+        *f = Some(root_file.clone());
+    }
+    let mgr = SecretManager::start(
+        source,
+        RenewalPolicy {
+            root_poll: Duration::from_millis(50),
+            ..RenewalPolicy::default()
+        },
+    );
+    let first = mgr.ready(Duration::from_secs(5)).await.expect("cert");
+    assert_eq!(first.roots().len(), 1);
+    // The mesh is moving to a new root: the file now holds both.
+    let next = CertificateAuthority::generate("cluster.local").expect("ca");
+    std::fs::write(&root_file, format!("{}{}", cp.root_pem(), next.root_pem())).expect("write");
+    let next_root = pem_certs(next.root_pem().as_bytes())
+        .expect("root")
+        .remove(0);
+    let mut rx = mgr.watch();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|c| c.as_ref().is_some_and(|c| c.roots().contains(&next_root))),
+    )
+    .await
+    .expect("the new root is trusted within the poll period")
+    .expect("watch")
+    .clone()
+    .expect("cert");
+    assert_eq!(
+        cert_pem(&got.chain()[0]),
+        cert_pem(&first.chain()[0]),
+        "same certificate, new roots"
+    );
+    let stats = mgr.stats();
+    assert_eq!(stats.issued, 1, "no renewal was needed: {stats:?}");
+    assert!(stats.root_reloads >= 1, "{stats:?}");
+    // A peer whose certificate chains to the new root (and that trusts
+    // both) is now accepted by this workload's server.
+    let (peer, _) = valid(&next, &id(CLIENT));
+    let both = got.roots().to_vec();
+    let peer = watch_of(peer.with_roots(both));
+    let (addr, mut seen) = echo_server(mgr.watch(), "cluster.local", None).await;
+    assert_eq!(dial(peer, WEB, addr).await.expect("handshake"), b"pong");
+    assert_eq!(seen.recv().await.expect("event"), Ok(CLIENT.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_client_rebuilds_its_roots_from_the_root_file() {
+    let ca = dev_ca();
+    let cp = start_cp(ca, "127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let root_file = dir.path().join("root-cert.pem");
+    std::fs::write(&root_file, cp.root_pem()).expect("write");
+    // The client starts with an old root that istiod no longer uses.
+    let old = CertificateAuthority::generate("cluster.local").expect("ca");
+    let mut cfg = CaClientConfig::new(
+        cp.addr().to_string(),
+        pem_certs(old.root_pem().as_bytes()).expect("root"),
+    );
+    cfg.retries = 0;
+    cfg.timeout = Duration::from_secs(2);
+    cfg.root_file = Some(root_file);
+    let client = CaClient::new(cfg).expect("client");
+    let csr = keys::generate_csr(&id(WEB), KeyAlgorithm::EcdsaP256).expect("csr");
+    let chain = client
+        .sign(&csr.csr_pem, Duration::from_secs(600))
+        .await
+        .expect("signed after re-reading the root file");
+    assert_eq!(chain.len(), 2);
+    assert_eq!(
+        client.roots(),
+        pem_certs(cp.root_pem().as_bytes()).expect("root")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_token_file_sends_no_credential() {
+    let cp = start_cp(dev_ca(), "127.0.0.1:0").await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = CaClientConfig::new(
+        cp.addr().to_string(),
+        pem_certs(cp.root_pem().as_bytes()).expect("root"),
+    );
+    cfg.retries = 0;
+    cfg.token_file = Some(dir.path().join("istio-token"));
+    let client = CaClient::new(cfg.clone()).expect("client");
+    let csr = keys::generate_csr(&id(WEB), KeyAlgorithm::EcdsaP256).expect("csr");
+    client
+        .sign(&csr.csr_pem, Duration::from_secs(600))
+        .await
+        .expect("the call is made, anonymously");
+    // Against a CA that wants tokens, the refusal is the CA's own.
+    let strict = Arc::new(
+        CertificateAuthority::generate("cluster.local")
+            .expect("ca")
+            .tokens(
+                nasp_controlplane::TokenPolicy::from_text(
+                    "t spiffe://cluster.local/ns/demo/sa/web",
+                )
+                .expect("tokens"),
+            ),
+    );
+    let cp2 = start_cp(strict, "127.0.0.1:0").await;
+    cfg.addr = cp2.addr().to_string();
+    cfg.roots = pem_certs(cp2.root_pem().as_bytes()).expect("root");
+    let err = CaClient::new(cfg)
+        .expect("client")
+        .sign(&csr.csr_pem, Duration::from_secs(600))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("Unauthenticated") && text.contains("no credential"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_domain_aliases_are_accepted_and_only_they() {
+    use nasp_identity::tls::TrustDomains;
+    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
+    let (server_cert, _) = valid(&ca, &id(WEB));
+    let server = watch_of(server_cert);
+    // A workload of the mesh's former trust domain, same root.
+    let (old_client, _) = valid(&ca, &id("spiffe://old.local/ns/demo/sa/client"));
+    let old_client = watch_of(old_client);
+    let (addr, mut seen) = echo_server(server.clone(), "cluster.local", None).await;
+    assert!(dial(old_client.clone(), WEB, addr).await.is_err());
+    assert!(
+        seen.recv().await.expect("event").is_err(),
+        "no alias: refused"
+    );
+    let (addr, mut seen) = echo_server(
+        server.clone(),
+        TrustDomains::new("cluster.local").aliases(["old.local"]),
+        None,
+    )
+    .await;
+    assert_eq!(
+        dial(old_client.clone(), WEB, addr).await.expect("accepted"),
+        b"pong"
+    );
+    assert_eq!(
+        seen.recv().await.expect("event"),
+        Ok("spiffe://old.local/ns/demo/sa/client".to_string())
+    );
+    // Another trust domain is still refused.
+    let (stranger, _) = valid(&ca, &id("spiffe://evil.example/ns/demo/sa/client"));
+    assert!(dial(watch_of(stranger), WEB, addr).await.is_err());
+    assert!(seen.recv().await.expect("event").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sans_are_matched_as_envoy_matches_them() {
+    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
+    let (server_cert, _) = valid(&ca, &id(WEB));
+    let (client_cert, _) = valid(&ca, &id(CLIENT));
+    let client = watch_of(client_cert);
+    let (addr, _seen) = echo_server(watch_of(server_cert), "cluster.local", None).await;
+    // No expected SANs: the chain alone decides (Envoy's behaviour).
+    let (out, _) = dial_sans(client.clone(), vec![], addr)
+        .await
+        .expect("chain only");
+    assert_eq!(out, b"pong");
+    // URI SANs are exact and case-sensitive: another case is another id.
+    let upper = WEB.replace("/sa/web", "/sa/WEB");
+    assert!(dial_sans(client.clone(), vec![upper], addr).await.is_err());
+    // The exact one, among others, matches.
+    let (out, _) = dial_sans(
+        client.clone(),
+        vec!["spiffe://cluster.local/ns/demo/sa/other".into(), WEB.into()],
+        addr,
+    )
+    .await
+    .expect("exact");
+    assert_eq!(out, b"pong");
+    // A chain to a foreign root fails even with no SANs expected.
+    let foreign = CertificateAuthority::generate("cluster.local").expect("ca");
+    let (foreign_server, _) = valid(&foreign, &id(WEB));
+    let (faddr, _fseen) = echo_server(watch_of(foreign_server), "cluster.local", None).await;
+    assert!(dial_sans(client, vec![], faddr).await.is_err());
 }

@@ -1,7 +1,7 @@
 //! The Istio CA client: `istio.v1.auth.IstioCertificateService/CreateCertificate`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -23,6 +23,10 @@ pub struct CaClientConfig {
     pub addr: String,
     /// The mesh root(s) that istiod's serving certificate must chain to.
     pub roots: Vec<CertificateDer<'static>>,
+    /// The file the roots came from, if any: re-read after a failed call,
+    /// and the connection rebuilt when its roots changed (istiod's root
+    /// rotated), as istio-agent reconnects with fresh roots.
+    pub root_file: Option<PathBuf>,
     /// The DNS name istiod's certificate must carry.
     pub server_name: String,
     /// A bearer token file, re-read on every call (tokens rotate).
@@ -41,6 +45,7 @@ impl CaClientConfig {
         Self {
             addr: addr.into(),
             roots,
+            root_file: None,
             server_name: DEFAULT_CA_SERVER_NAME.to_string(),
             token_file: None,
             cluster_id: None,
@@ -54,7 +59,9 @@ impl CaClientConfig {
 #[derive(Clone)]
 pub struct CaClient {
     config: Arc<CaClientConfig>,
-    channel: Channel,
+    /// The roots the channel trusts and the channel; replaced together when
+    /// the root file brings new roots.
+    channel: Arc<Mutex<(Vec<CertificateDer<'static>>, Channel)>>,
 }
 
 impl std::fmt::Debug for CaClient {
@@ -142,9 +149,66 @@ impl CaClient {
             config.timeout,
         )?;
         Ok(Self {
+            channel: Arc::new(Mutex::new((config.roots.clone(), channel))),
             config: Arc::new(config),
-            channel,
         })
+    }
+
+    fn channel(&self) -> Channel {
+        self.channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
+    /// The roots the client trusts now.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Re-reads the root file; rebuilds the channel when its roots differ
+    /// from the ones in use. Returns whether it did.
+    async fn refresh_roots(&self) -> bool {
+        let Some(path) = &self.config.root_file else {
+            return false;
+        };
+        let roots = match tokio::fs::read(path)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|pem| pem_certs(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("CA root file {} not reloaded: {e}", path.display());
+                return false;
+            }
+        };
+        if roots == self.roots() {
+            return false;
+        }
+        let channel = match grpc_channel(
+            &self.config.addr,
+            &roots,
+            &self.config.server_name,
+            self.config.timeout,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("CA root file {}: {e}", path.display());
+                return false;
+            }
+        };
+        tracing::info!("CA roots changed in {}: reconnecting", path.display());
+        *self
+            .channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (roots, channel);
+        true
     }
 
     /// Asks the CA to sign `csr_pem` for `ttl`; returns the chain, leaf first
@@ -156,9 +220,16 @@ impl CaClient {
     ) -> Result<Vec<CertificateDer<'static>>, Error> {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
+        let mut retried_with_new_roots = false;
         let resp = loop {
             match self.sign_once(csr_pem, ttl).await {
                 Ok(chain) => break chain,
+                // A failed call may mean istiod's root rotated: with fresh
+                // roots from the file, one more attempt at once.
+                Err(s) if !retried_with_new_roots && self.refresh_roots().await => {
+                    tracing::debug!(code = ?s.code(), "CA call failed; retrying with the new roots: {}", s.message());
+                    retried_with_new_roots = true;
+                }
                 Err(s) if transient(s.code()) && attempt < self.config.retries => {
                     tracing::debug!(attempt, code = ?s.code(), "CA call failed, retrying: {}", s.message());
                     attempt += 1;
@@ -193,13 +264,30 @@ impl CaClient {
         req.set_timeout(self.config.timeout);
         if let Some(path) = &self.config.token_file {
             // Re-read every time: projected service-account tokens rotate.
-            let token = tokio::fs::read_to_string(path).await.map_err(|e| {
-                tonic::Status::unauthenticated(format!("token file {}: {e}", path.display()))
-            })?;
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                tonic::Status::unauthenticated("the token is not a valid header value")
-            })?;
-            req.metadata_mut().insert("authorization", value);
+            // A missing file sends no credential (as istio-agent does), so
+            // the CA answers with what it thinks of an anonymous caller.
+            let token = match tokio::fs::read_to_string(path).await {
+                Ok(t) => Some(t),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::debug!(
+                        "token file {} is missing: no credential sent",
+                        path.display()
+                    );
+                    None
+                }
+                Err(e) => {
+                    return Err(tonic::Status::unauthenticated(format!(
+                        "token file {}: {e}",
+                        path.display()
+                    )));
+                }
+            };
+            if let Some(token) = token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+                let value = format!("Bearer {token}").parse().map_err(|_| {
+                    tonic::Status::unauthenticated("the token is not a valid header value")
+                })?;
+                req.metadata_mut().insert("authorization", value);
+            }
         }
         if let Some(cluster) = &self.config.cluster_id {
             let value = cluster
@@ -207,7 +295,7 @@ impl CaClient {
                 .map_err(|_| tonic::Status::invalid_argument("bad cluster id"))?;
             req.metadata_mut().insert("clusterid", value);
         }
-        let mut client = IstioCertificateServiceClient::new(self.channel.clone());
+        let mut client = IstioCertificateServiceClient::new(self.channel());
         let resp = client.create_certificate(req).await?;
         Ok(resp.into_inner().cert_chain)
     }

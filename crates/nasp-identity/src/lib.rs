@@ -18,6 +18,7 @@
 pub mod ca_client;
 pub mod cert;
 pub mod keys;
+pub mod pkix;
 pub mod secrets;
 pub mod spiffe;
 pub mod tls;

@@ -27,8 +27,10 @@ pub enum Source {
         key: KeyAlgorithm,
         /// Requested lifetime (Istio's default: 24 h).
         ttl: Duration,
-        /// A root-certificate file merged into the trust roots at every
-        /// renewal (re-read each time, so a rotated root is picked up).
+        /// A root-certificate file merged into the trust roots: read at every
+        /// renewal and re-read whenever it changes between renewals
+        /// (checked every [`RenewalPolicy::root_poll`]), so a rotated root
+        /// is trusted at once.
         root_file: Option<PathBuf>,
     },
     /// Mounted files in Istio's layout, reloaded when they change.
@@ -43,13 +45,24 @@ pub enum Source {
 /// When to renew and how to back off.
 #[derive(Clone, Debug)]
 pub struct RenewalPolicy {
-    /// Renew after this fraction of the certificate's lifetime (default 0.5).
+    /// Renew after this fraction of the certificate's lifetime, measured
+    /// from when it was received (default 0.5, istio-agent's
+    /// `SECRET_GRACE_PERIOD_RATIO`).
     pub renew_fraction: f64,
+    /// Random spread of the renewal time, as a fraction of the grace period
+    /// (default 0.01 = ±1 %, istio-agent's default).
+    pub renew_jitter: f64,
+    /// Never renew sooner than this after a certificate arrived (default
+    /// 1 s), whatever its lifetime: no back-to-back renewals.
+    pub min_renew_delay: Duration,
+    /// How often the root file of a CA source is checked for a rotated root
+    /// (default 5 s).
+    pub root_poll: Duration,
     /// First retry delay after a failure (default 500 ms).
     pub backoff_initial: Duration,
     /// Longest retry delay (default 150 s).
     pub backoff_max: Duration,
-    /// Random spread of each delay, as a fraction (default 0.2 = ±20 %).
+    /// Random spread of each retry delay, as a fraction (default 0.2 = ±20 %).
     pub jitter: f64,
 }
 
@@ -57,6 +70,9 @@ impl Default for RenewalPolicy {
     fn default() -> Self {
         Self {
             renew_fraction: 0.5,
+            renew_jitter: 0.01,
+            min_renew_delay: Duration::from_secs(1),
+            root_poll: Duration::from_secs(5),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(150),
             jitter: 0.2,
@@ -81,6 +97,8 @@ pub struct SecretStats {
     pub failures: u64,
     /// The last error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// Times a rotated root file was picked up between renewals.
+    pub root_reloads: u64,
 }
 
 /// The running manager. Dropping it stops the background task.
@@ -180,11 +198,28 @@ impl Worker {
 
     fn publish(&self, cert: WorkloadCert) {
         tracing::info!(id = ?cert.id(), not_after = ?cert.not_after(), "new workload certificate");
-        self.cert.send_replace(Some(Arc::new(cert)));
         self.stats.send_modify(|s| {
             s.issued += 1;
             s.last_error = None;
         });
+        self.cert.send_replace(Some(Arc::new(cert)));
+    }
+
+    /// The roots of the CA source's root file, if it has one.
+    async fn root_file_certs(
+        &self,
+    ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, Error> {
+        let Source::Ca {
+            root_file: Some(path),
+            ..
+        } = &self.source
+        else {
+            return Ok(Vec::new());
+        };
+        let pem = tokio::fs::read(path)
+            .await
+            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        pem_certs(&pem)
     }
 
     async fn fetch(&self) -> Result<WorkloadCert, Error> {
@@ -193,7 +228,7 @@ impl Worker {
             id,
             key,
             ttl,
-            root_file,
+            ..
         } = &self.source
         else {
             return Err(Error::Config("not a CA source".into()));
@@ -201,13 +236,7 @@ impl Worker {
         let key = keys::generate_key(*key)?;
         let csr = keys::csr_for(id, &key)?;
         let chain = client.sign(&csr, *ttl).await?;
-        let mut roots = Vec::new();
-        if let Some(path) = root_file {
-            let pem = tokio::fs::read(path)
-                .await
-                .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
-            merge_roots(&mut roots, pem_certs(&pem)?);
-        }
+        let mut roots = self.root_file_certs().await?;
         // The last element of a CA response is its root.
         merge_roots(&mut roots, chain.last().cloned());
         let cert = WorkloadCert::new(chain, keys::private_key_der(&key), roots)?;
@@ -220,13 +249,57 @@ impl Worker {
         Ok(cert)
     }
 
+    /// Re-reads the root file; when its roots changed, publishes the current
+    /// certificate with them (handshakes verify peers against the new root
+    /// at once, not at the next renewal).
+    async fn reload_roots(&self) {
+        let Some(current) = self.cert.borrow().clone() else {
+            return;
+        };
+        let mut roots = match self.root_file_certs().await {
+            Ok(r) => r,
+            // Half-written or missing: keep the current roots, look again.
+            Err(e) => {
+                tracing::debug!("root file not reloaded: {e}");
+                return;
+            }
+        };
+        merge_roots(&mut roots, current.chain().last().cloned());
+        if roots.as_slice() == current.roots() {
+            return;
+        }
+        tracing::info!(
+            roots = roots.len(),
+            "trust roots reloaded from the root file"
+        );
+        // Counters first: whoever sees the new value sees it counted.
+        self.stats.send_modify(|s| s.root_reloads += 1);
+        self.cert
+            .send_replace(Some(Arc::new(current.with_roots(roots))));
+    }
+
+    fn root_file_mtime(&self) -> Option<SystemTime> {
+        match &self.source {
+            Source::Ca {
+                root_file: Some(p), ..
+            } => mtime(p),
+            _ => None,
+        }
+    }
+
     async fn run_ca(self) {
         let mut backoff = self.policy.backoff_initial;
+        let mut root_seen = self.root_file_mtime();
         loop {
             let delay = match self.fetch().await {
                 Ok(cert) => {
                     backoff = self.policy.backoff_initial;
-                    let at = cert.renew_at(self.policy.renew_fraction);
+                    let at = cert.renew_at(
+                        self.policy.renew_fraction,
+                        self.policy.renew_jitter,
+                        rand::random_range(-1.0..=1.0),
+                        self.policy.min_renew_delay,
+                    );
                     self.publish(cert);
                     at.duration_since(SystemTime::now()).unwrap_or_default()
                 }
@@ -234,12 +307,34 @@ impl Worker {
                     self.failed(&e);
                     let d = self.policy.jittered(backoff);
                     backoff = (backoff * 2).min(self.policy.backoff_max);
-                    // Never wait past the end of the current certificate's
-                    // renewal window for nothing: keep trying on backoff.
                     d
                 }
             };
-            tokio::time::sleep(delay).await;
+            // Sleep until the renewal, watching the root file meanwhile.
+            let wake = tokio::time::Instant::now() + delay;
+            let poll = self.policy.root_poll.max(Duration::from_millis(10));
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= wake {
+                    break;
+                }
+                if !matches!(
+                    self.source,
+                    Source::Ca {
+                        root_file: Some(_),
+                        ..
+                    }
+                ) {
+                    tokio::time::sleep_until(wake).await;
+                    break;
+                }
+                tokio::time::sleep((wake - now).min(poll)).await;
+                let seen = self.root_file_mtime();
+                if seen != root_seen {
+                    root_seen = seen;
+                    self.reload_roots().await;
+                }
+            }
         }
     }
 

@@ -32,7 +32,10 @@ pub const ALPN_ISTIO_H2: &[&[u8]] = &[b"istio-h2", b"istio", b"h2"];
 pub struct CertResolver {
     certs: CertWatch,
     provider: Arc<CryptoProvider>,
-    cached: Mutex<Option<(usize, Arc<CertifiedKey>)>>,
+    /// The certificate the cached key was made from. Holding the `Arc`
+    /// (not its address) means a rotated-away certificate can never be
+    /// mistaken for a new one that happens to reuse its memory.
+    cached: Mutex<Option<(Arc<WorkloadCert>, Arc<CertifiedKey>)>>,
 }
 
 impl CertResolver {
@@ -47,15 +50,14 @@ impl CertResolver {
 
     fn current(&self) -> Option<Arc<CertifiedKey>> {
         let cert = self.certs.borrow().clone()?;
-        let tag = Arc::as_ptr(&cert) as usize;
         let mut cached = self
             .cached
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((t, k)) = cached.as_ref() {
-            if *t == tag {
-                return Some(k.clone());
-            }
+        if let Some((c, k)) = cached.as_ref()
+            && Arc::ptr_eq(c, &cert)
+        {
+            return Some(k.clone());
         }
         let key = match self
             .provider
@@ -69,7 +71,7 @@ impl CertResolver {
             }
         };
         let ck = Arc::new(CertifiedKey::new(cert.chain().to_vec(), key));
-        *cached = Some((tag, ck.clone()));
+        *cached = Some((cert, ck.clone()));
         Some(ck)
     }
 }
@@ -203,27 +205,73 @@ macro_rules! provider_signatures {
     };
 }
 
-/// Server-side verification of client certificates: mesh trust domain and
-/// optional allow-list of SPIFFE ids.
+/// The trust domains a mesh accepts peers from: its own and the aliases
+/// it was given (Istio's `trustDomainAliases`, used while a mesh migrates
+/// from one trust domain to another).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustDomains {
+    /// The mesh trust domain.
+    pub primary: String,
+    /// Other trust domains whose workloads are accepted as peers.
+    pub aliases: Vec<String>,
+}
+
+impl TrustDomains {
+    /// `primary` with no aliases.
+    pub fn new(primary: impl Into<String>) -> Self {
+        Self {
+            primary: primary.into(),
+            aliases: Vec::new(),
+        }
+    }
+
+    /// Adds aliases.
+    pub fn aliases(mut self, aliases: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.aliases.extend(aliases.into_iter().map(Into::into));
+        self
+    }
+
+    /// Whether `td` is the primary or an alias (trust domains are compared
+    /// as SPIFFE does: they are lower case by construction).
+    pub fn contains(&self, td: &str) -> bool {
+        self.primary == td || self.aliases.iter().any(|a| a == td)
+    }
+}
+
+impl From<&str> for TrustDomains {
+    fn from(s: &str) -> Self {
+        Self::new(s)
+    }
+}
+
+impl From<String> for TrustDomains {
+    fn from(s: String) -> Self {
+        Self::new(s)
+    }
+}
+
+/// Server-side verification of client certificates: mesh trust domain (or
+/// an alias) and optional allow-list of SPIFFE ids.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     certs: CertWatch,
     provider: Arc<CryptoProvider>,
-    trust_domain: String,
+    trust: TrustDomains,
     allow: Option<Vec<SpiffeId>>,
 }
 
 impl SpiffeClientVerifier {
-    /// Accepts any SPIFFE id of `trust_domain` (or only those in `allow`).
+    /// Accepts any SPIFFE id of `trust` (a trust domain, or
+    /// [`TrustDomains`] with aliases), or only those in `allow`.
     pub fn new(
         certs: CertWatch,
-        trust_domain: impl Into<String>,
+        trust: impl Into<TrustDomains>,
         allow: Option<Vec<SpiffeId>>,
     ) -> Self {
         Self {
             certs,
             provider: crypto_provider(),
-            trust_domain: trust_domain.into(),
+            trust: trust.into(),
             allow,
         }
     }
@@ -250,10 +298,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         )?;
         let id = spiffe_id_of(end_entity)
             .map_err(|e| identity_error(format!("client certificate: {e}")))?;
-        if id.trust_domain() != self.trust_domain {
+        if !self.trust.contains(id.trust_domain()) {
             return Err(identity_error(format!(
-                "client {id} is not in trust domain {}",
-                self.trust_domain
+                "client {id} is not in trust domain {} (aliases: {:?})",
+                self.trust.primary, self.trust.aliases
             )));
         }
         if let Some(allow) = &self.allow {
@@ -268,7 +316,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// Client-side verification of a server: chain to the mesh roots and one of
-/// the expected SANs (SPIFFE URIs or DNS names).
+/// the expected SANs (SPIFFE URIs or DNS names), as Envoy's
+/// `match_typed_subject_alt_names` with exact matchers: URI SANs compare
+/// byte for byte (SPIFFE paths are case-sensitive), DNS names without
+/// regard to ASCII case; an empty list checks the chain only.
 #[derive(Debug)]
 pub struct SanServerVerifier {
     certs: CertWatch,
@@ -277,7 +328,9 @@ pub struct SanServerVerifier {
 }
 
 impl SanServerVerifier {
-    /// Expects the server to carry one of `expected` SANs.
+    /// Expects the server to carry one of `expected` SANs (`spiffe://…` or
+    /// any `scheme://` string is a URI SAN, anything else a DNS name); with
+    /// none, any server whose chain verifies is accepted.
     pub fn new(certs: CertWatch, expected: Vec<String>) -> Self {
         Self {
             certs,
@@ -320,17 +373,23 @@ impl ServerCertVerifier for SanServerVerifier {
             now,
             webpki::KeyUsage::server_auth(),
         )?;
-        let mut sans = uri_sans(end_entity).map_err(|e| identity_error(e.to_string()))?;
-        sans.extend(dns_sans(end_entity));
-        if self
-            .expected
-            .iter()
-            .any(|e| sans.iter().any(|s| s.eq_ignore_ascii_case(e)))
-        {
+        if self.expected.is_empty() {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let uris = uri_sans(end_entity).map_err(|e| identity_error(e.to_string()))?;
+        let dns = dns_sans(end_entity);
+        let matches = |e: &String| {
+            if e.contains("://") {
+                uris.iter().any(|u| u == e)
+            } else {
+                dns.iter().any(|d| d.eq_ignore_ascii_case(e))
+            }
+        };
+        if self.expected.iter().any(matches) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(identity_error(format!(
-                "server SANs {sans:?} match none of the expected {:?}",
+                "server SANs {uris:?} {dns:?} match none of the expected {:?}",
                 self.expected
             )))
         }
@@ -340,10 +399,11 @@ impl ServerCertVerifier for SanServerVerifier {
 }
 
 /// A server config for mesh mTLS: serves the current certificate and
-/// requires a client certificate of the trust domain (or the allow-list).
+/// requires a client certificate of the trust domain or one of its aliases
+/// (or, narrower, of the allow-list).
 pub fn server_config(
     certs: CertWatch,
-    trust_domain: &str,
+    trust_domain: impl Into<TrustDomains>,
     allow: Option<Vec<SpiffeId>>,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, Error> {
@@ -377,4 +437,38 @@ pub fn client_config(
         .with_client_cert_resolver(Arc::new(CertResolver::new(certs)));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn the_resolver_never_serves_a_rotated_away_certificate() {
+        let now = SystemTime::now();
+        let make = || {
+            let (c, k) = crate::cert::tests::self_signed(
+                "spiffe://cluster.local/ns/demo/sa/web",
+                now,
+                now + Duration::from_secs(60),
+            );
+            WorkloadCert::new(vec![c], k, vec![]).expect("cert")
+        };
+        let (tx, rx) = watch::channel(Some(Arc::new(make())));
+        let resolver = CertResolver::new(rx);
+        // Rotate many times, freeing each old certificate before the next is
+        // allocated, so an address-keyed cache would be handed a reused
+        // address sooner or later.
+        for _ in 0..50 {
+            let served = resolver.current().expect("served");
+            let expected = tx.borrow().as_ref().expect("cert").chain()[0].clone();
+            assert_eq!(
+                served.cert[0], expected,
+                "the current certificate is served"
+            );
+            tx.send_replace(None);
+            tx.send_replace(Some(Arc::new(make())));
+        }
+    }
 }
