@@ -159,6 +159,20 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
                 }
             });
         }
+        if args.allow_any_identity {
+            // Refused before binding: a development CA never listens
+            // beyond this machine, not even for a moment.
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&args.listen)
+                .await
+                .with_context(|| format!("resolving {}", args.listen))?
+                .collect();
+            if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+                bail!(
+                    "--allow-any-identity is for development on loopback only; {} is not a loopback address (register tokens with --tokens instead)",
+                    args.listen
+                );
+            }
+        }
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
@@ -167,7 +181,7 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
             std::fs::write(out, cp.root_pem()).with_context(|| format!("writing {}", out.display()))?;
         }
         // One line a script can wait for.
-        println!("{}", json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}));
+        crate::print_json(&json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}))?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate() => {}
