@@ -699,6 +699,16 @@ fn demo() -> Result<(), String> {
     let root_pem = out.join("root-cert.pem");
 
     eprintln!("demo: starting the embedded control plane (CA + ADS) with examples/mesh/mesh.yaml");
+    // The CA issues an identity only to the caller whose token is
+    // registered for it: one token, for the demo's `web` workload.
+    let tokens = out.join("tokens");
+    let token = out.join("istio-token");
+    std::fs::write(
+        &tokens,
+        "demo-web-token spiffe://cluster.local/ns/demo/sa/web\n",
+    )
+    .map_err(|e| format!("{}: {e}", tokens.display()))?;
+    std::fs::write(&token, "demo-web-token\n").map_err(|e| format!("{}: {e}", token.display()))?;
     let mut cp = Command::new(&nasp)
         .current_dir(&root)
         .args([
@@ -707,8 +717,10 @@ fn demo() -> Result<(), String> {
             "127.0.0.1:0",
             "--mesh",
             "examples/mesh/mesh.yaml",
-            "--root-out",
+            "--tokens",
         ])
+        .arg(&tokens)
+        .arg("--root-out")
         .arg(&root_pem)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -736,8 +748,10 @@ fn demo() -> Result<(), String> {
                 "spiffe://cluster.local/ns/demo/sa/web",
                 "--ttl",
                 "1h",
-                "--out",
+                "--token",
             ])
+            .arg(&token)
+            .arg("--out")
             .arg(&certs))?;
         run(Command::new("openssl")
             .args(["verify", "-CAfile"])
