@@ -13,7 +13,10 @@ fn assert_round_trip_is_stable(json: &str) {
     let written = write_config_dump(&set, &HashMap::new()).expect("the dump writes");
     let again = read_config_dump(&written.to_string()).expect("the written dump reads back");
     let rewritten = write_config_dump(&again, &HashMap::new()).expect("it writes again");
-    assert_eq!(rewritten, written, "writing and reading again changed the dump");
+    assert_eq!(
+        rewritten, written,
+        "writing and reading again changed the dump"
+    );
 }
 
 /// fuzz target `config_dump`: a typed config of an unknown type that holds
