@@ -181,7 +181,7 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
             std::fs::write(out, cp.root_pem()).with_context(|| format!("writing {}", out.display()))?;
         }
         // One line a script can wait for.
-        crate::print_json(&json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}))?;
+        crate::print_json_line(&json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}))?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate() => {}
