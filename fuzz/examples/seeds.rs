@@ -46,12 +46,21 @@ fn record(out: &mut Vec<u8>, tag: u8, payload: &[u8]) -> bool {
     true
 }
 
+fn text(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(255)];
+    out.push(s.len() as u8);
+    out.extend_from_slice(s);
+}
+
+/// An outbound lookup of `host:port`, and the route of `GET /` with an
+/// `x-request-id` header when it is an HTTP destination.
 fn lookup(out: &mut Vec<u8>, host: &str, port: u16) {
-    let host = &host.as_bytes()[..host.len().min(255)];
     out.push(6);
     out.extend_from_slice(&port.to_le_bytes());
-    out.push(host.len() as u8);
-    out.extend_from_slice(host);
+    text(out, host);
+    text(out, "/");
+    text(out, "x-request-id");
+    text(out, "0f3c");
 }
 
 fn main() {

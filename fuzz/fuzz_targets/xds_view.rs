@@ -8,7 +8,9 @@
 //! - `tag % 8` in 0..=3: a CDS/EDS/LDS/RDS resource, `u16` LE length, bytes;
 //! - 4: the same under a type URL that does not match the response's;
 //! - 5: an NDS name, `u8` length, host, `u8` count (at most 4), IPv4s;
-//! - 6: an outbound lookup, `u16` LE port, `u8` length, host;
+//! - 6: an outbound lookup and, for an HTTP destination, the route of one
+//!   request: `u16` LE port, then host, `:path` and one header's name and
+//!   value, each a `u8` length and bytes;
 //! - 7: an inbound lookup, `u16` LE port.
 //! `fuzz/examples/seeds.rs` writes seeds in this format from real dumps.
 #![no_main]
@@ -19,7 +21,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use libfuzzer_sys::fuzz_target;
 use nasp_xds::envoy_types::pb::google::protobuf::Any;
 use nasp_xds::types::{RESOURCE_TYPES, decode, insert};
-use nasp_xds::{MeshView, ResourceSet, ViewSettings};
+use nasp_xds::{MeshView, Outbound, ResourceSet, ViewSettings};
 
 struct Reader<'a>(&'a [u8]);
 
@@ -31,6 +33,10 @@ impl<'a> Reader<'a> {
     }
     fn u16(&mut self) -> Option<u16> {
         Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
+    }
+    fn text(&mut self) -> Option<String> {
+        let n = self.u8()?;
+        Some(String::from_utf8_lossy(self.bytes(usize::from(n))).into_owned())
     }
     fn bytes(&mut self, n: usize) -> &'a [u8] {
         let n = n.min(self.0.len());
@@ -89,9 +95,10 @@ fuzz_target!(|data: &[u8]| {
             }
             6 => {
                 let Some(port) = r.u16() else { break };
-                let Some(len) = r.u8() else { break };
-                let host = String::from_utf8_lossy(r.bytes(usize::from(len))).into_owned();
-                outbound.push((host, port));
+                let Some(host) = r.text() else { break };
+                let path = r.text().unwrap_or_else(|| "/".into());
+                let header = (r.text().unwrap_or_default(), r.text().unwrap_or_default());
+                outbound.push((host, port, path, header));
             }
             _ => {
                 let Some(port) = r.u16() else { break };
@@ -100,9 +107,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let view = MeshView::build(&set, names, ViewSettings::default());
-    for (host, port) in &outbound {
-        if let Some(o) = view.outbound(host, *port) {
-            let _ = (o.cluster.endpoints.len(), o.routes.map(|r| r.len()));
+    for (host, port, path, (name, value)) in &outbound {
+        let Some(o) = view.outbound(host, *port) else {
+            continue;
+        };
+        let _ = view.plain_cluster(&o);
+        if let Outbound::Http(dest) = &o {
+            let headers = [(name.as_str(), value.as_str())];
+            let _ = view.route(dest, path, &headers[..], u64::from(*port));
         }
     }
     for port in &inbound {
