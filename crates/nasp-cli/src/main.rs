@@ -276,15 +276,15 @@ fn exec(args: ExecArgs) -> Result<Value> {
         let mut request = json!({});
         let mut response = json!({});
         let mut stopped = false;
-        let mut h = HeaderMap::from_pairs(
+        let h = HeaderMap::from_pairs(
             req.headers
                 .iter()
                 .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
         );
         let no_body = req.body.is_none() && req.trailers.is_empty();
-        let st = s.request_headers(&mut chain, &mut h, no_body);
+        let st = s.request_headers(&mut chain, h, no_body);
         steps.push(json!({"callback": "request_headers", "status": st}));
-        request["headers"] = headers_json(&h);
+        request["headers"] = headers_json(&s.request_header_map());
         stopped |= st != FilterStatus::Continue;
         if let (false, Some(body)) = (stopped, &req.body) {
             let (st, b) = s.request_body(&mut chain, body.as_bytes(), req.trailers.is_empty());
@@ -293,26 +293,26 @@ fn exec(args: ExecArgs) -> Result<Value> {
             stopped |= st != FilterStatus::Continue;
         }
         if !stopped && !req.trailers.is_empty() {
-            let mut t = HeaderMap::from_pairs(
+            let t = HeaderMap::from_pairs(
                 req.trailers
                     .iter()
                     .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
             );
-            let st = s.request_trailers(&mut chain, &mut t);
+            let st = s.request_trailers(&mut chain, t);
             steps.push(json!({"callback": "request_trailers", "status": st}));
-            request["trailers"] = headers_json(&t);
+            request["trailers"] = headers_json(&s.request_trailer_map());
             stopped |= st != FilterStatus::Continue;
         }
         if let (false, Some(resp)) = (stopped, exchange.response) {
-            let mut h = HeaderMap::from_pairs(
+            let h = HeaderMap::from_pairs(
                 resp.headers
                     .iter()
                     .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
             );
             let no_body = resp.body.is_none() && resp.trailers.is_empty();
-            let st = s.response_headers(&mut chain, &mut h, no_body);
+            let st = s.response_headers(&mut chain, h, no_body);
             steps.push(json!({"callback": "response_headers", "status": st}));
-            response["headers"] = headers_json(&h);
+            response["headers"] = headers_json(&s.response_header_map());
             stopped |= st != FilterStatus::Continue;
             if let (false, Some(body)) = (stopped, &resp.body) {
                 let (st, b) =
@@ -322,14 +322,14 @@ fn exec(args: ExecArgs) -> Result<Value> {
                 stopped |= st != FilterStatus::Continue;
             }
             if !stopped && !resp.trailers.is_empty() {
-                let mut t = HeaderMap::from_pairs(
+                let t = HeaderMap::from_pairs(
                     resp.trailers
                         .iter()
                         .map(|(k, v)| (k.as_bytes(), v.as_bytes())),
                 );
-                let st = s.response_trailers(&mut chain, &mut t);
+                let st = s.response_trailers(&mut chain, t);
                 steps.push(json!({"callback": "response_trailers", "status": st}));
-                response["trailers"] = headers_json(&t);
+                response["trailers"] = headers_json(&s.response_trailer_map());
             }
         }
         let local = s.local_response().map(|l| {

@@ -25,8 +25,8 @@ pub use bytecode::{AbiVersion, ModuleInfo};
 pub use env::{HostEnv, LogLevel, LogRecord, LogSink, MemoryLogSink};
 pub use host::PluginInfo;
 pub use plugin::{
-    Direction, FailPolicy, FailState, FilterChain, FilterStatus, HttpStream, Plugin, PluginConfig,
-    Resumed, Stage, TcpStream, WasmModule,
+    Direction, FailPolicy, FailState, FilterChain, FilterStatus, HttpStream, MapRef, Plugin,
+    PluginConfig, Resumed, Stage, TcpStream, WasmModule,
 };
 pub use runtime::{EngineError, Limits, Trap, WasmRuntime};
 pub use types::{

@@ -1291,6 +1291,26 @@ fn trailers_of(s: &mut StreamState, dir: Direction) -> &mut HeaderMap {
     }
 }
 
+/// A header map of a stream, borrowed (the stream's state stays locked
+/// while it lives).
+pub struct MapRef<'a> {
+    guard: std::sync::MutexGuard<'a, StreamState>,
+    pick: fn(&StreamState) -> &HeaderMap,
+}
+
+impl std::ops::Deref for MapRef<'_> {
+    type Target = HeaderMap;
+    fn deref(&self) -> &HeaderMap {
+        (self.pick)(&self.guard)
+    }
+}
+
+impl std::fmt::Debug for MapRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
 /// One HTTP exchange through a [`FilterChain`].
 ///
 /// A direction that a plugin pauses stays paused: data that arrives is
@@ -1516,21 +1536,19 @@ impl HttpStream {
         &mut self,
         chain: &mut FilterChain,
         dir: Direction,
-        headers: &mut HeaderMap,
+        headers: HeaderMap,
         end_of_stream: bool,
     ) -> FilterStatus {
         if !self.mine(chain) {
             return FilterStatus::Fail;
         }
-        *headers_of(&mut lock(&self.state), dir) = std::mem::take(headers);
+        *headers_of(&mut lock(&self.state), dir) = headers;
         *self.flow(dir) = Flow {
             headers_eos: end_of_stream,
             ..Flow::default()
         };
         let st = self.run_headers(chain, dir, 0);
-        let st = self.conclude(chain, dir, st);
-        headers.clone_from(headers_of(&mut lock(&self.state), dir));
-        st
+        self.conclude(chain, dir, st)
     }
 
     fn body_step(
@@ -1575,39 +1593,65 @@ impl HttpStream {
         &mut self,
         chain: &mut FilterChain,
         dir: Direction,
-        trailers: &mut HeaderMap,
+        trailers: HeaderMap,
     ) -> FilterStatus {
         if !self.mine(chain) {
             return FilterStatus::Fail;
         }
-        *trailers_of(&mut lock(&self.state), dir) = std::mem::take(trailers);
+        *trailers_of(&mut lock(&self.state), dir) = trailers;
         if self.flow(dir).paused.is_some() {
             self.flow(dir).trailers_pending = true;
-            trailers.clone_from(trailers_of(&mut lock(&self.state), dir));
             return FilterStatus::Pause;
         }
         let st = self.run_trailers(chain, dir, 0);
-        let st = self.conclude(chain, dir, st);
-        trailers.clone_from(trailers_of(&mut lock(&self.state), dir));
-        st
+        self.conclude(chain, dir, st)
     }
 
-    /// Runs `proxy_on_request_headers` with these headers; they are replaced
-    /// by what the filters leave.
+    fn map(&self, pick: fn(&StreamState) -> &HeaderMap) -> MapRef<'_> {
+        MapRef {
+            guard: lock(&self.state),
+            pick,
+        }
+    }
+
+    /// The request headers as the filters left them (borrowed from the
+    /// stream, which keeps them for later callbacks; no copy).
+    pub fn request_header_map(&self) -> MapRef<'_> {
+        self.map(|s| &s.request_headers)
+    }
+
+    /// The response headers as the filters left them.
+    pub fn response_header_map(&self) -> MapRef<'_> {
+        self.map(|s| &s.response_headers)
+    }
+
+    /// The request trailers as the filters left them.
+    pub fn request_trailer_map(&self) -> MapRef<'_> {
+        self.map(|s| &s.request_trailers)
+    }
+
+    /// The response trailers as the filters left them.
+    pub fn response_trailer_map(&self) -> MapRef<'_> {
+        self.map(|s| &s.response_trailers)
+    }
+
+    /// Runs `proxy_on_request_headers` over these headers. The stream keeps
+    /// them (filters may read them until it ends); read what the filters
+    /// made of them with [`Self::request_header_map`].
     pub fn request_headers(
         &mut self,
         chain: &mut FilterChain,
-        headers: &mut HeaderMap,
+        headers: HeaderMap,
         end_of_stream: bool,
     ) -> FilterStatus {
         self.headers_step(chain, Direction::Request, headers, end_of_stream)
     }
 
-    /// Runs `proxy_on_response_headers`.
+    /// Runs `proxy_on_response_headers` (see [`Self::response_header_map`]).
     pub fn response_headers(
         &mut self,
         chain: &mut FilterChain,
-        headers: &mut HeaderMap,
+        headers: HeaderMap,
         end_of_stream: bool,
     ) -> FilterStatus {
         self.headers_step(chain, Direction::Response, headers, end_of_stream)
@@ -1638,11 +1682,12 @@ impl HttpStream {
         self.body_step(chain, Direction::Response, chunk, end_of_stream)
     }
 
-    /// Runs `proxy_on_request_trailers` (only buffered while paused).
+    /// Runs `proxy_on_request_trailers` (only buffered while paused); see
+    /// [`Self::request_trailer_map`].
     pub fn request_trailers(
         &mut self,
         chain: &mut FilterChain,
-        trailers: &mut HeaderMap,
+        trailers: HeaderMap,
     ) -> FilterStatus {
         self.trailers_step(chain, Direction::Request, trailers)
     }
@@ -1651,7 +1696,7 @@ impl HttpStream {
     pub fn response_trailers(
         &mut self,
         chain: &mut FilterChain,
-        trailers: &mut HeaderMap,
+        trailers: HeaderMap,
     ) -> FilterStatus {
         self.trailers_step(chain, Direction::Response, trailers)
     }

@@ -53,10 +53,8 @@ fn lifecycle(
     g.bench_function(name, |b| {
         b.iter(|| {
             let mut s = chain.http_stream(provider.clone());
-            let mut h = req.clone();
-            s.request_headers(&mut chain, &mut h, true);
-            let mut r = resp.clone();
-            s.response_headers(&mut chain, &mut r, true);
+            s.request_headers(&mut chain, req.clone(), true);
+            s.response_headers(&mut chain, resp.clone(), true);
             s.finish(&mut chain);
         })
     });

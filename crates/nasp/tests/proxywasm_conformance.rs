@@ -228,7 +228,8 @@ per_runtime! {
         for i in 0..2 {
             let mut s = chain.http_stream(props());
             let mut headers = req("/echo", None);
-            assert_eq!(s.request_headers(&mut chain, &mut headers, false), FilterStatus::Continue);
+            assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), false), FilterStatus::Continue);
+            headers = s.request_header_map().clone();
             assert_eq!(
                 headers.get_str("x-conformance-seen").as_deref(),
                 Some("root=conformance;node=sidecar~10.0.0.1~pod.demo~demo.svc.cluster.local"),
@@ -239,10 +240,12 @@ per_runtime! {
             let (st, body) = s.request_body(&mut chain, b"world", true);
             assert_eq!((st, body.as_slice()), (FilterStatus::Continue, &b"HELLO WORLD"[..]), "{rt}");
             let mut trailers = HeaderMap::new();
-            assert_eq!(s.request_trailers(&mut chain, &mut trailers), FilterStatus::Continue);
+            assert_eq!(s.request_trailers(&mut chain, std::mem::take(&mut trailers)), FilterStatus::Continue);
+            trailers = s.request_trailer_map().clone();
             assert_eq!(trailers.get_str("x-trailer-seen").as_deref(), Some("yes"));
             let mut resp = HeaderMap::from_pairs([(":status", "200"), ("server", "envoy")]);
-            assert_eq!(s.response_headers(&mut chain, &mut resp, false), FilterStatus::Continue);
+            assert_eq!(s.response_headers(&mut chain, std::mem::take(&mut resp), false), FilterStatus::Continue);
+            resp = s.response_header_map().clone();
             assert_eq!(resp.get_str("x-upstream-status").as_deref(), Some("200"));
             assert_eq!(resp.get_str("x-seen-path").as_deref(), Some("/echo"), "{rt}: property set on request visible on response");
             assert!(resp.get_str("server").is_none());
@@ -263,7 +266,8 @@ per_runtime! {
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
         let mut headers = req("/", Some("local-response"));
-        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::LocalResponse);
+        assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::LocalResponse);
+        headers = s.request_header_map().clone();
         let lr = s.local_response().expect("local response");
         assert_eq!(lr.status, 403);
         assert_eq!(lr.headers.get_str("x-denied-by").as_deref(), Some("conformance"));
@@ -279,7 +283,7 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("trap")), true), FilterStatus::Fail);
         match chain.plugins[0].fail_state() {
             FailState::RuntimeError(m) => assert!(m.starts_with("Function: proxy_on_request_headers failed:"), "{rt}: {m}"),
             FailState::Ok => panic!("{rt}: the VM should have failed"),
@@ -288,26 +292,28 @@ per_runtime! {
         s.finish(&mut chain);
         // The dead instance is never called again; new streams fail closed.
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", None), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Fail);
     };
     fail_open_skips => |rt: &str| {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::FailOpen));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("trap")), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("trap")), true), FilterStatus::Continue);
         let mut s2 = chain.http_stream(props());
         let mut headers = req("/", None);
-        assert_eq!(s2.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue);
+        assert_eq!(s2.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Continue);
+        headers = s2.request_header_map().clone();
         assert!(headers.get_str("x-conformance-seen").is_none(), "{rt}: a failed fail-open plugin is skipped");
     };
     reload_gives_fresh_instance => |rt: &str| {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::Reload { backoff: Duration::ZERO }));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("trap")), true), FilterStatus::Fail);
         let mut s2 = chain.http_stream(props());
         let mut headers = req("/", None);
-        assert_eq!(s2.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue, "{rt}");
+        assert_eq!(s2.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Continue, "{rt}");
+        headers = s2.request_header_map().clone();
         assert!(headers.get_str("x-conformance-seen").is_some());
         assert_eq!(chain.plugins[0].reloads(), 1);
     };
@@ -315,9 +321,9 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::Reload { backoff: Duration::from_secs(3600) }));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("trap")), true), FilterStatus::Fail);
         let mut s2 = chain.http_stream(props());
-        assert_eq!(s2.request_headers(&mut chain, &mut req("/", None), true), FilterStatus::Fail);
+        assert_eq!(s2.request_headers(&mut chain, req("/", None), true), FilterStatus::Fail);
         assert_eq!(chain.plugins[0].reloads(), 0);
     };
     infinite_loop_is_cut => |rt: &str| {
@@ -325,7 +331,7 @@ per_runtime! {
         let limits = Limits { call_deadline: Some(Duration::from_millis(200)), ..Limits::default() };
         let mut chain = h.chain(rt, cfg("conf").limits(limits));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("loop")), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("loop")), true), FilterStatus::Fail);
         match chain.plugins[0].fail_state() {
             FailState::RuntimeError(m) => assert!(m.contains("proxy_on_request_headers"), "{rt}: {m}"),
             FailState::Ok => panic!("{rt}: the loop should have been interrupted"),
@@ -336,14 +342,14 @@ per_runtime! {
         let limits = Limits { max_memory_bytes: 16 << 20, ..Limits::default() };
         let mut chain = h.chain(rt, cfg("conf").limits(limits));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("memory")), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("memory")), true), FilterStatus::Fail);
         assert!(matches!(chain.plugins[0].fail_state(), FailState::RuntimeError(_)), "{rt}");
     };
     bad_pointers_get_invalid_memory_access => |rt: &str| {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("bad-pointer")), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("bad-pointer")), true), FilterStatus::Continue);
         assert!(h.logs.contains("bad-pointer statuses: 6 6 6 6"), "{rt}: {:?}", h.logs.lines());
         assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok);
     };
@@ -358,7 +364,8 @@ per_runtime! {
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
         let mut headers = req("/", Some("callout"));
-        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Pause);
+        assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Pause);
+        headers = s.request_header_map().clone();
         let calls = h.callouts.http.lock().unwrap().clone();
         assert_eq!(calls.len(), 1, "{rt}");
         let (token, call) = &calls[0];
@@ -374,7 +381,7 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/queued", Some("queue")), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/queued", Some("queue")), true), FilterStatus::Continue);
         assert!(h.logs.contains("queue ready: /queued"), "{rt}: {:?}", h.logs.lines());
     };
     tick => |rt: &str| {
@@ -438,7 +445,7 @@ per_runtime! {
         let mut chain = FilterChain::new(vec![Plugin::new(&module, cfg("v010").configuration("cfg-010"), h.env.clone()).unwrap()]);
         assert!(h.logs.contains("cfg-010"), "{rt}: {:?}", h.logs.lines());
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", None), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue);
         assert!(h.logs.contains("missing"), "{rt}: {:?}", h.logs.lines());
         // proxy_continue_request then proxy_continue_response (0.1.0 forms).
         assert_eq!(s.state().lock().unwrap().continued, vec![0, 1], "{rt}");
@@ -510,7 +517,7 @@ per_runtime! {
         let random_of = |h: &Harness| -> (u64, String) {
             let mut chain = h.chain(rt, cfg("conf"));
             let mut s = chain.http_stream(props());
-            assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("wasi")), true), FilterStatus::Continue, "{rt}");
+            assert_eq!(s.request_headers(&mut chain, req("/", Some("wasi")), true), FilterStatus::Continue, "{rt}");
             let line = h.logs.lines().into_iter().map(|r| r.message).find(|m| m.starts_with("wasi: ")).unwrap_or_else(|| panic!("{rt}: no wasi line: {:?}", h.logs.lines()));
             let realtime: u64 = line.split("realtime ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{rt}: {line}"));
             (realtime, line)
@@ -535,10 +542,12 @@ per_runtime! {
         let mut chain = FilterChain::new(vec![Plugin::new(&module, cfg("headers"), h.env.clone()).unwrap()]);
         let mut s = chain.http_stream(props());
         let mut request = req("/lean", None);
-        assert_eq!(s.request_headers(&mut chain, &mut request, true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut request), true), FilterStatus::Continue);
+        request = s.request_header_map().clone();
         assert_eq!(request.get_str("x-path-seen").as_deref(), Some("/lean"), "{rt}");
         let mut response = HeaderMap::from_pairs([(":status", "204")]);
-        assert_eq!(s.response_headers(&mut chain, &mut response, true), FilterStatus::Continue);
+        assert_eq!(s.response_headers(&mut chain, std::mem::take(&mut response), true), FilterStatus::Continue);
+        response = s.response_header_map().clone();
         assert_eq!(response.get_str("x-status-seen").as_deref(), Some("204"), "{rt}");
         s.finish(&mut chain);
         assert_eq!(chain.plugins[0].fail_state(), &FailState::Ok);
@@ -549,7 +558,7 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("wasi-corners")), true), FilterStatus::Continue, "{rt}");
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("wasi-corners")), true), FilterStatus::Continue, "{rt}");
         let line = h.logs.lines().into_iter().map(|r| r.message).find(|m| m.starts_with("wasi-corners: ")).unwrap_or_else(|| panic!("{rt}: {:?}", h.logs.lines()));
         let expected = "args_sizes_get=0 args_count=0 args_get=0 clock_res_get_realtime=0 clock_res=1 \
             clock_res_get_process=58 fd_close=0 fd_datasync_stdout=0 fd_sync_other=8 fd_fdstat_get_stdout=0 \
@@ -566,7 +575,8 @@ per_runtime! {
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
         let mut headers = req("/", Some("abi-corners"));
-        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue, "{rt}");
+        assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Continue, "{rt}");
+        headers = s.request_header_map().clone();
         // The filter added x-conformance-seen before asking for the size.
         // Envoy's byte size: names and values, no serialization overhead.
         let size: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -626,7 +636,8 @@ per_runtime! {
         let mut chain = h.chain_of(rt, vec![cfg("active"), cfg("passive").configuration("passive")]);
         let mut s = chain.http_stream(props());
         let mut headers = req("/", Some("callout"));
-        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Pause, "{rt}");
+        assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Pause, "{rt}");
+        headers = s.request_header_map().clone();
         assert_eq!(s.paused(Direction::Request), Some(Stage::Headers));
         assert!(headers.get_str("x-passive-seen").is_none(), "{rt}: the second plugin waits");
         let (token, _) = h.callouts.http.lock().unwrap()[0].clone();
@@ -648,7 +659,7 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain_of(rt, vec![cfg("active"), cfg("passive").configuration("passive")]);
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("pause-body")), false), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("pause-body")), false), FilterStatus::Continue);
         let (st, body) = s.request_body(&mut chain, b"hello", true);
         assert_eq!((st, body.as_slice()), (FilterStatus::Pause, &b""[..]), "{rt}: a body paused at its end is not forwarded");
         let (token, call) = h.callouts.http.lock().unwrap()[0].clone();
@@ -665,7 +676,7 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", None), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue);
         assert_eq!(chain.plugins[0].live_streams(), 1);
         // What a cancelled request future does: drop without finish().
         drop(s);
@@ -687,7 +698,7 @@ per_runtime! {
         let mut a = h.chain(rt, cfg("a"));
         let mut b = h.chain(rt, cfg("b"));
         let mut s = a.http_stream(props());
-        assert_eq!(s.request_headers(&mut b, &mut req("/", None), true), FilterStatus::Fail, "{rt}");
+        assert_eq!(s.request_headers(&mut b, req("/", None), true), FilterStatus::Fail, "{rt}");
         assert_eq!(h.count("request headers:"), 0, "{rt}: no plugin of the other chain was called");
         s.finish(&mut b);
         assert_eq!(b.plugins[0].fail_state(), &FailState::Ok);
@@ -699,15 +710,16 @@ per_runtime! {
         let h = Harness::new();
         let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::Reload { backoff: Duration::ZERO }));
         let mut old = chain.http_stream(props());
-        assert_eq!(old.request_headers(&mut chain, &mut req("/", Some("callout")), false), FilterStatus::Pause);
+        assert_eq!(old.request_headers(&mut chain, req("/", Some("callout")), false), FilterStatus::Pause);
         let (old_token, _) = h.callouts.http.lock().unwrap()[0].clone();
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("trap")), true), FilterStatus::Fail);
         let mut fresh = chain.http_stream(props());
         assert_eq!(chain.plugins[0].reloads(), 1, "{rt}");
         // The stream of the failed VM fails closed and never reaches the new VM.
         let mut resp = HeaderMap::from_pairs([(":status", "200")]);
-        assert_eq!(old.response_headers(&mut chain, &mut resp, true), FilterStatus::Fail, "{rt}");
+        assert_eq!(old.response_headers(&mut chain, std::mem::take(&mut resp), true), FilterStatus::Fail, "{rt}");
+        resp = old.response_header_map().clone();
         chain.plugins[0].on_http_call_response(old_token, HeaderMap::from_pairs([(":status", "200")]), b"late".to_vec(), HeaderMap::new());
         old.finish(&mut chain);
         s.finish(&mut chain);
@@ -715,7 +727,8 @@ per_runtime! {
         assert!(!h.logs.contains("root got callout response"), "{rt}");
         // The fresh VM works, and its tokens are new.
         let mut headers = req("/", Some("callout"));
-        assert_eq!(fresh.request_headers(&mut chain, &mut headers, true), FilterStatus::Pause, "{rt}");
+        assert_eq!(fresh.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Pause, "{rt}");
+        headers = fresh.request_header_map().clone();
         let (new_token, _) = h.callouts.http.lock().unwrap()[1].clone();
         assert_ne!(new_token, old_token, "{rt}: tokens are unique across VMs");
         chain.plugins[0].on_http_call_response(new_token, HeaderMap::from_pairs([(":status", "200")]), b"fresh".to_vec(), HeaderMap::new());
@@ -729,13 +742,13 @@ per_runtime! {
         let mut chain = h.chain(rt, cfg("conf").fail_policy(FailPolicy::Reload { backoff }));
         let trap = |chain: &mut FilterChain| {
             let mut s = chain.http_stream(props());
-            assert_eq!(s.request_headers(chain, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+            assert_eq!(s.request_headers(chain, req("/", Some("trap")), true), FilterStatus::Fail);
         };
         let wait_reload = |chain: &mut FilterChain| {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             loop {
                 let mut s = chain.http_stream(props());
-                if s.request_headers(chain, &mut req("/", None), true) == FilterStatus::Continue {
+                if s.request_headers(chain, req("/", None), true) == FilterStatus::Continue {
                     return;
                 }
                 assert!(std::time::Instant::now() < deadline, "no reload");
@@ -758,7 +771,7 @@ per_runtime! {
         let mut consumer = h.chain(rt, cfg("consumer"));
         let mut producer = h.chain(rt, cfg("producer").configuration("producer"));
         let mut s = producer.http_stream(props());
-        assert_eq!(s.request_headers(&mut producer, &mut req("/posted", Some("queue")), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut producer, req("/posted", Some("queue")), true), FilterStatus::Continue);
         s.finish(&mut producer);
         assert!(!h.logs.contains("queue ready"), "{rt}: not delivered to the producer");
         let key = consumer.plugins[0].vm_key().unwrap();
@@ -767,9 +780,9 @@ per_runtime! {
         assert!(h.logs.contains("queue ready: /posted"), "{rt}: the idle consumer got it: {:?}", h.logs.lines());
         // A dead consumer's notifications are dropped.
         let mut c = consumer.http_stream(props());
-        assert_eq!(c.request_headers(&mut consumer, &mut req("/", Some("trap")), true), FilterStatus::Fail);
+        assert_eq!(c.request_headers(&mut consumer, req("/", Some("trap")), true), FilterStatus::Fail);
         let mut s = producer.http_stream(props());
-        s.request_headers(&mut producer, &mut req("/late", Some("queue")), true);
+        s.request_headers(&mut producer, req("/late", Some("queue")), true);
         assert!(!h.env.shared.has_ready(key), "{rt}");
         s.finish(&mut producer);
     };
@@ -778,7 +791,8 @@ per_runtime! {
         let mut chain = h.chain(rt, cfg("conf"));
         let mut s = chain.http_stream(props());
         let mut headers = req("/orig", Some("pseudo"));
-        assert_eq!(s.request_headers(&mut chain, &mut headers, true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Continue);
+        headers = s.request_header_map().clone();
         let names: Vec<String> = headers.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect();
         assert_eq!(&names[..4], &[":method", ":path", ":authority", ":custom"], "{rt}: {names:?}");
         assert!(names[4..].iter().all(|n| !n.starts_with(':')), "{rt}: {names:?}");
@@ -791,7 +805,7 @@ per_runtime! {
         let module = WasmModule::new(runtime.as_ref(), &conformance_wasm()).unwrap();
         let mut chain = FilterChain::new(vec![Plugin::new(&module, cfg("conf"), env).unwrap()]);
         let mut s = chain.http_stream(props());
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", Some("log-level")), true), FilterStatus::Continue);
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("log-level")), true), FilterStatus::Continue);
         assert!(logs.contains("log level 3 (status 0)"), "{rt}: the configured level: {:?}", logs.lines());
         assert!(!logs.contains("request headers:"), "{rt}: info lines are below the level");
         let h = Harness::new();
@@ -809,7 +823,7 @@ per_runtime! {
         let slot = |chain: &mut FilterChain, i: i32| chain.plugins[0].call_export("slot", &FuncType::new(&[ValType::I32], &[ValType::I32]), &[runtime::Val::I32(i)]).unwrap();
         let mut s = chain.http_stream(props());
         // Headers return 2 (ContinueAndEndStream): continue.
-        assert_eq!(s.request_headers(&mut chain, &mut req("/", None), false), FilterStatus::Continue, "{rt}");
+        assert_eq!(s.request_headers(&mut chain, req("/", None), false), FilterStatus::Continue, "{rt}");
         assert_eq!(slot(&mut chain, 0), Some(runtime::Val::I32(2)), "{rt}: trailing bytes after the pairs are BAD_ARGUMENT");
         assert_eq!(slot(&mut chain, 1), Some(runtime::Val::I32(0)), "{rt}: tick period from a stream is accepted");
         assert_eq!(chain.plugins[0].tick_period(), Duration::from_millis(250), "{rt}: and applies to its root");

@@ -340,6 +340,43 @@ fn wrap_all_i32(
     }
 }
 
+/// Links the ABI's host functions that take an i64 (metrics, WASI clocks
+/// and file offsets) through `Linker::func_wrap` too, so they get no `Val`
+/// vectors either. `Ok(false)` for a shape it does not cover.
+fn wrap_with_i64(
+    linker: &mut wasmtime::Linker<Data>,
+    module: &str,
+    name: &str,
+    id: u32,
+    params: &[ValType],
+) -> wasmtime::Result<bool> {
+    use ValType::{I32, I64};
+    macro_rules! wrap {
+        ($($a:ident : $t:ident => $v:ident),*) => {{
+            linker.func_wrap(module, name, move |mut caller: wasmtime::Caller<'_, Data>, $($a: $t),*| -> wasmtime::Result<i32> {
+                match dispatch(&mut caller, id, &[$(Val::$v($a)),*]) {
+                    Ok(v) => Ok(v.and_then(|v| v.i32()).unwrap_or(0)),
+                    Err(t) => Err(wasmtime::Error::new(t)),
+                }
+            })?;
+            Ok(true)
+        }};
+    }
+    match params {
+        [I32, I64] => wrap!(a: i32 => I32, b: i64 => I64),
+        [I32, I64, I32] => wrap!(a: i32 => I32, b: i64 => I64, c: i32 => I32),
+        [I32, I64, I32, I32] => wrap!(a: i32 => I32, b: i64 => I64, c: i32 => I32, d: i32 => I32),
+        [I32, I32, I32, I64, I32] => {
+            wrap!(a: i32 => I32, b: i32 => I32, c: i32 => I32, d: i64 => I64, e: i32 => I32)
+        }
+        [I32, I32, I32, I32, I32, I64, I64, I32, I32] => wrap!(
+            a: i32 => I32, b: i32 => I32, c: i32 => I32, d: i32 => I32, e: i32 => I32,
+            f: i64 => I64, g: i64 => I64, h: i32 => I32, i: i32 => I32
+        ),
+        _ => Ok(false),
+    }
+}
+
 impl Compiled {
     fn instance_pre(&self, host: &[HostFunc]) -> Result<wasmtime::InstancePre<Data>, EngineError> {
         let matched = resolve_imports(NAME, &self.imports, host)?;
@@ -359,6 +396,12 @@ impl Compiled {
                 h.ty.params.iter().all(|t| *t == ValType::I32) && h.ty.results == [ValType::I32];
             if all_i32
                 && wrap_all_i32(&mut linker, h.module, h.name, h.id, h.ty.params.len())
+                    .map_err(|e| EngineError::new(NAME, format!("{e:#}")))?
+            {
+                continue;
+            }
+            if h.ty.results == [ValType::I32]
+                && wrap_with_i64(&mut linker, h.module, h.name, h.id, &h.ty.params)
                     .map_err(|e| EngineError::new(NAME, format!("{e:#}")))?
             {
                 continue;
