@@ -146,8 +146,14 @@ fn cluster_json(c: &ClusterInfo) -> serde_json::Map<String, Value> {
         "endpoint_details": c.endpoints.iter().map(|e| json!({
             "address": e.address, "weight": e.weight, "locality": e.locality,
             "priority": e.priority, "healthy": e.healthy, "istio_mtls": e.istio_mtls,
+            "health": format!("{:?}", e.health), "locality_weight": e.locality_weight,
         })).collect::<Vec<_>>(),
         "lb_policy": c.lb_policy,
+        "tls_mode": c.upstream_tls.as_ref().map(|t| format!("{:?}", t.mode)),
+        "trusted_ca": c.upstream_tls.as_ref().map(|t| format!("{:?}", t.trusted_ca)),
+        "upstream_protocol": format!("{:?}", c.upstream_protocol),
+        "connect_timeout_ms": c.connect_timeout.as_millis() as u64,
+        "locality_weighted_lb": c.locality_weighted_lb,
     });
     match v {
         Value::Object(m) => m,

@@ -5,11 +5,14 @@
 //!   by port — computed once per update and read without locks;
 //! - [`client`]: the ADS client (State-of-the-World and Delta), with ACK/NACK,
 //!   reconnects and the view swapped atomically on each update;
+//! - [`cluster`]: clusters typed — endpoints, upstream TLS modes, protocol,
+//!   timeouts, outlier detection with Envoy's defaults;
 //! - [`route`]: typed HTTP route tables (matchers, actions, retries, faults),
 //!   converted once per update;
 //! - [`types`]: type URLs and resource encoding shared with the server.
 
 pub mod client;
+pub mod cluster;
 pub mod dump;
 pub mod node;
 pub mod route;

@@ -853,7 +853,7 @@ fn substitution(s: &str) -> String {
     out
 }
 
-fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
+pub(crate) fn string_match(m: &StringMatcher) -> Result<StringMatch, String> {
     let ignore_case = m.ignore_case;
     Ok(match &m.match_pattern {
         Some(MatchPattern::Exact(v)) => StringMatch::Exact {

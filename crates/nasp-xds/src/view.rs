@@ -17,29 +17,29 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
-use envoy_types::pb::envoy::config::core::v3::{Address, TransportSocket, transport_socket};
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use envoy_types::pb::envoy::config::core::v3::{Address, transport_socket};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpCluster;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
+use crate::cluster::cluster_info;
+pub use crate::cluster::{
+    ClientCertificate, ClusterInfo, Endpoint, HealthStatus, OutlierSettings, SanMatcher, SanType,
+    SocketMatch, TlsMode, TrustedCa, UpstreamProtocol, UpstreamTls,
+};
 use crate::dump::ResourceSet;
 use crate::route::{
     Forward, Redirect, RequestHeaders, Route, RouteAction, RouteConfig, VirtualHost,
 };
 
-const TLS_CONTEXT_UPSTREAM: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 const TLS_CONTEXT_DOWNSTREAM: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -58,64 +58,6 @@ pub fn eds_service_name(c: &Cluster) -> String {
         .map(|e| e.service_name.clone())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| c.name.clone())
-}
-
-/// One endpoint of a cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    /// `ip:port` (or `host:port` for DNS clusters).
-    pub address: String,
-    /// Load-balancing weight (1 when unset).
-    pub weight: u32,
-    /// `region/zone/subzone`.
-    pub locality: String,
-    /// Priority (0 is the highest).
-    pub priority: u32,
-    /// Whether the endpoint counts as healthy (unknown, healthy or degraded).
-    pub healthy: bool,
-    /// Whether the endpoint speaks Istio mTLS (`tlsMode: istio` metadata).
-    pub istio_mtls: bool,
-}
-
-/// What is known about a cluster.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ClusterInfo {
-    /// The cluster name (`outbound|80||echo.demo.svc.cluster.local`).
-    pub name: String,
-    /// SNI to send.
-    pub sni: Option<String>,
-    /// Whether connections use (Istio) mTLS.
-    pub tls: bool,
-    /// Whether plaintext is used for endpoints without `tlsMode: istio`.
-    pub permissive: bool,
-    /// The SANs the server must present.
-    pub expected_sans: Vec<String>,
-    /// ALPN offered on TLS.
-    pub alpn: Vec<String>,
-    /// Endpoints.
-    pub endpoints: Vec<Endpoint>,
-    /// Load-balancing policy (`ROUND_ROBIN`, `LEAST_REQUEST`, …).
-    pub lb_policy: String,
-    /// Circuit-breaker thresholds of the default priority:
-    /// (max connections, max pending, max requests, max retries).
-    pub circuit_breakers: Option<(u32, u32, u32, u32)>,
-    /// Outlier detection, when configured.
-    pub outlier_detection: Option<OutlierSettings>,
-}
-
-/// Outlier detection of a cluster (Envoy's defaults where unset).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutlierSettings {
-    /// Consecutive 5xx before ejection (default 5).
-    pub consecutive_5xx: u32,
-    /// Consecutive gateway failures before ejection (default 5).
-    pub consecutive_gateway_failure: u32,
-    /// Analysis interval in milliseconds (default 10 000).
-    pub interval_ms: u64,
-    /// Base ejection time in milliseconds (default 30 000).
-    pub base_ejection_ms: u64,
-    /// Most hosts ejected at once, in percent (default 10).
-    pub max_ejection_percent: u32,
 }
 
 /// The answer to an outbound lookup.
@@ -308,13 +250,13 @@ impl ListenerChains {
     }
 }
 
-fn any_is<M: Message + Default>(any: &Any, url: &str) -> Option<M> {
+pub(crate) fn any_is<M: Message + Default>(any: &Any, url: &str) -> Option<M> {
     (any.type_url == url)
         .then(|| M::decode(any.value.as_slice()).ok())
         .flatten()
 }
 
-fn socket(addr: &Option<Address>) -> Option<(String, u32)> {
+pub(crate) fn socket(addr: &Option<Address>) -> Option<(String, u32)> {
     match addr.as_ref()?.address.as_ref()? {
         AddressKind::SocketAddress(s) => match s.port_specifier {
             Some(PortSpecifier::PortValue(p)) => Some((s.address.clone(), p)),
@@ -327,159 +269,6 @@ fn socket(addr: &Option<Address>) -> Option<(String, u32)> {
 /// `<address>_<port>` of a listener bound to a socket address.
 pub fn listener_address_name(l: &Listener) -> Option<String> {
     socket(&l.address).map(|(ip, port)| format!("{ip}_{port}"))
-}
-
-fn upstream_tls(ts: &Option<TransportSocket>) -> Option<UpstreamTlsContext> {
-    match ts.as_ref()?.config_type.as_ref()? {
-        transport_socket::ConfigType::TypedConfig(any) => any_is(any, TLS_CONTEXT_UPSTREAM),
-    }
-}
-
-fn sans_of(ctx: &UpstreamTlsContext) -> Vec<String> {
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
-    let Some(common) = ctx.common_tls_context.as_ref() else {
-        return Vec::new();
-    };
-    let validation = match common.validation_context_type.as_ref() {
-        Some(ValidationContextType::CombinedValidationContext(c)) => {
-            c.default_validation_context.clone()
-        }
-        Some(ValidationContextType::ValidationContext(v)) => Some(v.clone()),
-        _ => None,
-    };
-    let Some(v) = validation else {
-        return Vec::new();
-    };
-    #[allow(deprecated)]
-    let plain = v.match_subject_alt_names.iter();
-    let typed = v
-        .match_typed_subject_alt_names
-        .iter()
-        .filter_map(|t| t.matcher.as_ref());
-    plain
-        .chain(typed)
-        .filter_map(|m| match m.match_pattern.as_ref() {
-            Some(MatchPattern::Exact(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> ClusterInfo {
-    let mut tls_ctx = upstream_tls(&c.transport_socket);
-    let mut permissive = false;
-    if tls_ctx.is_none() && !c.transport_socket_matches.is_empty() {
-        // Istio's auto-mTLS: a TLS socket for endpoints labelled
-        // tlsMode=istio, plaintext for the rest.
-        tls_ctx = c
-            .transport_socket_matches
-            .iter()
-            .find_map(|m| upstream_tls(&m.transport_socket));
-        permissive = tls_ctx.is_some()
-            && c.transport_socket_matches
-                .iter()
-                .any(|m| upstream_tls(&m.transport_socket).is_none());
-    }
-    let cla = cla.or(c.load_assignment.as_ref());
-    let mut endpoints = Vec::new();
-    for group in cla.map(|a| a.endpoints.as_slice()).unwrap_or_default() {
-        let locality = group
-            .locality
-            .as_ref()
-            .map(|l| format!("{}/{}/{}", l.region, l.zone, l.sub_zone))
-            .unwrap_or_default();
-        for lb in &group.lb_endpoints {
-            let Some(HostIdentifier::Endpoint(ep)) = lb.host_identifier.as_ref() else {
-                continue;
-            };
-            let Some((ip, port)) = socket(&ep.address) else {
-                continue;
-            };
-            let address = if ip.contains(':') {
-                format!("[{ip}]:{port}")
-            } else {
-                format!("{ip}:{port}")
-            };
-            let istio_mtls = lb
-                .metadata
-                .as_ref()
-                .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
-                .and_then(|s| s.fields.get("tlsMode"))
-                .and_then(|v| match v.kind.as_ref() {
-                    Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
-                        Some(s == "istio")
-                    }
-                    _ => None,
-                })
-                .unwrap_or(false);
-            // UNKNOWN (0), HEALTHY (1) and DEGRADED (5) take traffic.
-            let healthy = matches!(lb.health_status, 0 | 1 | 5);
-            endpoints.push(Endpoint {
-                address,
-                weight: lb
-                    .load_balancing_weight
-                    .as_ref()
-                    .map(|w| w.value)
-                    .unwrap_or(1),
-                locality: locality.clone(),
-                priority: group.priority,
-                healthy,
-                istio_mtls,
-            });
-        }
-    }
-    let circuit_breakers = c
-        .circuit_breakers
-        .as_ref()
-        .and_then(|cb| cb.thresholds.first())
-        .map(|t| {
-            let v = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d| {
-                w.as_ref().map(|w| w.value).unwrap_or(d)
-            };
-            (
-                v(&t.max_connections, 1024),
-                v(&t.max_pending_requests, 1024),
-                v(&t.max_requests, 1024),
-                v(&t.max_retries, 3),
-            )
-        });
-    ClusterInfo {
-        name: c.name.clone(),
-        sni: tls_ctx
-            .as_ref()
-            .map(|t| t.sni.clone())
-            .filter(|s| !s.is_empty()),
-        tls: tls_ctx.is_some(),
-        permissive,
-        expected_sans: tls_ctx.as_ref().map(sans_of).unwrap_or_default(),
-        alpn: tls_ctx
-            .as_ref()
-            .and_then(|t| t.common_tls_context.as_ref())
-            .map(|c| c.alpn_protocols.clone())
-            .unwrap_or_default(),
-        endpoints,
-        lb_policy: LbPolicy::try_from(c.lb_policy)
-            .map(|p| p.as_str_name().to_string())
-            .unwrap_or_default(),
-        circuit_breakers,
-        outlier_detection: c.outlier_detection.as_ref().map(|o| {
-            let u = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
-                w.as_ref().map(|w| w.value).unwrap_or(d)
-            };
-            let ms = |d: &Option<envoy_types::pb::google::protobuf::Duration>, default: u64| {
-                d.as_ref()
-                    .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000)
-                    .unwrap_or(default)
-            };
-            OutlierSettings {
-                consecutive_5xx: u(&o.consecutive_5xx, 5),
-                consecutive_gateway_failure: u(&o.consecutive_gateway_failure, 5),
-                interval_ms: ms(&o.interval, 10_000),
-                base_ejection_ms: ms(&o.base_ejection_time, 30_000),
-                max_ejection_percent: u(&o.max_ejection_percent, 10),
-            }
-        }),
-    }
 }
 
 /// Istio's clusters for traffic that is not to a mesh service.

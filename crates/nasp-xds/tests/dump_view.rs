@@ -222,3 +222,46 @@ fn a_written_dump_reads_back_the_same() {
     assert_eq!(again.routes, set.routes);
     assert_eq!(again.listeners.len(), set.listeners.len());
 }
+
+#[test]
+fn echo_cluster_is_complete_on_the_dump() {
+    use nasp_xds::view::{ClientCertificate, HealthStatus, TlsMode, TrustedCa, UpstreamProtocol};
+    let v0 = view("config_v0.json");
+    let c = v0
+        .cluster("outbound|80||echo.demo.svc.cluster.local")
+        .expect("echo");
+    assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    assert!(c.locality_weighted_lb, "locality_weighted_lb_config");
+    assert_eq!(c.overprovisioning_factor, 140);
+    let e = &c.endpoints[0];
+    assert_eq!(e.locality_weight, Some(2));
+    assert_eq!(e.weight, 2);
+    assert_eq!(e.health, HealthStatus::Healthy);
+    assert_eq!(e.tls_mode.as_deref(), Some("istio"));
+    // Auto-mTLS: Istio mTLS toward tlsMode=istio endpoints, plaintext else.
+    let names: Vec<&str> = c.socket_matches.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["tlsMode-istio", "tlsMode-disabled"]);
+    let tls = c.tls_for(e).expect("mTLS to an Istio endpoint");
+    assert_eq!(tls.mode, TlsMode::IstioMutual);
+    assert_eq!(tls.trusted_ca, TrustedCa::Sds("ROOTCA".into()));
+    assert_eq!(
+        tls.client_certificate,
+        ClientCertificate::Sds("default".into())
+    );
+    let mut plain = e.clone();
+    plain.tls_mode = None;
+    assert!(
+        c.tls_for(&plain).is_none(),
+        "plaintext to a non-Istio endpoint"
+    );
+    // gRPC port: explicit HTTP/2 upstream; an HTTP port: the downstream's.
+    let grpc = v0
+        .cluster("outbound|15010||istiod-cp-v113x.istio-system.svc.cluster.local")
+        .expect("istiod grpc");
+    assert_eq!(grpc.upstream_protocol, UpstreamProtocol::Http2);
+    let http = v0
+        .cluster("outbound|8080||heimdall.heimdall.svc.cluster.local")
+        .expect("heimdall");
+    assert_eq!(http.upstream_protocol, UpstreamProtocol::UseDownstream);
+    assert_eq!(c.upstream_protocol, UpstreamProtocol::Http1);
+}
