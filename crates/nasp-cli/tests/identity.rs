@@ -197,7 +197,10 @@ fn without_tokens_the_ca_refuses_every_request() {
         &addr,
         dir.path(),
         "a",
-        &["--spiffe", "spiffe://cluster.local/ns/istio-system/sa/istiod"],
+        &[
+            "--spiffe",
+            "spiffe://cluster.local/ns/istio-system/sa/istiod",
+        ],
     );
     assert!(!o.status.success());
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -228,7 +231,10 @@ fn bad_settings_stop_the_control_plane_with_one_sentence() {
     // TTLs that are zero or overflow.
     for ttl in ["0s", "99999999999999999d"] {
         let e = controlplane_refuses(&["--listen", "127.0.0.1:0", "--max-ttl", ttl]);
-        assert!(e.contains("out of range") || e.contains("too long"), "{ttl}: {e}");
+        assert!(
+            e.contains("out of range") || e.contains("too long"),
+            "{ttl}: {e}"
+        );
     }
     // A CA key that is not the CA certificate's.
     let a = dir.path().join("a");
@@ -236,9 +242,21 @@ fn bad_settings_stop_the_control_plane_with_one_sentence() {
     for d in [&a, &b] {
         let o = Command::new("openssl")
             .args([
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-subj", "/CN=test root", "-days", "1", "-addext",
-                "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=test root",
+                "-days",
+                "1",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
                 "-keyout",
             ])
             .arg(d.with_extension("key"))
@@ -260,7 +278,10 @@ fn bad_settings_stop_the_control_plane_with_one_sentence() {
     let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("nasp: ")).collect();
     assert_eq!(lines.len(), 1, "one error line: {e}");
     assert!(lines[0].contains("does not belong"), "{e}");
-    assert!(!e.contains("acktrace"), "no backtrace for a user error: {e}");
+    assert!(
+        !e.contains("acktrace"),
+        "no backtrace for a user error: {e}"
+    );
 }
 
 #[test]
@@ -286,6 +307,9 @@ fn a_closed_stdout_is_no_crash() {
     let _ = child.kill();
     let out = child.wait_with_output().expect("output");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(status.is_none(), "still serving, exited with {status:?}: {stderr}");
+    assert!(
+        status.is_none(),
+        "still serving, exited with {status:?}: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -330,7 +330,10 @@ fn root_and_intermediate() -> ((String, String), (String, String)) {
 }
 
 fn refused(r: Result<CertificateAuthority, nasp_controlplane::ca::CaError>) -> String {
-    r.map(|_| ()).unwrap_err().to_string()
+    match r {
+        Ok(_) => panic!("the CA was accepted"),
+        Err(e) => e.to_string(),
+    }
 }
 
 #[test]
@@ -338,8 +341,13 @@ fn a_given_ca_is_checked_at_start() {
     let ((root, root_key), (inter, inter_key)) = root_and_intermediate();
     // The right pair, and an intermediate with its chain: accepted.
     CertificateAuthority::from_pem(&root, &root_key, &[], "cluster.local").expect("root");
-    CertificateAuthority::from_pem(&inter, &inter_key, &[root.clone()], "cluster.local")
-        .expect("intermediate with its chain");
+    CertificateAuthority::from_pem(
+        &inter,
+        &inter_key,
+        std::slice::from_ref(&root),
+        "cluster.local",
+    )
+    .expect("intermediate with its chain");
     // A key that is not the certificate's.
     let m = refused(CertificateAuthority::from_pem(
         &root,

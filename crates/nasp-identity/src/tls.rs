@@ -304,10 +304,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 self.trust.primary, self.trust.aliases
             )));
         }
-        if let Some(allow) = &self.allow {
-            if !allow.contains(&id) {
-                return Err(identity_error(format!("client {id} is not allowed")));
-            }
+        if let Some(allow) = &self.allow
+            && !allow.contains(&id)
+        {
+            return Err(identity_error(format!("client {id} is not allowed")));
         }
         Ok(ClientCertVerified::assertion())
     }
