@@ -1021,8 +1021,33 @@ impl Args {
 static NEXT_CHAIN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Contexts of streams dropped without `finish()`, waiting for their chain
-/// to end them.
-type Dropped = Arc<Mutex<Vec<Vec<Option<StreamCtx>>>>>;
+/// to end them. The flag spares every stream operation the lock when
+/// nothing was dropped (the common case).
+#[derive(Debug, Default)]
+struct DroppedList {
+    any: std::sync::atomic::AtomicBool,
+    list: Mutex<Vec<Vec<Option<StreamCtx>>>>,
+}
+
+type Dropped = Arc<DroppedList>;
+
+impl DroppedList {
+    fn push(&self, contexts: Vec<Option<StreamCtx>>) {
+        let mut list = lock(&self.list);
+        list.push(contexts);
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<Vec<Option<StreamCtx>>> {
+        if !self.any.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut list = lock(&self.list);
+        // Under the lock, so a concurrent push sets it again after.
+        self.any.store(false, Ordering::Release);
+        std::mem::take(&mut *list)
+    }
+}
 
 /// Plugins applied in order to every stream of one direction.
 ///
@@ -1079,7 +1104,7 @@ impl FilterChain {
 
     /// Ends the streams dropped without `finish()`. Returns how many.
     pub fn reap_dropped(&mut self) -> usize {
-        let dropped = std::mem::take(&mut *lock(&self.dropped));
+        let dropped = self.dropped.take();
         for contexts in &dropped {
             for (p, ctx) in self.plugins.iter_mut().zip(contexts) {
                 p.finish_stream(*ctx);
@@ -1332,7 +1357,7 @@ pub struct HttpStream {
 impl Drop for HttpStream {
     fn drop(&mut self) {
         if !self.finished {
-            lock(&self.dropped).push(std::mem::take(&mut self.contexts));
+            self.dropped.push(std::mem::take(&mut self.contexts));
         }
     }
 }
@@ -1798,7 +1823,7 @@ pub struct TcpStream {
 impl Drop for TcpStream {
     fn drop(&mut self) {
         if !self.finished {
-            lock(&self.dropped).push(std::mem::take(&mut self.contexts));
+            self.dropped.push(std::mem::take(&mut self.contexts));
         }
     }
 }
