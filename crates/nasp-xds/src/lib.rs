@@ -25,8 +25,8 @@ pub use envoy_types;
 pub use node::WorkloadSettings;
 pub use route::{RequestHeaders, RouteConfig, VirtualHost};
 pub use view::{
-    ClusterInfo, Endpoint, HttpDestination, Inbound, MeshView, Outbound, OutlierSettings,
-    RouteDecision, ViewSettings,
+    ClusterInfo, Endpoint, HttpDestination, Inbound, InboundChain, InboundTransport, MeshView,
+    Outbound, OutlierSettings, RouteDecision, ViewSettings,
 };
 
 /// Errors of the xDS layer.

@@ -140,6 +140,93 @@ pub struct Inbound {
     pub permissive: bool,
     /// Whether TLS clients must present a certificate.
     pub client_certificate_required: bool,
+    /// The port's filter chains in order: a PERMISSIVE TCP port has three
+    /// (Istio mTLS, the application's own TLS passed through, plaintext).
+    pub chains: Vec<InboundChain>,
+    /// Whether no chain names the port and the listener's catch-all chains
+    /// (`prefix_ranges 0.0.0.0/0`) answer for it.
+    pub catch_all: bool,
+}
+
+/// One inbound filter chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboundChain {
+    /// The chain's name (`0.0.0.0_8080`, `virtualInbound-catchall-http`).
+    pub name: String,
+    /// How the connection arrives.
+    pub transport: InboundTransport,
+    /// The ALPN values the chain matches (empty: any).
+    pub application_protocols: Vec<String>,
+    /// Whether the chain serves HTTP (else TCP).
+    pub http: bool,
+}
+
+/// How an inbound chain takes the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InboundTransport {
+    /// Terminates (Istio) mTLS.
+    Mtls {
+        /// Whether a client certificate is required.
+        require_client_certificate: bool,
+        /// ALPN the server side offers.
+        alpn: Vec<String>,
+    },
+    /// TLS the application terminates itself: passed through untouched.
+    TlsPassthrough,
+    /// Plaintext.
+    Plaintext,
+}
+
+impl Inbound {
+    fn from_chains(port: u16, chains: Vec<InboundChain>, catch_all: bool) -> Self {
+        let tls = chains
+            .iter()
+            .any(|c| matches!(c.transport, InboundTransport::Mtls { .. }));
+        let plain = chains
+            .iter()
+            .any(|c| c.transport == InboundTransport::Plaintext);
+        Inbound {
+            port,
+            tls,
+            // A port that only takes plaintext is not "permissive": it is plain.
+            permissive: tls && plain,
+            client_certificate_required: chains.iter().any(|c| {
+                matches!(
+                    c.transport,
+                    InboundTransport::Mtls {
+                        require_client_certificate: true,
+                        ..
+                    }
+                )
+            }),
+            chains,
+            catch_all,
+        }
+    }
+
+    /// The chain a connection lands on, as Envoy picks it: by transport
+    /// (TLS or plaintext), then a chain whose ALPN list meets the client's,
+    /// else one that matches any ALPN.
+    pub fn chain(&self, tls: bool, client_alpn: &[&str]) -> Option<&InboundChain> {
+        let transport_ok = |c: &&InboundChain| match c.transport {
+            InboundTransport::Plaintext => !tls,
+            _ => tls,
+        };
+        self.chains
+            .iter()
+            .filter(transport_ok)
+            .find(|c| {
+                c.application_protocols
+                    .iter()
+                    .any(|p| client_alpn.contains(&p.as_str()))
+            })
+            .or_else(|| {
+                self.chains
+                    .iter()
+                    .filter(transport_ok)
+                    .find(|c| c.application_protocols.is_empty())
+            })
+    }
 }
 
 /// Settings that shape lookups.
@@ -163,6 +250,8 @@ pub struct MeshView {
     /// Tables named after a port (Istio's HTTP outbound tables).
     port_tables: HashMap<u16, Arc<RouteConfig>>,
     inbound: HashMap<u16, Inbound>,
+    /// `virtualInbound`'s catch-all chains, for ports no chain names.
+    inbound_catch_all: Option<Inbound>,
     names: HashMap<String, Vec<IpAddr>>,
     settings: ViewSettings,
 }
@@ -433,17 +522,10 @@ impl MeshView {
     }
 
     fn add_inbound(&mut self, l: &Listener) {
+        let mut by_port: HashMap<u16, Vec<InboundChain>> = HashMap::new();
+        let mut catch_all: Vec<InboundChain> = Vec::new();
         for fc in &l.filter_chains {
-            let Some(m) = fc.filter_chain_match.as_ref() else {
-                continue;
-            };
-            let Some(port) = m
-                .destination_port
-                .as_ref()
-                .and_then(|p| u16::try_from(p.value).ok())
-            else {
-                continue;
-            };
+            let m = fc.filter_chain_match.clone().unwrap_or_default();
             let tls_ctx: Option<DownstreamTlsContext> = match fc
                 .transport_socket
                 .as_ref()
@@ -454,31 +536,49 @@ impl MeshView {
                 }
                 None => None,
             };
-            let entry = self.inbound.entry(port).or_insert(Inbound {
-                port,
-                tls: false,
-                permissive: false,
-                client_certificate_required: false,
-            });
-            match tls_ctx {
-                Some(ctx) => {
-                    entry.tls = true;
-                    entry.client_certificate_required |= ctx
+            let mut inline = Vec::new();
+            let target = chain_target(fc, &mut inline, &l.name);
+            // 15006 itself: Istio's blackhole, so that nothing loops.
+            if matches!(&target, Some(ListenerTarget::Tcp(c)) if c == "BlackHoleCluster") {
+                continue;
+            }
+            let transport = match tls_ctx {
+                Some(ctx) => InboundTransport::Mtls {
+                    require_client_certificate: ctx
                         .require_client_certificate
                         .as_ref()
-                        .is_some_and(|b| b.value);
-                }
-                None if m.transport_protocol == "raw_buffer" || m.transport_protocol.is_empty() => {
-                    entry.permissive = true;
-                }
+                        .is_some_and(|b| b.value),
+                    alpn: ctx
+                        .common_tls_context
+                        .map(|c| c.alpn_protocols)
+                        .unwrap_or_default(),
+                },
+                None if m.transport_protocol == "tls" => InboundTransport::TlsPassthrough,
+                None => InboundTransport::Plaintext,
+            };
+            let chain = InboundChain {
+                name: fc.name.clone(),
+                transport,
+                application_protocols: m.application_protocols.clone(),
+                http: matches!(target, Some(ListenerTarget::Http(_))),
+            };
+            match m
+                .destination_port
+                .as_ref()
+                .and_then(|p| u16::try_from(p.value).ok())
+            {
+                Some(port) => by_port.entry(port).or_default().push(chain),
+                // The IPv4 and IPv6 catch-alls are the same chains twice.
+                None if !catch_all.contains(&chain) => catch_all.push(chain),
                 None => {}
             }
         }
-        // A port that only takes plaintext is not "permissive": it is plain.
-        for i in self.inbound.values_mut() {
-            if !i.tls {
-                i.permissive = false;
-            }
+        for (port, chains) in by_port {
+            self.inbound
+                .insert(port, Inbound::from_chains(port, chains, false));
+        }
+        if !catch_all.is_empty() {
+            self.inbound_catch_all = Some(Inbound::from_chains(0, catch_all, true));
         }
     }
 
@@ -501,9 +601,18 @@ impl MeshView {
         )
     }
 
-    /// Inbound settings of a port.
+    /// Inbound settings of a port: its own chains, else the listener's
+    /// catch-all chains. Never 15006 (the capture port's blackhole).
     pub fn inbound(&self, port: u16) -> Option<Inbound> {
-        self.inbound.get(&port).cloned()
+        if let Some(i) = self.inbound.get(&port) {
+            return Some(i.clone());
+        }
+        if port == 15006 {
+            return None;
+        }
+        self.inbound_catch_all
+            .as_ref()
+            .map(|i| Inbound { port, ..i.clone() })
     }
 
     fn via_table(&self, table: &Arc<RouteConfig>, host: &str, port: u16) -> Option<Outbound> {

@@ -265,3 +265,44 @@ fn echo_cluster_is_complete_on_the_dump() {
     assert_eq!(http.upstream_protocol, UpstreamProtocol::UseDownstream);
     assert_eq!(c.upstream_protocol, UpstreamProtocol::Http1);
 }
+
+#[test]
+fn inbound_chains_as_istio_wrote_them() {
+    use nasp_xds::InboundTransport;
+    let v0 = view("config_v0.json");
+    // A PERMISSIVE TCP port: Istio mTLS, the application's own TLS, plaintext.
+    let tcp = v0.inbound(8083).expect("8083");
+    assert_eq!(tcp.chains.len(), 3);
+    assert!(tcp.tls && tcp.permissive && !tcp.catch_all);
+    let mtls = tcp
+        .chain(true, &["istio-peer-exchange", "istio"])
+        .expect("mTLS");
+    assert!(matches!(
+        &mtls.transport,
+        InboundTransport::Mtls { require_client_certificate: true, alpn } if alpn.contains(&"istio-peer-exchange".to_string())
+    ));
+    assert!(
+        mtls.application_protocols
+            .contains(&"istio-http/1.1".to_string())
+    );
+    assert!(!mtls.http);
+    let own = tcp.chain(true, &["h2"]).expect("the app's TLS");
+    assert_eq!(own.transport, InboundTransport::TlsPassthrough);
+    assert_eq!(
+        tcp.chain(false, &[]).map(|c| &c.transport),
+        Some(&InboundTransport::Plaintext)
+    );
+    // An HTTP port: HTTP chains.
+    let http = v0.inbound(8080).expect("8080");
+    assert!(http.chains.iter().all(|c| c.http));
+    // Any other port: the catch-all chains answer; 15006 is the blackhole.
+    let other = v0.inbound(9999).expect("the catch-all");
+    assert!(other.catch_all && other.tls && other.permissive);
+    assert_eq!(other.port, 9999);
+    assert!(
+        other
+            .chain(true, &["istio-http/1.1"])
+            .is_some_and(|c| c.http)
+    );
+    assert!(v0.inbound(15006).is_none());
+}
