@@ -14,6 +14,26 @@ use nasp::identity::cert::pem_certs;
 use nasp::identity::{CaClient, CaClientConfig, KeyAlgorithm, SpiffeId, WorkloadCert, keys};
 use serde_json::{Value, json};
 
+/// Prints a report on stdout; a reader that went away (a closed pipe, as
+/// `nasp ... | head`) is not an error.
+pub fn print_json(out: &serde_json::Value) -> Result<()> {
+    print_text(&serde_json::to_string_pretty(out)?)
+}
+
+/// Prints a report as one JSON line (what a script waits for).
+pub fn print_json_line(out: &serde_json::Value) -> Result<()> {
+    print_text(&serde_json::to_string(out)?)
+}
+
+fn print_text(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 /// Parses `90s`, `30m`, `24h`, `7d` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let s = s.trim();
@@ -181,7 +201,7 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
             std::fs::write(out, cp.root_pem()).with_context(|| format!("writing {}", out.display()))?;
         }
         // One line a script can wait for.
-        crate::print_json_line(&json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}))?;
+        print_json_line(&json!({"listening": cp.addr().to_string(), "trust_domain": args.trust_domain, "root": args.root_out}))?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate() => {}

@@ -379,7 +379,19 @@ fn inspect(path: &Path) -> Result<Value> {
     }))
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with one line on stderr (the whole cause chain,
+/// no backtrace) and exit code 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nasp: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NASP_LOG")
@@ -397,6 +409,5 @@ fn main() -> Result<()> {
         Command::Xds(XdsCommand::Resolve(args)) => xds::resolve(args)?,
         Command::Xds(XdsCommand::Dump(args)) => xds::dump(args)?,
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    identity::print_json(&out)
 }
