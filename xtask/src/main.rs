@@ -517,10 +517,15 @@ fn fuzz(secs: u64) -> Result<(), String> {
             start.elapsed().as_secs_f64()
         );
         if !out.status.success() {
-            // The libFuzzer report: the panic, the input's path, the command
-            // that reproduces it.
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            for line in tail.into_iter().rev() {
+            // The libFuzzer report: the panic, then the input's path and the
+            // command that reproduces it.
+            let lines: Vec<&str> = log.lines().collect();
+            if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                for line in lines.iter().skip(at).take(8) {
+                    eprintln!("  {line}");
+                }
+            }
+            for line in &lines[lines.len().saturating_sub(25)..] {
                 eprintln!("  {line}");
             }
             crashed.push(target);
