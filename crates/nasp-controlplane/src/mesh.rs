@@ -13,8 +13,14 @@
 //!   `name.ns`, `name.ns.svc`, the FQDN and the VIP, each also with
 //!   `:<port>`) and routes `/` with Istio's default retries;
 //! - the workload's own ports: filter chains on `virtualInbound`
-//!   (0.0.0.0:15006), TLS requiring a client certificate and, in PERMISSIVE
-//!   mode, plaintext too;
+//!   (0.0.0.0:15006): Istio mTLS (matched by its ALPN, requiring a client
+//!   certificate) and, in PERMISSIVE mode, the application's own TLS passed
+//!   through and plaintext too;
+//! - what a real Envoy demands of them: upstream contexts with SAN matchers
+//!   carry the roots (SDS `ROOTCA`) and the workload certificate (SDS
+//!   `default`), downstream contexts a certificate and the roots, listeners
+//!   that match on transport or ALPN the TLS and HTTP inspectors, every
+//!   route Istio's retry host predicate;
 //! - an NDS name table: each FQDN → its VIP.
 //!
 //! The resources are written as Envoy JSON and read back through the same
@@ -166,6 +172,15 @@ const TLS_UP: &str =
 const TLS_DOWN: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
 
+/// An SDS secret from the ADS stream, named as Istio's agent names them
+/// (`default`: the workload certificate, `ROOTCA`: the mesh roots).
+fn sds(name: &str) -> Value {
+    json!({"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}})
+}
+
+/// Istio mTLS toward a sidecar. Envoy rejects SAN matchers without a trusted
+/// CA, so the roots come with them (SDS `ROOTCA`), and the client presents
+/// the workload certificate (SDS `default`).
 fn upstream_tls(sni: &str, san: &str) -> Value {
     json!({
         "name": "envoy.transport_sockets.tls",
@@ -173,13 +188,42 @@ fn upstream_tls(sni: &str, san: &str) -> Value {
             "@type": TLS_UP,
             "common_tls_context": {
                 "alpn_protocols": ["istio-peer-exchange", "istio"],
+                "tls_certificate_sds_secret_configs": [sds("default")],
                 "combined_validation_context": {
-                    "default_validation_context": {"match_subject_alt_names": [{"exact": san}]}
+                    "default_validation_context": {"match_subject_alt_names": [{"exact": san}]},
+                    "validation_context_sds_secret_config": sds("ROOTCA")
                 }
             },
             "sni": sni
         }
     })
+}
+
+/// Istio mTLS accepted on an inbound chain: a certificate to present
+/// (Envoy rejects a downstream context without one) and the roots that
+/// client certificates are verified against.
+fn downstream_tls() -> Value {
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": TLS_DOWN,
+        "common_tls_context": {
+            "alpn_protocols": ["istio-peer-exchange", "h2", "http/1.1"],
+            "tls_certificate_sds_secret_configs": [sds("default")],
+            "combined_validation_context": {
+                "default_validation_context": {},
+                "validation_context_sds_secret_config": sds("ROOTCA")
+            }
+        },
+        "require_client_certificate": true
+    }})
+}
+
+/// The listener filters that make `transport_protocol` and
+/// `application_protocols` matchable (Envoy only knows them from these).
+fn inspectors() -> Value {
+    json!([
+        {"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}},
+        {"name": "envoy.filters.listener.http_inspector", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}
+    ])
 }
 
 fn cluster(svc: &MeshService, port: &ServicePort, fqdn: &str, trust_domain: &str) -> Value {
@@ -254,18 +298,29 @@ fn inbound_listener(ports: &[InboundPort]) -> Value {
             "cluster": format!("inbound|{}||", p.port)
         }}]);
         if p.mtls != MtlsMode::Disable {
+            // Istio's mTLS, told apart by its ALPN.
             chains.push(json!({
-                "filter_chain_match": {"destination_port": p.port, "transport_protocol": "tls"},
+                "name": format!("0.0.0.0_{}", p.port),
+                "filter_chain_match": {
+                    "destination_port": p.port,
+                    "transport_protocol": "tls",
+                    "application_protocols": ["istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2"]
+                },
                 "filters": tcp,
-                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
-                    "@type": TLS_DOWN,
-                    "common_tls_context": {"alpn_protocols": ["istio-peer-exchange", "h2", "http/1.1"]},
-                    "require_client_certificate": true
-                }}
+                "transport_socket": downstream_tls()
+            }));
+        }
+        if p.mtls == MtlsMode::Permissive {
+            // The application's own TLS, passed through untouched.
+            chains.push(json!({
+                "name": format!("0.0.0.0_{}", p.port),
+                "filter_chain_match": {"destination_port": p.port, "transport_protocol": "tls"},
+                "filters": tcp
             }));
         }
         if p.mtls != MtlsMode::Strict {
             chains.push(json!({
+                "name": format!("0.0.0.0_{}", p.port),
                 "filter_chain_match": {"destination_port": p.port, "transport_protocol": "raw_buffer"},
                 "filters": tcp
             }));
@@ -275,6 +330,7 @@ fn inbound_listener(ports: &[InboundPort]) -> Value {
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
         "name": "virtualInbound",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+        "listener_filters": inspectors(),
         "filter_chains": chains
     })
 }
@@ -360,6 +416,8 @@ pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
                             "retry_policy": {
                                 "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
                                 "num_retries": 2,
+                                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
+                                "host_selection_retry_max_attempts": "5",
                                 "retriable_status_codes": [503]
                             }
                         }}]
@@ -381,7 +439,8 @@ pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
             "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
             "name": format!("0.0.0.0_{port}"),
             "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "listener_filters": inspectors(),
+            "filter_chains": [{"filter_chain_match": {"transport_protocol": "raw_buffer", "application_protocols": ["http/1.1", "h2c"]}, "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": format!("outbound_0.0.0.0_{port}"),
                 "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": port.to_string()},
