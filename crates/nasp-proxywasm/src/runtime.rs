@@ -84,6 +84,40 @@ impl Val {
     }
 }
 
+/// Most parameters any function of the ABI has (`proxy_grpc_call`: 12).
+pub const MAX_ARGS: usize = 16;
+
+/// The arguments of one call, on the stack: backends gather a host call's
+/// or a guest call's values here instead of allocating a vector per call.
+#[derive(Clone, Copy, Debug)]
+pub struct ArgBuf {
+    vals: [Val; MAX_ARGS],
+    len: usize,
+}
+
+impl ArgBuf {
+    /// Collects up to [`MAX_ARGS`] values; `None` if there are more (no
+    /// signature of the ABI has).
+    #[inline]
+    pub fn collect(it: impl IntoIterator<Item = Val>) -> Option<Self> {
+        let mut b = ArgBuf {
+            vals: [Val::I32(0); MAX_ARGS],
+            len: 0,
+        };
+        for v in it {
+            *b.vals.get_mut(b.len)? = v;
+            b.len += 1;
+        }
+        Some(b)
+    }
+
+    /// The values.
+    #[inline]
+    pub fn as_slice(&self) -> &[Val] {
+        &self.vals[..self.len]
+    }
+}
+
 /// A function signature.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct FuncType {

@@ -33,9 +33,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nasp_proxywasm::runtime::{
-    CompiledModule, EngineError, FuncRef, FuncType, Guest, HandlerSlots, HostFunc, HostHandler,
-    Instance, InterruptHandle, Limits, Trap, Val, ValType, WasmRuntime, function_imports,
-    resolve_imports,
+    ArgBuf, CompiledModule, EngineError, FuncRef, FuncType, Guest, HandlerSlots, HostFunc,
+    HostHandler, Instance, InterruptHandle, Limits, MAX_ARGS, Trap, Val, ValType, WasmRuntime,
+    function_imports, resolve_imports,
 };
 use wasm3x_sys as ffi;
 
@@ -249,8 +249,22 @@ unsafe fn call_raw(
             "arguments {args:?} do not match the signature {ty}"
         )));
     }
-    let slots: Vec<u64> = args.iter().map(|a| slot_from(*a)).collect();
-    let mut ptrs: Vec<*const c_void> = slots.iter().map(|s| std::ptr::from_ref(s).cast()).collect();
+    // Slots and their pointers on the stack: no vectors per call.
+    if args.len() > MAX_ARGS {
+        return Err(Trap::engine(format!(
+            "{} arguments: more than any ABI function takes",
+            args.len()
+        )));
+    }
+    let mut slots = [0u64; MAX_ARGS];
+    for (slot, a) in slots.iter_mut().zip(args) {
+        *slot = slot_from(*a);
+    }
+    let mut ptrs: [*const c_void; MAX_ARGS] = [std::ptr::null(); MAX_ARGS];
+    for (p, s) in ptrs.iter_mut().zip(&slots[..args.len()]) {
+        *p = std::ptr::from_ref(s).cast();
+    }
+    let ptrs = &mut ptrs[..args.len()];
     // SAFETY: `f` is a function of this instance with the checked signature;
     // each pointer addresses an 8-byte slot holding one argument in the
     // layout wasm3 reads (the value in the low-addressed bytes).
@@ -354,13 +368,18 @@ unsafe extern "C" fn host_trampoline(
     let rets = usize::from(entry.result.is_some());
     // Read every argument before anything can call back into the guest: a
     // nested call reuses these slots.
-    let args: Vec<Val> = entry
-        .params
-        .iter()
-        .enumerate()
-        // SAFETY: wasm3 gives the function one slot per result and argument.
-        .map(|(i, t)| val_from(unsafe { *sp.add(rets + i) }, *t))
-        .collect();
+    let args = ArgBuf::collect(
+        entry
+            .params
+            .iter()
+            .enumerate()
+            // SAFETY: wasm3 gives the function one slot per result and argument.
+            .map(|(i, t)| val_from(unsafe { *sp.add(rets + i) }, *t)),
+    );
+    let Some(args) = args else {
+        // SAFETY: as below; no reference to the state is live here.
+        return unsafe { raise(state, Trap::engine("too many arguments")) };
+    };
     // SAFETY: no reference to the state is live here.
     let taken = match unsafe { (*state).handlers.take() } {
         Ok(t) => t,
@@ -369,8 +388,10 @@ unsafe extern "C" fn host_trampoline(
     };
     let mut taken = taken;
     let mut guest = StateGuest { state };
-    let r = catch_unwind(AssertUnwindSafe(|| taken.call(entry.id, &mut guest, &args)))
-        .unwrap_or_else(|_| Err(Trap::host("host function panicked")));
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        taken.call(entry.id, &mut guest, args.as_slice())
+    }))
+    .unwrap_or_else(|_| Err(Trap::host("host function panicked")));
     // SAFETY: the handler call has returned; nothing else borrows the state.
     unsafe { (*state).handlers.restore(taken) };
     match r {

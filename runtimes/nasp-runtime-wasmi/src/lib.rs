@@ -12,9 +12,9 @@
 use std::sync::Arc;
 
 use nasp_proxywasm::runtime::{
-    CompiledModule, EngineError, FuncRef, FuncType, Guest, HandlerSlots, HostFunc, HostHandler,
-    Instance, InterruptHandle, Limits, Trap, TrapKind, Val, ValType, WasmRuntime, function_imports,
-    resolve_imports,
+    ArgBuf, CompiledModule, EngineError, FuncRef, FuncType, Guest, HandlerSlots, HostFunc,
+    HostHandler, Instance, InterruptHandle, Limits, MAX_ARGS, Trap, TrapKind, Val, ValType,
+    WasmRuntime, function_imports, resolve_imports,
 };
 
 const NAME: &str = "wasmi";
@@ -151,15 +151,35 @@ fn call_func(
     f: wasmi::Func,
     args: &[Val],
 ) -> Result<Option<Val>, Trap> {
-    let params: Vec<wasmi::Val> = args.iter().map(to_wi).collect();
+    // Arguments and the (at most one) result on the stack: no vectors per call.
+    let mut params: [wasmi::Val; MAX_ARGS] = core::array::from_fn(|_| wasmi::Val::I32(0));
+    if args.len() > MAX_ARGS {
+        return Err(Trap::engine(format!(
+            "{} arguments: more than any ABI function takes",
+            args.len()
+        )));
+    }
+    for (slot, a) in params.iter_mut().zip(args) {
+        *slot = to_wi(a);
+    }
     let ty = f.ty(&store);
-    let mut results: Vec<wasmi::Val> = ty
-        .results()
-        .iter()
-        .map(|t| wasmi::Val::default_for_ty(*t))
-        .collect();
-    f.call(&mut store, &params, &mut results).map_err(to_trap)?;
-    Ok(results.first().and_then(from_wi))
+    let mut results: [wasmi::Val; 1] = [wasmi::Val::I32(0)];
+    let n = match ty.results() {
+        [] => 0,
+        [t] => {
+            results[0] = wasmi::Val::default_for_ty(*t);
+            1
+        }
+        more => {
+            return Err(Trap::engine(format!(
+                "{} results: proxy-wasm functions have at most one",
+                more.len()
+            )));
+        }
+    };
+    f.call(&mut store, &params[..args.len()], &mut results[..n])
+        .map_err(to_trap)?;
+    Ok(results[..n].first().and_then(from_wi))
 }
 
 struct CallerGuest<'a, 'b> {
@@ -190,7 +210,11 @@ fn host_call(
     params: &[wasmi::Val],
     results: &mut [wasmi::Val],
 ) -> Result<(), wasmi::Error> {
-    let args: Vec<Val> = params.iter().filter_map(from_wi).collect();
+    let Some(args) = ArgBuf::collect(params.iter().filter_map(from_wi)) else {
+        return Err(wasmi::Error::host(HostTrap(Trap::engine(
+            "too many arguments",
+        ))));
+    };
     let mut taken = match caller.data_mut().handlers.take() {
         Ok(t) => t,
         Err(t) => return Err(wasmi::Error::host(HostTrap(t))),
@@ -200,7 +224,7 @@ fn host_call(
         &mut CallerGuest {
             caller: &mut caller,
         },
-        &args,
+        args.as_slice(),
     );
     caller.data_mut().handlers.restore(taken);
     match r {
