@@ -1,0 +1,55 @@
+//! Mesh transport for nasp: the bytes of an application's connections as an
+//! Istio sidecar would carry them.
+//!
+//! - [`inbound`]: a [`MeshListener`] that accepts mesh connections in
+//!   Istio's three peer-authentication modes — STRICT (mTLS only),
+//!   PERMISSIVE (mTLS and plaintext on one port, told apart by the first
+//!   bytes) and DISABLE (plaintext) — and hands the application each
+//!   connection with the peer's verified SPIFFE id;
+//! - [`outbound`]: a [`MeshConnector`] that opens mTLS connections as a
+//!   sidecar does: Istio's SNI, the ALPN of the protocol carried, the
+//!   server SANs that xDS expects, the workload certificate of the moment.
+//!
+//! Invariants: a connection that is slow, silent or hostile costs only
+//! itself (every handshake and sniff runs in its own task, under a
+//! deadline); certificates are read from the identity watch at each
+//! handshake, so a rotation needs no reconnect and no new listener; TLS
+//! settings are built once per destination shape and shared, never mutated
+//! per connection.
+//!
+//! Not here yet (issue 8): HTTP/gRPC over these connections, xDS-driven
+//! routing and balancing, filters. See `docs/transport.md`.
+
+pub mod inbound;
+pub mod outbound;
+
+pub use inbound::{InboundConfig, InboundMode, MeshConn, MeshListener, MeshStream};
+pub use outbound::{MeshConnector, istio_sni};
+
+/// Everything that can go wrong in the transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket operation failed.
+    #[error("transport: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A TLS setting could not be built or a handshake failed.
+    #[error("transport: TLS: {0}")]
+    Tls(String),
+    /// Identity material is missing or unusable.
+    #[error("transport: {0}")]
+    Identity(#[from] nasp_identity::Error),
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
