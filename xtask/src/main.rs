@@ -439,8 +439,7 @@ fn parse_fuzz_stats(log: &str) -> FuzzStats {
     };
     if let Some(line) = log
         .lines()
-        .filter(|l| l.starts_with('#') && l.contains(" corp: "))
-        .next_back()
+        .rfind(|l| l.starts_with('#') && l.contains(" corp: "))
     {
         s.coverage = field(line, "cov:")
             .and_then(|v| v.parse().ok())
