@@ -386,10 +386,8 @@ impl Worker {
             let mut g = lock(&self.shared);
             let shared = &mut g.0;
             for (type_url, names) in self.wanted(shared) {
-                if let Some(n) = &names {
-                    if n.is_empty() {
-                        continue;
-                    }
+                if names.as_ref().is_some_and(|n| n.is_empty()) {
+                    continue;
                 }
                 let st = shared.types.entry(type_url).or_default();
                 st.names = names.unwrap_or_default();
@@ -550,10 +548,8 @@ impl Worker {
             let mut g = lock(&self.shared);
             let shared = &mut g.0;
             for (type_url, names) in self.wanted(shared) {
-                if let Some(n) = &names {
-                    if n.is_empty() {
-                        continue;
-                    }
+                if names.as_ref().is_some_and(|n| n.is_empty()) {
+                    continue;
                 }
                 let st = shared.types.entry(type_url).or_default();
                 st.names = names.clone().unwrap_or_default();

@@ -237,14 +237,18 @@ pub fn referenced(
             .chain(l.default_filter_chain.as_ref())
         {
             for f in &fc.filters {
-                if let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type {
-                    if any.type_url == HCM {
-                        if let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice()) {
-                            if let Some(RouteSpecifier::Rds(r)) = hcm.route_specifier {
-                                rds.insert(r.route_config_name);
-                            }
-                        }
-                    }
+                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    continue;
+                };
+                if any.type_url != HCM {
+                    continue;
+                }
+                if let Ok(HttpConnectionManager {
+                    route_specifier: Some(RouteSpecifier::Rds(r)),
+                    ..
+                }) = HttpConnectionManager::decode(any.value.as_slice())
+                {
+                    rds.insert(r.route_config_name);
                 }
             }
         }

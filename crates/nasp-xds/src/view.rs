@@ -1,16 +1,24 @@
 //! The resolved mesh: what a workload needs to know to send or accept a
 //! connection, computed once per configuration update from the raw xDS
 //! resources and then only read (behind an `ArcSwap`, without locks).
+//! Nothing in it is a string to parse again: routes are typed
+//! ([`crate::route`]), clusters are typed ([`crate::cluster`]).
 //!
 //! Outbound lookups follow Istio's conventions:
-//! - an IP with a listener named `<ip>_<port>` (TCP services) goes where its
-//!   TCP proxy or HTTP connection manager points;
-//! - otherwise the route configuration named after the port (`"80"`, HTTP
-//!   services behind `0.0.0.0_<port>`) is searched by virtual-host domain:
-//!   exact, `host:port`, then `*.suffix` / `prefix*` wildcards, longest first;
+//! - an IP with a listener named `<ip>_<port>` goes where the filter chain
+//!   Envoy would pick for a plaintext connection points (TCP proxy or HTTP
+//!   connection manager); an IP on a port with a `0.0.0.0_<port>` listener
+//!   the same on that listener (HTTP routes, or a TCP service without VIP);
+//! - otherwise the route configuration named after the port (`"80"`) is
+//!   searched by virtual-host domain with Envoy's precedence (exact, suffix
+//!   wildcards longest first, prefix wildcards longest first, `*`), IPv6
+//!   bracketed;
 //! - a short name is tried with each search domain (`echo` →
 //!   `echo.demo.svc.cluster.local`), and through the NDS name table;
 //! - a name with no route falls back to the cluster `outbound|<port>||<fqdn>`.
+//!
+//! An HTTP answer is the virtual host, not a cluster: each request picks
+//! its route and cluster with [`MeshView::route`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -642,13 +650,13 @@ impl MeshView {
 
     fn by_ip(&self, ip: IpAddr, port: u16) -> Option<Outbound> {
         let host = ip.to_string();
-        if let Some(chains) = self.by_listener.get(&(ip, port)) {
-            if let Some(o) = chains
-                .select(ip, port)
-                .and_then(|t| self.via_target(t, &host, port))
-            {
-                return Some(o);
-            }
+        if let Some(o) = self
+            .by_listener
+            .get(&(ip, port))
+            .and_then(|chains| chains.select(ip, port))
+            .and_then(|t| self.via_target(t, &host, port))
+        {
+            return Some(o);
         }
         // `0.0.0.0_<port>`: an HTTP port's routes (by the IP as domain), or
         // a TCP service without a VIP that takes the whole port.
@@ -699,10 +707,12 @@ impl MeshView {
             if let Some(c) = self.clusters.get(buf.as_str()) {
                 return Some(Outbound::Cluster(c.clone()));
             }
-            if let Some(ips) = self.names.get(name.as_str()) {
-                if let Some(o) = ips.iter().find_map(|ip| self.by_ip(*ip, port)) {
-                    return Some(o);
-                }
+            if let Some(o) = self
+                .names
+                .get(name.as_str())
+                .and_then(|ips| ips.iter().find_map(|ip| self.by_ip(*ip, port)))
+            {
+                return Some(o);
             }
         }
         None
