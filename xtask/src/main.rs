@@ -349,11 +349,15 @@ fn lint() -> Result<(), String> {
         failed.push("rustfmt (`cargo fmt --all` fixes it)");
     }
     let clippy = timed("lint: clippy", || {
+        // `--keep-going`: a crate with a warning (an error under `-D`) does
+        // not stop the crates that do not depend on it from being linted, so
+        // one run reports as much as it can.
         run(cargo().current_dir(&root).args([
             "clippy",
             "--workspace",
             "--all-targets",
             "--locked",
+            "--keep-going",
             "--",
             "-D",
             "warnings",
