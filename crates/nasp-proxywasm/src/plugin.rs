@@ -260,6 +260,13 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        // Queue notifications posted to this VM would otherwise wait forever.
+        self.drop_vm();
+    }
+}
+
 impl Plugin {
     /// Instantiates the module, runs its start functions, creates the root
     /// context and calls `proxy_on_vm_start` and `proxy_on_configure`. A
