@@ -6,6 +6,8 @@
 //!   PERMISSIVE (mTLS and plaintext on one port, told apart by the first
 //!   bytes) and DISABLE (plaintext) — and hands the application each
 //!   connection with the peer's verified SPIFFE id;
+//! - [`http`]: [`serve_http`] serves a hyper service on a listener, HTTP/1.1
+//!   and HTTP/2, each request carrying the verified [`MeshPeer`];
 //! - [`outbound`]: a [`MeshConnector`] that opens mTLS connections as a
 //!   sidecar does: Istio's SNI, the ALPN of the protocol carried, the
 //!   server SANs that xDS expects, the workload certificate of the moment.
@@ -17,12 +19,14 @@
 //! settings are built once per destination shape and shared, never mutated
 //! per connection.
 //!
-//! Not here yet (issue 8): HTTP/gRPC over these connections, xDS-driven
+//! Not here yet (issue 8): the outbound HTTP/gRPC clients, xDS-driven
 //! routing and balancing, filters. See `docs/transport.md`.
 
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 
+pub use http::{MeshPeer, serve_http};
 pub use inbound::{InboundConfig, InboundMode, MeshConn, MeshListener, MeshStream};
 pub use outbound::{MeshConnector, istio_sni};
 
