@@ -649,6 +649,11 @@ impl RouteConfig {
             }
             _ => host,
         };
+        // Istio lists every domain bare too, so the common lookup is one
+        // hash probe without building `host:port`.
+        if let Some(i) = self.domains.exact.get(host) {
+            return self.virtual_hosts.get(*i);
+        }
         let mut with_port = String::with_capacity(host.len() + 6);
         let _ = write!(with_port, "{host}:{port}");
         let i = self.domains.find(host, &with_port)?;

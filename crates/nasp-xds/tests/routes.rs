@@ -311,3 +311,73 @@ fn a_route_table_envoy_would_reject_is_nacked() {
         .to_string();
     assert!(e.contains("regex") && e.contains("\"api\""), "{e}");
 }
+
+#[test]
+fn rewrites_hashing_mirrors_and_header_changes_are_converted_once() {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    use envoy_types::pb::envoy::config::route::v3::route_action::hash_policy::{
+        Header, PolicySpecifier,
+    };
+    use envoy_types::pb::envoy::config::route::v3::route_action::{
+        HashPolicy, RequestMirrorPolicy,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute;
+    let mut s = set();
+    let rc = s.routes.get_mut("80").expect("80");
+    let Some(Action::Route(a)) = rc.virtual_hosts[0].routes[4].action.as_mut() else {
+        panic!("default route forwards")
+    };
+    a.prefix_rewrite = "/v2/".into();
+    a.regex_rewrite = Some(RegexMatchAndSubstitute {
+        pattern: Some(RegexMatcher {
+            regex: "^/items/([0-9]+)$".into(),
+            ..Default::default()
+        }),
+        substitution: r"/item?id=\1".into(),
+    });
+    a.hash_policy = vec![HashPolicy {
+        policy_specifier: Some(PolicySpecifier::Header(Header {
+            header_name: "X-User".into(),
+            ..Default::default()
+        })),
+        terminal: true,
+    }];
+    a.request_mirror_policies = vec![RequestMirrorPolicy {
+        cluster: "canary".into(),
+        ..Default::default()
+    }];
+    rc.virtual_hosts[0].request_headers_to_add = vec![HeaderValueOption {
+        header: Some(HeaderValue {
+            key: "X-Mesh".into(),
+            value: "nasp".into(),
+            ..Default::default()
+        }),
+        append_action: 2,
+        ..Default::default()
+    }];
+    rc.response_headers_to_remove = vec!["Server".into()];
+    let v = MeshView::build(&s, HashMap::new(), ViewSettings::default());
+    let table = v.route_config("80").expect("80");
+    let vh = table.virtual_host("shop", 80).expect("shop");
+    assert_eq!(vh.headers.request_add[0].name, "x-mesh");
+    assert_eq!(
+        vh.headers.request_add[0].action,
+        typed::HeaderAppend::OverwriteIfExistsOrAdd
+    );
+    assert_eq!(table.headers.response_remove, vec!["server".to_string()]);
+    let typed::RouteAction::Forward(f) = &vh.routes[4].action else {
+        panic!("forward")
+    };
+    assert_eq!(f.prefix_rewrite.as_deref(), Some("/v2/"));
+    let (re, sub) = f.regex_rewrite.as_ref().expect("regex rewrite");
+    assert_eq!(re.replace("/items/42", sub.as_str()), "/item?id=42");
+    assert_eq!(
+        f.hash_policy,
+        vec![typed::HashPolicy {
+            input: typed::HashInput::Header("x-user".into()),
+            terminal: true,
+        }]
+    );
+    assert_eq!(f.mirrors[0].cluster, "canary");
+    assert_eq!(f.mirrors[0].fraction, 1.0);
+}
