@@ -7,6 +7,8 @@
 //! - [`identity`]: SPIFFE ids, the Istio CA client, certificate rotation and
 //!   rustls glue ([`nasp_identity`]);
 //! - [`xds`]: the ADS client, the resolved mesh view and config dumps;
+//! - [`transport`]: mesh listeners (STRICT / PERMISSIVE / DISABLE), mTLS
+//!   connections with Istio's SNI and ALPN, HTTP serving with the peer's id;
 //! - `controlplane`: the embedded control plane (feature `controlplane`).
 //!
 //! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
@@ -15,6 +17,7 @@
 
 pub use nasp_identity as identity;
 pub use nasp_telemetry as telemetry;
+pub use nasp_transport as transport;
 pub use nasp_xds as xds;
 
 /// The embedded control plane (feature `controlplane`, on by default).
