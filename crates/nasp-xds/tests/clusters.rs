@@ -116,7 +116,53 @@ fn view() -> MeshView {
             ..Default::default()
         },
     );
+    // A DNS ServiceEntry with SIMPLE TLS: SNI and SAN from the Host.
+    let options = envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions {
+        upstream_http_protocol_options: Some(
+            envoy_types::pb::envoy::config::core::v3::UpstreamHttpProtocolOptions {
+                auto_sni: true,
+                auto_san_validation: true,
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    set.clusters.insert(
+        "auto".into(),
+        Cluster {
+            name: "auto".into(),
+            transport_socket: tls(None),
+            typed_extension_protocol_options: HashMap::from([(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+                Any {
+                    type_url:
+                        "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+                            .into(),
+                    value: options.encode_to_vec(),
+                },
+            )]),
+            ..Default::default()
+        },
+    );
+    // DISABLE: no transport socket at all.
+    set.clusters.insert(
+        "plain".into(),
+        Cluster {
+            name: "plain".into(),
+            ..Default::default()
+        },
+    );
     MeshView::build(&set, HashMap::new(), ViewSettings::default())
+}
+
+#[test]
+fn auto_sni_and_disable_are_read() {
+    let v = view();
+    let c = v.cluster("auto").expect("auto");
+    assert!(c.auto_sni && c.auto_san_validation);
+    let p = v.cluster("plain").expect("plain");
+    assert!(p.upstream_tls.is_none() && !p.tls && !p.permissive);
+    assert_eq!(p.connect_timeout, std::time::Duration::from_secs(5));
 }
 
 #[test]

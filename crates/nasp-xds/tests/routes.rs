@@ -342,6 +342,23 @@ fn rewrites_hashing_mirrors_and_header_changes_are_converted_once() {
         })),
         terminal: true,
     }];
+    a.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+        retry_on: "5xx,gateway-error".into(),
+        retry_back_off: Some(
+            envoy_types::pb::envoy::config::route::v3::retry_policy::RetryBackOff {
+                base_interval: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 0,
+                    nanos: 100_000_000,
+                }),
+                max_interval: None,
+            },
+        ),
+        per_try_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
     a.request_mirror_policies = vec![RequestMirrorPolicy {
         cluster: "canary".into(),
         ..Default::default()
@@ -378,6 +395,13 @@ fn rewrites_hashing_mirrors_and_header_changes_are_converted_once() {
             terminal: true,
         }]
     );
+    let r = f.retry_policy.as_ref().expect("retry");
+    assert!(r.retry_on.server_error && r.retry_on.gateway_error);
+    assert_eq!(r.num_retries, 1, "Envoy's default");
+    assert_eq!(r.per_try_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(r.back_off.base, Duration::from_millis(100));
+    assert_eq!(r.back_off.max, Duration::from_secs(1), "10× base");
+    assert_eq!(r.host_selection_retry_max_attempts, 1);
     assert_eq!(f.mirrors[0].cluster, "canary");
     assert_eq!(f.mirrors[0].fraction, 1.0);
 }
