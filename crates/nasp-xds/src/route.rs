@@ -1226,6 +1226,7 @@ fn forward(a: &pb::RouteAction, vh_retry: &Option<RetryPolicy>) -> Result<Forwar
         }
         Some(ClusterSpecifier::ClusterSpecifierPlugin(_))
         | Some(ClusterSpecifier::InlineClusterSpecifierPlugin(_)) => {
+            // Invariant: `route` turns these into `Unsupported` first.
             return Err("cluster specifier plugins are not supported".into());
         }
         None => return Err("a route action without a cluster".into()),
@@ -1353,6 +1354,16 @@ fn redirect(r: &pb::RedirectAction) -> Result<Redirect, String> {
 
 fn route(r: &pb::Route, vh_retry: &Option<RetryPolicy>) -> Result<Route, String> {
     let action = match &r.action {
+        // Cluster specifier plugins are extensions nasp does not run: the
+        // route stays (answered 404) rather than the whole table NACKed.
+        Some(Action::Route(pb::RouteAction {
+            cluster_specifier:
+                Some(
+                    ClusterSpecifier::ClusterSpecifierPlugin(_)
+                    | ClusterSpecifier::InlineClusterSpecifierPlugin(_),
+                ),
+            ..
+        })) => RouteAction::Unsupported("cluster_specifier_plugin"),
         Some(Action::Route(a)) => RouteAction::Forward(Box::new(forward(a, vh_retry)?)),
         Some(Action::Redirect(x)) => RouteAction::Redirect(redirect(x)?),
         Some(Action::DirectResponse(d)) => {
