@@ -42,6 +42,11 @@ pub enum Source {
     },
 }
 
+/// The longest the manager ever sleeps at once (a year): delays computed
+/// from hostile settings or far-off dates are cut to it, so time arithmetic
+/// never overflows.
+const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// When to renew and how to back off.
 #[derive(Clone, Debug)]
 pub struct RenewalPolicy {
@@ -82,9 +87,14 @@ impl Default for RenewalPolicy {
 
 impl RenewalPolicy {
     fn jittered(&self, d: Duration) -> Duration {
-        let j = self.jitter.clamp(0.0, 1.0);
+        // NaN or out-of-range settings mean no jitter, never a panic.
+        let j = if self.jitter.is_finite() {
+            self.jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         let factor = 1.0 + rand::random_range(-j..=j);
-        d.mul_f64(factor.max(0.0))
+        Duration::try_from_secs_f64(d.as_secs_f64() * factor.max(0.0)).unwrap_or(MAX_DELAY)
     }
 }
 
@@ -288,7 +298,7 @@ impl Worker {
     }
 
     async fn run_ca(self) {
-        let mut backoff = self.policy.backoff_initial;
+        let mut backoff = self.policy.backoff_initial.min(MAX_DELAY);
         let mut root_seen = self.root_file_mtime();
         loop {
             let delay = match self.fetch().await {
@@ -306,12 +316,12 @@ impl Worker {
                 Err(e) => {
                     self.failed(&e);
                     let d = self.policy.jittered(backoff);
-                    backoff = (backoff * 2).min(self.policy.backoff_max);
+                    backoff = backoff.saturating_mul(2).min(self.policy.backoff_max);
                     d
                 }
             };
             // Sleep until the renewal, watching the root file meanwhile.
-            let wake = tokio::time::Instant::now() + delay;
+            let wake = tokio::time::Instant::now() + delay.min(MAX_DELAY);
             let poll = self.policy.root_poll.max(Duration::from_millis(10));
             loop {
                 let now = tokio::time::Instant::now();
@@ -361,5 +371,27 @@ impl Worker {
             }
             tokio::time::sleep(*poll).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_retry_settings_do_not_panic() {
+        for (jitter, d) in [
+            (f64::NAN, Duration::MAX),
+            (f64::INFINITY, Duration::from_secs(1)),
+            (-3.0, Duration::MAX),
+            (0.2, Duration::MAX),
+        ] {
+            let p = RenewalPolicy {
+                jitter,
+                ..RenewalPolicy::default()
+            };
+            assert!(p.jittered(d) <= MAX_DELAY.max(d));
+        }
+        assert_eq!(Duration::MAX.saturating_mul(2), Duration::MAX);
     }
 }
