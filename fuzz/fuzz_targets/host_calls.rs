@@ -26,7 +26,7 @@ use nasp_proxywasm::runtime::{
     InterruptHandle, Limits, Trap, Val, ValType, WasmRuntime,
 };
 use nasp_proxywasm::{
-    FailPolicy, FilterChain, HeaderMap, HostEnv, MapProperties, Plugin, PluginConfig,
+    Direction, FailPolicy, FilterChain, HeaderMap, HostEnv, MapProperties, Plugin, PluginConfig,
     PropertyValue, WasmModule,
 };
 
@@ -101,6 +101,11 @@ enum Event {
     ResponseHeaders(Pairs, bool),
     ResponseBody(Vec<u8>, bool),
     ResponseTrailers(Pairs),
+    /// Resume a paused direction (after `proxy_continue_stream`, or as the
+    /// embedder would on a timeout), then whatever the filters continued.
+    Resume(bool),
+    /// Deliver queue notifications and other work the host deferred.
+    DispatchPending,
     NewHttpStream,
     Tcp {
         downstream: Vec<u8>,
@@ -491,7 +496,7 @@ fuzz_target!(|input: Input| {
         match event {
             Event::RequestHeaders(h, eos) => {
                 if let Some(s) = http.as_mut() {
-                    s.request_headers(&mut chain, &mut headers(h), eos);
+                    s.request_headers(&mut chain, headers(h), eos);
                 }
             }
             Event::RequestBody(b, eos) => {
@@ -501,12 +506,12 @@ fuzz_target!(|input: Input| {
             }
             Event::RequestTrailers(h) => {
                 if let Some(s) = http.as_mut() {
-                    s.request_trailers(&mut chain, &mut headers(h));
+                    s.request_trailers(&mut chain, headers(h));
                 }
             }
             Event::ResponseHeaders(h, eos) => {
                 if let Some(s) = http.as_mut() {
-                    s.response_headers(&mut chain, &mut headers(h), eos);
+                    s.response_headers(&mut chain, headers(h), eos);
                 }
             }
             Event::ResponseBody(b, eos) => {
@@ -516,9 +521,21 @@ fuzz_target!(|input: Input| {
             }
             Event::ResponseTrailers(h) => {
                 if let Some(s) = http.as_mut() {
-                    s.response_trailers(&mut chain, &mut headers(h));
+                    s.response_trailers(&mut chain, headers(h));
                 }
             }
+            Event::Resume(response) => {
+                if let Some(s) = http.as_mut() {
+                    let dir = if response {
+                        Direction::Response
+                    } else {
+                        Direction::Request
+                    };
+                    s.resume(&mut chain, dir);
+                    s.resume_continued(&mut chain);
+                }
+            }
+            Event::DispatchPending => chain.dispatch_pending(),
             Event::NewHttpStream => {
                 if let Some(s) = http.take() {
                     s.finish(&mut chain);
