@@ -196,7 +196,7 @@ fn setup() -> Result<(), String> {
 }
 
 /// Runs `f` and prints how long it took, so that CI logs show where the time
-/// goes (`docs/fuzzing.md` records the numbers).
+/// goes (`docs/ci.md` records the numbers).
 fn timed<T>(stage: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     let start = Instant::now();
     let r = f();
@@ -224,7 +224,8 @@ fn ensure_cargo_tool(sub: &str, krate: &str) -> Result<(), String> {
     })
 }
 
-/// The nightly toolchain libFuzzer needs (`-Zsanitizer`-style flags).
+/// The nightly toolchain cargo-fuzz builds with (it passes nightly-only
+/// compiler flags).
 fn ensure_nightly() -> Result<(), String> {
     let present = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--version"])
