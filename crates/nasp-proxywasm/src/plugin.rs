@@ -592,13 +592,12 @@ impl Plugin {
 
     /// Recreates a failed VM under the reload policy, when the backoff allows.
     fn maybe_reload(&mut self) {
-        let FailPolicy::Reload { backoff } = self.config.fail_policy else {
+        let FailPolicy::Reload { .. } = self.config.fail_policy else {
             return;
         };
         if self.vm.is_some() {
             return;
         }
-        let _ = backoff;
         let delay = self.backoff_delay(self.consecutive_failures);
         if self.failed_at.is_some_and(|t| t.elapsed() < delay) {
             return;
