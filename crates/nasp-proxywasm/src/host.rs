@@ -335,10 +335,10 @@ impl AbiHost {
 
     fn property(&self, segments: &[String]) -> Option<Vec<u8>> {
         let key = segments.join(".");
-        if let Some(s) = self.stream() {
-            if let Some(v) = lock(s).filter_state.get(&key) {
-                return Some(v.clone());
-            }
+        if let Some(s) = self.stream()
+            && let Some(v) = lock(s).filter_state.get(&key)
+        {
+            return Some(v.clone());
         }
         if let Some(v) = self.root_filter_state.get(&key) {
             return Some(v.clone());
