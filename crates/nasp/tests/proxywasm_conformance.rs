@@ -59,8 +59,9 @@ impl Harness {
 
     fn wat_plugin(&self, rt: &str, wat: &str, config: PluginConfig) -> Plugin {
         let wasm = wat::parse_str(wat).unwrap_or_else(|e| panic!("{e}"));
-        let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
-        let module = WasmModule::new(runtime.as_ref(), &wasm).unwrap();
+        let runtime = nasp::wasm::runtime_by_name(rt).unwrap_or_else(|e| panic!("{rt}: {e}"));
+        let module =
+            WasmModule::new(runtime.as_ref(), &wasm).unwrap_or_else(|e| panic!("{rt}: {e}"));
         Plugin::new(&module, config, self.env.clone()).unwrap_or_else(|e| panic!("{rt}: {e}"))
     }
 
@@ -267,7 +268,6 @@ per_runtime! {
         let mut s = chain.http_stream(props());
         let mut headers = req("/", Some("local-response"));
         assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::LocalResponse);
-        headers = s.request_header_map().clone();
         let lr = s.local_response().expect("local response");
         assert_eq!(lr.status, 403);
         assert_eq!(lr.headers.get_str("x-denied-by").as_deref(), Some("conformance"));
@@ -365,7 +365,6 @@ per_runtime! {
         let mut s = chain.http_stream(props());
         let mut headers = req("/", Some("callout"));
         assert_eq!(s.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Pause);
-        headers = s.request_header_map().clone();
         let calls = h.callouts.http.lock().unwrap().clone();
         assert_eq!(calls.len(), 1, "{rt}");
         let (token, call) = &calls[0];
@@ -719,7 +718,6 @@ per_runtime! {
         // The stream of the failed VM fails closed and never reaches the new VM.
         let mut resp = HeaderMap::from_pairs([(":status", "200")]);
         assert_eq!(old.response_headers(&mut chain, std::mem::take(&mut resp), true), FilterStatus::Fail, "{rt}");
-        resp = old.response_header_map().clone();
         chain.plugins[0].on_http_call_response(old_token, HeaderMap::from_pairs([(":status", "200")]), b"late".to_vec(), HeaderMap::new());
         old.finish(&mut chain);
         s.finish(&mut chain);
@@ -728,7 +726,6 @@ per_runtime! {
         // The fresh VM works, and its tokens are new.
         let mut headers = req("/", Some("callout"));
         assert_eq!(fresh.request_headers(&mut chain, std::mem::take(&mut headers), true), FilterStatus::Pause, "{rt}");
-        headers = fresh.request_header_map().clone();
         let (new_token, _) = h.callouts.http.lock().unwrap()[1].clone();
         assert_ne!(new_token, old_token, "{rt}: tokens are unique across VMs");
         chain.plugins[0].on_http_call_response(new_token, HeaderMap::from_pairs([(":status", "200")]), b"fresh".to_vec(), HeaderMap::new());
