@@ -542,10 +542,10 @@ unsafe impl Send for Wasm3Instance {}
 impl Wasm3Instance {
     fn load(&mut self, matched: &[&HostFunc]) -> Result<(), EngineError> {
         let err = |m: String| EngineError::new(NAME, m);
+        let mut module: ffi::IM3Module = std::ptr::null_mut();
         // SAFETY: the environment, runtime and module are created and owned
         // here; pointers handed to wasm3 (state, entries, bytes) are owned
         // by `self` and outlive the runtime, which `Drop` frees first.
-        let mut module: ffi::IM3Module = std::ptr::null_mut();
         unsafe {
             self.env = ffi::m3_NewEnvironment();
             if self.env.is_null() {

@@ -339,11 +339,11 @@ impl Instance for WasmiInstance {
             )));
         };
         self.depth += 1;
-        if self.depth == 1 {
-            if let Err(e) = self.store.set_fuel(self.fuel) {
-                self.depth -= 1;
-                return Err(Trap::engine(e.to_string()));
-            }
+        if self.depth == 1
+            && let Err(e) = self.store.set_fuel(self.fuel)
+        {
+            self.depth -= 1;
+            return Err(Trap::engine(e.to_string()));
         }
         let r = call_func(&mut self.store, f, args);
         self.depth -= 1;

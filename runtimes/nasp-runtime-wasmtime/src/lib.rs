@@ -385,10 +385,10 @@ impl Compiled {
             .pre
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((cached, pre)) = cache.as_ref() {
-            if *cached == ids {
-                return Ok(pre.clone());
-            }
+        if let Some((cached, pre)) = cache.as_ref()
+            && *cached == ids
+        {
+            return Ok(pre.clone());
         }
         let mut linker: wasmtime::Linker<Data> = wasmtime::Linker::new(&self.engine);
         for h in matched {
