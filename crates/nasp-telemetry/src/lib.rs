@@ -31,6 +31,10 @@ pub const DEFAULT_BUCKETS: &[f64] = &[
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// One metric family in the exposition: its kind and its series (labels,
+/// metric).
+type Family<'a> = (MetricKind, Vec<(Vec<(String, String)>, &'a Metric)>);
+
 #[derive(Clone, Debug)]
 struct Metric {
     name: String,
@@ -219,8 +223,7 @@ impl MetricsRegistry {
     pub fn prometheus_text(&self) -> String {
         let inner = self.lock();
         // Group series by family so each family has one TYPE line.
-        let mut families: BTreeMap<String, (MetricKind, Vec<(Vec<(String, String)>, &Metric)>)> =
-            BTreeMap::new();
+        let mut families: BTreeMap<String, Family<'_>> = BTreeMap::new();
         for m in &inner.metrics {
             let (family, labels) = parse_tagged_name(&m.name, "=.=", ";.;");
             let family = sanitize_name(&family);
