@@ -361,4 +361,22 @@ mod tests {
             assert!(!looks_like_tls(plain), "{plain:?}");
         }
     }
+
+    /// Every input the sniffer can see (it peeks at most two bytes), so no
+    /// fuzzing is needed: TLS exactly when a handshake record of a 3.x
+    /// version starts, or a lone 0x16 has arrived.
+    #[test]
+    fn every_possible_peek_is_classified_as_specified() {
+        assert!(!looks_like_tls(&[]));
+        for a in 0..=255u8 {
+            assert_eq!(looks_like_tls(&[a]), a == 0x16, "{a:#x}");
+            for b in 0..=255u8 {
+                assert_eq!(
+                    looks_like_tls(&[a, b]),
+                    a == 0x16 && b == 0x03,
+                    "{a:#x} {b:#x}"
+                );
+            }
+        }
+    }
 }
