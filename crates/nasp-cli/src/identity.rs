@@ -21,6 +21,7 @@ pub fn print_json(out: &serde_json::Value) -> Result<()> {
 }
 
 /// Prints a report as one JSON line (what a script waits for).
+#[cfg(feature = "controlplane")]
 pub fn print_json_line(out: &serde_json::Value) -> Result<()> {
     print_text(&serde_json::to_string(out)?)
 }
