@@ -21,10 +21,6 @@ use crate::ca::{CaError, CaService, CertificateAuthority};
 /// so clients configured for istiod work unchanged, and loopback.
 pub const SERVING_DNS_NAMES: &[&str] = &["istiod.istio-system.svc", "localhost"];
 
-/// First and longest pause after a failed `accept`.
-const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// How to run the control plane.
 #[derive(Debug)]
 pub struct ControlPlaneConfig {
@@ -187,23 +183,9 @@ impl ControlPlane {
         });
         let task = tokio::spawn(async move {
             let accept = tokio::spawn(async move {
-                // Accept errors (EMFILE when descriptors run out, ENOBUFS)
-                // persist while their cause does: back off instead of
-                // spinning a core, and reset once a connection gets through.
-                let mut backoff = ACCEPT_BACKOFF_MIN;
                 loop {
-                    let (tcp, peer) = match listener.accept().await {
-                        Ok(c) => {
-                            backoff = ACCEPT_BACKOFF_MIN;
-                            c
-                        }
-                        Err(e) => {
-                            tracing::warn!("accept failed, retrying in {backoff:?}: {e}");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                            continue;
-                        }
-                    };
+                    // Failing accepts (EMFILE) back off instead of spinning.
+                    let (tcp, peer) = nasp_transport::inbound::accept_with_backoff(&listener).await;
                     let (acceptor, tls_tx, plain_tx) =
                         (acceptor.clone(), tls_tx.clone(), plain_tx.clone());
                     let stop = tokio_stream::wrappers::WatchStream::new(cut_rx.clone());

@@ -151,6 +151,24 @@ impl Drop for MeshListener {
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The next connection of `listener`. Accept errors (EMFILE when
+/// descriptors run out, ENOBUFS) persist while their cause does, so they are
+/// retried with a pause from 5 ms doubling to 1 s instead of spinning a core;
+/// each call starts again at the shortest pause.
+pub async fn accept_with_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        match listener.accept().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::warn!("accept failed, retrying in {backoff:?}: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
 /// Whether the first bytes of a connection start a TLS handshake: a
 /// handshake record (0x16) of a TLS/SSL 3.x version. With two bytes, a
 /// plaintext protocol that happens to start with 0x16 is not mistaken for
@@ -216,20 +234,8 @@ async fn accept_loop(
     ready: mpsc::Sender<MeshConn>,
 ) {
     let config = Arc::new(config);
-    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let (tcp, peer_addr) = match listener.accept().await {
-            Ok(c) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                c
-            }
-            Err(e) => {
-                tracing::warn!("accept failed, retrying in {backoff:?}: {e}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
-        };
+        let (tcp, peer_addr) = accept_with_backoff(&listener).await;
         if ready.is_closed() {
             return;
         }
