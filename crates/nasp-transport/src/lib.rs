@@ -22,9 +22,14 @@
 //! Not here yet (issue 8): the outbound HTTP/gRPC clients, xDS-driven
 //! routing and balancing, filters. See `docs/transport.md`.
 
+pub mod body;
 pub mod http;
 pub mod inbound;
+pub mod info;
 pub mod outbound;
+
+pub use body::{Body, BoxError};
+pub use info::Upstream;
 
 pub use http::{MeshPeer, serve_http};
 pub use inbound::{InboundConfig, InboundMode, MeshConn, MeshListener, MeshStream};
