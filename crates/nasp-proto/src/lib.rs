@@ -1,4 +1,5 @@
-//! Generated protobuf and gRPC code for the Istio APIs nasp speaks.
+//! Generated protobuf and gRPC code for the Istio APIs nasp speaks, and for
+//! nasp's own echo service.
 //!
 //! The code under `src/gen/` is produced by `cargo xtask codegen` (protox +
 //! tonic-prost-build, no `protoc`) from the `.proto` files under `proto/`, and
@@ -14,6 +15,13 @@ pub mod istio_ca {
 pub mod istio_nds {
     #![allow(missing_docs, clippy::all)]
     include!("gen/istio.networking.nds.v1.rs");
+}
+
+/// `nasp.echo.v1`: the echo service that `nasp serve` answers with
+/// (`proto/nasp/echo/v1/echo.proto`), client and server.
+pub mod echo {
+    #![allow(missing_docs, clippy::all)]
+    include!("gen/nasp.echo.v1.rs");
 }
 
 /// A descriptor set covering Envoy's admin config dump, every extension type

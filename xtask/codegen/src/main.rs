@@ -1,6 +1,7 @@
 //! Regenerates `crates/nasp-proto/src/gen/` from `crates/nasp-proto/proto/`
 //! and from the Envoy protos that the `envoy-types` crate ships:
-//! - prost + tonic code for the Istio CA service and Istio's extra xDS types;
+//! - prost + tonic code for the Istio CA service, Istio's extra xDS types
+//!   and the echo service of `nasp serve`;
 //! - `config_dump.bin`, a descriptor set covering Envoy's admin config dump
 //!   and every extension type found in Istio's config dumps, used to read a
 //!   dump's JSON with prost-reflect.
@@ -53,8 +54,13 @@ fn main() {
     let proto = root.join("crates/nasp-proto/proto");
     let out = root.join("crates/nasp-proto/src/gen");
 
-    // Istio CA and Istio's extra xDS types: prost + tonic code.
-    let files = ["istio/security/v1alpha1/ca.proto", "istio/extras/nds.proto"];
+    // Istio CA, Istio's extra xDS types and nasp's echo service: prost +
+    // tonic code.
+    let files = [
+        "istio/security/v1alpha1/ca.proto",
+        "istio/extras/nds.proto",
+        "nasp/echo/v1/echo.proto",
+    ];
     let fds = protox::compile(files, [&proto]).unwrap_or_else(|e| panic!("proto: {e}"));
     tonic_prost_build::configure()
         .build_client(true)
