@@ -1,5 +1,6 @@
-//! A small mesh file (services, ports, endpoints, mTLS mode) turned into
-//! Istio-shaped xDS resources, with istiod's naming conventions:
+//! A small mesh file (services, ports, endpoints, mTLS mode, subsets and
+//! HTTP routes) turned into Istio-shaped xDS resources, with istiod's naming
+//! conventions:
 //!
 //! - cluster `outbound|<port>||<name>.<ns>.svc.<domain>` (EDS, service name
 //!   the same), auto-mTLS as Istio does it: a TLS socket for endpoints
@@ -7,11 +8,26 @@
 //!   `istio-peer-exchange`, `istio`, the service account's SPIFFE id as the
 //!   expected SAN) and plaintext for the rest (PERMISSIVE); TLS only
 //!   (STRICT); plaintext only (DISABLE);
+//! - a DestinationRule-style subset (`subsets`): one more cluster per port,
+//!   `outbound|<port>|<subset>|<fqdn>` (SNI `outbound_.<port>_.<subset>_.<fqdn>`),
+//!   whose EDS holds only the endpoints carrying the subset's labels;
+//! - `grpc` and `http2` ports: the cluster speaks HTTP/2 to its endpoints
+//!   (`HttpProtocolOptions` with an explicit `http2_protocol_options`, as
+//!   istiod writes it); `http` ports get no protocol options (HTTP/1.1,
+//!   Envoy's default), again as istiod does;
+//! - endpoints: their own port when they name one, `tlsMode` for the socket
+//!   match, Istio's `istio.workload` metadata
+//!   (`<workload>;<ns>;<canonical name>;<canonical revision>;<cluster>`) and
+//!   their labels under `envoy.lb` (Envoy's namespace for endpoint labels);
 //! - TCP ports: a listener `<vip>_<port>` with a TCP proxy to the cluster;
-//! - HTTP ports: a listener `0.0.0.0_<port>` with RDS route config `<port>`,
-//!   whose virtual host `<fqdn>:<port>` lists Istio's domains (`name`,
-//!   `name.ns`, `name.ns.svc`, the FQDN and the VIP, each also with
-//!   `:<port>`) and routes `/` with Istio's default retries;
+//! - HTTP ports (`http`, `http2`, `grpc`): a listener `0.0.0.0_<port>` with
+//!   RDS route config `<port>`, whose virtual host `<fqdn>:<port>` lists
+//!   Istio's domains (`name`, `name.ns`, `name.ns.svc`, the FQDN and the VIP,
+//!   each also with `:<port>`) and either the one `/` route (`default`) to
+//!   the service's cluster, or the service's VirtualService-style `routes`
+//!   in order (match on prefix / exact path / regex / exact headers; one
+//!   destination or weighted ones), each with Istio's default retries and
+//!   timeout;
 //! - the workload's own ports: filter chains on `virtualInbound`
 //!   (0.0.0.0:15006): Istio mTLS (matched by its ALPN, requiring a client
 //!   certificate) and, in PERMISSIVE mode, the application's own TLS passed
@@ -24,15 +40,25 @@
 //! - an NDS name table: each FQDN → its VIP.
 //!
 //! The resources are written as Envoy JSON and read back through the same
-//! reader as real config dumps, so both sources go through one path.
+//! reader as real config dumps, so both sources go through one path; every
+//! route configuration is then converted as a client would convert it, so a
+//! mesh file a client would NACK is an error here instead. A bad file is
+//! always an error naming the service and what is wrong, never a panic.
+//!
+//! A running control plane takes a changed mesh with
+//! [`SnapshotCache::set_mesh`] or [`ControlPlane::set_mesh`]; connected
+//! clients receive it as an ordinary xDS push.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use nasp_proto::istio_nds::NameTable;
 use nasp_proto::istio_nds::name_table::NameInfo;
 use nasp_xds::{ResourceSet, XdsError, read_config_dump};
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+use crate::{ControlPlane, SnapshotCache};
 
 /// mTLS mode of a service or port.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -47,15 +73,31 @@ pub enum MtlsMode {
     Disable,
 }
 
-/// Application protocol of a port.
+/// Application protocol of a port (Istio's port-name prefixes).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PortProtocol {
-    /// HTTP (any version): routed by host.
+    /// HTTP: routed by host, HTTP/1.1 to the endpoints.
     #[default]
     Http,
+    /// HTTP/2: routed by host, HTTP/2 to the endpoints.
+    Http2,
+    /// gRPC: routed by host like HTTP, HTTP/2 to the endpoints.
+    Grpc,
     /// Opaque TCP: routed by VIP and port.
     Tcp,
+}
+
+impl PortProtocol {
+    /// Whether the port is routed per request (RDS).
+    pub fn is_http(self) -> bool {
+        !matches!(self, PortProtocol::Tcp)
+    }
+
+    /// Whether the cluster speaks HTTP/2 to its endpoints.
+    pub fn is_http2(self) -> bool {
+        matches!(self, PortProtocol::Http2 | PortProtocol::Grpc)
+    }
 }
 
 /// A service port.
@@ -64,7 +106,7 @@ pub enum PortProtocol {
 pub struct ServicePort {
     /// The service port.
     pub port: u16,
-    /// http or tcp.
+    /// `http`, `http2`, `grpc` or `tcp`.
     #[serde(default)]
     pub protocol: PortProtocol,
     /// The endpoints' port (defaults to `port`).
@@ -77,6 +119,15 @@ pub struct ServicePort {
 pub struct MeshEndpoint {
     /// The endpoint's IP.
     pub ip: String,
+    /// Its port, overriding the service port's `target_port`; only for a
+    /// service with one port (use `ports` otherwise). Lets several replicas
+    /// share one IP.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Its port per service port (`{80: 8081, 9090: 9091}`), overriding
+    /// `target_port` for the ports named.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
     /// Load-balancing weight.
     #[serde(default = "one")]
     pub weight: u32,
@@ -86,6 +137,34 @@ pub struct MeshEndpoint {
     /// Whether it runs an Istio-compatible mTLS peer (default true).
     #[serde(default = "yes")]
     pub istio: bool,
+    /// Its workload's labels (`version: v1`): subsets select on them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl MeshEndpoint {
+    /// An Istio endpoint at `ip` with weight 1 and no labels.
+    pub fn new(ip: impl Into<String>) -> Self {
+        Self {
+            ip: ip.into(),
+            port: None,
+            ports: BTreeMap::new(),
+            weight: 1,
+            locality: String::new(),
+            istio: true,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// The port it serves `service_port` on.
+    fn port_for(&self, service_port: &ServicePort) -> u16 {
+        self.ports
+            .get(&service_port.port)
+            .copied()
+            .or(self.port)
+            .or(service_port.target_port)
+            .unwrap_or(service_port.port)
+    }
 }
 
 fn one() -> u32 {
@@ -94,6 +173,77 @@ fn one() -> u32 {
 
 fn yes() -> bool {
     true
+}
+
+/// A named group of a service's endpoints (a DestinationRule subset).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    /// Its name, in cluster names and SNI (`v1`).
+    pub name: String,
+    /// The labels an endpoint must carry (all of them) to belong to it.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Subset {
+    fn selects(&self, e: &MeshEndpoint) -> bool {
+        self.labels.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+    }
+}
+
+/// What a route matches (a VirtualService `HTTPMatchRequest`): at most one
+/// of `prefix`, `path` and `regex` (none: every path), and every header in
+/// `headers` with exactly that value.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatchSpec {
+    /// Path prefix.
+    pub prefix: Option<String>,
+    /// Exact path.
+    pub path: Option<String>,
+    /// Regex the whole path must match (RE2 syntax).
+    pub regex: Option<String>,
+    /// Header name → exact value.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Where a route sends requests (a VirtualService `HTTPRouteDestination`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDestination {
+    /// The subset; none: the whole service.
+    pub subset: Option<String>,
+    /// Relative weight; needed when a route has several destinations.
+    pub weight: Option<u32>,
+}
+
+impl RouteDestination {
+    /// A destination of `subset` with `weight`.
+    pub fn subset(subset: impl Into<String>, weight: u32) -> Self {
+        Self {
+            subset: Some(subset.into()),
+            weight: Some(weight),
+        }
+    }
+}
+
+/// An HTTP route of a service (a VirtualService `HTTPRoute`). Routes are
+/// tried in order; the first that matches takes the request.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshRoute {
+    /// The Envoy route's name (istiod uses the HTTPRoute's `name`; unnamed
+    /// routes stay unnamed).
+    pub name: Option<String>,
+    /// What it matches (default: every request).
+    #[serde(rename = "match", default)]
+    pub matches: Option<RouteMatchSpec>,
+    /// One destination, or several split by weight.
+    pub route: Vec<RouteDestination>,
+    /// Whole-request timeout (`500ms`, `2s`, `1m`); default Istio's: none.
+    pub timeout: Option<String>,
 }
 
 /// A service.
@@ -121,6 +271,20 @@ pub struct MeshService {
     /// (needs a `vip`).
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Subsets of its endpoints, by label.
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    /// HTTP routes on every HTTP port, in order; none: one `/` route to the
+    /// whole service.
+    #[serde(default)]
+    pub routes: Vec<MeshRoute>,
+}
+
+impl MeshService {
+    /// The service's FQDN in `domain`.
+    pub fn fqdn(&self, domain: &str) -> String {
+        format!("{}.{}.svc.{domain}", self.name, self.namespace)
+    }
 }
 
 fn default_sa() -> String {
@@ -156,6 +320,17 @@ pub struct MeshFile {
     pub inbound: Vec<InboundPort>,
 }
 
+impl Default for MeshFile {
+    fn default() -> Self {
+        Self {
+            trust_domain: default_td(),
+            domain: default_td(),
+            services: Vec::new(),
+            inbound: Vec::new(),
+        }
+    }
+}
+
 fn default_td() -> String {
     "cluster.local".into()
 }
@@ -165,6 +340,200 @@ impl MeshFile {
     pub fn parse(text: &str) -> Result<Self, XdsError> {
         serde_saphyr::from_str(text).map_err(|e| XdsError::Dump(format!("mesh file: {e}")))
     }
+
+    /// The service `name` in `namespace`, to change it before the next
+    /// [`ControlPlane::set_mesh`].
+    pub fn service_mut(&mut self, name: &str, namespace: &str) -> Option<&mut MeshService> {
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name && s.namespace == namespace)
+    }
+
+    /// Generates the resources and the name table (see [`generate`]).
+    pub fn generate(&self) -> Result<(ResourceSet, NameTable), XdsError> {
+        generate(self)
+    }
+}
+
+impl SnapshotCache {
+    /// A cache serving the resources and the name table of `mesh`.
+    pub fn from_mesh(mesh: &MeshFile) -> Result<Self, XdsError> {
+        let cache = Self::default();
+        cache.set_mesh(mesh)?;
+        Ok(cache)
+    }
+
+    /// Serves `mesh` from now on: its resources and name table replace
+    /// everything and are pushed to every connected client (make before
+    /// break, as [`SnapshotCache::set`]). A mesh that does not generate is
+    /// an error and changes nothing: the last good snapshot stays.
+    pub fn set_mesh(&self, mesh: &MeshFile) -> Result<(), XdsError> {
+        let (set, names) = generate(mesh)?;
+        self.set_with_names(&set, &names);
+        Ok(())
+    }
+}
+
+impl ControlPlane {
+    /// Serves `mesh` from now on and pushes it to every connected client
+    /// (see [`SnapshotCache::set_mesh`]): how a demo shifts traffic or
+    /// removes a replica while clients run. An error when the mesh does not
+    /// generate (the last good snapshot stays) or the control plane was
+    /// started without xDS.
+    pub fn set_mesh(&self, mesh: &MeshFile) -> Result<(), XdsError> {
+        match self.snapshots() {
+            Some(cache) => cache.set_mesh(mesh),
+            None => Err(XdsError::Dump(
+                "mesh file: this control plane was started without xDS (ControlPlaneConfig::xds)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+fn bad(fqdn: &str, what: impl std::fmt::Display) -> XdsError {
+    XdsError::Dump(format!("mesh file: service {fqdn}: {what}"))
+}
+
+/// Istio's names are joined with `|`, `_.` and `;`; a subset name must not
+/// break them, and Kubernetes restricts it to a DNS label anyway.
+fn valid_subset_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Checks what serde cannot: references between parts of a service.
+fn validate(svc: &MeshService, fqdn: &str) -> Result<(), XdsError> {
+    for e in &svc.endpoints {
+        if svc.ports.len() > 1 && e.port.is_some() {
+            return Err(bad(
+                fqdn,
+                format!(
+                    "endpoint {}: `port` is ambiguous with {} service ports; use `ports: {{<service port>: <port>}}`",
+                    e.ip,
+                    svc.ports.len()
+                ),
+            ));
+        }
+        if let Some(p) = e
+            .ports
+            .keys()
+            .find(|p| !svc.ports.iter().any(|s| s.port == **p))
+        {
+            return Err(bad(
+                fqdn,
+                format!(
+                    "endpoint {}: `ports` names {p}, not a port of the service",
+                    e.ip
+                ),
+            ));
+        }
+        if e.port == Some(0) || e.ports.values().any(|p| *p == 0) {
+            return Err(bad(fqdn, format!("endpoint {}: port 0", e.ip)));
+        }
+        e.ip.parse::<std::net::IpAddr>()
+            .map_err(|err| bad(fqdn, format!("endpoint ip {:?}: {err}", e.ip)))?;
+    }
+    for (i, s) in svc.subsets.iter().enumerate() {
+        if !valid_subset_name(&s.name) {
+            return Err(bad(
+                fqdn,
+                format!(
+                    "subset name {:?}: letters, digits, `-` and `.` only",
+                    s.name
+                ),
+            ));
+        }
+        if svc.subsets[..i].iter().any(|o| o.name == s.name) {
+            return Err(bad(fqdn, format!("subset {:?} is declared twice", s.name)));
+        }
+    }
+    if !svc.routes.is_empty() && !svc.ports.iter().any(|p| p.protocol.is_http()) {
+        return Err(bad(fqdn, "`routes` need an http, http2 or grpc port"));
+    }
+    for (i, r) in svc.routes.iter().enumerate() {
+        let which = match &r.name {
+            Some(n) => format!("route {n:?}"),
+            None => format!("route #{}", i + 1),
+        };
+        if r.route.is_empty() {
+            return Err(bad(fqdn, format!("{which}: `route` names no destination")));
+        }
+        for d in &r.route {
+            if let Some(s) = &d.subset
+                && !svc.subsets.iter().any(|x| &x.name == s)
+            {
+                return Err(bad(
+                    fqdn,
+                    format!("{which}: unknown subset {s:?} (declare it under `subsets`)"),
+                ));
+            }
+        }
+        if r.route.len() > 1 && r.route.iter().any(|d| d.weight.is_none()) {
+            return Err(bad(
+                fqdn,
+                format!("{which}: with several destinations each needs a `weight`"),
+            ));
+        }
+        if r.route
+            .iter()
+            .map(|d| u64::from(d.weight.unwrap_or(100)))
+            .sum::<u64>()
+            == 0
+        {
+            return Err(bad(fqdn, format!("{which}: the weights sum to 0")));
+        }
+        if let Some(m) = &r.matches {
+            let paths = [&m.prefix, &m.path, &m.regex]
+                .iter()
+                .filter(|p| p.is_some())
+                .count();
+            if paths > 1 {
+                return Err(bad(
+                    fqdn,
+                    format!("{which}: at most one of `prefix`, `path` and `regex`"),
+                ));
+            }
+            if let Some(h) = m
+                .headers
+                .keys()
+                .find(|h| h.is_empty() || h.contains(char::is_whitespace))
+            {
+                return Err(bad(fqdn, format!("{which}: bad header name {h:?}")));
+            }
+        }
+        if let Some(t) = &r.timeout {
+            parse_duration(t).map_err(|e| bad(fqdn, format!("{which}: timeout {t:?}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// `500ms`, `2s`, `1.5s`, `1m` (VirtualService durations).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        return Err("needs a unit: ms, s, m or h".into());
+    };
+    let v: f64 = num.trim().parse().map_err(|e| format!("{e}"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err("must be a non-negative number".into());
+    }
+    Duration::try_from_secs_f64(v * unit).map_err(|e| e.to_string())
+}
+
+/// Envoy's JSON form of a duration.
+fn envoy_duration(d: Duration) -> String {
+    format!("{}.{:09}s", d.as_secs(), d.subsec_nanos())
 }
 
 const TLS_UP: &str =
@@ -226,21 +595,55 @@ fn inspectors() -> Value {
     ])
 }
 
-fn cluster(svc: &MeshService, port: &ServicePort, fqdn: &str, trust_domain: &str) -> Value {
-    let name = format!("outbound|{}||{fqdn}", port.port);
-    let sni = format!("outbound_.{}_._.{fqdn}", port.port);
+/// `outbound|<port>|<subset>|<fqdn>`.
+fn cluster_name(port: u16, subset: Option<&str>, fqdn: &str) -> String {
+    format!("outbound|{port}|{}|{fqdn}", subset.unwrap_or(""))
+}
+
+fn cluster(
+    svc: &MeshService,
+    port: &ServicePort,
+    subset: Option<&Subset>,
+    fqdn: &str,
+    trust_domain: &str,
+) -> Value {
+    let subset_name = subset.map(|s| s.name.as_str());
+    let name = cluster_name(port.port, subset_name, fqdn);
+    let sni = format!(
+        "outbound_.{}_.{}_.{fqdn}",
+        port.port,
+        subset_name.unwrap_or("")
+    );
     let san = format!(
         "spiffe://{trust_domain}/ns/{}/sa/{}",
         svc.namespace, svc.service_account
     );
+    let mut istio = json!({
+        "services": [{"host": fqdn, "name": svc.name, "namespace": svc.namespace}],
+        "default_original_port": port.port
+    });
+    if let Some(s) = subset_name {
+        istio["subset"] = json!(s);
+    }
     let mut c = json!({
         "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
         "name": name,
         "type": "EDS",
         "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}, "service_name": name},
         "connect_timeout": "10s",
-        "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u32, "max_pending_requests": 4294967295u32, "max_requests": 4294967295u32, "max_retries": 4294967295u32}]}
+        "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u32, "max_pending_requests": 4294967295u32, "max_requests": 4294967295u32, "max_retries": 4294967295u32}]},
+        "metadata": {"filter_metadata": {"istio": istio}}
     });
+    if port.protocol.is_http2() {
+        // What istiod writes for gRPC and HTTP/2 ports (see the dumps'
+        // `outbound|9000||echo.default…`).
+        c["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1073741824u32}}
+            }
+        });
+    }
     match svc.mtls {
         MtlsMode::Permissive => {
             c["transport_socket_matches"] = json!([
@@ -254,19 +657,48 @@ fn cluster(svc: &MeshService, port: &ServicePort, fqdn: &str, trust_domain: &str
     c
 }
 
-fn endpoints(svc: &MeshService, port: &ServicePort, fqdn: &str) -> Value {
-    let target = port.target_port.unwrap_or(port.port);
+/// Istio's `istio.workload` endpoint metadata:
+/// `<workload>;<namespace>;<canonical name>;<canonical revision>;<cluster>`,
+/// the canonical name and revision from the labels as istiod reads them
+/// (`service.istio.io/canonical-*`, else `app` / `version`, else the
+/// service name / `latest`). The workload is named like a Deployment of the
+/// version (`backend-v1`), and the cluster is istiod's default `Kubernetes`.
+fn workload(svc: &MeshService, e: &MeshEndpoint) -> String {
+    let label = |k: &str| e.labels.get(k).map(String::as_str);
+    let name = label("service.istio.io/canonical-name")
+        .or(label("app"))
+        .unwrap_or(&svc.name);
+    let version = label("version");
+    let revision = label("service.istio.io/canonical-revision")
+        .or(version)
+        .unwrap_or("latest");
+    let workload = match version {
+        Some(v) => format!("{}-{v}", svc.name),
+        None => svc.name.clone(),
+    };
+    format!("{workload};{};{name};{revision};Kubernetes", svc.namespace)
+}
+
+fn endpoints(svc: &MeshService, port: &ServicePort, subset: Option<&Subset>, fqdn: &str) -> Value {
     let mut by_locality: Vec<(String, Vec<Value>)> = Vec::new();
-    for e in &svc.endpoints {
-        let mut lb = json!({
-            "endpoint": {"address": {"socket_address": {"address": e.ip, "port_value": target}}},
+    for e in svc
+        .endpoints
+        .iter()
+        .filter(|e| subset.is_none_or(|s| s.selects(e)))
+    {
+        let mut filter_metadata = json!({"istio": {"workload": workload(svc, e)}});
+        if e.istio {
+            filter_metadata["envoy.transport_socket_match"] = json!({"tlsMode": "istio"});
+        }
+        if !e.labels.is_empty() {
+            filter_metadata["envoy.lb"] = json!(e.labels);
+        }
+        let lb = json!({
+            "endpoint": {"address": {"socket_address": {"address": e.ip, "port_value": e.port_for(port)}}},
             "health_status": "HEALTHY",
+            "metadata": {"filter_metadata": filter_metadata},
             "load_balancing_weight": e.weight
         });
-        if e.istio {
-            lb["metadata"] =
-                json!({"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}});
-        }
         match by_locality.iter_mut().find(|(l, _)| *l == e.locality) {
             Some((_, v)) => v.push(lb),
             None => by_locality.push((e.locality.clone(), vec![lb])),
@@ -284,9 +716,89 @@ fn endpoints(svc: &MeshService, port: &ServicePort, fqdn: &str) -> Value {
         .collect();
     json!({
         "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-        "cluster_name": format!("outbound|{}||{fqdn}", port.port),
-        "endpoints": groups
+        "cluster_name": cluster_name(port.port, subset.map(|s| s.name.as_str()), fqdn),
+        "endpoints": groups,
+        "policy": {"overprovisioning_factor": 140}
     })
+}
+
+/// Istio's default route action settings: no timeout, its retry policy.
+fn route_action(target: Value, timeout: Option<Duration>) -> Value {
+    let mut action = json!({
+        "timeout": timeout.map_or_else(|| "0s".to_string(), envoy_duration),
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+            "num_retries": 2,
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
+            "host_selection_retry_max_attempts": "5",
+            "retriable_status_codes": [503]
+        },
+        "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}
+    });
+    if let (Some(a), Some(t)) = (action.as_object_mut(), target.as_object()) {
+        a.extend(t.clone());
+    }
+    action
+}
+
+/// The routes of one HTTP port of a service (already validated).
+fn http_routes(svc: &MeshService, port: u16, fqdn: &str) -> Vec<Value> {
+    if svc.routes.is_empty() {
+        return vec![json!({
+            "match": {"prefix": "/"},
+            "name": "default",
+            "route": route_action(json!({"cluster": cluster_name(port, None, fqdn)}), None),
+            "decorator": {"operation": format!("{fqdn}:{port}/*")}
+        })];
+    }
+    svc.routes
+        .iter()
+        .map(|r| {
+            let m = r.matches.clone().unwrap_or_default();
+            let mut matcher = match (&m.prefix, &m.path, &m.regex) {
+                (_, Some(p), _) => json!({"path": p}),
+                (_, _, Some(re)) => json!({"safe_regex": {"regex": re}}),
+                (Some(p), _, _) => json!({"prefix": p}),
+                (None, None, None) => json!({"prefix": "/"}),
+            };
+            if !m.headers.is_empty() {
+                matcher["headers"] = m
+                    .headers
+                    .iter()
+                    .map(|(n, v)| json!({"name": n.to_ascii_lowercase(), "string_match": {"exact": v}}))
+                    .collect();
+            }
+            // Like istiod: a 0-weight destination is dropped when others
+            // remain, and one destination left is a plain cluster.
+            let single = r.route.len() == 1;
+            let legs: Vec<(String, u32)> = r
+                .route
+                .iter()
+                .map(|d| {
+                    let w = if single { 100 } else { d.weight.unwrap_or(0) };
+                    (cluster_name(port, d.subset.as_deref(), fqdn), w)
+                })
+                .filter(|(_, w)| single || *w > 0)
+                .collect();
+            let target = match legs.as_slice() {
+                [(name, _)] => json!({"cluster": name}),
+                legs => json!({"weighted_clusters": {"clusters": legs
+                    .iter()
+                    .map(|(name, weight)| json!({"name": name, "weight": weight}))
+                    .collect::<Vec<_>>()}}),
+            };
+            let timeout = r.timeout.as_deref().and_then(|t| parse_duration(t).ok());
+            let mut route = json!({
+                "match": matcher,
+                "route": route_action(target, timeout),
+                "decorator": {"operation": format!("{fqdn}:{port}/*")}
+            });
+            if let Some(n) = &r.name {
+                route["name"] = json!(n);
+            }
+            route
+        })
+        .collect()
 }
 
 fn inbound_listener(ports: &[InboundPort]) -> Value {
@@ -335,7 +847,9 @@ fn inbound_listener(ports: &[InboundPort]) -> Value {
     })
 }
 
-/// The resources and the name table of a mesh.
+/// The resources and the name table of a mesh. An error names the service
+/// and what is wrong with it (an unknown subset in a route, weights summing
+/// to 0, a TCP port without a VIP, a regex that does not compile, …).
 pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
     let mut clusters = Vec::new();
     let mut cla = Vec::new();
@@ -343,10 +857,11 @@ pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
     let mut vhosts_by_port: HashMap<u16, Vec<Value>> = HashMap::new();
     let mut names = NameTable::default();
     for svc in &mesh.services {
-        let fqdn = format!("{}.{}.svc.{}", svc.name, svc.namespace, mesh.domain);
+        let fqdn = svc.fqdn(&mesh.domain);
+        validate(svc, &fqdn)?;
         if let Some(vip) = &svc.vip {
             vip.parse::<std::net::IpAddr>()
-                .map_err(|e| XdsError::Dump(format!("service {fqdn}: vip {vip:?}: {e}")))?;
+                .map_err(|e| bad(&fqdn, format!("vip {vip:?}: {e}")))?;
             names.table.insert(
                 fqdn.clone(),
                 NameInfo {
@@ -368,62 +883,49 @@ pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
                 );
             }
         } else if !svc.aliases.is_empty() {
-            return Err(XdsError::Dump(format!(
-                "service {fqdn}: aliases need a vip"
-            )));
+            return Err(bad(&fqdn, "aliases need a vip"));
         }
         for port in &svc.ports {
-            let cluster_name = format!("outbound|{}||{fqdn}", port.port);
-            clusters.push(json!({"cluster": cluster(svc, port, &fqdn, &mesh.trust_domain)}));
-            cla.push(json!({"endpoint_config": endpoints(svc, port, &fqdn)}));
-            match port.protocol {
-                PortProtocol::Tcp => {
-                    let Some(vip) = &svc.vip else {
-                        return Err(XdsError::Dump(format!(
-                            "service {fqdn}: TCP port {} needs a vip",
-                            port.port
-                        )));
-                    };
-                    listeners.push(json!({"name": format!("{vip}_{}", port.port), "active_state": {"listener": {
-                        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-                        "name": format!("{vip}_{}", port.port),
-                        "address": {"socket_address": {"address": vip, "port_value": port.port}},
-                        "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-                            "stat_prefix": cluster_name,
-                            "cluster": cluster_name
-                        }}]}]
-                    }}}));
-                }
-                PortProtocol::Http => {
-                    let short = [
-                        svc.name.clone(),
-                        format!("{}.{}", svc.name, svc.namespace),
-                        format!("{}.{}.svc", svc.name, svc.namespace),
-                        fqdn.clone(),
-                    ];
-                    let mut domains = Vec::new();
-                    for d in short.iter().chain(svc.vip.iter()) {
-                        domains.push(d.clone());
-                        domains.push(format!("{d}:{}", port.port));
-                    }
-                    vhosts_by_port.entry(port.port).or_default().push(json!({
-                        "name": format!("{fqdn}:{}", port.port),
-                        "domains": domains,
-                        "routes": [{"match": {"prefix": "/"}, "name": "default", "route": {
-                            "cluster": cluster_name,
-                            "timeout": "0s",
-                            "retry_policy": {
-                                "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-                                "num_retries": 2,
-                                "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
-                                "host_selection_retry_max_attempts": "5",
-                                "retriable_status_codes": [503]
-                            }
-                        }}]
-                    }));
-                }
+            let cluster_name = cluster_name(port.port, None, &fqdn);
+            let subsets = std::iter::once(None).chain(svc.subsets.iter().map(Some));
+            for subset in subsets {
+                clusters.push(
+                    json!({"cluster": cluster(svc, port, subset, &fqdn, &mesh.trust_domain)}),
+                );
+                cla.push(json!({"endpoint_config": endpoints(svc, port, subset, &fqdn)}));
             }
+            if port.protocol == PortProtocol::Tcp {
+                let Some(vip) = &svc.vip else {
+                    return Err(bad(&fqdn, format!("TCP port {} needs a vip", port.port)));
+                };
+                listeners.push(json!({"name": format!("{vip}_{}", port.port), "active_state": {"listener": {
+                    "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+                    "name": format!("{vip}_{}", port.port),
+                    "address": {"socket_address": {"address": vip, "port_value": port.port}},
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": cluster_name,
+                        "cluster": cluster_name
+                    }}]}]
+                }}}));
+                continue;
+            }
+            let short = [
+                svc.name.clone(),
+                format!("{}.{}", svc.name, svc.namespace),
+                format!("{}.{}.svc", svc.name, svc.namespace),
+                fqdn.clone(),
+            ];
+            let mut domains = Vec::new();
+            for d in short.iter().chain(svc.vip.iter()) {
+                domains.push(d.clone());
+                domains.push(format!("{d}:{}", port.port));
+            }
+            vhosts_by_port.entry(port.port).or_default().push(json!({
+                "name": format!("{fqdn}:{}", port.port),
+                "domains": domains,
+                "routes": http_routes(svc, port.port, &fqdn)
+            }));
         }
     }
     let mut routes = Vec::new();
@@ -457,6 +959,13 @@ pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
         {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners},
         {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes}
     ]});
-    let set = read_config_dump(&dump.to_string())?;
+    let set = read_config_dump(&dump.to_string())
+        .map_err(|e| XdsError::Dump(format!("mesh file: generated resources: {e}")))?;
+    // What a client would NACK (a regex that does not compile, …) is the
+    // mesh file's error, found here rather than on every client.
+    for rc in set.routes.values() {
+        nasp_xds::route::RouteConfig::from_proto(rc)
+            .map_err(|e| XdsError::Dump(format!("mesh file: routes of port {}: {e}", rc.name)))?;
+    }
     Ok((set, names))
 }

@@ -35,6 +35,7 @@ pub struct ControlPlaneConfig {
 pub struct ControlPlane {
     addr: SocketAddr,
     root_pem: String,
+    xds: Option<Arc<crate::xds::SnapshotCache>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -171,6 +172,7 @@ impl ControlPlane {
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let root_pem = ca.root_pem().to_string();
         let xds = config.xds;
+        let snapshots = xds.clone();
         let mut tls_router =
             tonic::transport::Server::builder().add_service(CaService::new(ca).into_server());
         if let Some(cache) = &xds {
@@ -271,6 +273,7 @@ impl ControlPlane {
         Ok(Self {
             addr,
             root_pem,
+            xds: snapshots,
             shutdown: Some(stop_tx),
             task,
         })
@@ -284,6 +287,12 @@ impl ControlPlane {
     /// The mesh root certificate, PEM.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
+    }
+
+    /// The snapshots it serves over ADS (`None` without xDS): a new
+    /// snapshot set there is pushed to every connected client.
+    pub fn snapshots(&self) -> Option<&Arc<crate::xds::SnapshotCache>> {
+        self.xds.as_ref()
     }
 
     /// Stops serving and waits for the server to end.

@@ -346,6 +346,15 @@ fn generated_resources_pass_envoys_validation_rules() {
     // … and on what the mesh file generates.
     let (set, _) = generate(&mesh()).expect("generate");
     envoy_rules::check(&set).expect("the generated mesh");
+    // … and on the traffic demo's (subsets, weighted routes, gRPC).
+    let path = format!(
+        "{}/../../examples/mesh/traffic.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let traffic =
+        MeshFile::parse(&std::fs::read_to_string(path).expect("traffic.yaml")).expect("parses");
+    let (set, _) = generate(&traffic).expect("generate");
+    envoy_rules::check(&set).expect("the generated traffic mesh");
 }
 
 #[test]
