@@ -22,14 +22,20 @@
 //! Not here yet (issue 8): the outbound HTTP/gRPC clients, xDS-driven
 //! routing and balancing, filters. See `docs/transport.md`.
 
+pub mod balance;
 pub mod body;
+pub mod client;
 pub mod http;
 pub mod inbound;
 pub mod info;
 pub mod outbound;
+mod pool;
+pub mod tcp;
 
 pub use body::{Body, BoxError};
+pub use client::{ClientError, ClientSettings, HttpClient, LocalReply, StaticView, ViewSource};
 pub use info::Upstream;
+pub use tcp::{MeshTcpStream, TcpConnector};
 
 pub use http::{MeshPeer, serve_http};
 pub use inbound::{InboundConfig, InboundMode, MeshConn, MeshListener, MeshStream};

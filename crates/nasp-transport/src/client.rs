@@ -1,0 +1,1280 @@
+//! The outbound HTTP client: what an Istio sidecar does to a request the
+//! application sends, as a tower stack a reader can follow top to bottom.
+//!
+//! ```text
+//! HttpClient ─► Route ─► Cluster ─► Connect
+//!               │        │          └ a pooled HTTP/1.1 or HTTP/2 connection to the
+//!               │        │            endpoint: mTLS with Istio's SNI, ALPN and SANs
+//!               │        │            from the view, or plaintext where the view says so
+//!               │        └ per attempt: an endpoint from the balancer (healthy ones,
+//!               │          round robin / least request), retries as the route's policy
+//!               │          says (connect failure, refused stream, status codes), with
+//!               │          back-off and Istio's previous-hosts predicate
+//!               └ the destination from the mesh view (host, port), the first matching
+//!                 route (path, headers, query), the weighted cluster, rewrites, header
+//!                 changes, the route timeout; redirects, direct responses, 404 / 503
+//!                 as Envoy answers them
+//! ```
+//!
+//! Each layer is a `tower::Service<http::Request<Body>>` and hands its
+//! decision to the next as a request extension ([`Routed`], then the
+//! endpoint). Bodies stream through: nothing is buffered, except a small
+//! request body (≤ 64 KiB, known length) when the route may retry after
+//! sending, as Envoy buffers for retries.
+//!
+//! The view is read once per request from a [`ViewSource`] (the ADS
+//! client's lock-free view, or a [`StaticView`]), so an xDS update moves
+//! the next request without touching requests in flight.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use nasp_xds::cluster::{ClusterInfo, TlsMode, UpstreamProtocol};
+use nasp_xds::route::{HeaderAppend, HeaderMutations, HostRewrite, PathMatch, RetryPolicy, Route};
+use nasp_xds::{MeshView, Outbound, RequestHeaders, RouteDecision};
+
+use crate::balance::{Balancers, InFlight};
+use crate::body::{Body, BoxError};
+use crate::info::Upstream;
+use crate::outbound::MeshConnector;
+use crate::pool::{ConnInfo, ConnectError, PoolKey, Pools, Proto, Sender, TlsTarget};
+
+/// Where the client reads the mesh from.
+pub trait ViewSource: Send + Sync + 'static {
+    /// The mesh as it is now.
+    fn view(&self) -> Arc<MeshView>;
+}
+
+impl ViewSource for nasp_xds::AdsClient {
+    fn view(&self) -> Arc<MeshView> {
+        nasp_xds::AdsClient::view(self)
+    }
+}
+
+/// A view set by hand: a config dump, a test, an embedder's own source.
+#[derive(Debug, Default)]
+pub struct StaticView(arc_swap::ArcSwap<MeshView>);
+
+impl StaticView {
+    /// A source serving `view`.
+    pub fn new(view: MeshView) -> Self {
+        Self(arc_swap::ArcSwap::from_pointee(view))
+    }
+
+    /// Replaces the view; the next request uses it.
+    pub fn set(&self, view: MeshView) {
+        self.0.store(Arc::new(view));
+    }
+}
+
+impl ViewSource for StaticView {
+    fn view(&self) -> Arc<MeshView> {
+        self.0.load_full()
+    }
+}
+
+/// Request bodies up to this size are kept for retries after sending.
+const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// Why the client could not even start: the request is not one it can
+/// route. Everything past routing (no route, no endpoint, upstream
+/// failures) is answered as Envoy answers it, with a local response.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The request names no host (neither an absolute URI nor `Host`).
+    #[error(
+        "request has no authority (use an absolute URI such as http://echo.demo/ or a Host header)"
+    )]
+    NoAuthority,
+    /// The host is not in the mesh and passthrough is off.
+    #[error("{0} is not a mesh destination (and passthrough is disabled)")]
+    NotInMesh(String),
+    /// Passthrough to a host outside the mesh failed to resolve it.
+    #[error("resolving {host}: {reason}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Settings of the client.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Send requests for hosts outside the mesh straight to them, in
+    /// plaintext (Istio's default `ALLOW_ANY`); off: an error.
+    pub passthrough: bool,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+    /// How long an idle connection is kept.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            passthrough: true,
+            max_idle_per_endpoint: 64,
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// A local response the client made instead of an upstream one (Envoy's
+/// local reply), as a response extension: the response flag as Envoy's
+/// access log writes it and the details.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalReply {
+    /// `NR` (no route), `NC` (no cluster), `UH` (no healthy upstream), `UF`
+    /// (upstream connect failure), `URX` (retries exhausted), `UT`
+    /// (timeout), `UR` (upstream reset), `DC`…; empty for a configured
+    /// direct response or redirect.
+    pub flags: &'static str,
+    /// What happened.
+    pub details: String,
+}
+
+/// What the route decided, for the cluster layer.
+#[derive(Clone, Debug)]
+pub struct Routed {
+    /// The cluster.
+    pub cluster: Arc<ClusterInfo>,
+    /// The route's name.
+    pub route: Arc<str>,
+    /// Its retry policy.
+    pub retry: Option<RetryPolicy>,
+    /// Its per-request timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// The endpoint picked for one attempt, for the connect layer.
+#[derive(Clone, Debug)]
+struct Attempt {
+    key: PoolKey,
+    connect_timeout: Duration,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+/// The mesh HTTP client (see the module docs). Cheap to clone; clones
+/// share pools and balancers.
+#[derive(Clone, Debug)]
+pub struct HttpClient {
+    route: RouteLayer,
+}
+
+impl HttpClient {
+    /// A client routing by `views`, connecting with `connector`.
+    pub fn new(views: Arc<dyn ViewSource>, connector: MeshConnector) -> Self {
+        Self::with_settings(views, connector, ClientSettings::default())
+    }
+
+    /// As [`HttpClient::new`], with settings.
+    pub fn with_settings(
+        views: Arc<dyn ViewSource>,
+        connector: MeshConnector,
+        settings: ClientSettings,
+    ) -> Self {
+        let mut pools = Pools::new(connector);
+        pools.max_idle = settings.max_idle_per_endpoint;
+        pools.idle_timeout = settings.idle_timeout;
+        let connect = ConnectLayer {
+            pools: Arc::new(pools),
+        };
+        let cluster = ClusterLayer {
+            balancers: Arc::default(),
+            inner: connect,
+        };
+        Self {
+            route: RouteLayer {
+                views,
+                settings: Arc::new(settings),
+                inner: cluster,
+            },
+        }
+    }
+
+    /// Sends one request: `http://host[:port]/path` (or a `Host` header),
+    /// routed through the mesh.
+    pub async fn request<B>(&self, req: Request<B>) -> Result<Response<Body>, ClientError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.route.call(req.map(Body::new)).await
+    }
+
+    /// `GET url`.
+    pub async fn get(&self, url: &str) -> Result<Response<Body>, BoxError> {
+        let req = Request::get(url).body(Body::empty())?;
+        Ok(self.request(req).await?)
+    }
+
+    /// Connections open or idle in the pools (for tests and stats: it grows
+    /// with endpoints, not with requests).
+    pub fn pooled_connections(&self) -> usize {
+        self.route.inner.inner.pools.connections()
+    }
+}
+
+impl<B> tower::Service<Request<B>> for HttpClient
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<Body>, BoxError>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let route = self.route.clone();
+        Box::pin(async move { Ok(route.call(req.map(Body::new)).await?) })
+    }
+}
+
+// ---------------------------------------------------------------- route --
+
+/// The request facts routing reads, over an `http::HeaderMap`, with the
+/// pseudo-headers Envoy matches on.
+struct Facts<'a> {
+    headers: &'a http::HeaderMap,
+    method: &'a str,
+    authority: &'a str,
+    scheme: &'a str,
+    path: &'a str,
+}
+
+impl RequestHeaders for Facts<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        match name {
+            ":method" => Some(self.method),
+            ":authority" => Some(self.authority),
+            ":scheme" => Some(self.scheme),
+            ":path" => Some(self.path),
+            _ => self.headers.get(name).and_then(|v| v.to_str().ok()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RouteLayer {
+    views: Arc<dyn ViewSource>,
+    settings: Arc<ClientSettings>,
+    inner: ClusterLayer,
+}
+
+impl std::fmt::Debug for RouteLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteLayer").finish_non_exhaustive()
+    }
+}
+
+/// A local response, as Envoy writes them (`text/plain`, the details as
+/// the body).
+fn local_reply(status: StatusCode, flags: &'static str, details: String) -> Response<Body> {
+    let mut r = Response::new(Body::from(details.clone()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    r.extensions_mut().insert(LocalReply { flags, details });
+    r
+}
+
+/// Splits an authority into host and port (default by scheme).
+fn host_port(authority: &str, https: bool) -> (String, u16) {
+    let default = if https { 443 } else { 80 };
+    if let Some(rest) = authority.strip_prefix('[')
+        && let Some((h, p)) = rest.split_once(']')
+    {
+        let port = p
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default);
+        return (format!("[{h}]"), port);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h.to_string(), p.parse().unwrap_or(default)),
+        _ => (authority.to_string(), default),
+    }
+}
+
+fn apply_request_mutations(headers: &mut http::HeaderMap, levels: &[&HeaderMutations]) {
+    for m in levels {
+        for name in &m.request_remove {
+            headers.remove(name.as_str());
+        }
+        for add in &m.request_add {
+            add_header(
+                headers,
+                &add.name,
+                &add.value,
+                add.action,
+                add.keep_empty_value,
+            );
+        }
+    }
+}
+
+fn apply_response_mutations(headers: &mut http::HeaderMap, levels: &[&HeaderMutations]) {
+    for m in levels {
+        for name in &m.response_remove {
+            headers.remove(name.as_str());
+        }
+        for add in &m.response_add {
+            add_header(
+                headers,
+                &add.name,
+                &add.value,
+                add.action,
+                add.keep_empty_value,
+            );
+        }
+    }
+}
+
+fn add_header(
+    headers: &mut http::HeaderMap,
+    name: &str,
+    value: &str,
+    action: HeaderAppend,
+    keep_empty: bool,
+) {
+    // Envoy's `%…%` formatters are not evaluated here: such a header is
+    // left out rather than sent with the formatter text.
+    if value.contains('%') || (value.is_empty() && !keep_empty) {
+        return;
+    }
+    let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) else {
+        return;
+    };
+    let present = headers.contains_key(&n);
+    match action {
+        HeaderAppend::AppendIfExistsOrAdd => {
+            headers.append(n, v);
+        }
+        HeaderAppend::AddIfAbsent if !present => {
+            headers.insert(n, v);
+        }
+        HeaderAppend::OverwriteIfExistsOrAdd => {
+            headers.insert(n, v);
+        }
+        HeaderAppend::OverwriteIfExists if present => {
+            headers.insert(n, v);
+        }
+        _ => {}
+    }
+}
+
+/// The path after the route's rewrites.
+fn rewritten_path(
+    route: &Route,
+    prefix: Option<&str>,
+    regex: Option<&(regex::Regex, String)>,
+    pq: &str,
+) -> Option<String> {
+    let (path, query) = match pq.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (pq, None),
+    };
+    let new = if let Some(rw) = prefix {
+        let matched = match &route.matcher.path {
+            PathMatch::Prefix(p) | PathMatch::PathSeparatedPrefix(p) => p.len(),
+            _ => return None,
+        };
+        let rest = path.get(matched.min(path.len())..).unwrap_or("");
+        format!("{rw}{rest}")
+    } else if let Some((re, sub)) = regex {
+        re.replace_all(path, sub.as_str()).into_owned()
+    } else {
+        return None;
+    };
+    Some(match query {
+        Some(q) => format!("{new}?{q}"),
+        None => new,
+    })
+}
+
+impl RouteLayer {
+    async fn call(&self, mut req: Request<Body>) -> Result<Response<Body>, ClientError> {
+        let https = req.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
+        let authority = match req.uri().authority() {
+            Some(a) => a.as_str().to_string(),
+            None => req
+                .headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+                .ok_or(ClientError::NoAuthority)?,
+        };
+        let (host, port) = host_port(&authority, https);
+        let view = self.views.view();
+        let Some(outbound) = view.outbound(&host, port) else {
+            if !self.settings.passthrough {
+                return Err(ClientError::NotInMesh(format!("{host}:{port}")));
+            }
+            return self.passthrough(req, &authority, &host, port).await;
+        };
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let dest = match outbound {
+            Outbound::Cluster(cluster) => {
+                let routed = Routed {
+                    cluster,
+                    route: Arc::from(""),
+                    retry: None,
+                    timeout: None,
+                };
+                set_uri(&mut req, &authority, &pq);
+                req.extensions_mut().insert(routed);
+                return Ok(self.inner.call(req).await);
+            }
+            Outbound::Http(dest) => dest,
+        };
+        let method = req.method().as_str().to_string();
+        let decision_owned;
+        let (route, forward, cluster) = {
+            let facts = Facts {
+                headers: req.headers(),
+                method: &method,
+                authority: &authority,
+                scheme: if https { "https" } else { "http" },
+                path: &pq,
+            };
+            match view.route(&dest, &pq, &facts, rand::random()) {
+                RouteDecision::Forward {
+                    route,
+                    forward,
+                    cluster,
+                } => {
+                    decision_owned = (route.clone(), forward.clone());
+                    (&decision_owned.0, &decision_owned.1, cluster)
+                }
+                RouteDecision::Redirect(_, r) => {
+                    let mut loc = String::new();
+                    let scheme =
+                        r.scheme
+                            .as_deref()
+                            .unwrap_or(if https { "https" } else { "http" });
+                    let (h, p) = host_port(&authority, https);
+                    let h = r.host.clone().unwrap_or(h);
+                    let p = r.port.unwrap_or(p);
+                    let path = match &r.path {
+                        nasp_xds::route::RedirectPath::Keep => pq.clone(),
+                        nasp_xds::route::RedirectPath::Path(p) => p.clone(),
+                        nasp_xds::route::RedirectPath::Prefix(p) => p.clone(),
+                    };
+                    let path = if r.strip_query {
+                        path.split('?').next().unwrap_or("/").to_string()
+                    } else {
+                        path
+                    };
+                    loc.push_str(&format!("{scheme}://{h}:{p}{path}"));
+                    let mut resp = local_reply(
+                        StatusCode::from_u16(r.status).unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                        "",
+                        String::new(),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&loc) {
+                        resp.headers_mut().insert(http::header::LOCATION, v);
+                    }
+                    return Ok(resp);
+                }
+                RouteDecision::DirectResponse { status, body, .. } => {
+                    let mut resp = local_reply(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+                        "",
+                        String::new(),
+                    );
+                    *resp.body_mut() = body.map_or_else(Body::empty, |b| Body::from(b.to_vec()));
+                    return Ok(resp);
+                }
+                RouteDecision::NoRoute => {
+                    return Ok(local_reply(
+                        StatusCode::NOT_FOUND,
+                        "NR",
+                        format!("no route for {authority}{pq}"),
+                    ));
+                }
+                RouteDecision::ClusterNotFound(name) => {
+                    return Ok(local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "NC",
+                        format!("cluster {} not found", name.unwrap_or("(from header)")),
+                    ));
+                }
+            }
+        };
+        // Rewrites, then header changes: route, virtual host, route config
+        // (Envoy's default order, most specific first).
+        let mut authority = authority;
+        match &forward.host_rewrite {
+            HostRewrite::Literal(h) => authority = h.clone(),
+            HostRewrite::Header(name) => {
+                if let Some(v) = req
+                    .headers()
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                {
+                    authority = v.to_string();
+                }
+            }
+            HostRewrite::None | HostRewrite::Auto => {}
+        }
+        let pq = rewritten_path(
+            route,
+            forward.prefix_rewrite.as_deref(),
+            forward.regex_rewrite.as_ref(),
+            &pq,
+        )
+        .unwrap_or(pq);
+        apply_request_mutations(
+            req.headers_mut(),
+            &[
+                &route.headers,
+                &dest.virtual_host.headers,
+                &dest.route_config.headers,
+            ],
+        );
+        set_uri(&mut req, &authority, &pq);
+        req.extensions_mut().insert(Routed {
+            cluster,
+            route: Arc::from(route.name.as_str()),
+            retry: forward.retry_policy.clone(),
+            timeout: forward.timeout,
+        });
+        let mut resp = match forward.timeout {
+            Some(t) => match tokio::time::timeout(t, self.inner.call(req)).await {
+                Ok(r) => r,
+                Err(_) => local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    format!("upstream request timeout ({t:?})"),
+                ),
+            },
+            None => self.inner.call(req).await,
+        };
+        apply_response_mutations(
+            resp.headers_mut(),
+            &[
+                &route.headers,
+                &dest.virtual_host.headers,
+                &dest.route_config.headers,
+            ],
+        );
+        Ok(resp)
+    }
+
+    /// A host outside the mesh: straight to it, plaintext (Istio's
+    /// `PassthroughCluster`).
+    async fn passthrough(
+        &self,
+        mut req: Request<Body>,
+        authority: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<Response<Body>, ClientError> {
+        let target = format!(
+            "{}:{port}",
+            host.trim_start_matches('[').trim_end_matches(']')
+        );
+        let addr = tokio::net::lookup_host(&target)
+            .await
+            .map_err(|e| ClientError::Resolve {
+                host: host.to_string(),
+                reason: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| ClientError::Resolve {
+                host: host.to_string(),
+                reason: "no address".into(),
+            })?;
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        set_uri(&mut req, authority, &pq);
+        let proto = if req.version() == Version::HTTP_2 {
+            Proto::H2
+        } else {
+            Proto::H1
+        };
+        let attempt = Attempt {
+            key: PoolKey {
+                addr,
+                tls: None,
+                proto,
+            },
+            connect_timeout: nasp_xds::cluster::DEFAULT_CONNECT_TIMEOUT,
+        };
+        req.extensions_mut().insert(attempt);
+        let upstream = Upstream {
+            cluster: Arc::from("PassthroughCluster"),
+            route: Arc::from("allow_any"),
+            address: addr,
+            mtls: false,
+            peer_id: None,
+            alpn: None,
+            attempts: 1,
+        };
+        Ok(match self.inner.inner.call(req).await {
+            Ok((mut r, _)) => {
+                r.extensions_mut().insert(upstream);
+                r
+            }
+            Err(e) => local_reply(StatusCode::SERVICE_UNAVAILABLE, "UF", e.to_string()),
+        })
+    }
+}
+
+/// Sets the URI the next layers work with: always absolute, the authority
+/// the upstream is to see.
+fn set_uri(req: &mut Request<Body>, authority: &str, pq: &str) {
+    if let Ok(u) = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+    {
+        *req.uri_mut() = u;
+    }
+}
+
+// -------------------------------------------------------------- cluster --
+
+#[derive(Clone, Debug)]
+struct ClusterLayer {
+    balancers: Arc<Balancers>,
+    inner: ConnectLayer,
+}
+
+/// Why an attempt failed, and whether the request is still there to retry.
+#[derive(Debug)]
+struct AttemptError {
+    kind: AttemptErrorKind,
+    message: String,
+    /// The request, when nothing of it was sent.
+    request: Option<Request<Body>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptErrorKind {
+    /// No connection (connect, TLS handshake, HTTP handshake).
+    Connect,
+    /// The server refused the stream (HTTP/2 `REFUSED_STREAM`).
+    Refused,
+    /// The connection or stream broke after sending.
+    Reset,
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A request body kept for another attempt.
+enum Replay {
+    /// Not kept: only an attempt that sent nothing can be retried.
+    Once,
+    /// Empty, or small and buffered.
+    Bytes(Option<Bytes>),
+}
+
+/// A request rebuilt for another attempt (extensions are not carried).
+fn rebuild(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+fn retriable_status(p: &RetryPolicy, resp: &Response<Body>) -> bool {
+    let s = resp.status().as_u16();
+    let on = &p.retry_on;
+    if (on.server_error && s >= 500)
+        || (on.gateway_error && matches!(s, 502..=504))
+        || (on.retriable_4xx && s == 409)
+        || (on.retriable_status_codes && p.retriable_status_codes.contains(&s))
+    {
+        return true;
+    }
+    // A trailers-only gRPC answer carries its status in the headers.
+    match resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        Some(1) => on.grpc_cancelled,
+        Some(4) => on.grpc_deadline_exceeded,
+        Some(8) => on.grpc_resource_exhausted,
+        Some(13) => on.grpc_internal,
+        Some(14) => on.grpc_unavailable,
+        _ => false,
+    }
+}
+
+fn retriable_error(p: &RetryPolicy, kind: AttemptErrorKind) -> bool {
+    let on = &p.retry_on;
+    match kind {
+        AttemptErrorKind::Connect => on.connect_failure || on.reset || on.reset_before_request,
+        AttemptErrorKind::Refused => on.refused_stream || on.reset,
+        AttemptErrorKind::Reset => on.reset,
+    }
+}
+
+/// Envoy's jittered exponential back-off: random in `[0, base·2ⁿ)`, at
+/// most `max`.
+fn backoff(p: &RetryPolicy, retry: u32) -> Duration {
+    let base = p.back_off.base.as_millis().max(1) as u64;
+    let cap = p.back_off.max.as_millis().max(1) as u64;
+    let ceiling = base.saturating_mul(1u64 << retry.min(16)).min(cap);
+    Duration::from_millis(rand::random_range(0..=ceiling))
+}
+
+impl ClusterLayer {
+    async fn call(&self, req: Request<Body>) -> Response<Body> {
+        let Some(routed) = req.extensions().get::<Routed>().cloned() else {
+            return local_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                "request reached the cluster layer without a route".into(),
+            );
+        };
+        let lb = self.balancers.get(&routed.cluster);
+        if lb.is_empty() {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UH",
+                format!("no healthy upstream in {}", routed.cluster.name),
+            );
+        }
+        let policy = routed.retry.as_ref();
+        let max_attempts = 1 + policy.map_or(0, |p| p.num_retries);
+        let avoid_previous = policy.is_some_and(|p| {
+            p.host_predicates
+                .contains(&nasp_xds::route::HostPredicate::PreviousHosts)
+        });
+        let (parts, body) = req.into_parts();
+        let may_retry_after_send = policy.is_some_and(|p| {
+            let on = &p.retry_on;
+            on.server_error
+                || on.gateway_error
+                || on.retriable_4xx
+                || on.retriable_status_codes
+                || on.reset
+                || on.refused_stream
+                || on.grpc_cancelled
+                || on.grpc_deadline_exceeded
+                || on.grpc_internal
+                || on.grpc_resource_exhausted
+                || on.grpc_unavailable
+        });
+        let mut replay = Replay::Once;
+        let mut once = Some(body);
+        if let Some(b) = once.as_ref() {
+            if http_body::Body::is_end_stream(b) {
+                replay = Replay::Bytes(None);
+            } else if may_retry_after_send
+                && http_body::Body::size_hint(b)
+                    .exact()
+                    .is_some_and(|n| n <= RETRY_BUFFER_LIMIT)
+                && let Some(b) = once.take()
+            {
+                match b.collect_bytes().await {
+                    Ok(bytes) => replay = Replay::Bytes(Some(bytes)),
+                    Err(e) => {
+                        return local_reply(
+                            StatusCode::BAD_REQUEST,
+                            "DPE",
+                            format!("reading the request body: {e}"),
+                        );
+                    }
+                }
+            }
+        }
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_failure = String::new();
+        let mut attempt_no = 0;
+        let mut pending: Option<Request<Body>> = None;
+        while attempt_no < max_attempts {
+            attempt_no += 1;
+            let exclude: &[SocketAddr] = if avoid_previous { &tried } else { &[] };
+            let Some(member) = lb.pick(exclude) else {
+                break;
+            };
+            let addr = member.addr;
+            tried.push(addr);
+            let key = match endpoint_key(&routed.cluster, member, &parts) {
+                Ok(k) => k,
+                Err(details) => {
+                    return local_reply(StatusCode::SERVICE_UNAVAILABLE, "UF", details);
+                }
+            };
+            let mut req = match pending.take() {
+                Some(r) => r,
+                None => {
+                    let body = match &replay {
+                        Replay::Bytes(Some(b)) => Body::from(b.clone()),
+                        Replay::Bytes(None) => Body::empty(),
+                        Replay::Once => match once.take() {
+                            Some(b) => b,
+                            None => break,
+                        },
+                    };
+                    rebuild(&parts, body)
+                }
+            };
+            req.extensions_mut().insert(Attempt {
+                key,
+                connect_timeout: routed.cluster.connect_timeout,
+            });
+            let in_flight = InFlight::start(&member.in_flight);
+            let per_try = policy.and_then(|p| p.per_try_timeout);
+            let outcome = match per_try {
+                Some(t) => match tokio::time::timeout(t, self.inner.call(req)).await {
+                    Ok(o) => o,
+                    Err(_) => {
+                        last_failure = format!("per-try timeout ({t:?}) to {addr}");
+                        continue;
+                    }
+                },
+                None => self.inner.call(req).await,
+            };
+            match outcome {
+                Ok((mut resp, info)) => {
+                    let again = attempt_no < max_attempts
+                        && policy.is_some_and(|p| retriable_status(p, &resp))
+                        && matches!(replay, Replay::Bytes(_));
+                    if again {
+                        last_failure = format!("{} from {addr}", resp.status());
+                        drop(resp);
+                        drop(in_flight);
+                        if let Some(p) = policy {
+                            tokio::time::sleep(backoff(p, attempt_no - 1)).await;
+                        }
+                        continue;
+                    }
+                    resp.extensions_mut().insert(Upstream {
+                        cluster: Arc::from(routed.cluster.name.as_str()),
+                        route: routed.route.clone(),
+                        address: addr,
+                        mtls: info.peer_id.is_some() || info.alpn.is_some(),
+                        peer_id: info.peer_id,
+                        alpn: info.alpn,
+                        attempts: attempt_no,
+                    });
+                    return resp.map(|b| {
+                        Body::new(Tracked {
+                            inner: b,
+                            _in_flight: in_flight,
+                        })
+                    });
+                }
+                Err(e) => {
+                    drop(in_flight);
+                    last_failure = format!("{e} ({addr})");
+                    let can = policy.is_some_and(|p| retriable_error(p, e.kind));
+                    if !can {
+                        return failure_reply(e.kind, &last_failure, false);
+                    }
+                    // Nothing was sent: the same request goes again;
+                    // otherwise it must be replayable.
+                    match e.request {
+                        Some(r) => {
+                            let mut r = r;
+                            r.extensions_mut().remove::<Attempt>();
+                            pending = Some(r);
+                        }
+                        None if matches!(replay, Replay::Bytes(_)) => {}
+                        None => return failure_reply(e.kind, &last_failure, false),
+                    }
+                    if let Some(p) = policy
+                        && attempt_no < max_attempts
+                    {
+                        tokio::time::sleep(backoff(p, attempt_no - 1)).await;
+                    }
+                }
+            }
+        }
+        failure_reply(AttemptErrorKind::Connect, &last_failure, attempt_no > 1)
+    }
+}
+
+fn failure_reply(kind: AttemptErrorKind, details: &str, retried: bool) -> Response<Body> {
+    let flags = match (retried, kind) {
+        (true, _) => "URX",
+        (false, AttemptErrorKind::Connect) => "UF",
+        (false, _) => "UR",
+    };
+    local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        flags,
+        format!("upstream connect error or disconnect/reset before headers: {details}"),
+    )
+}
+
+/// How to talk to an endpoint: TLS from the cluster's socket matches,
+/// HTTP version from its protocol options.
+fn endpoint_key(
+    cluster: &ClusterInfo,
+    member: &crate::balance::Member,
+    parts: &http::request::Parts,
+) -> Result<PoolKey, String> {
+    let grpc = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let downstream_h2 = parts.version == Version::HTTP_2;
+    let proto = match cluster.upstream_protocol {
+        UpstreamProtocol::Http2 | UpstreamProtocol::Http3 => Proto::H2,
+        // gRPC needs HTTP/2 whatever the cluster says.
+        UpstreamProtocol::Http1 if grpc => Proto::H2,
+        UpstreamProtocol::Http1 => Proto::H1,
+        UpstreamProtocol::UseDownstream | UpstreamProtocol::Auto => {
+            if downstream_h2 || grpc {
+                Proto::H2
+            } else {
+                Proto::H1
+            }
+        }
+    };
+    let tls = match cluster.tls_for(&member.endpoint) {
+        None => None,
+        Some(t) if t.mode == TlsMode::IstioMutual => Some(TlsTarget {
+            sni: t
+                .sni
+                .clone()
+                .or_else(|| cluster.sni.clone())
+                .unwrap_or_else(|| member.addr.ip().to_string()),
+            sans: cluster.expected_sans.clone(),
+        }),
+        Some(t) => {
+            return Err(format!(
+                "cluster {}: upstream TLS mode {:?} (DestinationRule SIMPLE/MUTUAL) is not supported yet",
+                cluster.name, t.mode
+            ));
+        }
+    };
+    Ok(PoolKey {
+        addr: member.addr,
+        tls,
+        proto,
+    })
+}
+
+/// A response body that keeps the endpoint counted as busy until it ends.
+struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// -------------------------------------------------------------- connect --
+
+#[derive(Clone, Debug)]
+struct ConnectLayer {
+    pools: Arc<Pools>,
+}
+
+fn is_refused(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        src = s.source();
+    }
+    false
+}
+
+impl ConnectLayer {
+    async fn call(
+        &self,
+        mut req: Request<Body>,
+    ) -> Result<(Response<Body>, ConnInfo), AttemptError> {
+        let Some(attempt) = req.extensions_mut().remove::<Attempt>() else {
+            return Err(AttemptError {
+                kind: AttemptErrorKind::Connect,
+                message: "no endpoint chosen".into(),
+                request: Some(req),
+            });
+        };
+        let checkout = match self
+            .pools
+            .checkout(&attempt.key, attempt.connect_timeout)
+            .await
+        {
+            Ok(c) => c,
+            Err(ConnectError(message)) => {
+                return Err(AttemptError {
+                    kind: AttemptErrorKind::Connect,
+                    message,
+                    request: Some(req),
+                });
+            }
+        };
+        let info = checkout.info.clone();
+        match checkout.sender {
+            Sender::H2(mut s) => {
+                *req.version_mut() = Version::HTTP_2;
+                req.headers_mut().remove(HOST);
+                match s.try_send_request(req).await {
+                    Ok(resp) => Ok((resp.map(Body::new), info)),
+                    Err(mut e) => {
+                        checkout.pool.h2_failed();
+                        let request = e.take_message();
+                        let err = e.into_error();
+                        let kind = if request.is_some() {
+                            AttemptErrorKind::Connect
+                        } else if is_refused(&err) {
+                            AttemptErrorKind::Refused
+                        } else {
+                            AttemptErrorKind::Reset
+                        };
+                        Err(AttemptError {
+                            kind,
+                            message: format!("HTTP/2 to {}: {err}", attempt.key.addr),
+                            request,
+                        })
+                    }
+                }
+            }
+            Sender::H1(mut s) => {
+                if let Err(e) = s.ready().await {
+                    return Err(AttemptError {
+                        kind: AttemptErrorKind::Connect,
+                        message: format!("HTTP/1.1 to {}: {e}", attempt.key.addr),
+                        request: Some(req),
+                    });
+                }
+                *req.version_mut() = Version::HTTP_11;
+                if let Some(a) = req.uri().authority()
+                    && let Ok(v) = HeaderValue::from_str(a.as_str())
+                {
+                    req.headers_mut().insert(HOST, v);
+                }
+                let origin = req
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .map(Uri::from)
+                    .unwrap_or_else(|| Uri::from_static("/"));
+                *req.uri_mut() = origin;
+                match s.try_send_request(req).await {
+                    Ok(resp) => {
+                        let pool = checkout.pool.clone();
+                        let back = ReturnToPool {
+                            inner: resp.body().is_end_stream_hint(),
+                            slot: Some((s, info.clone(), pool)),
+                        };
+                        let (parts, body) = resp.into_parts();
+                        let body = PooledBody { body, back };
+                        Ok((Response::from_parts(parts, Body::new(body)), info))
+                    }
+                    Err(mut e) => {
+                        let request = e.take_message();
+                        let err = e.into_error();
+                        Err(AttemptError {
+                            kind: if request.is_some() {
+                                AttemptErrorKind::Connect
+                            } else {
+                                AttemptErrorKind::Reset
+                            },
+                            message: format!("HTTP/1.1 to {}: {err}", attempt.key.addr),
+                            request,
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+trait EndHint {
+    fn is_end_stream_hint(&self) -> bool;
+}
+
+impl EndHint for hyper::body::Incoming {
+    fn is_end_stream_hint(&self) -> bool {
+        http_body::Body::is_end_stream(self)
+    }
+}
+
+/// Gives an HTTP/1.1 connection back to its pool when the response body
+/// ends (never while it is still being read: the connection is busy).
+struct ReturnToPool {
+    inner: bool,
+    slot: Option<(
+        hyper::client::conn::http1::SendRequest<Body>,
+        ConnInfo,
+        Arc<crate::pool::EndpointPool>,
+    )>,
+}
+
+impl ReturnToPool {
+    fn done(&mut self) {
+        if let Some((s, info, pool)) = self.slot.take() {
+            pool.put_back(s, info);
+        }
+    }
+}
+
+struct PooledBody {
+    body: hyper::body::Incoming,
+    back: ReturnToPool,
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if this.back.inner && this.back.slot.is_some() {
+            this.back.done();
+        }
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            this.back.done();
+        }
+        if let Poll::Ready(Some(Err(_))) = r {
+            this.back.slot = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body that already ended returns its connection; one dropped
+        // half-read does not (the connection would carry the rest).
+        if self.back.inner || http_body::Body::is_end_stream(&self.body) {
+            self.back.done();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_split_as_envoy_reads_them() {
+        assert_eq!(host_port("echo.demo", false), ("echo.demo".into(), 80));
+        assert_eq!(
+            host_port("echo.demo:8080", false),
+            ("echo.demo".into(), 8080)
+        );
+        assert_eq!(host_port("echo.demo", true), ("echo.demo".into(), 443));
+        assert_eq!(host_port("[::1]:9000", false), ("[::1]".into(), 9000));
+        assert_eq!(host_port("[::1]", false), ("[::1]".into(), 80));
+        assert_eq!(host_port("10.0.0.1:81", false), ("10.0.0.1".into(), 81));
+    }
+
+    #[test]
+    fn header_actions() {
+        let mut h = http::HeaderMap::new();
+        h.insert("a", HeaderValue::from_static("1"));
+        add_header(&mut h, "a", "2", HeaderAppend::AddIfAbsent, false);
+        assert_eq!(h.get_all("a").iter().count(), 1);
+        add_header(&mut h, "a", "2", HeaderAppend::AppendIfExistsOrAdd, false);
+        assert_eq!(h.get_all("a").iter().count(), 2);
+        add_header(
+            &mut h,
+            "a",
+            "3",
+            HeaderAppend::OverwriteIfExistsOrAdd,
+            false,
+        );
+        assert_eq!(h.get("a"), Some(&HeaderValue::from_static("3")));
+        add_header(&mut h, "b", "3", HeaderAppend::OverwriteIfExists, false);
+        assert!(h.get("b").is_none());
+        add_header(
+            &mut h,
+            "c",
+            "%DOWNSTREAM_REMOTE_ADDRESS%",
+            HeaderAppend::AddIfAbsent,
+            false,
+        );
+        assert!(h.get("c").is_none(), "formatters are not sent as text");
+    }
+
+    #[test]
+    fn backoff_stays_within_envoys_bounds() {
+        let p = RetryPolicy {
+            retry_on: Default::default(),
+            num_retries: 2,
+            per_try_timeout: None,
+            per_try_idle_timeout: None,
+            retriable_status_codes: vec![],
+            back_off: nasp_xds::route::RetryBackOff {
+                base: Duration::from_millis(25),
+                max: Duration::from_millis(250),
+            },
+            host_predicates: vec![],
+            host_selection_retry_max_attempts: 0,
+            retriable_headers: vec![],
+        };
+        for n in 0..10 {
+            let d = backoff(&p, n);
+            assert!(d <= Duration::from_millis(250), "{d:?}");
+            assert!(d <= Duration::from_millis(25 << n.min(4)), "{n}: {d:?}");
+        }
+    }
+}
