@@ -16,6 +16,9 @@ use nasp_xds::{AdsClient, AdsConfig, MeshView, Protocol, RouteDecision, ViewSett
 
 const FQDN: &str = "backend.demo.svc.cluster.local";
 
+/// Request headers, as `MeshView::route` takes them.
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
 fn traffic() -> MeshFile {
     let path = format!(
         "{}/../../examples/mesh/traffic.yaml",
@@ -208,7 +211,7 @@ fn the_traffic_example_splits_90_10_and_routes_the_canary_header() {
     assert_eq!(
         split(&view, "frontend", 8080, "/", &[], 10),
         BTreeMap::from([(
-            format!("outbound|8080||frontend.demo.svc.cluster.local"),
+            "outbound|8080||frontend.demo.svc.cluster.local".to_string(),
             10
         )])
     );
@@ -261,7 +264,7 @@ fn routes_match_by_exact_path_prefix_regex_and_headers_in_order() {
     )
     .expect("parses");
     let view = view_of(&mesh);
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    let cases: &[(&str, Headers<'_>, &str)] = &[
         ("/health", &[], "exact"),
         ("/healthz", &[], "fallback"),
         ("/admin/x", &[("x-user", "root")], "admin"),

@@ -25,6 +25,7 @@
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod grpc;
 pub mod http;
 pub mod inbound;
 pub mod info;
@@ -37,6 +38,7 @@ pub use client::{ClientError, ClientSettings, HttpClient, LocalReply, StaticView
 pub use info::Upstream;
 pub use tcp::{MeshTcpStream, TcpConnector};
 
+pub use grpc::{EchoService, serve_grpc};
 pub use http::{MeshPeer, serve_http};
 pub use inbound::{InboundConfig, InboundMode, MeshConn, MeshListener, MeshStream};
 pub use outbound::{MeshConnector, istio_sni};
