@@ -245,6 +245,70 @@ where
     }
 }
 
+/// A gRPC channel through the mesh: generated tonic clients take it as
+/// they take tonic's own `Channel` (`EchoClient::new(channel)`). Every call
+/// goes to `authority` (e.g. `backend.demo:9090`) over HTTP/2 through `S`:
+/// the [`HttpClient`] (routing, balancing, mTLS), or the client wrapped in
+/// more layers (filters).
+#[derive(Clone, Debug)]
+pub struct GrpcChannel<S = HttpClient> {
+    inner: S,
+    authority: http::uri::Authority,
+}
+
+impl<S> GrpcChannel<S> {
+    /// A channel to `uri` (`http://backend.demo:9090`, or just the
+    /// authority) over `inner`.
+    pub fn new(inner: S, uri: &str) -> Result<Self, ClientError> {
+        let authority = match uri.parse::<Uri>() {
+            Ok(u) => u.authority().cloned(),
+            Err(_) => None,
+        }
+        .or_else(|| uri.parse::<http::uri::Authority>().ok())
+        .ok_or(ClientError::NoAuthority)?;
+        Ok(Self { inner, authority })
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for GrpcChannel<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = BoxError;
+    type Future = BoxFuture<Response<Body>, BoxError>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if let Ok(u) = Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+        {
+            *req.uri_mut() = u;
+        }
+        *req.version_mut() = Version::HTTP_2;
+        // The clone that was polled ready makes the call (tower's rule).
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let fut = ready.call(req.map(Body::new));
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
 // ---------------------------------------------------------------- route --
 
 /// The request facts routing reads, over an `http::HeaderMap`, with the

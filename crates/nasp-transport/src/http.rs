@@ -10,6 +10,9 @@
 //! applications that read the peer from it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::Service;
@@ -45,7 +48,33 @@ impl MeshPeer {
 /// Serves `service` on every connection `listener` accepts, until the
 /// listener stops. Each connection runs in its own task; a connection
 /// that fails (a protocol error, a reset) ends alone.
-pub async fn serve_http<S, B>(mut listener: MeshListener, service: S)
+pub async fn serve_http<S, B>(listener: MeshListener, service: S)
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_http_until(listener, service, std::future::pending(), Duration::ZERO).await;
+}
+
+/// As [`serve_http`], until `shutdown` completes: then no connection is
+/// accepted any more, idle connections are closed, HTTP/2 peers get a
+/// GOAWAY, and requests in flight are given `drain` to finish (Envoy's
+/// drain). Returns how many connections were still open when `drain`
+/// ran out (0: everything finished).
+pub async fn serve_http_until<S, B>(
+    mut listener: MeshListener,
+    service: S,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> usize
 where
     S: Service<http::Request<Incoming>, Response = http::Response<B>>
         + Clone
@@ -59,29 +88,48 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    while let Some(conn) = listener.accept().await {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            () = &mut shutdown => break,
+        };
+        let Some(conn) = conn else { break };
         let peer = MeshPeer::of(&conn);
         let service = service.clone();
-        let builder = builder.clone();
-        tokio::spawn(async move {
-            let addr = peer.addr;
-            let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-                let headers = req.headers_mut();
-                headers.remove(XFCC);
-                if let Some(id) = &peer.id
-                    && let Ok(v) = http::HeaderValue::try_from(format!("URI={id}"))
-                {
-                    headers.insert(XFCC, v);
-                }
-                req.extensions_mut().insert(peer.clone());
-                service.call(req)
-            });
-            if let Err(e) = builder
-                .serve_connection_with_upgrades(TokioIo::new(conn.stream), svc)
-                .await
+        let addr = peer.addr;
+        let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            let headers = req.headers_mut();
+            headers.remove(XFCC);
+            if let Some(id) = &peer.id
+                && let Ok(v) = http::HeaderValue::try_from(format!("URI={id}"))
             {
+                headers.insert(XFCC, v);
+            }
+            req.extensions_mut().insert(peer.clone());
+            service.call(req)
+        });
+        let served = builder
+            .serve_connection_with_upgrades(TokioIo::new(conn.stream), svc)
+            .into_owned();
+        let watched = graceful.watch(served);
+        let open = open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
                 tracing::debug!(%addr, "HTTP connection ended: {e}");
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_ok()
+    {
+        return 0;
+    }
+    open.load(Ordering::Relaxed)
 }

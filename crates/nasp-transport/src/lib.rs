@@ -34,12 +34,14 @@ mod pool;
 pub mod tcp;
 
 pub use body::{Body, BoxError};
-pub use client::{ClientError, ClientSettings, HttpClient, LocalReply, StaticView, ViewSource};
+pub use client::{
+    ClientError, ClientSettings, GrpcChannel, HttpClient, LocalReply, StaticView, ViewSource,
+};
 pub use info::Upstream;
 pub use tcp::{MeshTcpStream, TcpConnector};
 
 pub use grpc::{EchoService, serve_grpc};
-pub use http::{MeshPeer, serve_http};
+pub use http::{MeshPeer, serve_http, serve_http_until};
 pub use inbound::{InboundConfig, InboundMode, MeshConn, MeshListener, MeshStream};
 pub use outbound::{MeshConnector, istio_sni};
 
