@@ -192,7 +192,31 @@ fn setup() -> Result<(), String> {
     setup_build()?;
     ensure_cargo_tool("deny", "cargo-deny")?;
     ensure_nightly()?;
-    ensure_cargo_tool("fuzz", "cargo-fuzz")
+    ensure_cargo_tool("fuzz", "cargo-fuzz")?;
+    ensure_grpcio()
+}
+
+/// The `grpcio` release the Python interop test
+/// (`crates/nasp-transport/tests/grpc_interop.rs`) runs against.
+const GRPCIO: &str = "grpcio==1.76.0";
+
+/// Installs Python's `grpcio` from PyPI with pip when `import grpc` fails.
+fn ensure_grpcio() -> Result<(), String> {
+    let present = Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    timed(&format!("install {GRPCIO}"), || {
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", GRPCIO]))
+    })
+    .map_err(|e| {
+        format!(
+            "the gRPC interop test needs Python's grpcio (`python3 -m pip install '{GRPCIO}'`): {e}"
+        )
+    })
 }
 
 /// Runs `f` and prints how long it took, so that CI logs show where the time
