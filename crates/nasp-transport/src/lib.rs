@@ -24,6 +24,7 @@
 
 pub mod balance;
 pub mod body;
+pub mod filter;
 pub mod client;
 pub mod grpc;
 pub mod http;
