@@ -15,6 +15,11 @@
 //! proxy-wasm runtime. Any combination builds, including none; a runtime that
 //! is not compiled in is a clear error at start-up, never a build failure.
 
+pub mod mesh;
+
+pub use mesh::{
+    FilterDirection, FilterSpec, Mesh, MeshBuilder, MeshError, MeshHttpClient, MeshHttpClientExt,
+};
 pub use nasp_identity as identity;
 pub use nasp_telemetry as telemetry;
 pub use nasp_transport as transport;
@@ -98,6 +103,25 @@ pub mod wasm {
                 _ => Err(missing()),
             }
         }
+    }
+
+    /// The process's one engine of a runtime, created on first use: every
+    /// `Mesh` and plugin of the process shares it (an engine per runtime
+    /// per process, not one per call).
+    pub fn shared_runtime(name: &str) -> Result<Arc<dyn WasmRuntime>> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock, PoisonError};
+        static ENGINES: OnceLock<Mutex<HashMap<String, Arc<dyn WasmRuntime>>>> = OnceLock::new();
+        let mut engines = ENGINES
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = engines.get(name) {
+            return Ok(r.clone());
+        }
+        let r = runtime_by_name(name)?;
+        engines.insert(name.to_string(), r.clone());
+        Ok(r)
     }
 
     /// Creates a runtime by name (`"wasmtime"`, `"wasmi"`, `"wasm3"`).

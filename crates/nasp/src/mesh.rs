@@ -1,0 +1,769 @@
+//! The [`Mesh`] a process joins: a workload identity from the Istio CA,
+//! the mesh from xDS, and clients and servers that carry the application's
+//! HTTP, gRPC and TCP through both, with the proxy-wasm filters configured.
+//!
+//! ```text
+//! Mesh::builder() ─ identity: SecretManager (CA client, rotation)  ──┐ certificate watch
+//!                 ─ xDS: AdsClient (lock-free view)                ──┤ mesh view
+//!                 ─ filters: one compiled module per plugin,       ──┤ chain pools
+//!                   chains per worker, per direction                 │
+//!   .build().await: waits for a certificate and a first snapshot    ▼
+//! mesh.http_client() / grpc_channel() / connect() / bind() + serve()
+//! ```
+//!
+//! One engine per runtime per process ([`crate::wasm::shared_runtime`]),
+//! one connection pool per endpoint, one TLS configuration per destination
+//! shape, whatever the number of clients asked for.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use nasp_identity::{
+    CaClient, CaClientConfig, KeyAlgorithm, RenewalPolicy, SecretManager, Source, SpiffeId,
+    WorkloadCert,
+};
+use nasp_proxywasm::{HostEnv, PluginConfig, WasmModule};
+use nasp_transport::filter::{ChainPool, HttpFilterLayer, ListenerDirection, NodeProperties};
+use nasp_transport::{
+    Body, BoxError, ClientSettings, GrpcChannel, HttpClient, InboundConfig, InboundMode,
+    MeshConnector, MeshListener, MeshTcpStream, TcpConnector, ViewSource,
+};
+use nasp_xds::{AdsClient, AdsConfig, ViewSettings, WorkloadSettings};
+use tokio::sync::watch;
+use tower::{Layer as _, Service, ServiceExt as _};
+
+type CertWatch = watch::Receiver<Option<Arc<WorkloadCert>>>;
+
+/// What can go wrong joining or using the mesh.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// The configuration is incomplete or contradictory.
+    #[error("mesh configuration: {0}")]
+    Config(String),
+    /// Identity failed (CA unreachable, refused, bad material).
+    #[error(transparent)]
+    Identity(#[from] nasp_identity::Error),
+    /// xDS failed (no first snapshot in time, bad address).
+    #[error(transparent)]
+    Xds(#[from] nasp_xds::XdsError),
+    /// A filter could not be loaded or started.
+    #[error(transparent)]
+    Wasm(#[from] nasp_proxywasm::Error),
+    /// A socket could not be bound.
+    #[error(transparent)]
+    Transport(#[from] nasp_transport::Error),
+    /// A client call could not be routed.
+    #[error(transparent)]
+    Client(#[from] nasp_transport::ClientError),
+    /// A TCP connection through the mesh failed.
+    #[error(transparent)]
+    Connect(#[from] nasp_transport::tcp::ConnectError),
+    /// `build()` gave up waiting.
+    #[error("mesh not ready within {0:?}: {1}")]
+    NotReady(Duration, String),
+}
+
+/// Which traffic a filter sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterDirection {
+    /// Requests the application serves (`SIDECAR_INBOUND`).
+    Inbound,
+    /// Requests the application sends (`SIDECAR_OUTBOUND`).
+    Outbound,
+}
+
+/// A proxy-wasm filter to run.
+#[derive(Clone, Debug)]
+pub struct FilterSpec {
+    /// The module's bytes.
+    pub wasm: Arc<[u8]>,
+    /// Its plugin configuration (name, root id, config, fail policy, limits).
+    pub config: PluginConfig,
+    /// Which traffic.
+    pub direction: FilterDirection,
+}
+
+/// Where the control plane is.
+#[derive(Clone, Debug)]
+struct ControlPlaneTarget {
+    xds: String,
+    ca: String,
+    roots_pem: Option<Vec<u8>>,
+    root_file: Option<PathBuf>,
+    server_name: String,
+    token_file: Option<PathBuf>,
+    /// xDS over TLS (istiod 15012); plaintext only for a local embedded
+    /// control plane when asked.
+    xds_tls: bool,
+}
+
+/// Builds a [`Mesh`].
+#[must_use]
+pub struct MeshBuilder {
+    workload: WorkloadSettings,
+    trust_domain: String,
+    target: Option<ControlPlaneTarget>,
+    certs: Option<CertWatch>,
+    view: Option<Arc<dyn ViewSource>>,
+    runtime: String,
+    filters: Vec<FilterSpec>,
+    ready_timeout: Duration,
+    inbound_mode: Option<InboundMode>,
+    client: ClientSettings,
+    drain: Duration,
+    workers: usize,
+}
+
+impl std::fmt::Debug for MeshBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshBuilder")
+            .field("workload", &self.workload.workload())
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MeshBuilder {
+    fn default() -> Self {
+        Self {
+            workload: WorkloadSettings::default(),
+            trust_domain: "cluster.local".into(),
+            target: None,
+            certs: None,
+            view: None,
+            runtime: "wasmtime".into(),
+            filters: Vec::new(),
+            ready_timeout: Duration::from_secs(30),
+            inbound_mode: None,
+            client: ClientSettings::default(),
+            drain: Duration::from_secs(5),
+            workers: nasp_transport::filter::default_workers(),
+        }
+    }
+}
+
+/// A `discoveryAddress` in Istio's `mesh.yaml` (`defaultConfig:` block).
+fn discovery_address(mesh_yaml: &str) -> Option<String> {
+    mesh_yaml.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("discoveryAddress:")?.trim();
+        let v = v.trim_matches(|c| c == '"' || c == '\'');
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
+impl MeshBuilder {
+    /// The workload: namespace, service account, labels… (Istio's agent
+    /// variables: [`WorkloadSettings::from_env`]).
+    pub fn workload(mut self, w: WorkloadSettings) -> Self {
+        self.workload = w;
+        self
+    }
+
+    /// The mesh trust domain (default `cluster.local`).
+    pub fn trust_domain(mut self, td: impl Into<String>) -> Self {
+        self.trust_domain = td.into();
+        self
+    }
+
+    /// A control plane speaking Istio's protocols: xDS and the CA at
+    /// `addr` (istiod: `istiod.istio-system.svc:15012`), its serving
+    /// certificate chaining to `roots_pem`.
+    pub fn control_plane(mut self, addr: impl Into<String>, roots_pem: impl Into<Vec<u8>>) -> Self {
+        let addr = addr.into();
+        self.target = Some(ControlPlaneTarget {
+            xds: addr.clone(),
+            ca: addr,
+            roots_pem: Some(roots_pem.into()),
+            root_file: None,
+            server_name: nasp_identity::ca_client::DEFAULT_CA_SERVER_NAME.into(),
+            token_file: None,
+            xds_tls: true,
+        });
+        self
+    }
+
+    /// The embedded control plane (`nasp controlplane`, or
+    /// `nasp::controlplane::ControlPlane` in-process) at `addr` with its
+    /// root certificate; `token_file` holds a token it was given for this
+    /// workload, if it checks tokens.
+    pub fn embedded(
+        self,
+        addr: SocketAddr,
+        root_pem: impl Into<Vec<u8>>,
+        token_file: Option<PathBuf>,
+    ) -> Self {
+        let mut b = self.control_plane(addr.to_string(), root_pem);
+        if let Some(t) = &mut b.target {
+            t.token_file = token_file;
+        }
+        b
+    }
+
+    /// Everything from the environment, the way an Istio VM workload is set
+    /// up (`cluster.env` variables exported, files in Istio's places):
+    /// - the workload from `POD_NAMESPACE`, `SERVICE_ACCOUNT`, `ISTIO_META_*`…;
+    /// - the control plane from `CA_ADDR` / `DISCOVERY_ADDRESS`, else
+    ///   `discoveryAddress` in the mesh config (`MESH_CONFIG_FILE`, default
+    ///   `/etc/istio/config/mesh`, then `./mesh.yaml`);
+    /// - the root from `ROOT_CERT` (default `/etc/certs/root-cert.pem`, then
+    ///   `./root-cert.pem`), followed for rotation;
+    /// - the token from `ISTIO_TOKEN` (default
+    ///   `/var/run/secrets/tokens/istio-token`, then `./istio-token`);
+    /// - the trust domain from `TRUST_DOMAIN`.
+    pub fn from_env() -> Result<Self, MeshError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// As [`MeshBuilder::from_env`], with variables from `get`.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, MeshError> {
+        let first_file = |var: &str, defaults: &[&str]| -> Option<PathBuf> {
+            if let Some(v) = get(var) {
+                return Some(PathBuf::from(v));
+            }
+            defaults.iter().map(PathBuf::from).find(|p| p.is_file())
+        };
+        let mesh_file = first_file("MESH_CONFIG_FILE", &["/etc/istio/config/mesh", "mesh.yaml"]);
+        let from_mesh = mesh_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| discovery_address(&t));
+        let xds = get("DISCOVERY_ADDRESS").or(from_mesh).ok_or_else(|| {
+            MeshError::Config(
+                "no control plane: set DISCOVERY_ADDRESS or give a mesh config with discoveryAddress"
+                    .into(),
+            )
+        })?;
+        let ca = get("CA_ADDR").unwrap_or_else(|| xds.clone());
+        let root = first_file("ROOT_CERT", &["/etc/certs/root-cert.pem", "root-cert.pem"])
+            .ok_or_else(|| MeshError::Config("no root certificate (ROOT_CERT)".into()))?;
+        let token = first_file(
+            "ISTIO_TOKEN",
+            &["/var/run/secrets/tokens/istio-token", "istio-token"],
+        );
+        let mut b = Self::default().workload(WorkloadSettings::from_lookup(&get));
+        if let Some(td) = get("TRUST_DOMAIN") {
+            b.trust_domain = td;
+        }
+        b.target = Some(ControlPlaneTarget {
+            xds,
+            ca,
+            roots_pem: None,
+            root_file: Some(root),
+            server_name: get("CA_SERVER_NAME")
+                .unwrap_or_else(|| nasp_identity::ca_client::DEFAULT_CA_SERVER_NAME.into()),
+            token_file: token,
+            xds_tls: true,
+        });
+        Ok(b)
+    }
+
+    /// Uses this certificate watch instead of a CA (certificates managed
+    /// elsewhere, tests).
+    pub fn certificates(mut self, certs: CertWatch) -> Self {
+        self.certs = Some(certs);
+        self
+    }
+
+    /// Uses this view of the mesh instead of xDS (a config dump, tests).
+    pub fn view(mut self, view: Arc<dyn ViewSource>) -> Self {
+        self.view = Some(view);
+        self
+    }
+
+    /// The proxy-wasm runtime by name: `wasmtime` (default), `wasmi`, `wasm3`.
+    pub fn runtime(mut self, name: impl Into<String>) -> Self {
+        self.runtime = name.into();
+        self
+    }
+
+    /// Adds a filter.
+    pub fn filter(mut self, f: FilterSpec) -> Self {
+        self.filters.push(f);
+        self
+    }
+
+    /// How long `build()` waits for a certificate and a first snapshot
+    /// (default 30 s).
+    pub fn ready_timeout(mut self, d: Duration) -> Self {
+        self.ready_timeout = d;
+        self
+    }
+
+    /// The inbound mode of listeners, overriding what xDS says for the port.
+    pub fn inbound_mode(mut self, m: InboundMode) -> Self {
+        self.inbound_mode = Some(m);
+        self
+    }
+
+    /// Client settings (passthrough, pooling).
+    pub fn client_settings(mut self, s: ClientSettings) -> Self {
+        self.client = s;
+        self
+    }
+
+    /// How long shutdown waits for requests in flight (default 5 s).
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain = d;
+        self
+    }
+
+    /// Filter workers: chains per direction (default: the CPU count).
+    pub fn filter_workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// Joins the mesh: starts identity and xDS, loads the filters, and waits
+    /// (up to the ready timeout) for a certificate and a first snapshot.
+    pub async fn build(self) -> Result<Mesh, MeshError> {
+        let deadline = self.ready_timeout;
+        let id = SpiffeId::new(
+            &self.trust_domain,
+            &self.workload.namespace,
+            &self.workload.service_account,
+        )
+        .map_err(|e| MeshError::Config(e.to_string()))?;
+        // Identity.
+        let roots = match &self.target {
+            Some(t) => Some(match (&t.roots_pem, &t.root_file) {
+                (Some(p), _) => nasp_identity::cert::pem_certs(p)?,
+                (None, Some(f)) => {
+                    let pem = std::fs::read(f)
+                        .map_err(|e| MeshError::Config(format!("reading {}: {e}", f.display())))?;
+                    nasp_identity::cert::pem_certs(&pem)?
+                }
+                (None, None) => return Err(MeshError::Config("no root certificate".into())),
+            }),
+            None => None,
+        };
+        let mut secrets = None;
+        let certs = match (self.certs, &self.target, &roots) {
+            (Some(c), _, _) => c,
+            (None, Some(t), Some(roots)) => {
+                let mut cfg = CaClientConfig::new(t.ca.clone(), roots.clone());
+                cfg.server_name = t.server_name.clone();
+                cfg.token_file = t.token_file.clone();
+                cfg.root_file = t.root_file.clone();
+                if !self.workload.cluster_id.is_empty() {
+                    cfg.cluster_id = Some(self.workload.cluster_id.clone());
+                }
+                let manager = SecretManager::start(
+                    Source::Ca {
+                        client: CaClient::new(cfg)?,
+                        id: id.clone(),
+                        key: KeyAlgorithm::EcdsaP256,
+                        ttl: Duration::from_secs(24 * 3600),
+                        root_file: t.root_file.clone(),
+                    },
+                    RenewalPolicy::default(),
+                );
+                manager.ready(deadline).await.map_err(|e| {
+                    MeshError::NotReady(deadline, format!("no certificate from {}: {e}", t.ca))
+                })?;
+                let w = manager.watch();
+                secrets = Some(manager);
+                w
+            }
+            _ => {
+                return Err(MeshError::Config(
+                    "no identity: give a control plane (control_plane / embedded / from_env) or certificates()"
+                        .into(),
+                ));
+            }
+        };
+        // The mesh view.
+        let mut ads = None;
+        let view: Arc<dyn ViewSource> = match (self.view, &self.target) {
+            (Some(v), _) => v,
+            (None, Some(t)) => {
+                let channel = xds_channel(t, roots.as_deref().unwrap_or(&[]), certs.clone())?;
+                let mut cfg = AdsConfig::new(self.workload.node());
+                cfg.view = ViewSettings {
+                    search_domains: self.workload.search_domains(),
+                };
+                let client = Arc::new(AdsClient::start(channel, cfg));
+                client.ready(deadline).await.map_err(|e| {
+                    MeshError::NotReady(deadline, format!("no xDS snapshot from {}: {e}", t.xds))
+                })?;
+                ads = Some(client.clone());
+                client
+            }
+            (None, None) => {
+                return Err(MeshError::Config(
+                    "no mesh view: give a control plane or view()".into(),
+                ));
+            }
+        };
+        // Filters: each module compiled once, instantiated per worker.
+        let node = Arc::new(NodeProperties::from_settings(&self.workload));
+        let (mut inbound, mut outbound) = (Vec::new(), Vec::new());
+        if !self.filters.is_empty() {
+            let runtime = crate::wasm::shared_runtime(&self.runtime)?;
+            for f in &self.filters {
+                let module = WasmModule::new(runtime.as_ref(), &f.wasm)?;
+                match f.direction {
+                    FilterDirection::Inbound => inbound.push((module, f.config.clone())),
+                    FilterDirection::Outbound => outbound.push((module, f.config.clone())),
+                }
+            }
+        }
+        let env = HostEnv::default();
+        let pool = |plugins: &[(WasmModule, PluginConfig)]| -> Result<Arc<ChainPool>, MeshError> {
+            if plugins.is_empty() {
+                return Ok(Arc::new(ChainPool::empty()));
+            }
+            Ok(Arc::new(ChainPool::from_plugins(
+                self.workers,
+                plugins,
+                &env,
+            )?))
+        };
+        let inbound = pool(&inbound)?;
+        let outbound = pool(&outbound)?;
+        let connector = MeshConnector::new(certs.clone());
+        let http = HttpClient::with_settings(view.clone(), connector.clone(), self.client.clone());
+        let mut tcp = TcpConnector::new(view.clone(), connector.clone());
+        tcp.passthrough = self.client.passthrough;
+        let (stop, _) = watch::channel(false);
+        Ok(Mesh {
+            inner: Arc::new(Inner {
+                id,
+                trust_domain: self.trust_domain,
+                certs,
+                _secrets: secrets,
+                ads,
+                view,
+                http,
+                tcp,
+                node,
+                inbound,
+                outbound,
+                env,
+                inbound_mode: self.inbound_mode,
+                drain: self.drain,
+                stop,
+                serving: AtomicUsize::new(0),
+                served_done: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+}
+
+/// The xDS channel: TLS to the control plane (its certificate chaining to
+/// the roots and naming `server_name`), presenting the workload
+/// certificate as istio-agent does; plaintext only if asked.
+fn xds_channel(
+    t: &ControlPlaneTarget,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    certs: CertWatch,
+) -> Result<tonic::transport::Channel, MeshError> {
+    if !t.xds_tls {
+        return Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", t.xds))
+                .map_err(|e| MeshError::Config(format!("xDS address {:?}: {e}", t.xds)))?
+                .connect_lazy(),
+        );
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(r.clone())
+            .map_err(|e| MeshError::Config(format!("root certificate: {e}")))?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(nasp_identity::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MeshError::Config(e.to_string()))?
+        .with_root_certificates(store)
+        .with_client_cert_resolver(Arc::new(nasp_identity::tls::CertResolver::new(certs)));
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = Arc::new(tls);
+    let name = rustls_pki_types::ServerName::try_from(t.server_name.clone())
+        .map_err(|e| MeshError::Config(format!("server name {:?}: {e}", t.server_name)))?;
+    let dial = t.xds.clone();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let (tls, name, dial) = (tls.clone(), name.clone(), dial.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&dial).await?;
+            tcp.set_nodelay(true)?;
+            let s = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    });
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", t.xds))
+            .map_err(|e| MeshError::Config(format!("xDS address {:?}: {e}", t.xds)))?
+            .connect_with_connector_lazy(connector),
+    )
+}
+
+struct Inner {
+    id: SpiffeId,
+    trust_domain: String,
+    certs: CertWatch,
+    _secrets: Option<SecretManager>,
+    ads: Option<Arc<AdsClient>>,
+    view: Arc<dyn ViewSource>,
+    http: HttpClient,
+    tcp: TcpConnector,
+    node: Arc<NodeProperties>,
+    inbound: Arc<ChainPool>,
+    outbound: Arc<ChainPool>,
+    #[allow(dead_code)]
+    env: HostEnv,
+    inbound_mode: Option<InboundMode>,
+    drain: Duration,
+    stop: watch::Sender<bool>,
+    serving: AtomicUsize,
+    served_done: tokio::sync::Notify,
+}
+
+/// A process's membership of the mesh. Cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("id", &self.inner.id.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The HTTP client of a [`Mesh`]: routing, balancing, mTLS and the
+/// outbound filters. A tower `Service`; cheap to clone.
+pub type MeshHttpClient = tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
+
+/// Extra calls on a [`MeshHttpClient`].
+pub trait MeshHttpClientExt {
+    /// Sends one request through the mesh.
+    fn send(
+        &self,
+        req: Request<Body>,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, BoxError>> + Send;
+    /// `GET url` through the mesh.
+    fn get(
+        &self,
+        url: &str,
+    ) -> impl std::future::Future<Output = Result<Response<Body>, BoxError>> + Send;
+}
+
+impl MeshHttpClientExt for MeshHttpClient {
+    async fn send(&self, req: Request<Body>) -> Result<Response<Body>, BoxError> {
+        self.clone().oneshot(req).await
+    }
+
+    async fn get(&self, url: &str) -> Result<Response<Body>, BoxError> {
+        let req = Request::get(url).body(Body::empty())?;
+        self.clone().oneshot(req).await
+    }
+}
+
+impl Mesh {
+    /// Starts configuring a mesh.
+    pub fn builder() -> MeshBuilder {
+        MeshBuilder::default()
+    }
+
+    /// This workload's SPIFFE id.
+    pub fn id(&self) -> &SpiffeId {
+        &self.inner.id
+    }
+
+    /// The certificate in use now.
+    pub fn certificate(&self) -> Option<Arc<WorkloadCert>> {
+        self.inner.certs.borrow().clone()
+    }
+
+    /// Whether the mesh is usable: a valid certificate and a mesh view.
+    pub fn is_ready(&self) -> bool {
+        let cert_ok = self
+            .certificate()
+            .is_some_and(|c| c.not_after() > std::time::SystemTime::now());
+        cert_ok && self.inner.ads.as_ref().is_none_or(|a| a.stats().acks > 0)
+    }
+
+    /// The ADS client, when the view comes from xDS.
+    pub fn xds(&self) -> Option<&Arc<AdsClient>> {
+        self.inner.ads.as_ref()
+    }
+
+    /// The mesh view now.
+    pub fn view(&self) -> Arc<nasp_xds::MeshView> {
+        self.inner.view.view()
+    }
+
+    /// The HTTP client, with the outbound filters.
+    pub fn http_client(&self) -> MeshHttpClient {
+        let filters = HttpFilterLayer::new(
+            self.inner.outbound.clone(),
+            ListenerDirection::Outbound,
+            self.inner.node.clone(),
+        )
+        .local_identity(self.inner.id.to_string());
+        tower::util::BoxCloneSyncService::new(filters.layer(self.inner.http.clone()))
+    }
+
+    /// The HTTP client without filters (no boxing).
+    pub fn raw_http_client(&self) -> HttpClient {
+        self.inner.http.clone()
+    }
+
+    /// A gRPC channel to `uri` (`http://backend.demo:9090`) for generated
+    /// tonic clients, through the mesh and the outbound filters.
+    pub fn grpc_channel(&self, uri: &str) -> Result<GrpcChannel<MeshHttpClient>, MeshError> {
+        Ok(GrpcChannel::new(self.http_client(), uri)?)
+    }
+
+    /// A TCP connection to `host:port` through the mesh.
+    pub async fn connect(&self, target: &str) -> Result<MeshTcpStream, MeshError> {
+        Ok(self.inner.tcp.connect(target).await?)
+    }
+
+    /// A mesh listener on `addr`: STRICT / PERMISSIVE / DISABLE as xDS says
+    /// for the port (the builder's `inbound_mode` overrides; PERMISSIVE when
+    /// xDS says nothing, as Istio's default).
+    pub async fn bind(&self, addr: SocketAddr) -> Result<MeshListener, MeshError> {
+        let mode =
+            self.inner
+                .inbound_mode
+                .unwrap_or_else(|| match self.view().inbound(addr.port()) {
+                    Some(i) if i.tls && !i.permissive => InboundMode::Strict,
+                    Some(i) if !i.tls => InboundMode::Disable,
+                    _ => InboundMode::Permissive,
+                });
+        Ok(MeshListener::bind(
+            addr,
+            self.inner.certs.clone(),
+            InboundConfig::new(mode, self.inner.trust_domain.as_str()),
+        )
+        .await?)
+    }
+
+    /// Serves `service` (HTTP/1.1 and HTTP/2: hyper, axum, tonic) on
+    /// `listener` with the inbound filters, until [`Mesh::shutdown`]; then
+    /// drains requests in flight. Each request carries the verified
+    /// [`nasp_transport::MeshPeer`].
+    pub async fn serve<S, B>(&self, listener: MeshListener, service: S)
+    where
+        S: Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let local = listener.local_addr();
+        let app = tower::util::MapResponse::new(
+            tower::util::MapErr::new(service, Into::<BoxError>::into as fn(S::Error) -> BoxError),
+            (|r: Response<B>| r.map(Body::new)) as fn(Response<B>) -> Response<Body>,
+        );
+        let filtered = HttpFilterLayer::new(
+            self.inner.inbound.clone(),
+            ListenerDirection::Inbound,
+            self.inner.node.clone(),
+        )
+        .local_identity(self.inner.id.to_string())
+        .local_addr(local)
+        .layer(app);
+        let svc = tower::util::BoxCloneSyncService::new(filtered);
+        let hyper_svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            svc.clone().oneshot(req.map(Body::new))
+        });
+        let mut stop = self.inner.stop.subscribe();
+        self.inner.serving.fetch_add(1, Ordering::SeqCst);
+        let left = nasp_transport::serve_http_until(
+            listener,
+            hyper_svc,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+            self.inner.drain,
+        )
+        .await;
+        if left > 0 {
+            tracing::warn!(%local, "{left} connections still open after the drain");
+        }
+        self.inner.serving.fetch_sub(1, Ordering::SeqCst);
+        self.inner.served_done.notify_waiters();
+    }
+
+    /// Stops every [`Mesh::serve`]: no new connections, requests in flight
+    /// get the drain timeout to finish. Returns when all have stopped.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        let deadline = tokio::time::Instant::now() + self.inner.drain + Duration::from_secs(1);
+        while self.inner.serving.load(Ordering::SeqCst) > 0 {
+            let wait = self.inner.served_done.notified();
+            if self.inner.serving.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discovery_address_is_read_from_mesh_yaml() {
+        let yaml = "defaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  proxyMetadata: {}\n";
+        assert_eq!(
+            discovery_address(yaml).as_deref(),
+            Some("istiod.istio-system.svc:15012")
+        );
+        assert_eq!(
+            discovery_address("defaultConfig:\n  discoveryAddress: \"a:1\"\n").as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(discovery_address("defaultConfig: {}\n"), None);
+    }
+
+    #[test]
+    fn from_env_needs_a_control_plane_and_a_root() {
+        let e = MeshBuilder::from_lookup(|_| None).expect_err("nothing set");
+        assert!(e.to_string().contains("DISCOVERY_ADDRESS"), "{e}");
+        let e = MeshBuilder::from_lookup(|k| match k {
+            "DISCOVERY_ADDRESS" => Some("127.0.0.1:15012".into()),
+            "ROOT_CERT" => None,
+            _ => None,
+        });
+        // No ROOT_CERT and (normally) no /etc/certs/root-cert.pem here.
+        if !std::path::Path::new("/etc/certs/root-cert.pem").exists()
+            && !std::path::Path::new("root-cert.pem").exists()
+        {
+            let e = e.expect_err("no root");
+            assert!(e.to_string().contains("ROOT_CERT"), "{e}");
+        }
+        let b = MeshBuilder::from_lookup(|k| match k {
+            "DISCOVERY_ADDRESS" => Some("127.0.0.1:15012".into()),
+            "CA_ADDR" => Some("127.0.0.1:15013".into()),
+            "ROOT_CERT" => Some("/tmp/root.pem".into()),
+            "POD_NAMESPACE" => Some("demo".into()),
+            "SERVICE_ACCOUNT" => Some("web".into()),
+            "TRUST_DOMAIN" => Some("example.org".into()),
+            _ => None,
+        })
+        .expect("builder");
+        let t = b.target.as_ref().expect("target");
+        assert_eq!(
+            (t.xds.as_str(), t.ca.as_str()),
+            ("127.0.0.1:15012", "127.0.0.1:15013")
+        );
+        assert_eq!(b.trust_domain, "example.org");
+        assert_eq!(b.workload.namespace, "demo");
+        assert_eq!(b.workload.service_account, "web");
+    }
+}
