@@ -282,8 +282,36 @@ impl HttpFilterLayer {
 /// What [`HttpFilterLayer`] makes of a service: the service itself (errors
 /// boxed) when the pool is empty, so no filter code runs at all; the
 /// filtering [`HttpFilter`] otherwise.
-pub type Filtered<S> =
-    Either<MapErr<S, fn(<S as Service<http::Request<Body>>>::Error) -> BoxError>, HttpFilter<S>>;
+pub type Filtered<S> = Either<
+    MapErr<S, fn(<S as Service<http::Request<Body>>>::Error) -> ServiceError>,
+    HttpFilter<S>,
+>;
+
+/// The error of a filtered service: the inner service's error, boxed. A
+/// named type rather than `BoxError` itself, because a `fn` pointer
+/// returning a boxed trait object in the service's type trips rustc's
+/// `Send` check of async blocks that await the service ("one type is more
+/// general than the other").
+#[derive(Debug)]
+pub struct ServiceError(pub BoxError);
+
+impl std::fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for ServiceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl ServiceError {
+    fn boxed<E: Into<BoxError>>(e: E) -> Self {
+        Self(e.into())
+    }
+}
 
 impl<S> Layer<S> for HttpFilterLayer
 where
@@ -294,7 +322,7 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         if self.cfg.pool.is_empty() {
-            let f: fn(S::Error) -> BoxError = Into::into;
+            let f: fn(S::Error) -> ServiceError = ServiceError::boxed;
             Either::Left(MapErr::new(inner, f))
         } else {
             Either::Right(HttpFilter {
@@ -319,11 +347,11 @@ where
     S::Error: Into<BoxError>,
 {
     type Response = http::Response<Body>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, BoxError>> + Send>>;
+    type Error = ServiceError;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, ServiceError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ServiceError>> {
+        self.inner.poll_ready(cx).map_err(ServiceError::boxed)
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
@@ -331,7 +359,8 @@ where
         // stays for the next one (tower's usual pattern).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(exchange(self.cfg.clone(), inner, req))
+        let fut = exchange(self.cfg.clone(), inner, req);
+        Box::pin(async move { fut.await.map_err(ServiceError) })
     }
 }
 

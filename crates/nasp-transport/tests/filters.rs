@@ -183,7 +183,10 @@ async fn serve(ip: &str, pool: Arc<ChainPool>, app_state: App, pause: Duration) 
         .pause_timeout(pause);
     let svc = layer.layer(tower::service_fn(move |req| app(app_state.clone(), req)));
     let hyper_svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        svc.clone().oneshot(req.map(Body::new))
+        // An async block awaiting the layered service, as applications
+        // write it: its future must be `Send` for `serve_http`.
+        let svc = svc.clone();
+        async move { svc.oneshot(req.map(Body::new)).await }
     });
     tokio::spawn(serve_http(listener, hyper_svc));
     addr
