@@ -18,7 +18,8 @@
 pub mod mesh;
 
 pub use mesh::{
-    FilterDirection, FilterSpec, Mesh, MeshBuilder, MeshError, MeshHttpClient, MeshHttpClientExt,
+    FilterDirection, FilterKind, FilterSpec, Mesh, MeshBuilder, MeshError, MeshHttpClient,
+    MeshHttpClientExt, TcpConnection,
 };
 pub use nasp_identity as identity;
 pub use nasp_telemetry as telemetry;

@@ -28,10 +28,13 @@ use nasp_identity::{
     WorkloadCert,
 };
 use nasp_proxywasm::{HostEnv, PluginConfig, WasmModule};
-use nasp_transport::filter::{ChainPool, HttpFilterLayer, ListenerDirection, NodeProperties};
+use nasp_transport::filter::{
+    ChainPool, ConnectionProperties, HttpFilterLayer, ListenerDirection, NodeProperties,
+    ServiceError, StreamProperties, filter_tcp,
+};
 use nasp_transport::{
     Body, BoxError, ClientSettings, GrpcChannel, HttpClient, InboundConfig, InboundMode,
-    MeshConnector, MeshListener, MeshTcpStream, TcpConnector, ViewSource,
+    MeshConnector, MeshListener, MeshStream, MeshTcpStream, TcpConnector, Upstream, ViewSource,
 };
 use nasp_xds::{AdsClient, AdsConfig, ViewSettings, WorkloadSettings};
 use tokio::sync::watch;
@@ -78,6 +81,18 @@ pub enum FilterDirection {
     Outbound,
 }
 
+/// What a filter is, as Envoy configures them apart: an HTTP filter sees
+/// each request (`proxy_on_request_headers`…), a network filter each TCP
+/// connection (`proxy_on_downstream_data`…).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FilterKind {
+    /// On every HTTP and gRPC exchange.
+    #[default]
+    Http,
+    /// On every TCP connection (`Mesh::connect`, `Mesh::serve_tcp`).
+    Network,
+}
+
 /// A proxy-wasm filter to run.
 #[derive(Clone, Debug)]
 pub struct FilterSpec {
@@ -87,6 +102,8 @@ pub struct FilterSpec {
     pub config: PluginConfig,
     /// Which traffic.
     pub direction: FilterDirection,
+    /// HTTP or network filter.
+    pub kind: FilterKind,
 }
 
 /// Where the control plane is.
@@ -384,6 +401,9 @@ impl MeshBuilder {
             (None, Some(t)) => {
                 let channel = xds_channel(t, roots.as_deref().unwrap_or(&[]), certs.clone())?;
                 let mut cfg = AdsConfig::new(self.workload.node());
+                // Istio's name table, as the agent's DNS proxy uses it:
+                // names without a route of their own resolve to VIPs.
+                cfg.nds = true;
                 cfg.view = ViewSettings {
                     search_domains: self.workload.search_domains(),
                 };
@@ -403,14 +423,18 @@ impl MeshBuilder {
         // Filters: each module compiled once, instantiated per worker.
         let node = Arc::new(NodeProperties::from_settings(&self.workload));
         let (mut inbound, mut outbound) = (Vec::new(), Vec::new());
+        let (mut inbound_tcp, mut outbound_tcp) = (Vec::new(), Vec::new());
         if !self.filters.is_empty() {
             let runtime = crate::wasm::shared_runtime(&self.runtime)?;
             for f in &self.filters {
                 let module = WasmModule::new(runtime.as_ref(), &f.wasm)?;
-                match f.direction {
-                    FilterDirection::Inbound => inbound.push((module, f.config.clone())),
-                    FilterDirection::Outbound => outbound.push((module, f.config.clone())),
-                }
+                let list = match (f.direction, f.kind) {
+                    (FilterDirection::Inbound, FilterKind::Http) => &mut inbound,
+                    (FilterDirection::Outbound, FilterKind::Http) => &mut outbound,
+                    (FilterDirection::Inbound, FilterKind::Network) => &mut inbound_tcp,
+                    (FilterDirection::Outbound, FilterKind::Network) => &mut outbound_tcp,
+                };
+                list.push((module, f.config.clone()));
             }
         }
         let env = HostEnv::default();
@@ -426,6 +450,11 @@ impl MeshBuilder {
         };
         let inbound = pool(&inbound)?;
         let outbound = pool(&outbound)?;
+        let inbound_tcp = pool(&inbound_tcp)?;
+        let outbound_tcp = pool(&outbound_tcp)?;
+        for p in [&inbound, &outbound, &inbound_tcp, &outbound_tcp] {
+            ChainPool::spawn_maintenance(p, Duration::from_millis(100));
+        }
         let connector = MeshConnector::new(certs.clone());
         let http = HttpClient::with_settings(view.clone(), connector.clone(), self.client.clone());
         let mut tcp = TcpConnector::new(view.clone(), connector.clone());
@@ -444,6 +473,8 @@ impl MeshBuilder {
                 node,
                 inbound,
                 outbound,
+                inbound_tcp,
+                outbound_tcp,
                 env,
                 inbound_mode: self.inbound_mode,
                 drain: self.drain,
@@ -504,6 +535,96 @@ fn xds_channel(
     )
 }
 
+/// A TCP connection through the mesh, as the application holds it.
+pub struct TcpConnection {
+    io: TcpIo,
+    upstream: Upstream,
+    peer_id: Option<String>,
+    peer_addr: Option<SocketAddr>,
+}
+
+enum TcpIo {
+    Direct(MeshTcpStream),
+    Inbound(MeshStream),
+    Piped(tokio::io::DuplexStream),
+}
+
+impl std::fmt::Debug for TcpConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConnection")
+            .field("upstream", &self.upstream)
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpConnection {
+    /// Outbound: where the connection went. Inbound: the local listener
+    /// (`inbound|<port>||`), with the ALPN the peer agreed.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Inbound: the caller's verified SPIFFE id (mTLS only).
+    pub fn peer_id(&self) -> Option<&str> {
+        self.peer_id.as_deref()
+    }
+
+    /// Inbound: the caller's address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// Whether bytes pass through proxy-wasm filters.
+    pub fn is_filtered(&self) -> bool {
+        matches!(self.io, TcpIo::Piped(_))
+    }
+}
+
+macro_rules! each_io {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.get_mut().io {
+            TcpIo::Direct($io) => $e,
+            TcpIo::Inbound($io) => $e,
+            TcpIo::Piped($io) => $e,
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for TcpConnection {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for TcpConnection {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_write(cx, buf))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_shutdown(cx))
+    }
+}
+
 struct Inner {
     id: SpiffeId,
     trust_domain: String,
@@ -516,6 +637,8 @@ struct Inner {
     node: Arc<NodeProperties>,
     inbound: Arc<ChainPool>,
     outbound: Arc<ChainPool>,
+    inbound_tcp: Arc<ChainPool>,
+    outbound_tcp: Arc<ChainPool>,
     #[allow(dead_code)]
     env: HostEnv,
     inbound_mode: Option<InboundMode>,
@@ -537,6 +660,10 @@ impl std::fmt::Debug for Mesh {
             .field("id", &self.inner.id.to_string())
             .finish_non_exhaustive()
     }
+}
+
+fn unbox(e: ServiceError) -> BoxError {
+    e.0
 }
 
 /// The HTTP client of a [`Mesh`]: routing, balancing, mTLS and the
@@ -610,7 +737,10 @@ impl Mesh {
             self.inner.node.clone(),
         )
         .local_identity(self.inner.id.to_string());
-        tower::util::BoxCloneSyncService::new(filters.layer(self.inner.http.clone()))
+        tower::util::BoxCloneSyncService::new(tower::util::MapErr::new(
+            filters.layer(self.inner.http.clone()),
+            unbox as fn(ServiceError) -> BoxError,
+        ))
     }
 
     /// The HTTP client without filters (no boxing).
@@ -624,9 +754,120 @@ impl Mesh {
         Ok(GrpcChannel::new(self.http_client(), uri)?)
     }
 
-    /// A TCP connection to `host:port` through the mesh.
-    pub async fn connect(&self, target: &str) -> Result<MeshTcpStream, MeshError> {
-        Ok(self.inner.tcp.connect(target).await?)
+    /// A TCP connection to `host:port` through the mesh: mTLS with Istio's
+    /// TCP ALPN (or plaintext where the view says so), through the outbound
+    /// TCP filters when there are any.
+    pub async fn connect(&self, target: &str) -> Result<TcpConnection, MeshError> {
+        let stream = self.inner.tcp.connect(target).await?;
+        let upstream = stream.upstream().clone();
+        if self.inner.outbound_tcp.is_empty() {
+            return Ok(TcpConnection {
+                io: TcpIo::Direct(stream),
+                upstream,
+                peer_id: None,
+                peer_addr: None,
+            });
+        }
+        // The application writes into one end of a pipe; the filters run
+        // each chunk on its way to the upstream and back.
+        let (app, pump) = tokio::io::duplex(64 * 1024);
+        let props = Arc::new(StreamProperties::new(
+            self.inner.node.clone(),
+            ListenerDirection::Outbound,
+            ConnectionProperties {
+                destination: Some(upstream.address),
+                mtls: upstream.mtls,
+                peer_san: upstream.peer_id.as_deref().map(str::to_string),
+                local_san: Some(self.inner.id.to_string()),
+                negotiated_protocol: upstream.alpn.as_deref().map(str::to_string),
+                ..Default::default()
+            },
+        ));
+        props.set_upstream(upstream.clone());
+        let pool = self.inner.outbound_tcp.clone();
+        tokio::spawn(async move {
+            if let Err(e) = filter_tcp(&pool, pump, stream, props).await {
+                tracing::debug!("outbound TCP through filters ended: {e}");
+            }
+        });
+        Ok(TcpConnection {
+            io: TcpIo::Piped(app),
+            upstream,
+            peer_id: None,
+            peer_addr: None,
+        })
+    }
+
+    /// Serves raw TCP on `listener` until [`Mesh::shutdown`]: `handler`
+    /// gets each connection (the peer's verified id with it), through the
+    /// inbound TCP filters when there are any.
+    pub async fn serve_tcp<F, Fut>(&self, mut listener: MeshListener, handler: F)
+    where
+        F: Fn(TcpConnection) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let local = listener.local_addr();
+        let mut stop = self.inner.stop.subscribe();
+        self.inner.serving.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let Some(conn) = conn else { break };
+            let handler = handler.clone();
+            let peer_id = conn.peer_id.as_ref().map(ToString::to_string);
+            let upstream = Upstream {
+                cluster: Arc::from(format!("inbound|{}||", local.port())),
+                route: Arc::from(""),
+                address: local,
+                mtls: conn.is_mtls(),
+                peer_id: None,
+                alpn: conn
+                    .alpn
+                    .as_ref()
+                    .map(|a| Arc::from(String::from_utf8_lossy(a).into_owned())),
+                attempts: 1,
+            };
+            let peer_addr = Some(conn.peer_addr);
+            if self.inner.inbound_tcp.is_empty() {
+                tokio::spawn(handler(TcpConnection {
+                    io: TcpIo::Inbound(conn.stream),
+                    upstream,
+                    peer_id,
+                    peer_addr,
+                }));
+                continue;
+            }
+            let (app, pump) = tokio::io::duplex(64 * 1024);
+            let props = Arc::new(StreamProperties::new(
+                self.inner.node.clone(),
+                ListenerDirection::Inbound,
+                ConnectionProperties {
+                    source: peer_addr,
+                    destination: Some(local),
+                    mtls: conn.is_mtls(),
+                    peer_san: peer_id.clone(),
+                    local_san: Some(self.inner.id.to_string()),
+                    negotiated_protocol: upstream.alpn.as_deref().map(str::to_string),
+                    ..Default::default()
+                },
+            ));
+            let pool = self.inner.inbound_tcp.clone();
+            tokio::spawn(async move {
+                if let Err(e) = filter_tcp(&pool, conn.stream, pump, props).await {
+                    tracing::debug!("inbound TCP through filters ended: {e}");
+                }
+            });
+            tokio::spawn(handler(TcpConnection {
+                io: TcpIo::Piped(app),
+                upstream,
+                peer_id,
+                peer_addr,
+            }));
+        }
+        self.inner.serving.fetch_sub(1, Ordering::SeqCst);
+        self.inner.served_done.notify_waiters();
     }
 
     /// A mesh listener on `addr`: STRICT / PERMISSIVE / DISABLE as xDS says
@@ -674,7 +915,10 @@ impl Mesh {
         .local_identity(self.inner.id.to_string())
         .local_addr(local)
         .layer(app);
-        let svc = tower::util::BoxCloneSyncService::new(filtered);
+        let svc = tower::util::BoxCloneSyncService::new(tower::util::MapErr::new(
+            filtered,
+            unbox as fn(ServiceError) -> BoxError,
+        ));
         let hyper_svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             svc.clone().oneshot(req.map(Body::new))
         });

@@ -271,3 +271,188 @@ async fn shutdown_drains_requests_in_flight_and_refuses_new_ones() {
     // Nothing listens any more: the client answers 503 (after retries).
     assert_eq!(served_by(&client, false).await.0, 503);
 }
+
+fn conformance_wasm() -> Arc<[u8]> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/filters/conformance.wasm"
+    );
+    std::fs::read(path)
+        .unwrap_or_else(|e| {
+            panic!("{path}: {e}; build the filters with `cargo xtask build-filters`")
+        })
+        .into()
+}
+
+const TCP_MESH: &str = r#"
+trust_domain: cluster.local
+services:
+  - name: db
+    namespace: demo
+    service_account: db
+    vip: 10.96.4.5
+    mtls: strict
+    ports:
+      - { port: 15432, protocol: tcp }
+    endpoints:
+      - { ip: 127.0.4.2 }
+  - name: web
+    namespace: demo
+    service_account: web
+    mtls: strict
+    ports:
+      - { port: 18080, protocol: http }
+    endpoints:
+      - { ip: 127.0.4.3 }
+"#;
+
+/// TCP and HTTP through `Mesh` with the conformance filter on each
+/// runtime: outbound TCP bytes get the filter's `>` prefix on the way out
+/// and `<` suffix on the way back; an inbound HTTP filter rewrites the
+/// path the application sees and rejects what the filter rejects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_http_through_filters_on_every_runtime() {
+    use nasp::wasm::{FailPolicy, PluginConfig};
+    use nasp::{FilterDirection, FilterKind, FilterSpec};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mesh = MeshFile::parse(TCP_MESH).expect("mesh");
+    let cp = control_plane("127.0.4", &mesh).await;
+    // The database: greets with the caller's id, then echoes.
+    let db = join(&cp, "db").await;
+    let l = db
+        .bind("127.0.4.2:15432".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let d = db.clone();
+    tokio::spawn(async move {
+        d.serve_tcp(l, |mut conn: nasp::TcpConnection| async move {
+            let who = conn.peer_id().unwrap_or("-").to_string();
+            let _ = conn.write_all(format!("{who}\n").as_bytes()).await;
+            let mut buf = [0u8; 256];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 || conn.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
+    let wasm = conformance_wasm();
+    for runtime in ["wasmtime", "wasmi", "wasm3"] {
+        // A web workload whose inbound HTTP goes through the filter.
+        let web = Mesh::builder()
+            .workload(WorkloadSettings {
+                namespace: "demo".into(),
+                service_account: "web".into(),
+                ..Default::default()
+            })
+            .embedded(cp.addr(), cp.root_pem().as_bytes().to_vec(), None)
+            .runtime(runtime)
+            .filter(FilterSpec {
+                wasm: wasm.clone(),
+                config: PluginConfig::new("conformance").fail_policy(FailPolicy::FailClosed),
+                direction: FilterDirection::Inbound,
+                kind: FilterKind::Http,
+            })
+            .filter_workers(2)
+            .build()
+            .await
+            .expect("web joined");
+        let l = web
+            .bind("127.0.4.3:18080".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let app = tower::service_fn(|req: http::Request<Body>| async move {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("x-app-path", req.uri().path())
+                    .body(Body::from("app"))
+                    .expect("response"),
+            )
+        });
+        let w = web.clone();
+        let served = tokio::spawn(async move { w.serve(l, app).await });
+
+        // A client whose outbound TCP goes through the filter (TCP mode).
+        let client = Mesh::builder()
+            .workload(WorkloadSettings {
+                namespace: "demo".into(),
+                service_account: "frontend".into(),
+                ..Default::default()
+            })
+            .embedded(cp.addr(), cp.root_pem().as_bytes().to_vec(), None)
+            .runtime(runtime)
+            .filter(FilterSpec {
+                wasm: wasm.clone(),
+                config: PluginConfig::new("conformance-tcp").configuration("tcp"),
+                direction: FilterDirection::Outbound,
+                kind: FilterKind::Network,
+            })
+            .filter_workers(2)
+            .build()
+            .await
+            .expect("client joined");
+        let mut conn = client.connect("db.demo:15432").await.expect("connect");
+        assert!(conn.is_filtered());
+        assert!(conn.upstream().mtls, "{runtime}");
+        let mut got = Vec::new();
+        let want_greeting = b"spiffe://cluster.local/ns/demo/sa/frontend\n<";
+        let mut buf = [0u8; 256];
+        while got.len() < want_greeting.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("greeting in time")
+                .expect("read");
+            assert!(n > 0, "{runtime}: closed early after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, want_greeting, "{runtime}");
+        conn.write_all(b"ping").await.expect("write");
+        let mut echo = Vec::new();
+        while echo.len() < b">ping<".len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("echo in time")
+                .expect("read");
+            assert!(n > 0, "{runtime}: closed early");
+            echo.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(echo, b">ping<", "{runtime}: the filter saw both directions");
+
+        // Inbound HTTP filters: a rewrite the app sees, a rejection it
+        // never sees, and a trap under fail-closed answered 503.
+        let http = client.http_client();
+        let send = |mode: &'static str| {
+            let http = http.clone();
+            async move {
+                let req = http::Request::get("http://web.demo:18080/original")
+                    .header("x-conformance", mode)
+                    .body(Body::empty())
+                    .expect("request");
+                let resp = http.send(req).await.expect("sent");
+                let status = resp.status().as_u16();
+                let path = resp
+                    .headers()
+                    .get("x-app-path")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string();
+                (status, path)
+            }
+        };
+        assert_eq!(
+            send("pseudo").await,
+            (200, "/rewritten".into()),
+            "{runtime}"
+        );
+        assert_eq!(send("local-response").await, (403, "-".into()), "{runtime}");
+        assert_eq!(
+            send("trap").await.0,
+            503,
+            "{runtime}: fail-closed after a trap"
+        );
+        web.shutdown().await;
+        let _ = served.await;
+    }
+}
