@@ -140,3 +140,8 @@ pub mod wasm {
         }
     }
 }
+
+/// README's examples, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
