@@ -23,10 +23,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
-use nasp_xds::cluster::{ClusterInfo, Endpoint, HealthStatus};
+use nasp_xds::cluster::{ClusterInfo, Endpoint, HealthStatus, OutlierSettings};
 
 /// The policies this balancer implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +57,110 @@ pub(crate) struct Member {
     pub addr: SocketAddr,
     pub endpoint: Endpoint,
     pub in_flight: Arc<AtomicUsize>,
+    pub outlier: Arc<OutlierState>,
+}
+
+/// What an attempt to an endpoint ended with, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The endpoint answered with this status.
+    Status(u16),
+    /// No answer: connect failure, reset or timeout (a local-origin error).
+    LocalFailure,
+}
+
+/// Outlier-detection state of one endpoint (Envoy's consecutive
+/// detectors), kept across cluster updates by address.
+#[derive(Debug, Default)]
+pub(crate) struct OutlierState {
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    consecutive_local: AtomicU32,
+    /// Times ejected so far (the ejection time grows with it).
+    ejections: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+impl OutlierState {
+    fn is_ejected(&self, now: Instant) -> bool {
+        let mut until = self
+            .ejected_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match *until {
+            Some(t) if t > now => true,
+            Some(_) => {
+                // Back in: counters start afresh, as Envoy's un-ejection.
+                *until = None;
+                self.consecutive_5xx.store(0, Ordering::Relaxed);
+                self.consecutive_gateway.store(0, Ordering::Relaxed);
+                self.consecutive_local.store(0, Ordering::Relaxed);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn eject(&self, s: &OutlierSettings, now: Instant) {
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = s
+            .base_ejection_time
+            .saturating_mul(n)
+            .min(s.max_ejection_time.max(s.base_ejection_time));
+        *self
+            .ejected_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(now + time);
+    }
+}
+
+/// Per-cluster request accounting for circuit breakers, kept across
+/// cluster updates by name.
+#[derive(Debug, Default)]
+pub(crate) struct ClusterCounters {
+    /// Requests in flight.
+    pub requests: AtomicUsize,
+    /// Retries in flight.
+    pub retries: AtomicUsize,
+}
+
+/// Envoy's circuit-breaker defaults when a cluster sets none: 1024
+/// connections, pending requests and requests, 3 retries.
+pub(crate) const DEFAULT_CIRCUIT_BREAKERS: (u32, u32, u32, u32) = (1024, 1024, 1024, 3);
+
+/// Holds one unit of a counter until dropped.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<ClusterCounters>, fn(&ClusterCounters) -> &AtomicUsize);
+
+impl Slot {
+    /// Takes a unit if fewer than `max` are taken.
+    pub(crate) fn try_take(
+        c: &Arc<ClusterCounters>,
+        pick: fn(&ClusterCounters) -> &AtomicUsize,
+        max: u32,
+    ) -> Option<Self> {
+        let counter = pick(c);
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        if prev >= max as usize {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self(c.clone(), pick))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        (self.1)(&self.0).fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The balancing state of one cluster, for one version of it.
 #[derive(Debug)]
 pub(crate) struct ClusterLb {
     pub info: Arc<ClusterInfo>,
+    /// Circuit-breaker accounting of the cluster.
+    pub counters: Arc<ClusterCounters>,
     members: Vec<Member>,
     /// Round-robin schedule: indices into `members`, repeated by weight.
     schedule: Vec<usize>,
@@ -95,11 +194,11 @@ impl ClusterLb {
     /// Balancing over `info`'s endpoints, keeping the in-flight counters of
     /// `previous` for endpoints that remain.
     pub(crate) fn new(info: Arc<ClusterInfo>, previous: Option<&ClusterLb>) -> Self {
-        let old: HashMap<SocketAddr, Arc<AtomicUsize>> = previous
+        let old: HashMap<SocketAddr, (Arc<AtomicUsize>, Arc<OutlierState>)> = previous
             .map(|p| {
                 p.members
                     .iter()
-                    .map(|m| (m.addr, m.in_flight.clone()))
+                    .map(|m| (m.addr, (m.in_flight.clone(), m.outlier.clone())))
                     .collect()
             })
             .unwrap_or_default();
@@ -107,10 +206,12 @@ impl ClusterLb {
             .into_iter()
             .filter_map(|e| {
                 let addr: SocketAddr = e.address.parse().ok()?;
+                let (in_flight, outlier) = old.get(&addr).cloned().unwrap_or_default();
                 Some(Member {
                     addr,
                     endpoint: e.clone(),
-                    in_flight: old.get(&addr).cloned().unwrap_or_default(),
+                    in_flight,
+                    outlier,
                 })
             })
             .collect();
@@ -141,6 +242,7 @@ impl ClusterLb {
             .sum();
         Self {
             policy: Policy::from_envoy(&info.lb_policy),
+            counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
             info,
             members,
             schedule,
@@ -154,12 +256,29 @@ impl ClusterLb {
         self.members.is_empty()
     }
 
-    /// Picks an endpoint, avoiding `exclude` while another one exists.
+    /// Picks an endpoint, avoiding `exclude` and ejected outliers while
+    /// another one exists.
     pub(crate) fn pick(&self, exclude: &[SocketAddr]) -> Option<&Member> {
         if self.members.is_empty() {
             return None;
         }
-        let allowed = |m: &Member| !exclude.contains(&m.addr);
+        let now = Instant::now();
+        let ejected: Vec<SocketAddr> = if self.info.outlier_detection.is_some() {
+            self.members
+                .iter()
+                .filter(|m| m.outlier.is_ejected(now))
+                .map(|m| m.addr)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Every endpoint ejected: all of them (Envoy's panic mode).
+        let ejected: &[SocketAddr] = if ejected.len() == self.members.len() {
+            &[]
+        } else {
+            &ejected
+        };
+        let allowed = |m: &Member| !exclude.contains(&m.addr) && !ejected.contains(&m.addr);
         let any_allowed = exclude.is_empty() || self.members.iter().any(allowed);
         let ok = |m: &Member| !any_allowed || allowed(m);
         match self.policy {
@@ -204,6 +323,77 @@ impl ClusterLb {
                 }
             }
         }
+    }
+
+    /// Records what an attempt to `addr` ended with: Envoy's consecutive
+    /// 5xx, gateway-failure and local-origin detectors, ejection for
+    /// `base_ejection_time × ejections` (at most `max_ejection_time`), never
+    /// more than `max_ejection_percent` of the endpoints at once (but one,
+    /// as Envoy ejects at least one).
+    pub(crate) fn report(&self, addr: SocketAddr, outcome: Outcome) {
+        let Some(s) = &self.info.outlier_detection else {
+            return;
+        };
+        let Some(m) = self.members.iter().find(|m| m.addr == addr) else {
+            return;
+        };
+        let o = &m.outlier;
+        let bump = |c: &AtomicU32| c.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut eject = false;
+        match outcome {
+            Outcome::Status(code) if code >= 500 => {
+                let n5 = bump(&o.consecutive_5xx);
+                eject |= s.ejects_on_5xx() && n5 >= s.consecutive_5xx;
+                if matches!(code, 502..=504) {
+                    let ng = bump(&o.consecutive_gateway);
+                    eject |= s.ejects_on_gateway_failure() && ng >= s.consecutive_gateway_failure;
+                } else {
+                    o.consecutive_gateway.store(0, Ordering::Relaxed);
+                }
+            }
+            Outcome::Status(_) => {
+                o.consecutive_5xx.store(0, Ordering::Relaxed);
+                o.consecutive_gateway.store(0, Ordering::Relaxed);
+                if !s.split_external_local_origin_errors {
+                    o.consecutive_local.store(0, Ordering::Relaxed);
+                }
+            }
+            Outcome::LocalFailure if s.split_external_local_origin_errors => {
+                let nl = bump(&o.consecutive_local);
+                eject |= s.enforcing_consecutive_local_origin_failure > 0
+                    && s.consecutive_local_origin_failure > 0
+                    && nl >= s.consecutive_local_origin_failure;
+            }
+            Outcome::LocalFailure => {
+                // Not split: a local-origin failure counts as a gateway
+                // failure (Envoy maps it to 503).
+                let n5 = bump(&o.consecutive_5xx);
+                let ng = bump(&o.consecutive_gateway);
+                eject |= (s.ejects_on_5xx() && n5 >= s.consecutive_5xx)
+                    || (s.ejects_on_gateway_failure() && ng >= s.consecutive_gateway_failure);
+            }
+        }
+        if !eject {
+            return;
+        }
+        let now = Instant::now();
+        if o.is_ejected(now) {
+            return;
+        }
+        let ejected = self
+            .members
+            .iter()
+            .filter(|m| m.outlier.is_ejected(now))
+            .count();
+        let cap = self.members.len() * s.max_ejection_percent.min(100) as usize / 100;
+        if ejected >= cap.max(1) {
+            return;
+        }
+        o.eject(s, now);
+        o.consecutive_5xx.store(0, Ordering::Relaxed);
+        o.consecutive_gateway.store(0, Ordering::Relaxed);
+        o.consecutive_local.store(0, Ordering::Relaxed);
+        tracing::info!(%addr, cluster = %self.info.name, "outlier ejected");
     }
 
     fn weighted_random(&self) -> &Member {

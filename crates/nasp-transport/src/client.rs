@@ -40,7 +40,7 @@ use nasp_xds::cluster::{ClusterInfo, TlsMode, UpstreamProtocol};
 use nasp_xds::route::{HeaderAppend, HeaderMutations, HostRewrite, PathMatch, RetryPolicy, Route};
 use nasp_xds::{MeshView, Outbound, RequestHeaders, RouteDecision};
 
-use crate::balance::{Balancers, InFlight};
+use crate::balance::{Balancers, InFlight, Outcome, Slot};
 use crate::body::{Body, BoxError};
 use crate::info::Upstream;
 use crate::outbound::MeshConnector;
@@ -620,6 +620,21 @@ impl RouteLayer {
                 &dest.route_config.headers,
             ],
         );
+        // Fault injection (Istio's VirtualService `fault`): the delay, then
+        // the abort, each for its share of requests.
+        if let Some(fault) = route.fault.as_ref().or(dest.virtual_host.fault.as_ref()) {
+            if let Some((delay, share)) = fault.delay
+                && rand::random::<f64>() < share
+            {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((abort, share)) = &fault.abort
+                && rand::random::<f64>() < *share
+                && let Some(resp) = fault_abort(abort, req.headers())
+            {
+                return Ok(resp);
+            }
+        }
         set_uri(&mut req, &authority, &pq);
         req.extensions_mut().insert(Routed {
             cluster,
@@ -710,6 +725,48 @@ impl RouteLayer {
             Err(e) => local_reply(StatusCode::SERVICE_UNAVAILABLE, "UF", e.to_string()),
         })
     }
+}
+
+/// The answer of an injected abort (`FI`): an HTTP status, or a gRPC
+/// status in a trailers-only response; `Header` takes them from
+/// `x-envoy-fault-abort-request` / `x-envoy-fault-abort-grpc-request` and
+/// does nothing without them.
+fn fault_abort(
+    abort: &nasp_xds::route::FaultAbort,
+    headers: &http::HeaderMap,
+) -> Option<Response<Body>> {
+    use nasp_xds::route::FaultAbort;
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    let (http_status, grpc) = match abort {
+        FaultAbort::Http(s) => (Some(*s), None),
+        FaultAbort::Grpc(g) => (None, Some(*g)),
+        FaultAbort::Header => (
+            header("x-envoy-fault-abort-request").and_then(|s| u16::try_from(s).ok()),
+            header("x-envoy-fault-abort-grpc-request"),
+        ),
+    };
+    if let Some(code) = grpc {
+        let mut r = local_reply(StatusCode::OK, "FI", "fault filter abort".into());
+        *r.body_mut() = Body::empty();
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("fault filter abort"),
+        );
+        return Some(r);
+    }
+    let status = StatusCode::from_u16(http_status?).ok()?;
+    Some(local_reply(status, "FI", "fault filter abort".into()))
 }
 
 /// Sets the URI the next layers work with: always absolute, the authority
@@ -837,6 +894,23 @@ impl ClusterLayer {
                 format!("no healthy upstream in {}", routed.cluster.name),
             );
         }
+        // Circuit breakers (Envoy's defaults when the cluster sets none):
+        // a request over `max_requests` is answered 503 `UO` at once.
+        let (_, _, max_requests, max_retries) = routed
+            .cluster
+            .circuit_breakers
+            .unwrap_or(crate::balance::DEFAULT_CIRCUIT_BREAKERS);
+        let Some(request_slot) = Slot::try_take(&lb.counters, |c| &c.requests, max_requests) else {
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UO",
+                format!(
+                    "upstream overflow: {} has {max_requests} requests in flight (max_requests)",
+                    routed.cluster.name
+                ),
+            );
+        };
+        let mut retry_slot: Option<Slot> = None;
         let policy = routed.retry.as_ref();
         let max_attempts = 1 + policy.map_or(0, |p| p.num_retries);
         let avoid_previous = policy.is_some_and(|p| {
@@ -923,7 +997,14 @@ impl ClusterLayer {
                 Some(t) => match tokio::time::timeout(t, self.inner.call(req)).await {
                     Ok(o) => o,
                     Err(_) => {
+                        lb.report(addr, Outcome::LocalFailure);
                         last_failure = format!("per-try timeout ({t:?}) to {addr}");
+                        if attempt_no < max_attempts {
+                            match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
+                                Some(s) => retry_slot = Some(s),
+                                None => break,
+                            }
+                        }
                         continue;
                     }
                 },
@@ -931,9 +1012,20 @@ impl ClusterLayer {
             };
             match outcome {
                 Ok((mut resp, info)) => {
+                    lb.report(addr, Outcome::Status(resp.status().as_u16()));
+                    // A retry needs a retry slot (`max_retries`): without
+                    // one the answer goes back as it is, as Envoy's retry
+                    // overflow.
                     let again = attempt_no < max_attempts
                         && policy.is_some_and(|p| retriable_status(p, &resp))
-                        && matches!(replay, Replay::Bytes(_));
+                        && matches!(replay, Replay::Bytes(_))
+                        && match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
+                            Some(s) => {
+                                retry_slot = Some(s);
+                                true
+                            }
+                            None => false,
+                        };
                     if again {
                         last_failure = format!("{} from {addr}", resp.status());
                         drop(resp);
@@ -952,19 +1044,30 @@ impl ClusterLayer {
                         alpn: info.alpn,
                         attempts: attempt_no,
                     });
+                    drop(retry_slot);
                     return resp.map(|b| {
                         Body::new(Tracked {
                             inner: b,
                             _in_flight: in_flight,
+                            _request: request_slot,
                         })
                     });
                 }
                 Err(e) => {
                     drop(in_flight);
+                    lb.report(addr, Outcome::LocalFailure);
                     last_failure = format!("{e} ({addr})");
-                    let can = policy.is_some_and(|p| retriable_error(p, e.kind));
+                    let can = policy.is_some_and(|p| retriable_error(p, e.kind))
+                        && attempt_no < max_attempts
+                        && match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
+                            Some(s) => {
+                                retry_slot = Some(s);
+                                true
+                            }
+                            None => false,
+                        };
                     if !can {
-                        return failure_reply(e.kind, &last_failure, false);
+                        return failure_reply(e.kind, &last_failure, attempt_no > 1);
                     }
                     // Nothing was sent: the same request goes again;
                     // otherwise it must be replayable.
@@ -1052,10 +1155,12 @@ fn endpoint_key(
     })
 }
 
-/// A response body that keeps the endpoint counted as busy until it ends.
+/// A response body that keeps the endpoint counted as busy, and the
+/// request counted against the cluster's `max_requests`, until it ends.
 struct Tracked {
     inner: Body,
     _in_flight: InFlight,
+    _request: Slot,
 }
 
 impl http_body::Body for Tracked {

@@ -1,0 +1,269 @@
+//! Traffic policy from xDS through real sockets (issue 9, first part):
+//! fault injection (abort, delay, gRPC abort, header-driven), circuit
+//! breakers (`max_requests` → 503 `UO`), and outlier detection (consecutive
+//! 5xx eject a host for the base ejection time, then it comes back).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use nasp_controlplane::CertificateAuthority;
+use nasp_identity::cert::{pem_certs, pem_key};
+use nasp_identity::{KeyAlgorithm, WorkloadCert, keys};
+use nasp_transport::{
+    Body, HttpClient, InboundConfig, InboundMode, LocalReply, MeshConnector, MeshListener,
+    StaticView, serve_http,
+};
+use nasp_xds::{MeshView, ViewSettings, read_config_dump};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+fn certs() -> watch::Receiver<Option<Arc<WorkloadCert>>> {
+    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
+    let key = keys::generate_key(KeyAlgorithm::EcdsaP256).expect("key");
+    let now = OffsetDateTime::now_utc();
+    let chain = ca
+        .issue(
+            &"spiffe://cluster.local/ns/demo/sa/client"
+                .parse()
+                .expect("id"),
+            &key,
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )
+        .expect("issue")
+        .iter()
+        .flat_map(|p| pem_certs(p.as_bytes()).expect("pem"))
+        .collect();
+    let cert = WorkloadCert::new(
+        chain,
+        pem_key(key.serialize_pem().as_bytes()).expect("key"),
+        pem_certs(ca.root_pem().as_bytes()).expect("root"),
+    )
+    .expect("cert");
+    let (tx, rx) = watch::channel(Some(Arc::new(cert)));
+    std::mem::forget(tx);
+    rx
+}
+
+/// A plaintext backend answering `status` after `delay`, naming itself.
+async fn backend(ip: &str, name: &'static str, status: u16, delay: Duration) -> SocketAddr {
+    let listener = MeshListener::bind(
+        format!("{ip}:0").parse().expect("addr"),
+        certs(),
+        InboundConfig::new(InboundMode::Disable, "cluster.local"),
+    )
+    .await
+    .expect("listen");
+    let addr = listener.local_addr();
+    let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| async move {
+        tokio::time::sleep(delay).await;
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .status(status)
+                .header("x-served-by", name)
+                .body(Body::from(name))
+                .expect("response"),
+        )
+    });
+    tokio::spawn(serve_http(listener, svc));
+    addr
+}
+
+/// One cluster `c` with `endpoints` and `extra` cluster fields, one route
+/// `/` to it with `route_extra` fields on the route.
+fn client(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> HttpClient {
+    let lb: Vec<Value> = endpoints
+        .iter()
+        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
+        .collect();
+    let mut cluster = json!({
+        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+        "name": "c", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": lb}]}
+    });
+    if let (Some(c), Some(e)) = (cluster.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    let mut route = json!({"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c"}});
+    if let (Some(r), Some(e)) = (route.as_object_mut(), route_extra.as_object()) {
+        r.extend(e.clone());
+    }
+    let dump = json!({"configs": [
+        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": [{"cluster": cluster}]},
+        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": [{"name": "0.0.0.0_80", "active_state": {"listener": {
+            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "name": "0.0.0.0_80",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 80}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "outbound_0.0.0.0_80",
+                "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": "80"},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+            }}]}]}}}]},
+        {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [{"route_config": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            "name": "80", "virtual_hosts": [{"name": "svc.test:80", "domains": ["svc.test"], "routes": [route]}]}}]}
+    ]});
+    let set = read_config_dump(&dump.to_string()).expect("dump");
+    let view = MeshView::build(&set, HashMap::new(), ViewSettings::default());
+    HttpClient::new(Arc::new(StaticView::new(view)), MeshConnector::new(certs()))
+}
+
+async fn get(client: &HttpClient, headers: &[(&str, &str)]) -> (u16, String, Option<&'static str>) {
+    let mut req = http::Request::get("http://svc.test/")
+        .body(Body::empty())
+        .expect("request");
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            v.parse().expect("value"),
+        );
+    }
+    let resp = client.request(req).await.expect("routed");
+    let status = resp.status().as_u16();
+    let flags = resp.extensions().get::<LocalReply>().map(|l| l.flags);
+    let by = resp
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    let _ = resp.into_body().collect_bytes().await;
+    (status, by, flags)
+}
+
+fn fault(f: Value) -> Value {
+    json!({"typed_per_filter_config": {"envoy.filters.http.fault": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault", "abort": f["abort"], "delay": f["delay"]}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_and_delay_their_share_of_requests() {
+    let ok = backend("127.0.0.90", "ok", 200, Duration::ZERO).await;
+    // Abort every request with 418: the backend is never reached.
+    let c = client(
+        &[ok],
+        json!({}),
+        fault(
+            json!({"abort": {"http_status": 418, "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}),
+        ),
+    );
+    for _ in 0..5 {
+        assert_eq!(get(&c, &[]).await, (418, "-".into(), Some("FI")));
+    }
+    // Abort half of them.
+    let c = client(
+        &[ok],
+        json!({}),
+        fault(
+            json!({"abort": {"http_status": 503, "percentage": {"numerator": 50, "denominator": "HUNDRED"}}}),
+        ),
+    );
+    let mut aborted = 0;
+    for _ in 0..200 {
+        if get(&c, &[]).await.2 == Some("FI") {
+            aborted += 1;
+        }
+    }
+    assert!((60..=140).contains(&aborted), "50 % aborted: {aborted}/200");
+    // gRPC abort: a trailers-only answer with the gRPC status.
+    let c = client(
+        &[ok],
+        json!({}),
+        fault(
+            json!({"abort": {"grpc_status": 14, "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}),
+        ),
+    );
+    let resp = c
+        .request(
+            http::Request::post("http://svc.test/pkg.Svc/M")
+                .header("content-type", "application/grpc")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("routed");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..])
+    );
+    // A fixed delay for every request.
+    let c = client(
+        &[ok],
+        json!({}),
+        fault(
+            json!({"delay": {"fixed_delay": "0.3s", "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}),
+        ),
+    );
+    let t = Instant::now();
+    assert_eq!(get(&c, &[]).await.0, 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_overflow_is_answered_503_uo() {
+    let slow = backend("127.0.0.91", "slow", 200, Duration::from_millis(400)).await;
+    let c = client(
+        &[slow],
+        json!({"circuit_breakers": {"thresholds": [{"max_requests": 2, "max_pending_requests": 100, "max_connections": 100, "max_retries": 3}]}}),
+        json!({}),
+    );
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move { get(&c, &[]).await }));
+    }
+    let (mut ok, mut overflow) = (0, 0);
+    for call in calls {
+        match call.await.expect("join") {
+            (200, _, None) => ok += 1,
+            (503, _, Some("UO")) => overflow += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((ok, overflow), (2, 4), "two in flight at most");
+    // Once they are done, requests flow again.
+    assert_eq!(get(&c, &[]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_5xx_eject_a_host_until_its_time_is_up() {
+    let good = backend("127.0.0.92", "good", 200, Duration::ZERO).await;
+    let bad = backend("127.0.0.93", "bad", 503, Duration::ZERO).await;
+    let c = client(
+        &[good, bad],
+        json!({"outlier_detection": {"consecutive_5xx": 3, "interval": "1s", "base_ejection_time": "1s", "max_ejection_percent": 50}}),
+        json!({}),
+    );
+    // Round robin reaches the bad host until it has failed three times in
+    // a row; then it is ejected and only the good host answers.
+    let mut bad_seen = 0;
+    for _ in 0..10 {
+        let (status, by, _) = get(&c, &[]).await;
+        if by == "bad" {
+            assert_eq!(status, 503);
+            bad_seen += 1;
+        }
+    }
+    assert_eq!(bad_seen, 3, "ejected after 3 consecutive 5xx");
+    for _ in 0..20 {
+        assert_eq!(get(&c, &[]).await.1, "good");
+    }
+    // After the ejection time the host is back (and fails again).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut back = false;
+    for _ in 0..4 {
+        back |= get(&c, &[]).await.1 == "bad";
+    }
+    assert!(back, "the host came back after base_ejection_time");
+}
