@@ -21,7 +21,6 @@ pub fn print_json(out: &serde_json::Value) -> Result<()> {
 }
 
 /// Prints a report as one JSON line (what a script waits for).
-#[cfg(feature = "controlplane")]
 pub fn print_json_line(out: &serde_json::Value) -> Result<()> {
     print_text(&serde_json::to_string(out)?)
 }
@@ -212,15 +211,17 @@ pub fn controlplane(args: ControlPlaneArgs) -> Result<()> {
     })
 }
 
-#[cfg(all(unix, feature = "controlplane"))]
-async fn terminate() {
+/// Resolves on SIGTERM (never elsewhere).
+#[cfg(unix)]
+pub async fn terminate() {
     if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         s.recv().await;
     }
 }
 
-#[cfg(all(not(unix), feature = "controlplane"))]
-async fn terminate() {
+/// Resolves on SIGTERM (never elsewhere).
+#[cfg(not(unix))]
+pub async fn terminate() {
     std::future::pending::<()>().await
 }
 

@@ -8,9 +8,18 @@
 //! - `nasp ca issue`: gets a workload certificate from a CA and writes it in
 //!   Istio's file layout;
 //! - `nasp xds resolve` / `nasp xds dump`: what an ADS server says about the
-//!   mesh.
+//!   mesh;
+//! - `nasp demo`: the embedded control plane, a backend of three replicas
+//!   and a frontend calling it over mTLS while the mesh changes live;
+//! - `nasp serve`: one mesh workload running a built-in echo app;
+//! - `nasp get`: a mesh-aware curl.
 
+#[cfg(feature = "controlplane")]
+mod demo;
+mod get;
 mod identity;
+mod serve;
+mod workload;
 mod xds;
 
 use std::collections::HashMap;
@@ -35,6 +44,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The traffic demo: mTLS, load balancing, a live weight shift and a
+    /// lost replica, in one process (docs/cli.md).
+    #[cfg(feature = "controlplane")]
+    Demo(demo::DemoArgs),
+    /// Run one mesh workload with a built-in echo app (HTTP, gRPC, TCP).
+    Serve(serve::ServeArgs),
+    /// A mesh-aware curl: send requests through the mesh, print who answered.
+    Get(get::GetArgs),
     /// proxy-wasm filters.
     #[command(subcommand)]
     Wasm(WasmCommand),
@@ -401,6 +418,10 @@ fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let out = match cli.command {
+        #[cfg(feature = "controlplane")]
+        Command::Demo(args) => return demo::demo(args),
+        Command::Serve(args) => return serve::serve(args),
+        Command::Get(args) => return get::get(args),
         Command::Wasm(WasmCommand::Exec(args)) => exec(args)?,
         Command::Wasm(WasmCommand::Inspect { plugin }) => inspect(&plugin)?,
         #[cfg(feature = "controlplane")]
