@@ -18,7 +18,9 @@ use crate::abi::{HostFn, errno, status};
 use crate::bytecode::AbiVersion;
 use crate::env::{GrpcCallout, HostEnv, HttpCallout, LogLevel, LogRecord, lock};
 use crate::runtime::{FuncRef, Guest, HostHandler, Trap, Val};
-use crate::types::{HeaderMap, LocalResponse, PropertyValue, SharedStream, property_segments};
+use crate::types::{
+    HeaderMap, LocalResponse, PropertyProvider, PropertyValue, SharedStream, property_segments,
+};
 
 /// Static facts about a plugin, shared by its VM instances.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +70,8 @@ pub(crate) struct AbiHost {
     pub effective: u32,
     pub streams: HashMap<u32, SharedStream>,
     pub root_filter_state: HashMap<String, Vec<u8>>,
+    /// The plugin's provider ([`crate::PluginConfig::properties`]).
+    pub plugin_properties: Option<Arc<dyn PropertyProvider>>,
     pub phase: Phase,
     pub call: CallData,
     pub tick_period_ms: u32,
@@ -97,6 +101,7 @@ impl AbiHost {
             effective: 0,
             streams: HashMap::new(),
             root_filter_state: HashMap::new(),
+            plugin_properties: None,
             phase: Phase::Start,
             call: CallData::default(),
             tick_period_ms: 0,
@@ -350,9 +355,14 @@ impl AbiHost {
             _ => {}
         }
         let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
-        let provider = self.stream().and_then(|s| lock(s).provider.clone());
-        provider
+        // A stream context asks its stream's provider first (it knows the
+        // connection, the request and possibly a more specific node), then
+        // the plugin's; a root context has only the plugin's. The stream
+        // lock is released before the providers are asked.
+        let stream_provider = self.stream().and_then(|s| lock(s).provider.clone());
+        stream_provider
             .and_then(|p| p.property(&refs))
+            .or_else(|| self.plugin_properties.as_ref()?.property(&refs))
             .map(|v| PropertyValue::serialize(&v))
     }
 

@@ -82,7 +82,7 @@ pub enum FailPolicy {
 }
 
 /// Configuration of one plugin.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct PluginConfig {
     /// Name, for logs.
     pub name: String,
@@ -98,6 +98,34 @@ pub struct PluginConfig {
     pub fail_policy: FailPolicy,
     /// Memory and CPU limits.
     pub limits: Limits,
+    /// What the plugin's root context reads with `proxy_get_property` (the
+    /// node, `listener_direction`, listener metadata), and what a stream
+    /// context reads when its own provider has no answer. Envoy answers
+    /// these from the plugin's configuration, not from the stream, so they
+    /// are visible in `proxy_on_vm_start`, `proxy_on_configure` and
+    /// `proxy_on_tick` (see docs/proxy-wasm-host.md, "Properties").
+    pub properties: Option<Arc<dyn PropertyProvider>>,
+}
+
+impl std::fmt::Debug for PluginConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginConfig")
+            .field("name", &self.name)
+            .field("root_id", &self.root_id)
+            .field("vm_id", &self.vm_id)
+            .field(
+                "configuration",
+                &String::from_utf8_lossy(&self.configuration),
+            )
+            .field(
+                "vm_configuration",
+                &String::from_utf8_lossy(&self.vm_configuration),
+            )
+            .field("fail_policy", &self.fail_policy)
+            .field("limits", &self.limits)
+            .field("properties", &self.properties.is_some())
+            .finish()
+    }
 }
 
 impl PluginConfig {
@@ -136,6 +164,12 @@ impl PluginConfig {
     /// Sets the limits.
     pub fn limits(mut self, l: Limits) -> Self {
         self.limits = l;
+        self
+    }
+    /// Sets the plugin's property provider: root contexts read it, stream
+    /// contexts fall back to it (see [`PluginConfig::properties`]).
+    pub fn properties(mut self, p: Arc<dyn PropertyProvider>) -> Self {
+        self.properties = Some(p);
         self
     }
 }
@@ -299,7 +333,8 @@ impl Plugin {
     fn start_vm(&mut self) -> Result<()> {
         let abi = self.module.abi;
         let vm_key = NEXT_VM_KEY.fetch_add(1, Ordering::Relaxed);
-        let host = AbiHost::new(abi, self.info.clone(), self.env.clone(), vm_key);
+        let mut host = AbiHost::new(abi, self.info.clone(), self.env.clone(), vm_key);
+        host.plugin_properties = self.config.properties.clone();
         let restricted = RestrictedHost {
             info: self.info.clone(),
             env: self.env.clone(),

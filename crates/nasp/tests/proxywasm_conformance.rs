@@ -90,6 +90,21 @@ fn props() -> Arc<dyn PropertyProvider> {
     Arc::new(MapProperties(m))
 }
 
+/// A plugin's provider: the node and the listener's direction.
+fn plugin_props(node_id: &str, direction: i64) -> Arc<dyn PropertyProvider> {
+    let mut m = std::collections::HashMap::new();
+    m.insert("node.id".to_string(), PropertyValue::from(node_id));
+    m.insert(
+        "node.metadata.NAMESPACE".to_string(),
+        PropertyValue::from("demo"),
+    );
+    m.insert(
+        "listener_direction".to_string(),
+        PropertyValue::Int(direction),
+    );
+    Arc::new(MapProperties(m))
+}
+
 fn req(path: &str, mode: Option<&str>) -> HeaderMap {
     let mut h =
         HeaderMap::from_pairs([(":method", "GET"), (":path", path), (":authority", "echo")]);
@@ -389,6 +404,63 @@ per_runtime! {
         assert_eq!(chain.plugins[0].tick_period(), Duration::from_millis(100));
         chain.tick();
         assert!(h.logs.contains("tick"));
+    };
+    root_properties => |rt: &str| {
+        // The plugin's provider answers the root context in every root
+        // callback, as Envoy answers `node.*` and `listener_direction` from
+        // the plugin's listener; without one the root sees nothing.
+        let h = Harness::new();
+        let outbound = plugin_props("sidecar~10.0.0.2~web-1.demo~demo.svc.cluster.local", 2);
+        // The bare plugin runs first: the second one's `x-conformance-seen`
+        // replaces its header, so the header shows the provider's plugin.
+        let mut chain = h.chain_of(rt, vec![
+            cfg("bare").configuration("passive"),
+            cfg("outbound").configuration("tick").properties(outbound),
+        ]);
+        let want = "node.id=sidecar~10.0.0.2~web-1.demo~demo.svc.cluster.local namespace=demo listener_direction=2";
+        for cb in ["on_vm_start", "on_configure"] {
+            let line = format!("root properties in {cb}: {want}");
+            assert_eq!(h.count(&line), 1, "{rt}: {line} in {:?}", h.logs.lines());
+        }
+        assert_eq!(
+            h.count("root properties in on_configure: node.id=none namespace=none listener_direction=none"),
+            1,
+            "{rt}: a plugin without a provider gets NOT_FOUND: {:?}",
+            h.logs.lines()
+        );
+        chain.tick();
+        assert_eq!(h.count(&format!("root properties in on_tick: {want}")), 1, "{rt}: {:?}", h.logs.lines());
+        // A stream: its provider first, the plugin's when it has no answer.
+        let mut s = chain.http_stream(Arc::new(NoProperties));
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue);
+        assert_eq!(
+            s.request_header_map().get_str("x-conformance-seen").as_deref(),
+            Some("root=conformance;node=sidecar~10.0.0.2~web-1.demo~demo.svc.cluster.local"),
+            "{rt}: the stream falls back to the plugin's provider"
+        );
+        s.finish(&mut chain);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue);
+        assert_eq!(
+            s.request_header_map().get_str("x-conformance-seen").as_deref(),
+            Some("root=conformance;node=sidecar~10.0.0.1~pod.demo~demo.svc.cluster.local"),
+            "{rt}: the stream's own answer wins"
+        );
+        s.finish(&mut chain);
+        // A reloaded VM gets the provider again.
+        let h = Harness::new();
+        let config = cfg("reload")
+            .fail_policy(FailPolicy::Reload { backoff: Duration::ZERO })
+            .properties(plugin_props("node-r", 1));
+        let mut chain = h.chain(rt, config);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, req("/", Some("trap")), true), FilterStatus::Fail);
+        s.finish(&mut chain);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
+        s.finish(&mut chain);
+        let line = "root properties in on_configure: node.id=node-r namespace=demo listener_direction=1";
+        assert_eq!(h.count(line), 2, "{rt}: {:?}", h.logs.lines());
     };
     tcp_stream => |rt: &str| {
         let h = Harness::new();

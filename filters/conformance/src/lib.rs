@@ -30,6 +30,11 @@
 //! Configuration `producer...` resolves the `conformance` queue instead of
 //! registering it, so another VM of the same VM id stays its owner.
 //!
+//! The root context logs `root properties in <callback>: node.id=…
+//! namespace=… listener_direction=…` in `on_vm_start`, `on_configure` and
+//! `on_tick` (`none` for a property the host does not have), as Istio's
+//! filters read the local node there.
+//!
 //! Every request also: logs, reads headers, adds `x-conformance-seen`,
 //! reads `plugin_root_id` and `node.id`, sets the `conformance.seen`
 //! property, bumps a counter, a gauge and a histogram, and uses shared data.
@@ -101,8 +106,22 @@ impl Context for Root {
     }
 }
 
+impl Root {
+    /// The root-level properties Istio's filters read, as one log line.
+    fn log_root_properties(&self, callback: &str) {
+        let text = |path: Vec<&str>| self.get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "none".into());
+        let direction = self
+            .get_property(vec!["listener_direction"])
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(|b| i64::from_le_bytes(b).to_string())
+            .unwrap_or_else(|| "none".into());
+        log::info!("root properties in {}: node.id={} namespace={} listener_direction={}", callback, text(vec!["node", "id"]), text(vec!["node", "metadata", "NAMESPACE"]), direction);
+    }
+}
+
 impl RootContext for Root {
     fn on_vm_start(&mut self, vm_configuration_size: usize) -> bool {
+        self.log_root_properties("on_vm_start");
         let vm = self.get_vm_configuration().unwrap_or_default();
         log::info!("vm start: {} bytes of vm configuration: {}", vm_configuration_size, String::from_utf8_lossy(&vm));
         true
@@ -110,6 +129,7 @@ impl RootContext for Root {
 
     fn on_configure(&mut self, _size: usize) -> bool {
         self.config = self.get_plugin_configuration().unwrap_or_default();
+        self.log_root_properties("on_configure");
         log::info!("configure: {}", String::from_utf8_lossy(&self.config));
         let vm = self.get_vm_configuration().unwrap_or_default();
         log::info!("vm configuration during configure: {}", String::from_utf8_lossy(&vm));
@@ -131,6 +151,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.log_root_properties("on_tick");
         log::info!("tick");
     }
 
