@@ -44,7 +44,8 @@ use crate::http::MeshPeer;
 use crate::info::Upstream;
 
 pub use properties::{
-    ConnectionProperties, ListenerDirection, NodeProperties, StreamProperties, response_flags,
+    ConnectionProperties, ListenerDirection, ListenerProperties, NodeProperties, StreamProperties,
+    response_flags,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

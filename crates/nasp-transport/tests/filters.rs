@@ -21,11 +21,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use nasp_proxywasm::{
-    FailPolicy, HostEnv, PluginConfig, PropertyProvider, WasmModule, WasmRuntime,
+    FailPolicy, HostEnv, MemoryLogSink, PluginConfig, PropertyProvider, WasmModule, WasmRuntime,
 };
 use nasp_transport::filter::{
-    ChainPool, ConnectionProperties, HttpFilterLayer, ListenerDirection, NodeProperties,
-    StreamProperties, filter_tcp,
+    ChainPool, ConnectionProperties, HttpFilterLayer, ListenerDirection, ListenerProperties,
+    NodeProperties, StreamProperties, filter_tcp,
 };
 use nasp_transport::{Body, BoxError, InboundConfig, InboundMode, MeshListener, serve_http};
 use nasp_xds::WorkloadSettings;
@@ -758,6 +758,37 @@ async fn dropped_streams_are_reaped() {
     }
 }
 
+/// Every plugin of a pool built with [`ListenerProperties`] reads the node
+/// and its pool's direction in `proxy_on_vm_start` and `proxy_on_configure`
+/// (as `nasp::Mesh` builds its pools), on each worker's VM.
+async fn root_reads_the_listener_properties(rt: &str) {
+    let runtime = runtime(rt);
+    let module = WasmModule::new(runtime.as_ref(), &filter_wasm("conformance"))
+        .unwrap_or_else(|e| panic!("{rt}: {e}"));
+    for (direction, code) in [
+        (ListenerDirection::Inbound, 1),
+        (ListenerDirection::Outbound, 2),
+    ] {
+        let logs = MemoryLogSink::new();
+        let env = HostEnv {
+            logs: Arc::new(logs.clone()),
+            ..HostEnv::default()
+        };
+        let (_, config) = conformance(FailPolicy::FailClosed);
+        let config = config.properties(Arc::new(ListenerProperties::new(node(), direction)));
+        let pool = ChainPool::from_plugins(2, &[(module.clone(), config)], &env)
+            .unwrap_or_else(|e| panic!("{rt}: {e}"));
+        assert_eq!(pool.workers(), 2);
+        for cb in ["on_vm_start", "on_configure"] {
+            let line = format!(
+                "root properties in {cb}: node.id={NODE_ID} namespace=demo listener_direction={code}"
+            );
+            let n = logs.lines().iter().filter(|l| l.message == line).count();
+            assert_eq!(n, 2, "{rt}: {line} once per worker in {:?}", logs.lines());
+        }
+    }
+}
+
 macro_rules! per_runtime {
     ($($case:ident),* $(,)?) => {
         mod wasmtime {
@@ -787,4 +818,5 @@ per_runtime!(
     concurrent_streams,
     tcp_rewrites_and_closes,
     tcp_failing_plugin,
+    root_reads_the_listener_properties,
 );

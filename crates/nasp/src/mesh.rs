@@ -434,7 +434,20 @@ impl MeshBuilder {
                     (FilterDirection::Inbound, FilterKind::Network) => &mut inbound_tcp,
                     (FilterDirection::Outbound, FilterKind::Network) => &mut outbound_tcp,
                 };
-                list.push((module, f.config.clone()));
+                // Root contexts read the node and the listener direction
+                // from the plugin's provider (Istio's filters do in
+                // proxy_on_configure); a config with its own keeps it.
+                let mut config = f.config.clone();
+                if config.properties.is_none() {
+                    let direction = match f.direction {
+                        FilterDirection::Inbound => ListenerDirection::Inbound,
+                        FilterDirection::Outbound => ListenerDirection::Outbound,
+                    };
+                    config.properties = Some(Arc::new(
+                        nasp_transport::filter::ListenerProperties::new(node.clone(), direction),
+                    ));
+                }
+                list.push((module, config));
             }
         }
         let env = HostEnv::default();

@@ -112,6 +112,35 @@ impl NodeProperties {
     }
 }
 
+/// What a plugin reads outside any stream: the local node and the direction
+/// of the listener its pool serves, as Envoy answers them from the plugin's
+/// listener (`node.*`, `listener_direction`). Given to every plugin of a
+/// pool with [`nasp_proxywasm::PluginConfig::properties`], so root contexts
+/// see them in `proxy_on_vm_start`, `proxy_on_configure` and
+/// `proxy_on_tick`; streams ask their [`StreamProperties`] first.
+#[derive(Clone, Debug)]
+pub struct ListenerProperties {
+    node: Arc<NodeProperties>,
+    direction: ListenerDirection,
+}
+
+impl ListenerProperties {
+    /// The node and the listener direction of one pool.
+    pub fn new(node: Arc<NodeProperties>, direction: ListenerDirection) -> Self {
+        Self { node, direction }
+    }
+}
+
+impl PropertyProvider for ListenerProperties {
+    fn property(&self, path: &[&str]) -> Option<PropertyValue> {
+        match path {
+            ["node", rest @ ..] => self.node.property(rest),
+            ["listener_direction"] => Some(PropertyValue::Int(self.direction.code())),
+            _ => None,
+        }
+    }
+}
+
 /// What is known about the connection a stream runs on when it starts.
 /// Inbound: the downstream peer and this workload; outbound: this workload
 /// (`local_san`) — the upstream side comes later with [`Upstream`].
@@ -575,6 +604,33 @@ mod tests {
             Some(0)
         );
         assert_eq!(get(&p, "node.metadata.NOPE"), None);
+    }
+
+    #[test]
+    fn listener_properties_answer_the_node_and_direction_only() {
+        let node = Arc::new(NodeProperties::from_settings(&settings()));
+        let get = |p: &ListenerProperties, path: &str| {
+            let segs: Vec<&str> = path.split('.').collect();
+            p.property(&segs).map(|v| v.serialize())
+        };
+        let out = ListenerProperties::new(node.clone(), ListenerDirection::Outbound);
+        let inb = ListenerProperties::new(node, ListenerDirection::Inbound);
+        assert_eq!(
+            get(&out, "node.id"),
+            Some(b"sidecar~10.0.0.7~web-1.demo~demo.svc.cluster.local".to_vec())
+        );
+        assert_eq!(get(&out, "node.metadata.NAMESPACE"), Some(b"demo".to_vec()));
+        assert_eq!(
+            get(&out, "listener_direction"),
+            Some(2i64.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            get(&inb, "listener_direction"),
+            Some(1i64.to_le_bytes().to_vec())
+        );
+        // Stream attributes are not the plugin's to answer.
+        assert_eq!(get(&out, "request.path"), None);
+        assert_eq!(get(&out, "source.address"), None);
     }
 
     #[test]
