@@ -38,6 +38,10 @@ pub enum Policy {
     LeastRequest,
     /// Weighted random.
     Random,
+    /// Ketama-style consistent hashing on a ring (Envoy's `RING_HASH`).
+    RingHash,
+    /// Maglev consistent hashing (Envoy's `MAGLEV`).
+    Maglev,
 }
 
 impl Policy {
@@ -46,9 +50,116 @@ impl Policy {
         match name {
             "LEAST_REQUEST" => Policy::LeastRequest,
             "RANDOM" => Policy::Random,
+            "RING_HASH" => Policy::RingHash,
+            "MAGLEV" => Policy::Maglev,
             _ => Policy::RoundRobin,
         }
     }
+}
+
+/// Envoy's hash function for load balancing (xxHash64, seed 0).
+pub fn xx_hash64(data: &[u8]) -> u64 {
+    twox_hash::XxHash64::oneshot(0, data)
+}
+
+/// Envoy's ring-hash defaults.
+const MIN_RING_SIZE: u64 = 1024;
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Envoy's default Maglev table size (a prime).
+pub(crate) const MAGLEV_TABLE_SIZE: u64 = 65537;
+
+/// A ring of `(hash, member)` sorted by hash, built as Envoy's ring hash:
+/// each host gets a share of the ring by weight (at least the minimum ring
+/// size over all), each point the xxHash64 of `"<address>_<i>"`.
+fn build_ring(members: &[Member]) -> Vec<(u64, u32)> {
+    let total: f64 = members
+        .iter()
+        .map(|m| f64::from(m.endpoint.weight.max(1)))
+        .sum();
+    if members.is_empty() || total == 0.0 {
+        return Vec::new();
+    }
+    let min_norm = members
+        .iter()
+        .map(|m| f64::from(m.endpoint.weight.max(1)) / total)
+        .fold(f64::INFINITY, f64::min);
+    let scale = ((min_norm * MIN_RING_SIZE as f64).ceil() / min_norm).min(MAX_RING_SIZE as f64);
+    let mut ring = Vec::new();
+    let mut target = 0.0;
+    let mut placed = 0u64;
+    for (i, m) in members.iter().enumerate() {
+        // Envoy spreads rounding over hosts: each host's points are the
+        // running target's floor minus what is already placed.
+        target += scale * f64::from(m.endpoint.weight.max(1)) / total;
+        let n = (target.floor() as u64).saturating_sub(placed);
+        let addr = m.addr.to_string();
+        for j in 0..n {
+            let key = format!("{addr}_{j}");
+            ring.push((xx_hash64(key.as_bytes()), i as u32));
+        }
+        placed += n;
+    }
+    ring.sort_unstable();
+    ring
+}
+
+/// A Maglev lookup table built as Envoy builds it: each host's preference
+/// list from offset `xxHash64(address, 0) % M` and skip
+/// `xxHash64(address, 1) % (M − 1) + 1`, filled in turns proportional to
+/// weight.
+fn build_maglev(members: &[Member], size: u64) -> Vec<u32> {
+    if members.is_empty() {
+        return Vec::new();
+    }
+    struct Entry {
+        offset: u64,
+        skip: u64,
+        weight: f64,
+        target: f64,
+        next: u64,
+    }
+    let total: f64 = members
+        .iter()
+        .map(|m| f64::from(m.endpoint.weight.max(1)))
+        .sum();
+    let mut entries: Vec<Entry> = members
+        .iter()
+        .map(|m| {
+            let a = m.addr.to_string();
+            Entry {
+                offset: twox_hash::XxHash64::oneshot(0, a.as_bytes()) % size,
+                skip: twox_hash::XxHash64::oneshot(1, a.as_bytes()) % (size - 1) + 1,
+                weight: f64::from(m.endpoint.weight.max(1)) / total,
+                target: 0.0,
+                next: 0,
+            }
+        })
+        .collect();
+    let max_weight = entries.iter().map(|e| e.weight).fold(0.0, f64::max);
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0u64;
+    let mut iteration = 0u64;
+    while filled < size {
+        for (i, e) in entries.iter_mut().enumerate() {
+            if filled >= size {
+                break;
+            }
+            if (iteration as f64) * e.weight < e.target {
+                continue;
+            }
+            e.target += max_weight;
+            let mut c = (e.offset + e.skip * e.next) % size;
+            while table[c as usize] != u32::MAX {
+                e.next += 1;
+                c = (e.offset + e.skip * e.next) % size;
+            }
+            table[c as usize] = i as u32;
+            e.next += 1;
+            filled += 1;
+        }
+        iteration += 1;
+    }
+    table
 }
 
 /// One endpoint taking part in balancing.
@@ -167,6 +278,10 @@ pub(crate) struct ClusterLb {
     cursor: AtomicUsize,
     policy: Policy,
     total_weight: u64,
+    /// Ring hash: sorted `(hash, member)`.
+    ring: Vec<(u64, u32)>,
+    /// Maglev: member per table slot.
+    maglev: Vec<u32>,
 }
 
 /// Endpoints that take traffic, by Envoy's rules (see the module docs).
@@ -240,8 +355,21 @@ impl ClusterLb {
             .iter()
             .map(|m| u64::from(m.endpoint.weight.max(1)))
             .sum();
+        let policy = Policy::from_envoy(&info.lb_policy);
+        let ring = if policy == Policy::RingHash {
+            build_ring(&members)
+        } else {
+            Vec::new()
+        };
+        let maglev = if policy == Policy::Maglev {
+            build_maglev(&members, MAGLEV_TABLE_SIZE)
+        } else {
+            Vec::new()
+        };
         Self {
-            policy: Policy::from_envoy(&info.lb_policy),
+            policy,
+            ring,
+            maglev,
             counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
             info,
             members,
@@ -259,6 +387,12 @@ impl ClusterLb {
     /// Picks an endpoint, avoiding `exclude` and ejected outliers while
     /// another one exists.
     pub(crate) fn pick(&self, exclude: &[SocketAddr]) -> Option<&Member> {
+        self.pick_hashed(exclude, None)
+    }
+
+    /// As [`Self::pick`], with the request's hash for ring hash and Maglev
+    /// (no hash: a random endpoint, as Envoy).
+    pub(crate) fn pick_hashed(&self, exclude: &[SocketAddr], hash: Option<u64>) -> Option<&Member> {
         if self.members.is_empty() {
             return None;
         }
@@ -282,6 +416,41 @@ impl ClusterLb {
         let any_allowed = exclude.is_empty() || self.members.iter().any(allowed);
         let ok = |m: &Member| !any_allowed || allowed(m);
         match self.policy {
+            Policy::RingHash | Policy::Maglev if hash.is_some() => {
+                let h = hash.unwrap_or_default();
+                if self.policy == Policy::RingHash {
+                    if self.ring.is_empty() {
+                        return None;
+                    }
+                    // The first point at or after the hash, wrapping; a
+                    // retry walks on to the next host that may be used.
+                    let start = self.ring.partition_point(|(p, _)| *p < h);
+                    (0..self.ring.len())
+                        .map(|k| &self.members[self.ring[(start + k) % self.ring.len()].1 as usize])
+                        .find(|m| ok(m))
+                } else {
+                    if self.maglev.is_empty() {
+                        return None;
+                    }
+                    let size = self.maglev.len() as u64;
+                    (0..size.min(64))
+                        .map(|k| {
+                            &self.members
+                                [self.maglev[((h.wrapping_add(k)) % size) as usize] as usize]
+                        })
+                        .find(|m| ok(m))
+                        .or_else(|| self.members.iter().find(|m| ok(m)))
+                }
+            }
+            Policy::RingHash | Policy::Maglev => {
+                for _ in 0..8 {
+                    let m = self.weighted_random();
+                    if ok(m) {
+                        return Some(m);
+                    }
+                }
+                self.members.iter().find(|m| ok(m))
+            }
             Policy::RoundRobin => {
                 for _ in 0..self.schedule.len() {
                     let n = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
@@ -598,6 +767,94 @@ mod tests {
             assert_eq!(c.get(&a("127.0.0.3:80")), Some(&50), "{policy}");
             // Every host excluded: one is still picked.
             assert!(lb.pick(&[a("127.0.0.2:80"), a("127.0.0.3:80")]).is_some());
+        }
+    }
+
+    fn many(policy: &str, n: usize) -> Arc<ClusterInfo> {
+        cluster(
+            policy,
+            (0..n)
+                .map(|i| ep(&format!("10.0.{}.{}:80", i / 250, i % 250 + 1), 1, true, 0))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn hashing_policies_keep_a_key_on_one_host_and_move_few_others_on_removal() {
+        for policy in ["RING_HASH", "MAGLEV"] {
+            let lb = ClusterLb::new(many(policy, 20), None);
+            let keys: Vec<u64> = (0..2000)
+                .map(|k| xx_hash64(format!("user-{k}").as_bytes()))
+                .collect();
+            let first: Vec<SocketAddr> = keys
+                .iter()
+                .map(|h| lb.pick_hashed(&[], Some(*h)).expect("pick").addr)
+                .collect();
+            for (h, a) in keys.iter().zip(&first).take(100) {
+                assert_eq!(
+                    lb.pick_hashed(&[], Some(*h)).expect("pick").addr,
+                    *a,
+                    "{policy}: stable"
+                );
+            }
+            // Spread: every host gets some keys, none more than 3× its share.
+            let mut per: HashMap<SocketAddr, usize> = HashMap::new();
+            for a in &first {
+                *per.entry(*a).or_default() += 1;
+            }
+            assert_eq!(per.len(), 20, "{policy}");
+            assert!(per.values().all(|n| *n < 300), "{policy}: {per:?}");
+            // Remove one host: its keys move; of the others' keys only the
+            // few that Envoy's algorithms also move do (ring hash re-scales
+            // the ring by host count, Maglev refills a few slots).
+            let removed = lb.members[7].addr;
+            let mut info = (*lb.info).clone();
+            info.endpoints.retain(|e| e.address != removed.to_string());
+            let lb2 = ClusterLb::new(Arc::new(info), Some(&lb));
+            let mut moved_others = 0;
+            for (h, before) in keys.iter().zip(&first) {
+                let after = lb2.pick_hashed(&[], Some(*h)).expect("pick").addr;
+                if *before == removed {
+                    assert_ne!(after, removed);
+                } else if after != *before {
+                    moved_others += 1;
+                }
+            }
+            assert!(
+                moved_others * 100 <= keys.len() * 3,
+                "{policy}: {moved_others} of {} keys of remaining hosts moved",
+                keys.len()
+            );
+        }
+    }
+
+    #[test]
+    fn hashing_policies_respect_weights_and_exclusions() {
+        for policy in ["RING_HASH", "MAGLEV"] {
+            let lb = ClusterLb::new(
+                cluster(
+                    policy,
+                    vec![
+                        ep("127.0.0.2:80", 1, true, 0),
+                        ep("127.0.0.3:80", 3, true, 0),
+                    ],
+                ),
+                None,
+            );
+            let mut heavy = 0;
+            for k in 0..4000u32 {
+                let h = xx_hash64(&k.to_le_bytes());
+                if lb.pick_hashed(&[], Some(h)).expect("pick").addr == a("127.0.0.3:80") {
+                    heavy += 1;
+                }
+                // A retry avoiding the key's host gets the other one.
+                let first = lb.pick_hashed(&[], Some(h)).expect("pick").addr;
+                assert_ne!(lb.pick_hashed(&[first], Some(h)).expect("pick").addr, first);
+            }
+            assert!(
+                (2600..=3400).contains(&heavy),
+                "{policy}: weight 3 of 4 got {heavy}/4000"
+            );
         }
     }
 

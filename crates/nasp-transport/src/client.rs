@@ -154,6 +154,8 @@ pub struct Routed {
     pub retry: Option<RetryPolicy>,
     /// Its per-request timeout.
     pub timeout: Option<Duration>,
+    /// The request's hash from the route's hash policy (ring hash, Maglev).
+    pub hash: Option<u64>,
 }
 
 /// The endpoint picked for one attempt, for the connect layer.
@@ -508,6 +510,7 @@ impl RouteLayer {
                     route: Arc::from(""),
                     retry: None,
                     timeout: None,
+                    hash: None,
                 };
                 set_uri(&mut req, &authority, &pq);
                 req.extensions_mut().insert(routed);
@@ -636,11 +639,13 @@ impl RouteLayer {
             }
         }
         set_uri(&mut req, &authority, &pq);
+        let hash = request_hash(&forward.hash_policy, req.headers(), &pq);
         req.extensions_mut().insert(Routed {
             cluster,
             route: Arc::from(route.name.as_str()),
             retry: forward.retry_policy.clone(),
             timeout: forward.timeout,
+            hash,
         });
         let mut resp = match forward.timeout {
             Some(t) => match tokio::time::timeout(t, self.inner.call(req)).await {
@@ -725,6 +730,57 @@ impl RouteLayer {
             Err(e) => local_reply(StatusCode::SERVICE_UNAVAILABLE, "UF", e.to_string()),
         })
     }
+}
+
+/// The request's hash from a route's hash policies, as Envoy combines
+/// them: each input's xxHash64, folded as `rotl(h, 1) ^ next`, stopping
+/// after a terminal policy that produced one. Inputs that are absent give
+/// nothing; none at all: no hash (the balancer then picks at random).
+/// Cookies are read, not generated; the source IP and filter state are not
+/// inputs a client library has.
+fn request_hash(
+    policies: &[nasp_xds::route::HashPolicy],
+    headers: &http::HeaderMap,
+    pq: &str,
+) -> Option<u64> {
+    use nasp_xds::route::HashInput;
+    let mut hash: Option<u64> = None;
+    for p in policies {
+        let value: Option<String> = match &p.input {
+            HashInput::Header(name) => headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            HashInput::Cookie { name, .. } => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_string()),
+            HashInput::QueryParameter(name) => pq
+                .split_once('?')
+                .map(|(_, q)| q)
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_string()),
+            HashInput::SourceIp | HashInput::FilterState(_) => None,
+        };
+        if let Some(v) = value {
+            let h = crate::balance::xx_hash64(v.as_bytes());
+            hash = Some(match hash {
+                Some(prev) => prev.rotate_left(1) ^ h,
+                None => h,
+            });
+            if p.terminal {
+                break;
+            }
+        }
+    }
+    hash
 }
 
 /// The answer of an injected abort (`FI`): an HTTP status, or a gRPC
@@ -962,7 +1018,7 @@ impl ClusterLayer {
         while attempt_no < max_attempts {
             attempt_no += 1;
             let exclude: &[SocketAddr] = if avoid_previous { &tried } else { &[] };
-            let Some(member) = lb.pick(exclude) else {
+            let Some(member) = lb.pick_hashed(exclude, routed.hash) else {
                 break;
             };
             let addr = member.addr;

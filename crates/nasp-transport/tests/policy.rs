@@ -91,7 +91,19 @@ fn client(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> HttpCli
     }
     let mut route = json!({"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c"}});
     if let (Some(r), Some(e)) = (route.as_object_mut(), route_extra.as_object()) {
-        r.extend(e.clone());
+        for (k, v) in e {
+            // `action` fields go into the route action.
+            if k == "action" {
+                if let (Some(a), Some(extra)) = (
+                    r.get_mut("route").and_then(Value::as_object_mut),
+                    v.as_object(),
+                ) {
+                    a.extend(extra.clone());
+                }
+            } else {
+                r.insert(k.clone(), v.clone());
+            }
+        }
     }
     let dump = json!({"configs": [
         {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": [{"cluster": cluster}]},
@@ -266,4 +278,35 @@ async fn consecutive_5xx_eject_a_host_until_its_time_is_up() {
         back |= get(&c, &[]).await.1 == "bad";
     }
     assert!(back, "the host came back after base_ejection_time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_and_maglev_keep_a_user_on_one_backend() {
+    let a = backend("127.0.0.94", "a", 200, Duration::ZERO).await;
+    let b = backend("127.0.0.95", "b", 200, Duration::ZERO).await;
+    let c3 = backend("127.0.0.96", "c", 200, Duration::ZERO).await;
+    for policy in ["RING_HASH", "MAGLEV"] {
+        let c = client(
+            &[a, b, c3],
+            json!({"lb_policy": policy}),
+            json!({"action": {"hash_policy": [{"header": {"header_name": "x-user"}}]}}),
+        );
+        let mut owners: HashMap<String, String> = HashMap::new();
+        let mut used = std::collections::HashSet::new();
+        for round in 0..3 {
+            // 29 users: round robin would shift them between rounds.
+            for u in 0..29 {
+                let user = format!("user-{u}");
+                let (status, by, _) = get(&c, &[("x-user", &user)]).await;
+                assert_eq!(status, 200);
+                used.insert(by.clone());
+                if round == 0 {
+                    owners.insert(user, by);
+                } else {
+                    assert_eq!(owners[&user], by, "{policy}: {user} moved");
+                }
+            }
+        }
+        assert_eq!(used.len(), 3, "{policy}: users spread over every backend");
+    }
 }
