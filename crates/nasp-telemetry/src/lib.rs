@@ -5,7 +5,10 @@
 //! (`reporter=.=source;.;response_code=.=200;.;istio_requests_total`). The
 //! registry keeps names as given and [`parse_tagged_name`] turns them back
 //! into a metric family and labels at exposition time, the way Envoy's
-//! stat-tag extraction does.
+//! stat-tag extraction does; [`extract_stat_tags`] does the same for the
+//! tags Istio's bootstrap extracts from the other names its filters define
+//! (`component.proxy.tag.1.13.2;.istio_build` → `istio_build{component=
+//! "proxy",tag="1.13.2"}`).
 //!
 //! Invariants: no panics on any name a guest sends; exposition output always
 //! parses as Prometheus text (names sanitized, label values escaped).
@@ -225,7 +228,15 @@ impl MetricsRegistry {
         // Group series by family so each family has one TYPE line.
         let mut families: BTreeMap<String, Family<'_>> = BTreeMap::new();
         for m in &inner.metrics {
-            let (family, labels) = parse_tagged_name(&m.name, "=.=", ";.;");
+            let (family, mut labels) = parse_tagged_name(&m.name, "=.=", ";.;");
+            let (family, tags) = extract_stat_tags(&family);
+            for (k, v) in tags {
+                // A label the encoding already gave wins: Prometheus
+                // rejects a series with the same label twice.
+                if !labels.iter().any(|(have, _)| *have == k) {
+                    labels.push((k, v));
+                }
+            }
             let family = sanitize_name(&family);
             families
                 .entry(family)
@@ -312,6 +323,78 @@ pub fn parse_tagged_name(
     (family, labels)
 }
 
+/// Istio's stat tags for the names its filters define outside the `=.=`
+/// encoding, as Istio's bootstrap configures Envoy's stat-tag extraction:
+/// (tag name, prefix, terminator) for the regex `(<prefix>(.+?)<terminator>)`.
+/// `component.proxy.tag.1.13.2;.istio_build` (the stats filter's build
+/// gauge) gives `istio_build{component="proxy",tag="1.13.2"}`;
+/// `wasm_filter.stats_filter.cache.hit.metric_cache_count` gives
+/// `metric_cache_count{cache="hit",wasm_filter="stats_filter"}`.
+pub const ISTIO_STAT_TAGS: &[(&str, &str, &str)] = &[
+    ("cache", "cache.", "."),
+    ("component", "component.", "."),
+    ("tag", "tag.", ";."),
+    ("wasm_filter", "wasm_filter.", "."),
+];
+
+/// Envoy's stat-tag extraction with [`ISTIO_STAT_TAGS`]: each tag's first
+/// match in the name, searched as Envoy's regex search does (leftmost
+/// prefix, shortest non-empty value up to the terminator), is removed from
+/// the name and becomes a label. Every tag matches against the whole
+/// original name, and the removals are applied together, as Envoy's tag
+/// producer does. A name without a match comes back unchanged.
+pub fn extract_stat_tags(name: &str) -> (String, Vec<(String, String)>) {
+    let bytes = name.as_bytes();
+    let mut removed = vec![false; bytes.len()];
+    let mut tags = Vec::new();
+    for (tag, prefix, terminator) in ISTIO_STAT_TAGS {
+        let Some((start, value, end)) = find_tag(bytes, prefix.as_bytes(), terminator.as_bytes())
+        else {
+            continue;
+        };
+        for r in &mut removed[start..end] {
+            *r = true;
+        }
+        tags.push((
+            (*tag).to_string(),
+            String::from_utf8_lossy(&bytes[value.0..value.1]).into_owned(),
+        ));
+    }
+    if tags.is_empty() {
+        return (name.to_string(), tags);
+    }
+    let kept: Vec<u8> = bytes
+        .iter()
+        .zip(&removed)
+        .filter(|(_, r)| !**r)
+        .map(|(b, _)| *b)
+        .collect();
+    // The removed ranges start and end at ASCII bytes, so what is kept is
+    // still UTF-8; lossy only to stay panic-free.
+    (String::from_utf8_lossy(&kept).into_owned(), tags)
+}
+
+/// The leftmost `prefix (.+?) terminator` in `s`: (match start, value range,
+/// match end).
+fn find_tag(s: &[u8], prefix: &[u8], terminator: &[u8]) -> Option<(usize, (usize, usize), usize)> {
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| i + from)
+    };
+    let mut from = 0;
+    while let Some(start) = find(s, prefix, from) {
+        let value_start = start + prefix.len();
+        // At least one byte of value, then the nearest terminator.
+        if let Some(t) = find(s, terminator, value_start + 1) {
+            return Some((start, (value_start, t), t + terminator.len()));
+        }
+        from = start + 1;
+    }
+    None
+}
+
 /// Makes a valid Prometheus metric or label name: `[a-zA-Z_:][a-zA-Z0-9_:]*`.
 pub fn sanitize_name(name: &str) -> String {
     let mut out: String = name
@@ -370,6 +453,121 @@ mod tests {
         assert_eq!(
             parse_tagged_name("plain.name", "=.=", ";.;").0,
             "plain.name"
+        );
+    }
+
+    #[test]
+    fn istio_stat_tags_become_labels() {
+        assert_eq!(
+            extract_stat_tags("component.proxy.tag.1.13.2;.istio_build"),
+            (
+                "istio_build".to_string(),
+                vec![
+                    ("component".into(), "proxy".into()),
+                    ("tag".into(), "1.13.2".into())
+                ]
+            )
+        );
+        assert_eq!(
+            extract_stat_tags("wasm_filter.stats_filter.cache.hit.metric_cache_count"),
+            (
+                "metric_cache_count".to_string(),
+                vec![
+                    ("cache".into(), "hit".into()),
+                    ("wasm_filter".into(), "stats_filter".into())
+                ]
+            )
+        );
+        // No match: unchanged; a prefix without a value or terminator is
+        // not a tag.
+        for name in [
+            "istio_requests_total",
+            "tag.;.x",
+            "component.",
+            "cache.x",
+            "",
+        ] {
+            assert_eq!(
+                extract_stat_tags(name),
+                (name.to_string(), vec![]),
+                "{name}"
+            );
+        }
+        // Non-ASCII bytes around and inside a tag stay intact.
+        assert_eq!(
+            extract_stat_tags("é.component.ü.x"),
+            ("é.x".to_string(), vec![("component".into(), "ü".into())])
+        );
+    }
+
+    #[test]
+    fn istio_build_gauge_and_encoded_names_in_one_exposition() {
+        let r = MetricsRegistry::new();
+        let g = r.define(MetricKind::Gauge, "component.proxy.tag.1.13.2;.istio_build");
+        r.record(g, 1).unwrap();
+        let c = r.define(
+            MetricKind::Counter,
+            "wasm_filter.stats_filter.cache.miss.metric_cache_count",
+        );
+        r.increment(c, 3).unwrap();
+        let e = r.define(
+            MetricKind::Counter,
+            "reporter=.=source;.;response_code=.=200;.;istio_requests_total",
+        );
+        r.increment(e, 1).unwrap();
+        // An encoded label and a stat tag of the same name: the encoded one stays.
+        let d = r.define(MetricKind::Gauge, "component=.=app;.;component.proxy.dup");
+        r.record(d, 2).unwrap();
+        let text = r.prometheus_text();
+        assert!(
+            text.contains(
+                "# TYPE istio_build gauge\nistio_build{component=\"proxy\",tag=\"1.13.2\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("metric_cache_count{cache=\"miss\",wasm_filter=\"stats_filter\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("istio_requests_total{reporter=\"source\",response_code=\"200\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("dup{component=\"app\"} 2\n"), "{text}");
+        assert!(!text.contains("component_proxy"), "{text}");
+        promtool_check(&text);
+    }
+
+    /// `promtool check metrics` on the text, when promtool is installed
+    /// (Debian package `prometheus`). Exit status 1 is a parse error; 3 is
+    /// only its naming lints (no help text, Istio's own `_count` counter
+    /// names), which a sidecar's scrape has too.
+    fn promtool_check(text: &str) {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let Ok(mut child) = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("promtool not installed; exposition checked by the asserts only");
+            return;
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)) && !report.contains("error"),
+            "promtool ({:?}): {report}\n{text}",
+            out.status
         );
     }
 
