@@ -97,19 +97,23 @@ struct ExecArgs {
     /// wasmtime, wasmi or wasm3.
     #[arg(long, default_value = "wasmtime")]
     runtime: String,
-    /// The filter module.
+    /// A filter module; more than one runs them as one chain, in order. The
+    /// n-th --root-id, --config and --vm-config belong to the n-th --plugin.
+    #[arg(long, required = true)]
+    plugin: Vec<PathBuf>,
+    /// Root id (plugin_root_id) of the plugin in the same position.
     #[arg(long)]
-    plugin: PathBuf,
-    /// Root id (plugin_root_id).
-    #[arg(long, default_value = "")]
-    root_id: String,
-    /// Plugin configuration: a string, or @FILE.
-    #[arg(long, default_value = "")]
-    config: String,
-    /// VM configuration: a string, or @FILE.
-    #[arg(long, default_value = "")]
-    vm_config: String,
-    /// JSON object of properties by dotted path (e.g. {"node.id": "..."}).
+    root_id: Vec<String>,
+    /// Plugin configuration (a string, or @FILE) of the plugin in the same
+    /// position.
+    #[arg(long)]
+    config: Vec<String>,
+    /// VM configuration (a string, or @FILE) of the plugin in the same
+    /// position.
+    #[arg(long)]
+    vm_config: Vec<String>,
+    /// JSON object of properties by dotted path (e.g. {"node.id": "..."}),
+    /// seen by the stream and by every plugin's root context.
     #[arg(long)]
     properties: Option<PathBuf>,
     /// JSON description of the exchange (see docs/wasm-exec.md).
@@ -226,8 +230,16 @@ fn read_document<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Resu
 }
 
 fn exec(args: ExecArgs) -> Result<Value> {
-    let wasm = std::fs::read(&args.plugin)
-        .with_context(|| format!("reading {}", args.plugin.display()))?;
+    let n = args.plugin.len();
+    for (flag, given) in [
+        ("--root-id", args.root_id.len()),
+        ("--config", args.config.len()),
+        ("--vm-config", args.vm_config.len()),
+    ] {
+        if given > n {
+            bail!("{given} {flag} for {n} --plugin: the n-th {flag} belongs to the n-th --plugin");
+        }
+    }
     let exchange: Exchange = read_document(&args.request)?;
     let mut props = HashMap::new();
     if let Some(p) = &args.properties {
@@ -240,27 +252,47 @@ fn exec(args: ExecArgs) -> Result<Value> {
         }
     }
     let runtime = nasp::wasm::runtime_by_name(&args.runtime)?;
-    let module = WasmModule::new(runtime.as_ref(), &wasm)?;
     let logs = MemoryLogSink::new();
     let env = HostEnv {
         logs: Arc::new(logs.clone()),
         ..HostEnv::default()
     };
-    let config = PluginConfig::new(
-        args.plugin
+    // One provider for the stream and for every root context.
+    let provider: Arc<dyn nasp::wasm::PropertyProvider> = Arc::new(MapProperties(props));
+    let mut plugins = Vec::with_capacity(n);
+    let mut abi_versions = Vec::with_capacity(n);
+    for (i, path) in args.plugin.iter().enumerate() {
+        let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let module = WasmModule::new(runtime.as_ref(), &wasm)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
-            .unwrap_or("plugin"),
-    )
-    .root_id(args.root_id)
-    .configuration(arg_bytes(&args.config)?)
-    .vm_configuration(arg_bytes(&args.vm_config)?);
-    let plugin = Plugin::new(&module, config, env.clone())?;
-    let mut chain = FilterChain::new(vec![plugin]);
-    let provider = Arc::new(MapProperties(props));
+            .unwrap_or("plugin");
+        // Log lines name their plugin: the same file twice gets `stem#2`.
+        let name = match args.plugin[..i]
+            .iter()
+            .filter(|p| p.file_stem() == path.file_stem())
+            .count()
+        {
+            0 => stem.to_string(),
+            k => format!("{stem}#{}", k + 1),
+        };
+        let arg = |v: &[String]| arg_bytes(v.get(i).map_or("", String::as_str));
+        let config = PluginConfig::new(name)
+            .root_id(args.root_id.get(i).cloned().unwrap_or_default())
+            .configuration(arg(&args.config)?)
+            .vm_configuration(arg(&args.vm_config)?)
+            .properties(provider.clone());
+        let plugin = Plugin::new(&module, config, env.clone())
+            .with_context(|| format!("starting {}", path.display()))?;
+        abi_versions.push(module.abi().as_str());
+        plugins.push(plugin);
+    }
+    let mut chain = FilterChain::new(plugins);
     let mut out = serde_json::Map::new();
     out.insert("runtime".into(), json!(runtime.name()));
-    out.insert("abi_version".into(), json!(module.abi().as_str()));
+    out.insert("abi_version".into(), json!(abi_versions[0]));
     if let Some(chunks) = exchange.tcp {
         let (mut s, st) = chain.tcp_stream(provider);
         let mut steps = vec![json!({"callback": "new_connection", "status": st})];
@@ -360,9 +392,24 @@ fn exec(args: ExecArgs) -> Result<Value> {
     }
     out.insert("logs".into(), json!(logs.lines()));
     out.insert("metrics".into(), json!(env.metrics.prometheus_text()));
-    let fail = chain.plugins[0].fail_state().clone();
+    // `fail_state`: the first plugin that failed (Ok if none did).
+    let fail = chain
+        .plugins
+        .iter()
+        .map(|p| p.fail_state().clone())
+        .find(|f| *f != FailState::Ok)
+        .unwrap_or(FailState::Ok);
     out.insert("fail_state".into(), json!(fail));
     out.insert("failed".into(), json!(fail != FailState::Ok));
+    if n > 1 {
+        let each: Vec<Value> = chain
+            .plugins
+            .iter()
+            .zip(&abi_versions)
+            .map(|(p, abi)| json!({"name": p.name(), "abi_version": abi, "fail_state": p.fail_state()}))
+            .collect();
+        out.insert("plugins".into(), json!(each));
+    }
     Ok(Value::Object(out))
 }
 

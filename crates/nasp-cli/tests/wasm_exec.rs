@@ -166,3 +166,144 @@ fn unknown_runtime_is_a_clear_error() {
         "{err}"
     );
 }
+
+fn header<'a>(headers: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    headers
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .and_then(|h| h[1].as_str())
+}
+
+fn logged(t: &serde_json::Value, plugin: &str, needle: &str) -> bool {
+    t["logs"].as_array().is_some_and(|logs| {
+        logs.iter().any(|l| {
+            l["plugin"] == plugin && l["message"].as_str().is_some_and(|m| m.contains(needle))
+        })
+    })
+}
+
+const NODE: &str = "node.id=sidecar~10.0.0.1~demo-1.demo~demo.svc.cluster.local namespace=demo listener_direction=2";
+
+#[test]
+fn plugins_run_as_one_chain_with_their_own_config_and_root_id() {
+    for rt in ["wasmtime", "wasmi", "wasm3"] {
+        let t = nasp(&[
+            "wasm",
+            "exec",
+            "--runtime",
+            rt,
+            "--plugin",
+            "target/filters/headers.wasm",
+            "--root-id",
+            "headers",
+            "--config",
+            "",
+            "--plugin",
+            "target/filters/conformance.wasm",
+            "--root-id",
+            "conf-root",
+            "--config",
+            "demo",
+            "--properties",
+            "examples/wasm-exec/properties.json",
+            "--request",
+            "examples/wasm-exec/request.json",
+        ]);
+        let req = &t["request"]["headers"];
+        assert_eq!(header(req, "x-path-seen"), Some("/echo"), "{rt}: {t}");
+        assert_eq!(
+            header(req, "x-conformance-seen"),
+            Some("root=conf-root;node=sidecar~10.0.0.1~demo-1.demo~demo.svc.cluster.local"),
+            "{rt}: the second plugin has the second --root-id"
+        );
+        assert_eq!(t["request"]["body"], "HELLO FROM NASP", "{rt}");
+        let resp = &t["response"]["headers"];
+        assert_eq!(header(resp, "x-status-seen"), Some("200"), "{rt}: {t}");
+        assert_eq!(header(resp, "x-upstream-status"), Some("200"), "{rt}");
+        assert!(logged(&t, "conformance", "configure: demo"), "{rt}: {t}");
+        // --properties reaches the root context too.
+        for cb in ["on_vm_start", "on_configure"] {
+            let line = format!("root properties in {cb}: {NODE}");
+            assert!(logged(&t, "conformance", &line), "{rt}: {line}: {t}");
+        }
+        assert_eq!(t["failed"], false);
+        let plugins = t["plugins"].as_array().expect("plugins");
+        assert_eq!(plugins.len(), 2);
+        assert_eq!(plugins[0]["name"], "headers");
+        assert_eq!(plugins[1]["name"], "conformance");
+    }
+}
+
+#[test]
+fn the_same_module_twice_pairs_flags_by_position() {
+    for rt in ["wasmtime", "wasmi", "wasm3"] {
+        let t = nasp(&[
+            "wasm",
+            "exec",
+            "--runtime",
+            rt,
+            "--plugin",
+            "target/filters/conformance.wasm",
+            "--config",
+            "passive",
+            "--plugin",
+            "target/filters/conformance.wasm",
+            "--config",
+            "demo",
+            "--root-id",
+            "first",
+            "--root-id",
+            "second",
+            "--properties",
+            "examples/wasm-exec/properties.json",
+            "--request",
+            "examples/wasm-exec/request.json",
+        ]);
+        assert!(logged(&t, "conformance", "configure: passive"), "{rt}: {t}");
+        assert!(logged(&t, "conformance#2", "configure: demo"), "{rt}: {t}");
+        let req = &t["request"]["headers"];
+        assert!(header(req, "x-passive-seen").is_some(), "{rt}: {t}");
+        assert_eq!(
+            header(req, "x-conformance-seen"),
+            Some("root=second;node=sidecar~10.0.0.1~demo-1.demo~demo.svc.cluster.local"),
+            "{rt}"
+        );
+        // Both bodies went through: the second plugin upper-cases what the
+        // first already did, and each appends to the response body.
+        assert_eq!(
+            t["response"]["body"], "ok [filtered] [filtered]",
+            "{rt}: {t}"
+        );
+        assert!(
+            t["metrics"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("conformance_requests_total 2"),
+            "{rt}: both plugins counted the request in one registry: {t}"
+        );
+    }
+}
+
+#[test]
+fn more_configs_than_plugins_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_nasp"))
+        .args([
+            "wasm",
+            "exec",
+            "--plugin",
+            "target/filters/conformance.wasm",
+            "--config",
+            "a",
+            "--config",
+            "b",
+            "--request",
+            "examples/wasm-exec/request.json",
+        ])
+        .current_dir(ROOT)
+        .output()
+        .expect("run nasp");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 --config for 1 --plugin"), "{err}");
+}
