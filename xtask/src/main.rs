@@ -22,6 +22,14 @@
 //!   the command CI runs; each stage prints how long it took.
 //! - `demo`: the embedded control plane, a certificate, xDS lookups and a
 //!   filter on every runtime (see `demo()`).
+//! - `bench`: builds the filters and runs the criterion benches recorded in
+//!   `docs/benchmarks.md` (proxy-wasm host, identity, xDS) with the
+//!   settings given there. `bench transport` runs only the transport
+//!   benchmark (nasp's mesh HTTP path against a plain hyper + rustls pair,
+//!   and the idle RSS of a `Mesh` per runtime); arguments after
+//!   `transport` go to it (`--warm S --measure S --rounds N --no-rss
+//!   --rss-only`). Neither is part of `test`: numbers from a shared CI
+//!   machine would be noise, and they take minutes.
 //! - `codegen`: regenerates the checked-in protobuf code.
 
 use std::path::{Path, PathBuf};
@@ -716,9 +724,51 @@ fn feature_matrix() -> Result<(), String> {
     Ok(())
 }
 
+/// `cargo xtask bench [transport [ARGS]]`: release builds of the benches,
+/// run with the settings `docs/benchmarks.md` records.
+fn bench(args: &[String]) -> Result<(), String> {
+    setup_build()?;
+    build_filters()?;
+    let root = root();
+    if args.first().map(String::as_str) == Some("transport") {
+        return run(cargo()
+            .current_dir(&root)
+            .args(["bench", "-p", "nasp", "--bench", "transport", "--"])
+            .args(&args[1..]));
+    }
+    if let Some(other) = args.first() {
+        return Err(format!(
+            "cargo xtask bench [transport [ARGS]]: unknown bench {other:?}"
+        ));
+    }
+    for (package, bench, measure) in [
+        ("nasp", "proxywasm", "2"),
+        ("nasp-controlplane", "identity", "3"),
+        ("nasp-xds", "xds", "3"),
+    ] {
+        run(cargo().current_dir(&root).args([
+            "bench",
+            "-p",
+            package,
+            "--bench",
+            bench,
+            "--",
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            measure,
+        ]))?;
+    }
+    Ok(())
+}
+
 /// The main job: the embedded control plane (CA + ADS from the example mesh
 /// file) on loopback; a workload certificate from it, checked by openssl; the
 /// mesh resolved over SotW and Delta; a filter run on every runtime.
+/// README's main job: set-up, the filters, the `nasp` binary, then
+/// `nasp demo` — the embedded control plane, a backend of three replicas
+/// and a frontend over mTLS while the mesh changes live (docs/cli.md). It
+/// exits non-zero when a phase's expectation fails.
 fn demo() -> Result<(), String> {
     setup_build()?;
     build_filters()?;
@@ -727,112 +777,7 @@ fn demo() -> Result<(), String> {
         .current_dir(&root)
         .args(["build", "-q", "-p", "nasp-cli"]))?;
     let nasp = root.join("target/debug/nasp");
-    let out = root.join("target/demo");
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let root_pem = out.join("root-cert.pem");
-
-    eprintln!("demo: starting the embedded control plane (CA + ADS) with examples/mesh/mesh.yaml");
-    // The CA issues an identity only to the caller whose token is
-    // registered for it: one token, for the demo's `web` workload.
-    let tokens = out.join("tokens");
-    let token = out.join("istio-token");
-    std::fs::write(
-        &tokens,
-        "demo-web-token spiffe://cluster.local/ns/demo/sa/web\n",
-    )
-    .map_err(|e| format!("{}: {e}", tokens.display()))?;
-    std::fs::write(&token, "demo-web-token\n").map_err(|e| format!("{}: {e}", token.display()))?;
-    let mut cp = Command::new(&nasp)
-        .current_dir(&root)
-        .args([
-            "controlplane",
-            "--listen",
-            "127.0.0.1:0",
-            "--mesh",
-            "examples/mesh/mesh.yaml",
-            "--tokens",
-        ])
-        .arg(&tokens)
-        .arg("--root-out")
-        .arg(&root_pem)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("nasp controlplane: {e}"))?;
-    let result = (|| -> Result<(), String> {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let stdout = cp.stdout.take().ok_or("no stdout")?;
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let addr = line
-            .split("\"listening\":\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .ok_or_else(|| format!("unexpected first line: {line}"))?
-            .to_string();
-        eprintln!("demo: control plane on {addr}");
-        let certs = out.join("web");
-        run(Command::new(&nasp)
-            .args(["ca", "issue", "--ca", &addr, "--root"])
-            .arg(&root_pem)
-            .args([
-                "--spiffe",
-                "spiffe://cluster.local/ns/demo/sa/web",
-                "--ttl",
-                "1h",
-                "--token",
-            ])
-            .arg(&token)
-            .arg("--out")
-            .arg(&certs))?;
-        run(Command::new("openssl")
-            .args(["verify", "-CAfile"])
-            .arg(certs.join("root-cert.pem"))
-            .arg(certs.join("cert-chain.pem")))?;
-        run(Command::new(&nasp).args([
-            "xds",
-            "resolve",
-            "echo:80",
-            "--xds",
-            &addr,
-            "--namespace",
-            "demo",
-        ]))?;
-        run(Command::new(&nasp).args([
-            "xds",
-            "resolve",
-            "10.10.42.110:12050",
-            "--xds",
-            &addr,
-            "--delta",
-        ]))?;
-        run(Command::new(&nasp)
-            .args([
-                "xds",
-                "resolve",
-                "db:5432",
-                "--xds",
-                &addr,
-                "--namespace",
-                "demo",
-                "--root",
-            ])
-            .arg(&root_pem))?;
-        let plugin = root.join("target/filters/conformance.wasm");
-        let request = root.join("examples/wasm-exec/request.json");
-        for rt in ["wasmtime", "wasmi", "wasm3"] {
-            run(Command::new(&nasp)
-                .args(["wasm", "exec", "--runtime", rt, "--plugin"])
-                .arg(&plugin)
-                .args(["--config", "demo", "--request"])
-                .arg(&request))?;
-        }
-        Ok(())
-    })();
-    let _ = cp.kill();
-    let _ = cp.wait();
-    result?;
+    run(Command::new(&nasp).current_dir(&root).arg("demo"))?;
     eprintln!("demo: done");
     Ok(())
 }
@@ -853,6 +798,7 @@ fn main() -> ExitCode {
         },
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
+        Some("bench") => bench(&args[1..]),
         // Regenerates crates/nasp-proto/src/gen (protox, no protoc); the
         // generator is its own workspace so normal builds never compile it.
         Some("codegen") => run(cargo().current_dir(root()).args([
@@ -861,7 +807,8 @@ fn main() -> ExitCode {
             "xtask/codegen/Cargo.toml",
         ])),
         _ => Err(
-            "usage: cargo xtask <setup|build-filters|lint|fuzz [SECS]|test|demo|codegen>".into(),
+            "usage: cargo xtask <setup|build-filters|lint|fuzz [SECS]|test|demo|bench [transport]|codegen>"
+                .into(),
         ),
     };
     match result {

@@ -230,10 +230,15 @@ async fn join(
         .with_context(|| format!("{pod} joining the mesh"))
 }
 
+/// A running replica.
+struct Replica {
+    mesh: Mesh,
+}
+
 /// Starts a backend replica: HTTP on :8080 answers who it is and who
 /// called (the caller's SPIFFE id as its listener verified it), gRPC on
 /// :9090 is the echo service.
-async fn start_replica(cp: &ControlPlane, tokens: &Tokens, spec: &ReplicaSpec) -> Result<Mesh> {
+async fn start_replica(cp: &ControlPlane, tokens: &Tokens, spec: &ReplicaSpec) -> Result<Replica> {
     let mesh = join(
         cp,
         tokens,
@@ -255,7 +260,8 @@ async fn start_replica(cp: &ControlPlane, tokens: &Tokens, spec: &ReplicaSpec) -
             .map_or_else(String::new, ToString::to_string);
         let resp = http::Response::builder()
             .header("x-served-by", name)
-            .header("x-peer", peer)
+            .header("x-peer", peer);
+        let resp = resp
             .body(Body::from(format!("hello from backend {name}\n")))
             .map_err(|e| -> nasp::transport::BoxError { e.into() })?;
         Ok::<_, nasp::transport::BoxError>(resp)
@@ -272,7 +278,7 @@ async fn start_replica(cp: &ControlPlane, tokens: &Tokens, spec: &ReplicaSpec) -
     );
     let m = mesh.clone();
     tokio::spawn(async move { m.serve(grpc, routes).await });
-    Ok(mesh)
+    Ok(Replica { mesh })
 }
 
 /// Counts since some moment: successful requests per protocol and
@@ -860,7 +866,7 @@ struct Demo {
     cp: Option<ControlPlane>,
     tokens: Tokens,
     specs: Arc<Vec<ReplicaSpec>>,
-    replicas: Vec<Option<Mesh>>,
+    replicas: Vec<Option<Replica>>,
     frontend_ip: Ipv4Addr,
     tally: Shared,
     screen: SharedScreen,
@@ -952,8 +958,9 @@ impl Demo {
                     "{label} — stopping replica v1-b ({}) without telling the control plane; Istio's retry policy (connect-failure, other hosts) takes over",
                     self.specs[LOST].ip
                 ));
-                if let Some(m) = self.replicas.get_mut(LOST).and_then(Option::take) {
-                    m.shutdown().await;
+                self.set_phase(label.clone(), None);
+                if let Some(r) = self.replicas.get_mut(LOST).and_then(Option::take) {
+                    r.mesh.shutdown().await;
                 }
                 self.set_phase(label.clone(), Some((LOST, false)));
             }
@@ -1130,7 +1137,7 @@ async fn run(args: DemoArgs) -> Result<()> {
         replicas
             .first()
             .and_then(Option::as_ref)
-            .map_or_else(String::new, |m| m.id().to_string()),
+            .map_or_else(String::new, |r| r.mesh.id().to_string()),
         frontend.id(),
         args.concurrency,
         args.concurrency,
@@ -1192,8 +1199,8 @@ async fn run(args: DemoArgs) -> Result<()> {
     let elapsed = demo.start.elapsed();
     let total = lock(&tally).total.clone();
     frontend.shutdown().await;
-    for m in demo.replicas.iter().flatten() {
-        m.shutdown().await;
+    for r in demo.replicas.iter().flatten() {
+        r.mesh.shutdown().await;
     }
     if let Some(cp) = demo.cp.take() {
         cp.shutdown().await;
