@@ -1,9 +1,16 @@
 //! Picking an endpoint of a cluster for one request or connection.
 //!
-//! Which endpoints take traffic, as Envoy decides it: the healthy ones
-//! (health unknown or healthy) of the highest priority that has any; when
-//! none is healthy, the degraded ones; when none is left at all, every
-//! endpoint (Envoy's panic mode, rather than failing every request).
+//! Which endpoints take traffic, as Envoy decides it: each priority level's
+//! health is `min(100 %, overprovisioning factor × healthy / total)`; levels
+//! take traffic in order up to their health (normalized when the levels
+//! together are under 100 %), so a half-healthy level 0 with the default
+//! factor 1.4 keeps 70 % and spills 30 % to level 1. A level with fewer
+//! than 50 % healthy hosts is in panic and balances over all of them (and
+//! with nothing healthy anywhere, level 0 takes everything in panic). With
+//! `locality_weighted_lb_config`, a level's traffic is split between its
+//! localities by `load_balancing_weight × min(1, factor × healthy / total)`
+//! (a locality without a weight takes none, as in Envoy). Within the chosen
+//! set the policy picks.
 //!
 //! How one is picked, by the cluster's `lb_policy`:
 //! - `ROUND_ROBIN` (Envoy's default): in turn, weights respected by a
@@ -71,7 +78,7 @@ pub(crate) const MAGLEV_TABLE_SIZE: u64 = 65537;
 /// A ring of `(hash, member)` sorted by hash, built as Envoy's ring hash:
 /// each host gets a share of the ring by weight (at least the minimum ring
 /// size over all), each point the xxHash64 of `"<address>_<i>"`.
-fn build_ring(members: &[Member]) -> Vec<(u64, u32)> {
+fn build_ring(members: &[&Member]) -> Vec<(u64, u32)> {
     let total: f64 = members
         .iter()
         .map(|m| f64::from(m.endpoint.weight.max(1)))
@@ -107,7 +114,7 @@ fn build_ring(members: &[Member]) -> Vec<(u64, u32)> {
 /// list from offset `xxHash64(address, 0) % M` and skip
 /// `xxHash64(address, 1) % (M − 1) + 1`, filled in turns proportional to
 /// weight.
-fn build_maglev(members: &[Member], size: u64) -> Vec<u32> {
+fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
     if members.is_empty() {
         return Vec::new();
     }
@@ -273,32 +280,181 @@ pub(crate) struct ClusterLb {
     /// Circuit-breaker accounting of the cluster.
     pub counters: Arc<ClusterCounters>,
     members: Vec<Member>,
-    /// Round-robin schedule: indices into `members`, repeated by weight.
-    schedule: Vec<usize>,
-    cursor: AtomicUsize,
+    /// The sets balanced over (levels, localities).
+    sets: Vec<HostSet>,
+    /// Priority levels: cumulative share of traffic (percent) and how the
+    /// level's share is spread.
+    levels: Vec<(u64, LevelChoice)>,
     policy: Policy,
-    total_weight: u64,
     /// Ring hash: sorted `(hash, member)`.
     ring: Vec<(u64, u32)>,
     /// Maglev: member per table slot.
     maglev: Vec<u32>,
 }
 
-/// Endpoints that take traffic, by Envoy's rules (see the module docs).
-fn eligible(info: &ClusterInfo) -> Vec<&Endpoint> {
-    let healthy: Vec<&Endpoint> = info.endpoints.iter().filter(|e| e.healthy).collect();
-    if let Some(p) = healthy.iter().map(|e| e.priority).min() {
-        return healthy.into_iter().filter(|e| e.priority == p).collect();
+/// One set of endpoints balanced together: a priority level, or one
+/// locality of it, with its own round-robin schedule.
+#[derive(Debug)]
+struct HostSet {
+    /// Indices into the cluster's members.
+    idx: Vec<usize>,
+    /// Round-robin schedule (indices into the members), repeated by weight.
+    schedule: Vec<usize>,
+    cursor: AtomicUsize,
+    total_weight: u64,
+}
+
+impl HostSet {
+    fn new(members: &[Member], idx: Vec<usize>) -> Self {
+        let g = idx
+            .iter()
+            .map(|i| members[*i].endpoint.weight.max(1))
+            .fold(0, gcd)
+            .max(1);
+        // Interleave: in each round, every member whose remaining weight is
+        // positive gets a slot, so weights 3:1 give a b a a rather than a
+        // block. Capped so a huge weight cannot blow memory up.
+        let mut left: Vec<u32> = idx
+            .iter()
+            .map(|i| (members[*i].endpoint.weight.max(1) / g).min(1000))
+            .collect();
+        let mut schedule = Vec::new();
+        while left.iter().any(|w| *w > 0) {
+            for (k, w) in left.iter_mut().enumerate() {
+                if *w > 0 {
+                    schedule.push(idx[k]);
+                    *w -= 1;
+                }
+            }
+        }
+        let total_weight = idx
+            .iter()
+            .map(|i| u64::from(members[*i].endpoint.weight.max(1)))
+            .sum();
+        Self {
+            idx,
+            schedule,
+            cursor: AtomicUsize::new(rand::random::<u32>() as usize),
+            total_weight,
+        }
     }
-    let degraded: Vec<&Endpoint> = info
-        .endpoints
-        .iter()
-        .filter(|e| e.health == HealthStatus::Degraded)
-        .collect();
-    if !degraded.is_empty() {
-        return degraded;
+}
+
+/// How a priority level's share of traffic is spread.
+#[derive(Debug)]
+enum LevelChoice {
+    /// Over one set.
+    Single(usize),
+    /// Over its localities by effective weight: `(cumulative weight, set)`.
+    Localities(Vec<(u64, usize)>),
+}
+
+/// Envoy's panic threshold: a level with fewer healthy hosts than this
+/// (percent) balances over all its hosts.
+const PANIC_THRESHOLD: u64 = 50;
+
+/// Splits the members into priority levels and localities as Envoy does:
+/// each level's health is `min(100, overprovisioning × healthy / total)`,
+/// levels take traffic in order up to their health (normalized when the
+/// total is under 100), a level in panic balances over all its hosts, and
+/// with locality-weighted balancing a level's traffic is split by
+/// `locality weight × min(1, overprovisioning × healthy / total)`.
+fn plan(info: &ClusterInfo, members: &[Member]) -> (Vec<HostSet>, Vec<(u64, LevelChoice)>) {
+    let over = u64::from(info.overprovisioning_factor.max(1));
+    let mut priorities: Vec<u32> = members.iter().map(|m| m.endpoint.priority).collect();
+    priorities.sort_unstable();
+    priorities.dedup();
+    let mut sets = Vec::new();
+    let mut levels: Vec<(u64, bool, Vec<usize>, Vec<usize>)> = Vec::new();
+    for p in priorities {
+        let all: Vec<usize> = (0..members.len())
+            .filter(|i| members[*i].endpoint.priority == p)
+            .collect();
+        let healthy: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|i| members[*i].endpoint.healthy)
+            .collect();
+        let total = all.len() as u64;
+        let health = (over * healthy.len() as u64 / total.max(1)).min(100);
+        let panic = healthy.len() as u64 * 100 < PANIC_THRESHOLD * total;
+        levels.push((health, panic, all, healthy));
     }
-    info.endpoints.iter().collect()
+    let sum: u64 = levels.iter().map(|l| l.0).sum::<u64>().min(100);
+    let mut plans = Vec::new();
+    let mut remaining = 100u64;
+    let mut cumulative = 0u64;
+    for (i, (health, panic, all, healthy)) in levels.into_iter().enumerate() {
+        let load = match (health.min(remaining) * 100).checked_div(sum) {
+            Some(l) => {
+                remaining = remaining.saturating_sub(health.min(remaining));
+                l
+            }
+            // Nothing healthy anywhere: everything to the first level, in
+            // panic.
+            None if i == 0 => 100,
+            None => 0,
+        };
+        if load == 0 {
+            continue;
+        }
+        cumulative += load;
+        let degraded: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|i| members[*i].endpoint.health == HealthStatus::Degraded)
+            .collect();
+        let chosen = if panic || sum == 0 {
+            if healthy.is_empty() && !degraded.is_empty() {
+                degraded
+            } else {
+                all
+            }
+        } else {
+            healthy
+        };
+        let choice = if info.locality_weighted_lb && !(panic || sum == 0) {
+            let mut by_locality: Vec<(String, Vec<usize>)> = Vec::new();
+            for i in &chosen {
+                let loc = &members[*i].endpoint.locality;
+                match by_locality.iter_mut().find(|(l, _)| l == loc) {
+                    Some((_, v)) => v.push(*i),
+                    None => by_locality.push((loc.clone(), vec![*i])),
+                }
+            }
+            let mut cum = 0u64;
+            let mut list = Vec::new();
+            for (loc, idx) in by_locality {
+                let in_locality = members
+                    .iter()
+                    .filter(|m| m.endpoint.priority == members[idx[0]].endpoint.priority)
+                    .filter(|m| m.endpoint.locality == loc)
+                    .count() as u64;
+                let weight = u64::from(members[idx[0]].endpoint.locality_weight.unwrap_or(0));
+                let avail = (over * idx.len() as u64 / in_locality.max(1)).min(100);
+                let eff = weight * avail;
+                if eff == 0 {
+                    continue;
+                }
+                cum += eff;
+                sets.push(HostSet::new(members, idx));
+                list.push((cum, sets.len() - 1));
+            }
+            if list.is_empty() {
+                // No locality has a weight: Envoy would send nothing; the
+                // level's hosts are used rather than failing every request.
+                sets.push(HostSet::new(members, chosen));
+                LevelChoice::Single(sets.len() - 1)
+            } else {
+                LevelChoice::Localities(list)
+            }
+        } else {
+            sets.push(HostSet::new(members, chosen));
+            LevelChoice::Single(sets.len() - 1)
+        };
+        plans.push((cumulative, choice));
+    }
+    (sets, plans)
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -317,8 +473,9 @@ impl ClusterLb {
                     .collect()
             })
             .unwrap_or_default();
-        let members: Vec<Member> = eligible(&info)
-            .into_iter()
+        let members: Vec<Member> = info
+            .endpoints
+            .iter()
             .filter_map(|e| {
                 let addr: SocketAddr = e.address.parse().ok()?;
                 let (in_flight, outlier) = old.get(&addr).cloned().unwrap_or_default();
@@ -330,39 +487,26 @@ impl ClusterLb {
                 })
             })
             .collect();
-        let g = members
-            .iter()
-            .map(|m| m.endpoint.weight.max(1))
-            .fold(0, gcd)
-            .max(1);
-        let mut schedule = Vec::new();
-        // Interleave: in each round, every member whose remaining weight is
-        // positive gets a slot, so weights 3:1 give a a a b as a b a a rather
-        // than in a block. Capped so a huge weight cannot blow memory up.
-        let mut left: Vec<u32> = members
-            .iter()
-            .map(|m| (m.endpoint.weight.max(1) / g).min(1000))
-            .collect();
-        while left.iter().any(|w| *w > 0) {
-            for (i, w) in left.iter_mut().enumerate() {
-                if *w > 0 {
-                    schedule.push(i);
-                    *w -= 1;
-                }
-            }
-        }
-        let total_weight = members
-            .iter()
-            .map(|m| u64::from(m.endpoint.weight.max(1)))
-            .sum();
+        let (sets, levels) = plan(&info, &members);
         let policy = Policy::from_envoy(&info.lb_policy);
+        // Hashing is over the endpoints that take traffic.
+        let mut hashed: Vec<usize> = sets.iter().flat_map(|s| s.idx.iter().copied()).collect();
+        hashed.sort_unstable();
+        hashed.dedup();
+        let hashed_members: Vec<&Member> = hashed.iter().map(|i| &members[*i]).collect();
         let ring = if policy == Policy::RingHash {
-            build_ring(&members)
+            build_ring(&hashed_members)
+                .into_iter()
+                .map(|(h, k)| (h, hashed[k as usize] as u32))
+                .collect()
         } else {
             Vec::new()
         };
         let maglev = if policy == Policy::Maglev {
-            build_maglev(&members, MAGLEV_TABLE_SIZE)
+            build_maglev(&hashed_members, MAGLEV_TABLE_SIZE)
+                .into_iter()
+                .map(|k| hashed[k as usize] as u32)
+                .collect()
         } else {
             Vec::new()
         };
@@ -373,9 +517,8 @@ impl ClusterLb {
             counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
             info,
             members,
-            schedule,
-            cursor: AtomicUsize::new(rand::random::<u32>() as usize),
-            total_weight,
+            sets,
+            levels,
         }
     }
 
@@ -442,36 +585,94 @@ impl ClusterLb {
                         .or_else(|| self.members.iter().find(|m| ok(m)))
                 }
             }
-            Policy::RingHash | Policy::Maglev => {
-                for _ in 0..8 {
-                    let m = self.weighted_random();
-                    if ok(m) {
-                        return Some(m);
-                    }
-                }
-                self.members.iter().find(|m| ok(m))
+            _ => {
+                let set = self.choose_set()?;
+                self.pick_in(set, &ok).or_else(|| {
+                    // Nothing usable in the chosen set (all tried or
+                    // ejected): any set that takes traffic, then anyone.
+                    self.sets
+                        .iter()
+                        .flat_map(|s| s.idx.iter())
+                        .map(|i| &self.members[*i])
+                        .find(|m| ok(m))
+                        .or_else(|| self.members.iter().find(|m| ok(m)))
+                })
             }
+        }
+    }
+
+    /// The set this request goes to: a priority level by its share, then a
+    /// locality by its effective weight.
+    fn choose_set(&self) -> Option<&HostSet> {
+        let r = rand::random_range(0..100u64);
+        let (_, choice) = self
+            .levels
+            .iter()
+            .find(|(cum, _)| r < *cum)
+            .or_else(|| self.levels.last())?;
+        let id = match choice {
+            LevelChoice::Single(id) => *id,
+            LevelChoice::Localities(list) => {
+                let total = list.last().map_or(1, |(c, _)| *c).max(1);
+                let r = rand::random_range(0..total);
+                list.iter()
+                    .find(|(c, _)| r < *c)
+                    .map_or(list[0].1, |(_, id)| *id)
+            }
+        };
+        self.sets.get(id)
+    }
+
+    fn pick_in(&self, set: &HostSet, ok: &dyn Fn(&Member) -> bool) -> Option<&Member> {
+        if set.idx.is_empty() {
+            return None;
+        }
+        match self.policy {
             Policy::RoundRobin => {
-                for _ in 0..self.schedule.len() {
-                    let n = self.cursor.fetch_add(1, Ordering::Relaxed) % self.schedule.len();
-                    let m = &self.members[self.schedule[n]];
+                for _ in 0..set.schedule.len() {
+                    let n = set.cursor.fetch_add(1, Ordering::Relaxed) % set.schedule.len();
+                    let m = &self.members[set.schedule[n]];
                     if ok(m) {
                         return Some(m);
                     }
                 }
                 None
             }
-            Policy::Random => {
+            Policy::Random | Policy::RingHash | Policy::Maglev => {
                 for _ in 0..8 {
-                    let m = self.weighted_random();
+                    let m = self.weighted_random(set);
                     if ok(m) {
                         return Some(m);
                     }
                 }
-                self.members.iter().find(|m| ok(m))
+                set.idx.iter().map(|i| &self.members[*i]).find(|m| ok(m))
             }
             Policy::LeastRequest => {
-                let candidates: Vec<&Member> = self.members.iter().filter(|m| ok(m)).collect();
+                let load = |m: &Member| {
+                    // Fewer requests per unit of weight wins.
+                    (m.in_flight.load(Ordering::Relaxed) as u64 + 1) * 1_000_000
+                        / u64::from(m.endpoint.weight.max(1))
+                };
+                // The common case without an allocation: two distinct
+                // random members that may both be used.
+                if set.idx.len() >= 2 {
+                    let n = set.idx.len();
+                    let a = rand::random_range(0..n);
+                    let mut b = rand::random_range(0..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    let (ma, mb) = (&self.members[set.idx[a]], &self.members[set.idx[b]]);
+                    if ok(ma) && ok(mb) {
+                        return Some(if load(mb) < load(ma) { mb } else { ma });
+                    }
+                }
+                let candidates: Vec<&Member> = set
+                    .idx
+                    .iter()
+                    .map(|i| &self.members[*i])
+                    .filter(|m| ok(m))
+                    .collect();
                 match candidates.len() {
                     0 => None,
                     1 => Some(candidates[0]),
@@ -481,11 +682,6 @@ impl ClusterLb {
                         if b >= a {
                             b += 1;
                         }
-                        let load = |m: &Member| {
-                            // Fewer requests per unit of weight wins.
-                            (m.in_flight.load(Ordering::Relaxed) as u64 + 1) * 1_000_000
-                                / u64::from(m.endpoint.weight.max(1))
-                        };
                         let (ma, mb) = (candidates[a], candidates[b]);
                         Some(if load(mb) < load(ma) { mb } else { ma })
                     }
@@ -565,16 +761,17 @@ impl ClusterLb {
         tracing::info!(%addr, cluster = %self.info.name, "outlier ejected");
     }
 
-    fn weighted_random(&self) -> &Member {
-        let mut n = rand::random_range(0..self.total_weight.max(1));
-        for m in &self.members {
+    fn weighted_random(&self, set: &HostSet) -> &Member {
+        let mut n = rand::random_range(0..set.total_weight.max(1));
+        for i in &set.idx {
+            let m = &self.members[*i];
             let w = u64::from(m.endpoint.weight.max(1));
             if n < w {
                 return m;
             }
             n -= w;
         }
-        &self.members[0]
+        &self.members[set.idx[0]]
     }
 }
 
@@ -726,6 +923,89 @@ mod tests {
             None,
         );
         assert!(lb.pick(&[]).is_some());
+    }
+
+    fn located(
+        addr: &str,
+        locality: &str,
+        weight: Option<u32>,
+        healthy: bool,
+        priority: u32,
+    ) -> Endpoint {
+        Endpoint {
+            locality: locality.into(),
+            locality_weight: weight,
+            ..ep(addr, 1, healthy, priority)
+        }
+    }
+
+    #[test]
+    fn a_half_healthy_level_spills_to_the_next_by_the_overprovisioning_factor() {
+        // Level 0: 3 of 4 healthy → 100 % (0.75 × 1.4 > 1). Level 0: 1 of 2
+        // healthy → 70 % stays, 30 % to level 1.
+        let lb = ClusterLb::new(
+            cluster(
+                "ROUND_ROBIN",
+                vec![
+                    ep("127.0.0.2:80", 1, true, 0),
+                    ep("127.0.0.3:80", 1, false, 0),
+                    ep("127.0.0.4:80", 1, true, 1),
+                ],
+            ),
+            None,
+        );
+        let c = counts(&lb, 10_000, &[]);
+        let p1 = c.get(&a("127.0.0.4:80")).copied().unwrap_or(0);
+        assert!((2_600..=3_400).contains(&p1), "30 % to level 1: {c:?}");
+        assert_eq!(
+            c.get(&a("127.0.0.3:80")),
+            None,
+            "the unhealthy host gets nothing"
+        );
+    }
+
+    #[test]
+    fn a_level_below_the_panic_threshold_uses_all_its_hosts() {
+        // 1 of 3 healthy (33 % < 50 %) and no other level: all three.
+        let lb = ClusterLb::new(
+            cluster(
+                "ROUND_ROBIN",
+                vec![
+                    ep("127.0.0.2:80", 1, true, 0),
+                    ep("127.0.0.3:80", 1, false, 0),
+                    ep("127.0.0.4:80", 1, false, 0),
+                ],
+            ),
+            None,
+        );
+        assert_eq!(counts(&lb, 300, &[]).len(), 3);
+    }
+
+    #[test]
+    fn localities_share_a_level_by_weight_and_health() {
+        let mut info = (*cluster(
+            "ROUND_ROBIN",
+            vec![
+                located("127.0.0.2:80", "r/a", Some(3), true, 0),
+                located("127.0.0.3:80", "r/a", Some(3), true, 0),
+                located("127.0.0.4:80", "r/b", Some(1), true, 0),
+                located("127.0.0.5:80", "r/c", None, true, 0),
+            ],
+        ))
+        .clone();
+        info.locality_weighted_lb = true;
+        let lb = ClusterLb::new(Arc::new(info), None);
+        let c = counts(&lb, 8_000, &[]);
+        let b = c.get(&a("127.0.0.4:80")).copied().unwrap_or(0);
+        assert!((1_600..=2_400).contains(&b), "r/b gets 1/4: {c:?}");
+        assert_eq!(
+            c.get(&a("127.0.0.5:80")),
+            None,
+            "a locality without weight gets none"
+        );
+        let a2 = c.get(&a("127.0.0.2:80")).copied().unwrap_or(0);
+        let a3 = c.get(&a("127.0.0.3:80")).copied().unwrap_or(0);
+        assert!(a2.abs_diff(a3) <= 20, "round robin inside r/a: {c:?}");
     }
 
     #[test]
