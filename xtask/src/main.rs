@@ -160,6 +160,21 @@ fn setup_build() -> Result<(), String> {
         eprintln!("xtask: openssl not found (the interop tests run it)");
         apt_packages.push("openssl");
     }
+    let has = |tool: &str, arg: &str| {
+        Command::new(tool)
+            .arg(arg)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !has("promtool", "--version") {
+        eprintln!("xtask: promtool not found (the metrics text is checked with it)");
+        apt_packages.push("prometheus");
+    }
+    if !has("curl", "--version") {
+        eprintln!("xtask: curl not found (the listener tests run it)");
+        apt_packages.push("curl");
+    }
     if !apt_packages.is_empty() {
         let sudo = if Command::new("id")
             .arg("-u")
