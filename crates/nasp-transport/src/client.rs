@@ -863,6 +863,12 @@ enum AttemptErrorKind {
     Refused,
     /// The connection or stream broke after sending.
     Reset,
+    /// A reused idle HTTP/1.1 connection was closed by the server as the
+    /// request went out, before any byte of an answer (the keep-alive
+    /// race): an idempotent request goes again on a new connection, once,
+    /// whatever the retry policy (as HTTP clients retry stale keep-alive
+    /// connections).
+    Stale,
 }
 
 impl std::fmt::Display for AttemptError {
@@ -921,6 +927,7 @@ fn retriable_error(p: &RetryPolicy, kind: AttemptErrorKind) -> bool {
         AttemptErrorKind::Connect => on.connect_failure || on.reset || on.reset_before_request,
         AttemptErrorKind::Refused => on.refused_stream || on.reset,
         AttemptErrorKind::Reset => on.reset,
+        AttemptErrorKind::Stale => true,
     }
 }
 
@@ -968,7 +975,8 @@ impl ClusterLayer {
         };
         let mut retry_slot: Option<Slot> = None;
         let policy = routed.retry.as_ref();
-        let max_attempts = 1 + policy.map_or(0, |p| p.num_retries);
+        let mut max_attempts = 1 + policy.map_or(0, |p| p.num_retries);
+        let mut stale_retried = false;
         let avoid_previous = policy.is_some_and(|p| {
             p.host_predicates
                 .contains(&nasp_xds::route::HostPredicate::PreviousHosts)
@@ -1113,6 +1121,16 @@ impl ClusterLayer {
                     drop(in_flight);
                     lb.report(addr, Outcome::LocalFailure);
                     last_failure = format!("{e} ({addr})");
+                    // The keep-alive race costs one extra attempt, outside
+                    // the policy's count.
+                    if e.kind == AttemptErrorKind::Stale
+                        && !stale_retried
+                        && matches!(replay, Replay::Bytes(_))
+                    {
+                        stale_retried = true;
+                        max_attempts += 1;
+                        continue;
+                    }
                     let can = policy.is_some_and(|p| retriable_error(p, e.kind))
                         && attempt_no < max_attempts
                         && match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
@@ -1317,6 +1335,15 @@ impl ConnectLayer {
                         request: Some(req),
                     });
                 }
+                let idempotent = matches!(
+                    *req.method(),
+                    http::Method::GET
+                        | http::Method::HEAD
+                        | http::Method::OPTIONS
+                        | http::Method::PUT
+                        | http::Method::DELETE
+                        | http::Method::TRACE
+                );
                 *req.version_mut() = Version::HTTP_11;
                 if let Some(a) = req.uri().authority()
                     && let Ok(v) = HeaderValue::from_str(a.as_str())
@@ -1344,9 +1371,14 @@ impl ConnectLayer {
                     Err(mut e) => {
                         let request = e.take_message();
                         let err = e.into_error();
+                        let stale = checkout.reused
+                            && idempotent
+                            && (err.is_incomplete_message() || err.is_canceled());
                         Err(AttemptError {
                             kind: if request.is_some() {
                                 AttemptErrorKind::Connect
+                            } else if stale {
+                                AttemptErrorKind::Stale
                             } else {
                                 AttemptErrorKind::Reset
                             },

@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -64,11 +64,18 @@ where
     serve_http_until(listener, service, std::future::pending(), Duration::ZERO).await;
 }
 
-/// As [`serve_http`], until `shutdown` completes: then no connection is
-/// accepted any more, idle connections are closed, HTTP/2 peers get a
-/// GOAWAY, and requests in flight are given `drain` to finish (Envoy's
-/// drain). Returns how many connections were still open when `drain`
-/// ran out (0: everything finished).
+/// As [`serve_http`], until `shutdown` completes; then it drains as Envoy
+/// does, so that no caller that already sent a request is cut off:
+/// 1. the port closes (new callers are refused and go to other endpoints),
+///    connections already accepted or in their handshake are still served;
+/// 2. for a short grace (a quarter of `drain`, at most 1 s) connections
+///    stay open and every HTTP/1.1 response says `connection: close`, so
+///    keep-alive clients stop reusing them instead of racing a close;
+/// 3. then idle connections are closed, HTTP/2 peers get a GOAWAY, and
+///    requests in flight have the rest of `drain` to finish.
+///
+/// Returns how many connections were still open when `drain` ran out (0:
+/// everything finished).
 pub async fn serve_http_until<S, B>(
     mut listener: MeshListener,
     service: S,
@@ -90,16 +97,29 @@ where
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let open = Arc::new(AtomicUsize::new(0));
+    let draining = Arc::new(AtomicBool::new(false));
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let conn = tokio::select! {
-            c = listener.accept() => c,
-            () = &mut shutdown => break,
+        let conn = match deadline {
+            None => tokio::select! {
+                c = listener.accept() => c,
+                () = &mut shutdown => {
+                    listener.stop_accepting();
+                    draining.store(true, Ordering::Relaxed);
+                    deadline = Some(tokio::time::Instant::now() + drain);
+                    continue;
+                }
+            },
+            Some(d) => tokio::time::timeout_at(d, listener.accept())
+                .await
+                .unwrap_or_default(),
         };
         let Some(conn) = conn else { break };
         let peer = MeshPeer::of(&conn);
         let service = service.clone();
         let addr = peer.addr;
+        let draining_now = draining.clone();
         let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
             let headers = req.headers_mut();
             headers.remove(XFCC);
@@ -109,7 +129,19 @@ where
                 headers.insert(XFCC, v);
             }
             req.extensions_mut().insert(peer.clone());
-            service.call(req)
+            let h1 = req.version() < http::Version::HTTP_2;
+            let fut = service.call(req);
+            let draining = draining_now.clone();
+            async move {
+                let mut resp = fut.await?;
+                if h1 && draining.load(Ordering::Relaxed) {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, S::Error>(resp)
+            }
         });
         let served = builder
             .serve_connection_with_upgrades(TokioIo::new(conn.stream), svc)
@@ -125,7 +157,14 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let deadline = deadline.unwrap_or_else(|| tokio::time::Instant::now() + drain);
+    // The grace: keep-alive connections answer with `connection: close`.
+    let grace = (drain / 4).min(Duration::from_secs(1));
+    let grace_end = (tokio::time::Instant::now() + grace).min(deadline);
+    while open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace_end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_ok()
     {

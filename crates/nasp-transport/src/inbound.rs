@@ -225,6 +225,16 @@ impl MeshListener {
     pub async fn accept(&mut self) -> Option<MeshConn> {
         self.ready.recv().await
     }
+
+    /// Stops taking connections: the port closes at once (new callers are
+    /// refused, so they go elsewhere), while connections already accepted
+    /// or in their handshake are still handed out by [`Self::accept`],
+    /// which returns `None` once they are all out. A server draining for
+    /// shutdown serves those instead of dropping them on callers that have
+    /// already sent a request.
+    pub fn stop_accepting(&mut self) {
+        self.task.abort();
+    }
 }
 
 async fn accept_loop(

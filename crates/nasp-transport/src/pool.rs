@@ -65,6 +65,9 @@ pub(crate) struct Checkout {
     pub sender: Sender,
     pub info: ConnInfo,
     pub pool: Arc<EndpointPool>,
+    /// An idle HTTP/1.1 connection taken from the pool (one the server may
+    /// have closed at the same moment).
+    pub reused: bool,
 }
 
 struct Idle {
@@ -173,6 +176,7 @@ impl Pools {
                         sender: Sender::H2(s),
                         info,
                         pool,
+                        reused: false,
                     });
                 }
                 let connecting = pool.clone();
@@ -182,6 +186,7 @@ impl Pools {
                         sender: Sender::H2(s),
                         info,
                         pool,
+                        reused: false,
                     });
                 }
                 let (sender, info) = self.connect(key, timeout).await?;
@@ -193,6 +198,7 @@ impl Pools {
                     sender: Sender::H2(s),
                     info,
                     pool,
+                    reused: false,
                 })
             }
             Proto::H1 => {
@@ -209,10 +215,16 @@ impl Pools {
                         sender: Sender::H1(idle.sender),
                         info: idle.info,
                         pool,
+                        reused: true,
                     });
                 }
                 let (sender, info) = self.connect(key, timeout).await?;
-                Ok(Checkout { sender, info, pool })
+                Ok(Checkout {
+                    sender,
+                    info,
+                    pool,
+                    reused: false,
+                })
             }
         }
     }
