@@ -857,6 +857,7 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             upstream_protocol: Default::default(),
             circuit_breakers: None,
+            retry_budget: None,
             outlier_detection: None,
         })
     }

@@ -156,6 +156,8 @@ pub struct Routed {
     pub timeout: Option<Duration>,
     /// The request's hash from the route's hash policy (ring hash, Maglev).
     pub hash: Option<u64>,
+    /// Send `x-envoy-attempt-count` with each attempt.
+    pub attempt_count: bool,
 }
 
 /// The endpoint picked for one attempt, for the connect layer.
@@ -511,6 +513,7 @@ impl RouteLayer {
                     retry: None,
                     timeout: None,
                     hash: None,
+                    attempt_count: false,
                 };
                 set_uri(&mut req, &authority, &pq);
                 req.extensions_mut().insert(routed);
@@ -646,6 +649,7 @@ impl RouteLayer {
             retry: forward.retry_policy.clone(),
             timeout: forward.timeout,
             hash,
+            attempt_count: dest.virtual_host.include_request_attempt_count,
         });
         let mut resp = match forward.timeout {
             Some(t) => match tokio::time::timeout(t, self.inner.call(req)).await {
@@ -1051,6 +1055,10 @@ impl ClusterLayer {
                     rebuild(&parts, body)
                 }
             };
+            if routed.attempt_count {
+                req.headers_mut()
+                    .insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
+            }
             req.extensions_mut().insert(Attempt {
                 key,
                 connect_timeout: routed.cluster.connect_timeout,
@@ -1064,7 +1072,11 @@ impl ClusterLayer {
                         lb.report(addr, Outcome::LocalFailure);
                         last_failure = format!("per-try timeout ({t:?}) to {addr}");
                         if attempt_no < max_attempts {
-                            match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
+                            match Slot::try_take(
+                                &lb.counters,
+                                |c| &c.retries,
+                                retry_limit(&routed.cluster, &lb, max_retries),
+                            ) {
                                 Some(s) => retry_slot = Some(s),
                                 None => break,
                             }
@@ -1083,7 +1095,11 @@ impl ClusterLayer {
                     let again = attempt_no < max_attempts
                         && policy.is_some_and(|p| retriable_status(p, &resp))
                         && matches!(replay, Replay::Bytes(_))
-                        && match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
+                        && match Slot::try_take(
+                            &lb.counters,
+                            |c| &c.retries,
+                            retry_limit(&routed.cluster, &lb, max_retries),
+                        ) {
                             Some(s) => {
                                 retry_slot = Some(s);
                                 true
@@ -1133,7 +1149,11 @@ impl ClusterLayer {
                     }
                     let can = policy.is_some_and(|p| retriable_error(p, e.kind))
                         && attempt_no < max_attempts
-                        && match Slot::try_take(&lb.counters, |c| &c.retries, max_retries) {
+                        && match Slot::try_take(
+                            &lb.counters,
+                            |c| &c.retries,
+                            retry_limit(&routed.cluster, &lb, max_retries),
+                        ) {
                             Some(s) => {
                                 retry_slot = Some(s);
                                 true
@@ -1163,6 +1183,22 @@ impl ClusterLayer {
             }
         }
         failure_reply(AttemptErrorKind::Connect, &last_failure, attempt_no > 1)
+    }
+}
+
+/// Retries allowed in flight now: the retry budget when the cluster has
+/// one (`budget_percent` of the active requests, at least
+/// `min_retry_concurrency`), else `max_retries`.
+fn retry_limit(cluster: &ClusterInfo, lb: &crate::balance::ClusterLb, max_retries: u32) -> u32 {
+    match cluster.retry_budget {
+        Some((percent, min)) => {
+            let active = lb
+                .counters
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed) as f64;
+            ((active * percent / 100.0) as u32).max(min)
+        }
+        None => max_retries,
     }
 }
 

@@ -93,6 +93,9 @@ async fn backend(ip: &str, mode: InboundMode, certs: Watch, name: &'static str) 
         if let Some(v) = req.headers().get("x-added") {
             resp = resp.header("x-seen-added", v);
         }
+        if let Some(v) = req.headers().get("x-envoy-attempt-count") {
+            resp = resp.header("x-seen-attempt", v);
+        }
         // Echo the body frame by frame: the answer starts before the
         // request ends (a buffering client would never see it).
         let body = req.into_body();
@@ -590,6 +593,8 @@ async fn a_dead_endpoint_is_retried_elsewhere_under_istios_default_policy() {
         if up.attempts > 1 {
             retried += 1;
         }
+        // Istio's virtual hosts ask for `x-envoy-attempt-count`.
+        assert_eq!(h["x-seen-attempt"], up.attempts.to_string());
     }
     assert!(retried > 0, "round robin reached the dead endpoints");
 }

@@ -310,3 +310,37 @@ async fn ring_hash_and_maglev_keep_a_user_on_one_backend() {
         assert_eq!(used.len(), 3, "{policy}: users spread over every backend");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_limits_retries_to_its_share_of_active_requests() {
+    let live = backend("127.0.0.97", "live", 200, Duration::ZERO).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.98:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let retry = json!({"action": {"retry_policy": {"retry_on": "connect-failure", "num_retries": 2,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}}});
+    let budget = |percent: f64, min: u32| {
+        json!({"circuit_breakers": {"thresholds": [{"max_retries": 1000,
+            "retry_budget": {"budget_percent": {"value": percent}, "min_retry_concurrency": min}}]}})
+    };
+    // A budget of nothing: a request that meets the dead host first is not
+    // retried (about half of them, by round robin).
+    let c = client(&[live, dead], budget(0.0, 0), retry.clone());
+    let mut failed = 0;
+    for _ in 0..20 {
+        if get(&c, &[]).await.0 != 200 {
+            failed += 1;
+        }
+    }
+    assert!(
+        (5..=15).contains(&failed),
+        "no budget, no retries: {failed}/20 failed"
+    );
+    // A budget with room: every request succeeds.
+    let c = client(&[live, dead], budget(20.0, 3), retry);
+    for _ in 0..20 {
+        assert_eq!(get(&c, &[]).await.0, 200);
+    }
+}

@@ -251,6 +251,10 @@ pub struct ClusterInfo {
     /// Circuit-breaker thresholds of the default priority:
     /// (max connections, max pending, max requests, max retries).
     pub circuit_breakers: Option<(u32, u32, u32, u32)>,
+    /// The retry budget of the default priority, when set: (percent of the
+    /// active requests that may be retries, default 20; minimum retry
+    /// concurrency, default 3). It replaces `max retries`.
+    pub retry_budget: Option<(f64, u32)>,
     /// Outlier detection, when configured.
     pub outlier_detection: Option<OutlierSettings>,
 }
@@ -580,6 +584,17 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
                 v(&t.max_retries, 3),
             )
         });
+    let retry_budget = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.first())
+        .and_then(|t| t.retry_budget.as_ref())
+        .map(|b| {
+            (
+                b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+                b.min_retry_concurrency.as_ref().map_or(3, |v| v.value),
+            )
+        });
     let http = http_options(c);
     let (auto_sni, auto_san_validation) = auto_sni(c, &http);
     ClusterInfo {
@@ -614,6 +629,7 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
         connect_timeout: dur(&c.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
         upstream_protocol: upstream_protocol(c, &http),
         circuit_breakers,
+        retry_budget,
         outlier_detection: c.outlier_detection.as_ref().map(|o| {
             let u = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
                 w.as_ref().map(|w| w.value).unwrap_or(d)

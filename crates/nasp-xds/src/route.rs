@@ -82,6 +82,9 @@ pub struct VirtualHost {
     pub headers: HeaderMutations,
     /// Fault injection configured on the virtual host.
     pub fault: Option<Fault>,
+    /// Send `x-envoy-attempt-count` upstream (Istio sets it on every
+    /// virtual host).
+    pub include_request_attempt_count: bool,
 }
 
 /// One route.
@@ -1416,6 +1419,7 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, String> {
             &vh.response_headers_to_remove,
         ),
         fault: fault(&vh.typed_per_filter_config)?,
+        include_request_attempt_count: vh.include_request_attempt_count,
     })
 }
 
