@@ -60,6 +60,14 @@ use serde_json::{Value, json};
 
 use crate::{ControlPlane, SnapshotCache};
 
+mod policy;
+
+pub use policy::{
+    ConnectionPool, ConsistentHash, Fault, FaultAbort, FaultDelay, GrpcStatus, HeaderOperations,
+    Headers, HttpCookie, HttpPool, LoadBalancer, Maglev, OutlierDetection, Retries, RingHash,
+    TcpPool, TrafficPolicy,
+};
+
 /// mTLS mode of a service or port.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -184,6 +192,10 @@ pub struct Subset {
     /// The labels an endpoint must carry (all of them) to belong to it.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The subset's own DestinationRule policy; each field it sets
+    /// replaces the service's (Istio's merge).
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 impl Subset {
@@ -244,6 +256,16 @@ pub struct MeshRoute {
     pub route: Vec<RouteDestination>,
     /// Whole-request timeout (`500ms`, `2s`, `1m`); default Istio's: none.
     pub timeout: Option<String>,
+    /// Retries (default Istio's: 2 on connect failure, refused stream,
+    /// gRPC unavailable / cancelled and 503); `attempts: 0` turns them off.
+    #[serde(default)]
+    pub retries: Option<Retries>,
+    /// Fault injection: a delay and / or an abort for a share of requests.
+    #[serde(default)]
+    pub fault: Option<Fault>,
+    /// Request and response header changes.
+    #[serde(default)]
+    pub headers: Option<Headers>,
 }
 
 /// A service.
@@ -278,6 +300,10 @@ pub struct MeshService {
     /// whole service.
     #[serde(default)]
     pub routes: Vec<MeshRoute>,
+    /// The DestinationRule `trafficPolicy` of the service (every port and
+    /// subset, unless a subset sets its own).
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 impl MeshService {
@@ -449,6 +475,14 @@ fn validate(svc: &MeshService, fqdn: &str) -> Result<(), XdsError> {
         if svc.subsets[..i].iter().any(|o| o.name == s.name) {
             return Err(bad(fqdn, format!("subset {:?} is declared twice", s.name)));
         }
+        if let Some(p) = &s.traffic_policy {
+            p.validate()
+                .map_err(|e| bad(fqdn, format!("subset {:?} traffic_policy: {e}", s.name)))?;
+        }
+    }
+    if let Some(p) = &svc.traffic_policy {
+        p.validate()
+            .map_err(|e| bad(fqdn, format!("traffic_policy: {e}")))?;
     }
     if !svc.routes.is_empty() && !svc.ports.iter().any(|p| p.protocol.is_http()) {
         return Err(bad(fqdn, "`routes` need an http, http2 or grpc port"));
@@ -506,6 +540,18 @@ fn validate(svc: &MeshService, fqdn: &str) -> Result<(), XdsError> {
         }
         if let Some(t) = &r.timeout {
             parse_duration(t).map_err(|e| bad(fqdn, format!("{which}: timeout {t:?}: {e}")))?;
+        }
+        if let Some(x) = &r.retries {
+            x.validate()
+                .map_err(|e| bad(fqdn, format!("{which}: {e}")))?;
+        }
+        if let Some(x) = &r.fault {
+            x.validate()
+                .map_err(|e| bad(fqdn, format!("{which}: {e}")))?;
+        }
+        if let Some(x) = &r.headers {
+            x.validate()
+                .map_err(|e| bad(fqdn, format!("{which}: {e}")))?;
         }
     }
     Ok(())
@@ -634,6 +680,11 @@ fn cluster(
         "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u32, "max_pending_requests": 4294967295u32, "max_requests": 4294967295u32, "max_retries": 4294967295u32}]},
         "metadata": {"filter_metadata": {"istio": istio}}
     });
+    TrafficPolicy::merged(
+        svc.traffic_policy.as_ref(),
+        subset.and_then(|s| s.traffic_policy.as_ref()),
+    )
+    .apply(&mut c);
     if port.protocol.is_http2() {
         // What istiod writes for gRPC and HTTP/2 ports (see the dumps'
         // `outbound|9000||echo.default…`).
@@ -708,9 +759,16 @@ fn endpoints(svc: &MeshService, port: &ServicePort, subset: Option<&Subset>, fqd
         .into_iter()
         .map(|(locality, lbs)| {
             let mut parts = locality.splitn(3, '/');
+            // istiod weighs a locality by the sum of its endpoints' weights,
+            // which keeps locality-weighted balancing proportional to them.
+            let weight: u64 = lbs
+                .iter()
+                .filter_map(|e| e["load_balancing_weight"].as_u64())
+                .sum();
             json!({
                 "locality": {"region": parts.next().unwrap_or_default(), "zone": parts.next().unwrap_or_default(), "sub_zone": parts.next().unwrap_or_default()},
-                "lb_endpoints": lbs
+                "lb_endpoints": lbs,
+                "load_balancing_weight": weight.clamp(1, u64::from(u32::MAX))
             })
         })
         .collect();
@@ -722,23 +780,52 @@ fn endpoints(svc: &MeshService, port: &ServicePort, subset: Option<&Subset>, fqd
     })
 }
 
-/// Istio's default route action settings: no timeout, its retry policy.
-fn route_action(target: Value, timeout: Option<Duration>) -> Value {
+/// A route action as istiod writes it: the timeout (none by default), the
+/// retry policy (Istio's default unless the route sets one; none for
+/// `attempts: 0`) and the destinations' consistent-hash keys.
+fn route_action(
+    target: Value,
+    timeout: Option<Duration>,
+    retries: Option<&Retries>,
+    hash_policy: Vec<Value>,
+) -> Value {
     let mut action = json!({
         "timeout": timeout.map_or_else(|| "0s".to_string(), envoy_duration),
-        "retry_policy": {
-            "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
-            "num_retries": 2,
-            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}],
-            "host_selection_retry_max_attempts": "5",
-            "retriable_status_codes": [503]
-        },
         "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"}
     });
+    if let Some(r) = policy::retry_policy(retries) {
+        action["retry_policy"] = r;
+    }
+    if !hash_policy.is_empty() {
+        action["hash_policy"] = json!(hash_policy);
+    }
     if let (Some(a), Some(t)) = (action.as_object_mut(), target.as_object()) {
         a.extend(t.clone());
     }
     action
+}
+
+/// The hash policies of a route's destinations (each subset's merged
+/// policy, or the service's), in order, each once: the consistent-hash key
+/// istiod writes on the route for the cluster it balances.
+fn hash_policies<'a>(
+    svc: &MeshService,
+    subsets: impl Iterator<Item = Option<&'a str>>,
+) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for name in subsets {
+        let subset = name.and_then(|n| svc.subsets.iter().find(|s| s.name == n));
+        let policy = TrafficPolicy::merged(
+            svc.traffic_policy.as_ref(),
+            subset.and_then(|s| s.traffic_policy.as_ref()),
+        );
+        if let Some(h) = policy.hash_policy()
+            && !out.contains(&h)
+        {
+            out.push(h);
+        }
+    }
+    out
 }
 
 /// The routes of one HTTP port of a service (already validated).
@@ -747,7 +834,12 @@ fn http_routes(svc: &MeshService, port: u16, fqdn: &str) -> Vec<Value> {
         return vec![json!({
             "match": {"prefix": "/"},
             "name": "default",
-            "route": route_action(json!({"cluster": cluster_name(port, None, fqdn)}), None),
+            "route": route_action(
+                json!({"cluster": cluster_name(port, None, fqdn)}),
+                None,
+                None,
+                hash_policies(svc, std::iter::once(None)),
+            ),
             "decorator": {"operation": format!("{fqdn}:{port}/*")}
         })];
     }
@@ -788,13 +880,20 @@ fn http_routes(svc: &MeshService, port: u16, fqdn: &str) -> Vec<Value> {
                     .collect::<Vec<_>>()}}),
             };
             let timeout = r.timeout.as_deref().and_then(|t| parse_duration(t).ok());
+            let hash = hash_policies(svc, r.route.iter().map(|d| d.subset.as_deref()));
             let mut route = json!({
                 "match": matcher,
-                "route": route_action(target, timeout),
+                "route": route_action(target, timeout, r.retries.as_ref(), hash),
                 "decorator": {"operation": format!("{fqdn}:{port}/*")}
             });
             if let Some(n) = &r.name {
                 route["name"] = json!(n);
+            }
+            if let Some(f) = &r.fault {
+                route["typed_per_filter_config"] = f.to_envoy();
+            }
+            if let Some(h) = &r.headers {
+                h.apply(&mut route);
             }
             route
         })
@@ -946,7 +1045,10 @@ pub fn generate(mesh: &MeshFile) -> Result<(ResourceSet, NameTable), XdsError> {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": format!("outbound_0.0.0.0_{port}"),
                 "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": port.to_string()},
-                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+                "http_filters": [
+                    {"name": "envoy.filters.http.fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+                    {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                ]
             }}]}]
         }}}));
     }
