@@ -289,6 +289,87 @@ mod envoy_rules {
         Ok(())
     }
 
+    /// The cluster rules of Envoy's load-balancer and outlier settings.
+    fn check_policy(
+        c: &envoy_types::pb::envoy::config::cluster::v3::Cluster,
+    ) -> Result<(), String> {
+        use envoy_types::pb::envoy::config::cluster::v3::cluster::{LbConfig, LbPolicy};
+        match &c.lb_config {
+            Some(LbConfig::RingHashLbConfig(r)) => {
+                if c.lb_policy != LbPolicy::RingHash as i32 {
+                    return Err(format!(
+                        "cluster {}: ring_hash_lb_config without RING_HASH",
+                        c.name
+                    ));
+                }
+                let min = r.minimum_ring_size.as_ref().map_or(1024, |v| v.value);
+                let max = r
+                    .maximum_ring_size
+                    .as_ref()
+                    .map_or(8 * 1024 * 1024, |v| v.value);
+                if min > max || max > 8 * 1024 * 1024 {
+                    return Err(format!("cluster {}: ring size {min}..{max}", c.name));
+                }
+            }
+            Some(LbConfig::MaglevLbConfig(m)) => {
+                if c.lb_policy != LbPolicy::Maglev as i32 {
+                    return Err(format!(
+                        "cluster {}: maglev_lb_config without MAGLEV",
+                        c.name
+                    ));
+                }
+                let n = m.table_size.as_ref().map_or(65537, |v| v.value);
+                let prime = n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+                if !prime || n > 5_000_011 {
+                    return Err(format!(
+                        "cluster {}: Maglev table size {n} is not a prime ≤ 5000011",
+                        c.name
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(p) = c
+            .common_lb_config
+            .as_ref()
+            .and_then(|l| l.healthy_panic_threshold.as_ref())
+            && !(0.0..=100.0).contains(&p.value)
+        {
+            return Err(format!(
+                "cluster {}: healthy_panic_threshold {}",
+                c.name, p.value
+            ));
+        }
+        if let Some(o) = &c.outlier_detection {
+            let pct = [
+                &o.max_ejection_percent,
+                &o.enforcing_consecutive_5xx,
+                &o.enforcing_consecutive_gateway_failure,
+                &o.enforcing_success_rate,
+                &o.enforcing_consecutive_local_origin_failure,
+            ];
+            if pct
+                .iter()
+                .any(|v| v.as_ref().is_some_and(|v| v.value > 100))
+            {
+                return Err(format!(
+                    "cluster {}: an outlier percentage over 100",
+                    c.name
+                ));
+            }
+            let positive = |d: &Option<envoy_types::pb::google::protobuf::Duration>| {
+                d.as_ref().is_none_or(|d| d.seconds > 0 || d.nanos > 0)
+            };
+            if !positive(&o.interval) || !positive(&o.base_ejection_time) {
+                return Err(format!(
+                    "cluster {}: outlier durations must be above 0",
+                    c.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn check(set: &ResourceSet) -> Result<(), String> {
         for c in set.clusters.values() {
             let sockets = c.transport_socket.iter().chain(
@@ -317,6 +398,35 @@ mod envoy_rules {
                     "cluster {}: connect_timeout must be above 0",
                     c.name
                 ));
+            }
+        }
+        for c in set.clusters.values() {
+            check_policy(c)?;
+        }
+        for cla in set.endpoints.values() {
+            // `LocalityLbEndpoints.load_balancing_weight`: gte 1 when set.
+            if cla.endpoints.iter().any(|g| {
+                g.load_balancing_weight
+                    .as_ref()
+                    .is_some_and(|w| w.value < 1)
+            }) {
+                return Err(format!("EDS {}: a locality weight of 0", cla.cluster_name));
+            }
+        }
+        for rc in set.routes.values() {
+            for vh in &rc.virtual_hosts {
+                for r in &vh.routes {
+                    // Envoy: ':'-prefixed or host headers may not be modified.
+                    let bad = r
+                        .request_headers_to_add
+                        .iter()
+                        .filter_map(|h| h.header.as_ref().map(|h| h.key.as_str()))
+                        .chain(r.request_headers_to_remove.iter().map(String::as_str))
+                        .find(|k| k.starts_with(':') || k.eq_ignore_ascii_case("host"));
+                    if let Some(k) = bad {
+                        return Err(format!("route {}: header {k} may not be modified", r.name));
+                    }
+                }
             }
         }
         for l in set.listeners.values() {
@@ -355,6 +465,16 @@ fn generated_resources_pass_envoys_validation_rules() {
         MeshFile::parse(&std::fs::read_to_string(path).expect("traffic.yaml")).expect("parses");
     let (set, _) = generate(&traffic).expect("generate");
     envoy_rules::check(&set).expect("the generated traffic mesh");
+    // … and on the policy example (every DestinationRule / VirtualService
+    // setting the mesh file has).
+    let path = format!(
+        "{}/../../examples/mesh/policy.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let policy =
+        MeshFile::parse(&std::fs::read_to_string(path).expect("policy.yaml")).expect("parses");
+    let (set, _) = generate(&policy).expect("generate");
+    envoy_rules::check(&set).expect("the generated policy mesh");
 }
 
 #[test]
