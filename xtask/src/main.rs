@@ -630,7 +630,13 @@ fn build_filters() -> Result<(), String> {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "wasm") {
-                let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+                // Cargo names a cdylib after its crate with `_`; the
+                // modules keep the crate's name (`metadata-exchange.wasm`).
+                let stem = path
+                    .file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .replace('_', "-");
                 let to = out.join(format!("{stem}{suffix}.wasm"));
                 std::fs::copy(&path, &to).map_err(|e| format!("copy {}: {e}", path.display()))?;
                 eprintln!("xtask: {}", to.display());

@@ -1,0 +1,670 @@
+//! Istio's standard metrics, with Istio's names, labels and `unknown`
+//! defaults, computed from the host's properties and the peer the
+//! `metadata-exchange` filter stored before this one in the chain.
+//!
+//! HTTP / gRPC (any root id without `tcp`), reported in `proxy_on_log`:
+//! `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes`, `istio_response_bytes` (histograms: the host's
+//! Envoy buckets). TCP (a root id containing `tcp`):
+//! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_received_bytes_total` (downstream → upstream),
+//! `istio_tcp_sent_bytes_total` (upstream → downstream).
+//!
+//! Labels travel in the metric name as Istio's compiled filter encodes them
+//! (`reporter=.=source;.;…;.;istio_requests_total`); the host turns them
+//! into Prometheus labels. `reporter` is `source` on an outbound listener
+//! (`listener_direction` 2) and `destination` on an inbound one; the local
+//! node fills that side's `source_*` / `destination_*` labels, the peer
+//! (`upstream_peer` outbound, `downstream_peer` inbound: a serialized
+//! `google.protobuf.Struct`) the other side's.
+//!
+//! Invariants: never panics on any input; a missing property is `unknown`
+//! (or Istio's specific default), a peer that does not decode is no peer.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use peer_metadata::{Struct, Workload, node_struct};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+const UNKNOWN: &str = "unknown";
+
+fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
+fn property_text(path: Vec<&str>) -> Option<String> {
+    property(path)
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+fn property_int(path: Vec<&str>) -> Option<i64> {
+    let v = property(path)?;
+    let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
+    Some(i64::from_le_bytes(b))
+}
+
+/// The current length of a data buffer, without copying it
+/// (`proxy_get_buffer_status`, which the Rust SDK does not wrap). The size
+/// the host passes to the callback is what arrived; this is what is left
+/// after the filters before this one (the metadata exchange strips and adds
+/// its preamble).
+fn buffer_len(kind: BufferType) -> Option<usize> {
+    extern "C" {
+        fn proxy_get_buffer_status(kind: u32, size: *mut usize, flags: *mut u32) -> u32;
+    }
+    let mut size = 0usize;
+    let mut flags = 0u32;
+    // SAFETY: both out-pointers point at live locals of the right types;
+    // the host writes a u32 to each (wasm32: usize is 32 bits).
+    let status = unsafe { proxy_get_buffer_status(kind as u32, &mut size, &mut flags) };
+    (status == 0).then_some(size)
+}
+
+/// The labels of one standard metric, in Istio's order.
+const LABELS: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+    "response_code",
+    "grpc_response_status",
+];
+/// TCP metrics stop after `connection_security_policy`.
+const TCP_LABELS: usize = 23;
+
+/// Envoy's response flags by bit (`StreamInfo::ResponseFlag`), as
+/// `response_flags` shows them.
+const FLAGS: [&str; 26] = [
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
+    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM",
+];
+
+fn response_flags(bits: u64) -> String {
+    if bits == 0 {
+        return "-".into();
+    }
+    let names: Vec<&str> = FLAGS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    names.join(",")
+}
+
+/// The service an Istio cluster name names: `outbound|80||echo.demo.svc…`
+/// or `inbound|8080||host` → `(host, name, namespace)`; name and namespace
+/// are the first two labels of a Kubernetes service host
+/// (`<name>.<ns>.svc.<domain>`), else the host itself and nothing.
+fn cluster_service(cluster: &str) -> Option<(String, String, String)> {
+    let host = cluster.splitn(4, '|').nth(3).filter(|h| !h.is_empty())?;
+    let parts: Vec<&str> = host.split('.').collect();
+    if parts.len() >= 3 && parts[2] == "svc" {
+        Some((host.into(), parts[0].into(), parts[1].into()))
+    } else {
+        Some((host.into(), host.into(), String::new()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http,
+    Grpc,
+    Tcp,
+}
+
+/// What a stream knows when it reports.
+struct Request {
+    protocol: Protocol,
+    response_code: Option<i64>,
+    grpc_status: Option<i64>,
+    /// `request.host`, for the destination service fallback.
+    host: Option<String>,
+}
+
+/// Shared by the root and its streams.
+struct Shared {
+    outbound: bool,
+    local: Workload,
+    /// The local node's canonical service (inbound destination service
+    /// fallback, as Istio's `getServiceNameFallback`).
+    local_canonical: String,
+    /// Metric ids by encoded name.
+    ids: HashMap<String, u32>,
+}
+
+impl Shared {
+    fn metric(&mut self, kind: MetricType, name: String) -> Option<u32> {
+        if let Some(id) = self.ids.get(&name) {
+            return Some(*id);
+        }
+        match hostcalls::define_metric(kind, &name) {
+            Ok(id) => {
+                self.ids.insert(name, id);
+                Some(id)
+            }
+            Err(e) => {
+                log::warn!("istio-stats: cannot define {name}: {e:?}");
+                None
+            }
+        }
+    }
+
+    /// The peer of the current stream, as metadata exchange left it (or
+    /// Istio's endpoint-metadata fallback outbound).
+    fn peer(&self) -> Option<Workload> {
+        let key = if self.outbound {
+            "upstream_peer"
+        } else {
+            "downstream_peer"
+        };
+        if let Some(raw) = property(vec![key]) {
+            match Struct::decode(&raw) {
+                Some(s) => return Some(Workload::from_struct(&s)),
+                None => log::warn!("istio-stats: {key} is not a protobuf Struct; ignored"),
+            }
+        }
+        if self.outbound {
+            let label = property_text(vec![
+                "upstream_host_metadata",
+                "filter_metadata",
+                "istio",
+                "workload",
+            ])?;
+            return Workload::from_endpoint_label(&label);
+        }
+        None
+    }
+
+    /// The label values of one stream, in [`LABELS`] order.
+    fn labels(&self, req: &Request) -> Vec<String> {
+        let peer = self.peer().unwrap_or_default();
+        let (source, destination) = if self.outbound {
+            (&self.local, &peer)
+        } else {
+            (&peer, &self.local)
+        };
+        let [s_app, s_version, s_canonical, s_revision] = source.app_version_canonical();
+        let [d_app, d_version, d_canonical, d_revision] = destination.app_version_canonical();
+        let (source_principal, destination_principal, security) = if self.outbound {
+            (
+                property_text(vec!["upstream", "uri_san_local_certificate"]),
+                property_text(vec!["upstream", "uri_san_peer_certificate"]),
+                String::new(),
+            )
+        } else {
+            let security = match property(vec!["connection", "mtls"]).as_deref() {
+                Some([1, ..]) => "mutual_tls",
+                Some(_) => "none",
+                None => "",
+            };
+            (
+                property_text(vec!["connection", "uri_san_peer_certificate"]),
+                property_text(vec!["connection", "uri_san_local_certificate"]),
+                security.to_string(),
+            )
+        };
+        let (service, service_name, service_namespace) = self.destination_service(req);
+        let service_namespace = match destination.namespace.as_str() {
+            "" => service_namespace,
+            ns => ns.to_string(),
+        };
+        let flags = property_int(vec!["response", "flags"]).unwrap_or(0);
+        let protocol = match req.protocol {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        };
+        let mut v: Vec<String> = vec![
+            if self.outbound {
+                "source"
+            } else {
+                "destination"
+            }
+            .into(),
+            source.workload.clone(),
+            source.namespace.clone(),
+            source_principal.unwrap_or_default(),
+            s_app,
+            s_version,
+            s_canonical,
+            s_revision,
+            source.cluster.clone(),
+            destination.workload.clone(),
+            destination.namespace.clone(),
+            destination_principal.unwrap_or_default(),
+            d_app,
+            d_version,
+            service,
+            service_name,
+            service_namespace,
+            d_canonical,
+            d_revision,
+            destination.cluster.clone(),
+            protocol.into(),
+            response_flags(u64::try_from(flags).unwrap_or(0)),
+            security,
+            req.response_code.unwrap_or(0).to_string(),
+        ];
+        for x in &mut v {
+            if x.is_empty() {
+                *x = UNKNOWN.into();
+            }
+        }
+        // Set after the unknown defaults, as Istio does: HTTP has an empty
+        // gRPC status, gRPC defaults to 2 (UNKNOWN) when none was seen.
+        v.push(match req.protocol {
+            Protocol::Grpc => req.grpc_status.unwrap_or(2).to_string(),
+            _ => String::new(),
+        });
+        v
+    }
+
+    /// `destination_service`, `_name`, `_namespace` (the namespace may be
+    /// replaced by the destination workload's).
+    fn destination_service(&self, req: &Request) -> (String, String, String) {
+        let from_metadata = |what: &str| {
+            property_text(vec![
+                "cluster_metadata",
+                "filter_metadata",
+                "istio",
+                "services",
+                "0",
+                what,
+            ])
+        };
+        let cluster = property_text(vec!["cluster_name"]).unwrap_or_default();
+        let route = property_text(vec!["route_name"]).unwrap_or_default();
+        let host = match (&req.host, self.outbound) {
+            (Some(h), _) => h.clone(),
+            (None, true) => UNKNOWN.into(),
+            (None, false) => self.local_canonical.clone(),
+        };
+        let special = [
+            "BlackHoleCluster",
+            "PassthroughCluster",
+            "InboundPassthroughClusterIpv4",
+            "InboundPassthroughClusterIpv6",
+        ];
+        if route == "block_all" {
+            return (host, "BlackHoleCluster".into(), String::new());
+        }
+        if route == "allow_any" {
+            return (host, "PassthroughCluster".into(), String::new());
+        }
+        if special.contains(&cluster.as_str()) {
+            return (host, cluster, String::new());
+        }
+        if let Some(name) = from_metadata("name") {
+            let host = from_metadata("host").unwrap_or(host);
+            let ns = from_metadata("namespace").unwrap_or_default();
+            return (host, name, ns);
+        }
+        // nasp has no cluster metadata; Istio's cluster names carry the
+        // same service host.
+        if let Some(s) = cluster_service(&cluster) {
+            return s;
+        }
+        (host.clone(), host, String::new())
+    }
+
+    /// Records one stream's metrics. `values`: (metric, type, value, labels used).
+    fn report(&mut self, labels: &[String], values: &[(&str, MetricType, u64, usize)]) {
+        for (name, kind, value, count) in values {
+            let mut encoded = String::with_capacity(512);
+            for (k, v) in LABELS.iter().zip(labels).take(*count) {
+                encoded.push_str(k);
+                encoded.push_str("=.=");
+                // The separators must not appear in a value.
+                encoded.push_str(&v.replace(";.;", "_").replace("=.=", "_"));
+                encoded.push_str(";.;");
+            }
+            encoded.push_str(name);
+            let Some(id) = self.metric(*kind, encoded) else {
+                continue;
+            };
+            let r = match kind {
+                MetricType::Counter if *value == 0 => Ok(()),
+                MetricType::Counter => {
+                    hostcalls::increment_metric(id, i64::try_from(*value).unwrap_or(i64::MAX))
+                }
+                _ => hostcalls::record_metric(id, *value),
+            };
+            if let Err(e) = r {
+                log::warn!("istio-stats: recording {name}: {e:?}");
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    shared: Option<Rc<RefCell<Shared>>>,
+    tcp: bool,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let root_id = property_text(vec!["plugin_root_id"]).unwrap_or_default();
+        self.tcp = root_id.contains("tcp");
+        let outbound = match property_int(vec!["listener_direction"]) {
+            Some(1) => false,
+            Some(2) => true,
+            // Istio's root ids say the direction when the listener does not.
+            _ => {
+                let outbound = !root_id.contains("inbound");
+                log::warn!(
+                    "istio-stats: listener_direction is not 1 or 2; reporting as {}",
+                    if outbound { "source" } else { "destination" }
+                );
+                outbound
+            }
+        };
+        let node = node_struct(|key| property(vec!["node", "metadata", key]));
+        let local = Workload::from_struct(&node);
+        let local_canonical = match local.label(peer_metadata::CANONICAL_NAME) {
+            "" => UNKNOWN.to_string(),
+            n => n.to_string(),
+        };
+        self.shared = Some(Rc::new(RefCell::new(Shared {
+            outbound,
+            local,
+            local_canonical,
+            ids: HashMap::new(),
+        })));
+        true
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(if self.tcp {
+            ContextType::StreamContext
+        } else {
+            ContextType::HttpContext
+        })
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            shared: self.shared.clone()?,
+            start: None,
+            grpc: false,
+            request_bytes: 0,
+            response_bytes: 0,
+            status: None,
+            grpc_status: None,
+        }))
+    }
+
+    fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Tcp {
+            shared: self.shared.clone()?,
+            labels: None,
+            opened: false,
+            received: 0,
+            sent: 0,
+            own_seen: false,
+        }))
+    }
+}
+
+fn header_bytes(h: &[(String, Vec<u8>)]) -> u64 {
+    h.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+}
+
+struct Http {
+    shared: Rc<RefCell<Shared>>,
+    start: Option<SystemTime>,
+    grpc: bool,
+    /// Fallbacks for hosts without `request.total_size` etc.
+    request_bytes: u64,
+    response_bytes: u64,
+    status: Option<i64>,
+    grpc_status: Option<i64>,
+}
+
+impl Context for Http {}
+
+fn grpc_status_of(v: Option<String>) -> Option<i64> {
+    v?.trim().parse().ok()
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        self.start = Some(self.get_current_time());
+        self.grpc = self
+            .get_http_request_header("content-type")
+            .is_some_and(|c| c.starts_with("application/grpc"));
+        let h: Vec<(String, Vec<u8>)> = self.get_http_request_headers_bytes();
+        self.request_bytes = header_bytes(&h);
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, _eos: bool) -> Action {
+        // A fallback for hosts without `request.total_size`: counts each
+        // chunk as it passes (nothing before this filter buffers bodies).
+        self.request_bytes += size as u64;
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        self.status = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse().ok());
+        self.grpc_status = grpc_status_of(self.get_http_response_header("grpc-status"));
+        let h: Vec<(String, Vec<u8>)> = self.get_http_response_headers_bytes();
+        self.response_bytes = header_bytes(&h);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, _eos: bool) -> Action {
+        self.response_bytes += size as u64;
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        if let Some(g) = grpc_status_of(self.get_http_response_trailer("grpc-status")) {
+            self.grpc_status = Some(g);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let Ok(mut shared) = self.shared.try_borrow_mut() else {
+            return;
+        };
+        let req = Request {
+            protocol: if self.grpc {
+                Protocol::Grpc
+            } else {
+                Protocol::Http
+            },
+            response_code: property_int(vec!["response", "code"]).or(self.status),
+            grpc_status: property_int(vec!["response", "grpc_status"]).or(self.grpc_status),
+            host: property_text(vec!["request", "host"]),
+        };
+        let labels = shared.labels(&req);
+        let duration_ms = match property_int(vec!["request", "duration"]) {
+            Some(ns) => u64::try_from(ns).unwrap_or(0) / 1_000_000,
+            None => self
+                .start
+                .and_then(|s| self.get_current_time().duration_since(s).ok())
+                .unwrap_or(Duration::ZERO)
+                .as_millis() as u64,
+        };
+        let size = |path: Vec<&str>, fallback: u64| {
+            property_int(path).map_or(fallback, |v| u64::try_from(v).unwrap_or(0))
+        };
+        let request_bytes = size(vec!["request", "total_size"], self.request_bytes);
+        let response_bytes = size(vec!["response", "total_size"], self.response_bytes);
+        let all = LABELS.len();
+        shared.report(
+            &labels,
+            &[
+                ("istio_requests_total", MetricType::Counter, 1, all),
+                (
+                    "istio_request_duration_milliseconds",
+                    MetricType::Histogram,
+                    duration_ms,
+                    all,
+                ),
+                (
+                    "istio_request_bytes",
+                    MetricType::Histogram,
+                    request_bytes,
+                    all,
+                ),
+                (
+                    "istio_response_bytes",
+                    MetricType::Histogram,
+                    response_bytes,
+                    all,
+                ),
+            ],
+        );
+    }
+}
+
+struct Tcp {
+    shared: Rc<RefCell<Shared>>,
+    /// Fixed once the peer had its chance to be known (its first data
+    /// passed the metadata exchange) or at the close.
+    labels: Option<Vec<String>>,
+    opened: bool,
+    received: u64,
+    sent: u64,
+    /// Our side's first data was seen (it carries our preamble, if any).
+    own_seen: bool,
+}
+
+impl Tcp {
+    fn flush(&mut self, closed: bool) {
+        let Ok(mut shared) = self.shared.try_borrow_mut() else {
+            return;
+        };
+        let labels = match &self.labels {
+            Some(l) => l.clone(),
+            None => {
+                let req = Request {
+                    protocol: Protocol::Tcp,
+                    response_code: None,
+                    grpc_status: None,
+                    host: None,
+                };
+                let l = shared.labels(&req);
+                self.labels = Some(l.clone());
+                l
+            }
+        };
+        let opened = u64::from(!self.opened);
+        self.opened = true;
+        let (received, sent) = (
+            std::mem::take(&mut self.received),
+            std::mem::take(&mut self.sent),
+        );
+        shared.report(
+            &labels,
+            &[
+                (
+                    "istio_tcp_connections_opened_total",
+                    MetricType::Counter,
+                    opened,
+                    TCP_LABELS,
+                ),
+                (
+                    "istio_tcp_received_bytes_total",
+                    MetricType::Counter,
+                    received,
+                    TCP_LABELS,
+                ),
+                (
+                    "istio_tcp_sent_bytes_total",
+                    MetricType::Counter,
+                    sent,
+                    TCP_LABELS,
+                ),
+                (
+                    "istio_tcp_connections_closed_total",
+                    MetricType::Counter,
+                    u64::from(closed),
+                    TCP_LABELS,
+                ),
+            ],
+        );
+    }
+
+    /// Bytes of this callback's data after the filters before this one,
+    /// less our own preamble.
+    fn count(&mut self, kind: BufferType, size: usize, own: bool) -> u64 {
+        let mut n = buffer_len(kind).unwrap_or(size) as u64;
+        if own && !self.own_seen {
+            self.own_seen = true;
+            let preamble = property_int(vec!["nasp_mx_preamble_bytes"]).unwrap_or(0);
+            n = n.saturating_sub(u64::try_from(preamble).unwrap_or(0));
+        }
+        n
+    }
+
+    fn outbound(&self) -> bool {
+        self.shared.try_borrow().map(|s| s.outbound).unwrap_or(true)
+    }
+}
+
+impl Context for Tcp {}
+
+impl StreamContext for Tcp {
+    fn on_downstream_data(&mut self, size: usize, _eos: bool) -> Action {
+        let outbound = self.outbound();
+        self.received += self.count(BufferType::DownstreamData, size, outbound);
+        // Inbound the peer is downstream: its first data has passed the
+        // exchange, so the peer is as known as it will be.
+        if self.labels.is_some() || !outbound {
+            self.flush(false);
+        }
+        Action::Continue
+    }
+
+    fn on_upstream_data(&mut self, size: usize, _eos: bool) -> Action {
+        let outbound = self.outbound();
+        self.sent += self.count(BufferType::UpstreamData, size, !outbound);
+        if self.labels.is_some() || outbound {
+            self.flush(false);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.flush(true);
+    }
+}
