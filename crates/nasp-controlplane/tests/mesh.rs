@@ -319,7 +319,10 @@ mod envoy_rules {
                     ));
                 }
                 let n = m.table_size.as_ref().map_or(65537, |v| v.value);
-                let prime = n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0);
+                let prime = n >= 2
+                    && (2..)
+                        .take_while(|d| d * d <= n)
+                        .all(|d| !n.is_multiple_of(d));
                 if !prime || n > 5_000_011 {
                     return Err(format!(
                         "cluster {}: Maglev table size {n} is not a prime ≤ 5000011",

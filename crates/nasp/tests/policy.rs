@@ -230,6 +230,9 @@ fn lb_policy(view: &nasp::xds::MeshView) -> String {
         .unwrap_or_default()
 }
 
+/// How a user's request carries its key: the path and headers to send.
+type UserRequest = fn(&str) -> (String, Vec<(String, String)>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_hash_keeps_a_user_on_one_replica() {
     let a = backend("127.0.5.2", "v1-a", 200).await;
@@ -256,7 +259,7 @@ async fn consistent_hash_keeps_a_user_on_one_replica() {
     assert!(moved, "round robin moves users between rounds");
 
     // Each hash key istiod writes on the route, on ring hash and Maglev.
-    let keys: [(&str, fn(&str) -> (String, Vec<(String, String)>)); 3] = [
+    let keys: [(&str, UserRequest); 3] = [
         ("{http_header_name: x-user}", |u| {
             ("/".into(), vec![("x-user".into(), u.into())])
         }),

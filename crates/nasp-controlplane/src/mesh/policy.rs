@@ -343,7 +343,10 @@ fn percent(what: &str, p: Option<f64>) -> Result<f64, String> {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// A header name Envoy takes in a mutation: a lower-case-able HTTP token,
@@ -782,7 +785,7 @@ impl Headers {
                 .chain(req.set.iter())
                 .filter(|(k, _)| is_authority(k))
                 .map(|(_, v)| v)
-                .last()
+                .next_back()
             {
                 route["route"]["host_rewrite_literal"] = json!(host);
             }
