@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use nasp_xds::cluster::{ClusterInfo, Endpoint, HealthStatus, OutlierSettings};
+use nasp_xds::cluster::{ClusterInfo, HealthStatus, OutlierSettings};
 
 /// The policies this balancer implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,16 +79,13 @@ pub(crate) const MAGLEV_TABLE_SIZE: u64 = 65537;
 /// each host gets a share of the ring by weight (at least the minimum ring
 /// size over all), each point the xxHash64 of `"<address>_<i>"`.
 fn build_ring(members: &[&Member]) -> Vec<(u64, u32)> {
-    let total: f64 = members
-        .iter()
-        .map(|m| f64::from(m.endpoint.weight.max(1)))
-        .sum();
+    let total: f64 = members.iter().map(|m| f64::from(m.weight.max(1))).sum();
     if members.is_empty() || total == 0.0 {
         return Vec::new();
     }
     let min_norm = members
         .iter()
-        .map(|m| f64::from(m.endpoint.weight.max(1)) / total)
+        .map(|m| f64::from(m.weight.max(1)) / total)
         .fold(f64::INFINITY, f64::min);
     let scale = ((min_norm * MIN_RING_SIZE as f64).ceil() / min_norm).min(MAX_RING_SIZE as f64);
     let mut ring = Vec::new();
@@ -97,11 +94,15 @@ fn build_ring(members: &[&Member]) -> Vec<(u64, u32)> {
     for (i, m) in members.iter().enumerate() {
         // Envoy spreads rounding over hosts: each host's points are the
         // running target's floor minus what is already placed.
-        target += scale * f64::from(m.endpoint.weight.max(1)) / total;
+        target += scale * f64::from(m.weight.max(1)) / total;
         let n = (target.floor() as u64).saturating_sub(placed);
-        let addr = m.addr.to_string();
+        let mut key = m.addr.to_string();
+        key.push('_');
+        let base = key.len();
         for j in 0..n {
-            let key = format!("{addr}_{j}");
+            use std::fmt::Write as _;
+            key.truncate(base);
+            let _ = write!(key, "{j}");
             ring.push((xx_hash64(key.as_bytes()), i as u32));
         }
         placed += n;
@@ -119,26 +120,23 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
         return Vec::new();
     }
     struct Entry {
-        offset: u64,
+        /// The next slot of its permutation: `(offset + skip × next) mod M`,
+        /// kept incrementally (one add and compare per step, no division).
+        pos: u64,
         skip: u64,
         weight: f64,
         target: f64,
-        next: u64,
     }
-    let total: f64 = members
-        .iter()
-        .map(|m| f64::from(m.endpoint.weight.max(1)))
-        .sum();
+    let total: f64 = members.iter().map(|m| f64::from(m.weight.max(1))).sum();
     let mut entries: Vec<Entry> = members
         .iter()
         .map(|m| {
             let a = m.addr.to_string();
             Entry {
-                offset: twox_hash::XxHash64::oneshot(0, a.as_bytes()) % size,
+                pos: twox_hash::XxHash64::oneshot(0, a.as_bytes()) % size,
                 skip: twox_hash::XxHash64::oneshot(1, a.as_bytes()) % (size - 1) + 1,
-                weight: f64::from(m.endpoint.weight.max(1)) / total,
+                weight: f64::from(m.weight.max(1)) / total,
                 target: 0.0,
-                next: 0,
             }
         })
         .collect();
@@ -155,13 +153,15 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
                 continue;
             }
             e.target += max_weight;
-            let mut c = (e.offset + e.skip * e.next) % size;
-            while table[c as usize] != u32::MAX {
-                e.next += 1;
-                c = (e.offset + e.skip * e.next) % size;
+            let step = |p: u64| {
+                let n = p + e.skip;
+                if n >= size { n - size } else { n }
+            };
+            while table[e.pos as usize] != u32::MAX {
+                e.pos = step(e.pos);
             }
-            table[c as usize] = i as u32;
-            e.next += 1;
+            table[e.pos as usize] = i as u32;
+            e.pos = step(e.pos);
             filled += 1;
         }
         iteration += 1;
@@ -169,11 +169,18 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
     table
 }
 
-/// One endpoint taking part in balancing.
+/// One endpoint taking part in balancing: what balancing reads of it, and
+/// its index in the cluster's `endpoints` for the rest (TLS, locality).
 #[derive(Debug)]
 pub(crate) struct Member {
     pub addr: SocketAddr,
-    pub endpoint: Endpoint,
+    /// Index into `ClusterInfo::endpoints`.
+    pub idx: usize,
+    pub weight: u32,
+    pub priority: u32,
+    pub healthy: bool,
+    pub degraded: bool,
+    pub locality_weight: Option<u32>,
     pub in_flight: Arc<AtomicUsize>,
     pub outlier: Arc<OutlierState>,
 }
@@ -302,13 +309,16 @@ struct HostSet {
     schedule: Vec<usize>,
     cursor: AtomicUsize,
     total_weight: u64,
+    /// Running sums of the weights, for a weighted random pick by binary
+    /// search.
+    cumulative: Vec<u64>,
 }
 
 impl HostSet {
     fn new(members: &[Member], idx: Vec<usize>) -> Self {
         let g = idx
             .iter()
-            .map(|i| members[*i].endpoint.weight.max(1))
+            .map(|i| members[*i].weight.max(1))
             .fold(0, gcd)
             .max(1);
         // Interleave: in each round, every member whose remaining weight is
@@ -316,7 +326,7 @@ impl HostSet {
         // block. Capped so a huge weight cannot blow memory up.
         let mut left: Vec<u32> = idx
             .iter()
-            .map(|i| (members[*i].endpoint.weight.max(1) / g).min(1000))
+            .map(|i| (members[*i].weight.max(1) / g).min(1000))
             .collect();
         let mut schedule = Vec::new();
         while left.iter().any(|w| *w > 0) {
@@ -327,15 +337,18 @@ impl HostSet {
                 }
             }
         }
-        let total_weight = idx
-            .iter()
-            .map(|i| u64::from(members[*i].endpoint.weight.max(1)))
-            .sum();
+        let mut cumulative = Vec::with_capacity(idx.len());
+        let mut total_weight = 0u64;
+        for i in &idx {
+            total_weight += u64::from(members[*i].weight.max(1));
+            cumulative.push(total_weight);
+        }
         Self {
             idx,
             schedule,
             cursor: AtomicUsize::new(rand::random::<u32>() as usize),
             total_weight,
+            cumulative,
         }
     }
 }
@@ -361,19 +374,19 @@ const PANIC_THRESHOLD: u64 = 50;
 /// `locality weight × min(1, overprovisioning × healthy / total)`.
 fn plan(info: &ClusterInfo, members: &[Member]) -> (Vec<HostSet>, Vec<(u64, LevelChoice)>) {
     let over = u64::from(info.overprovisioning_factor.max(1));
-    let mut priorities: Vec<u32> = members.iter().map(|m| m.endpoint.priority).collect();
+    let mut priorities: Vec<u32> = members.iter().map(|m| m.priority).collect();
     priorities.sort_unstable();
     priorities.dedup();
     let mut sets = Vec::new();
     let mut levels: Vec<(u64, bool, Vec<usize>, Vec<usize>)> = Vec::new();
     for p in priorities {
         let all: Vec<usize> = (0..members.len())
-            .filter(|i| members[*i].endpoint.priority == p)
+            .filter(|i| members[*i].priority == p)
             .collect();
         let healthy: Vec<usize> = all
             .iter()
             .copied()
-            .filter(|i| members[*i].endpoint.healthy)
+            .filter(|i| members[*i].healthy)
             .collect();
         let total = all.len() as u64;
         let health = (over * healthy.len() as u64 / total.max(1)).min(100);
@@ -402,7 +415,7 @@ fn plan(info: &ClusterInfo, members: &[Member]) -> (Vec<HostSet>, Vec<(u64, Leve
         let degraded: Vec<usize> = all
             .iter()
             .copied()
-            .filter(|i| members[*i].endpoint.health == HealthStatus::Degraded)
+            .filter(|i| members[*i].degraded)
             .collect();
         let chosen = if panic || sum == 0 {
             if healthy.is_empty() && !degraded.is_empty() {
@@ -416,7 +429,7 @@ fn plan(info: &ClusterInfo, members: &[Member]) -> (Vec<HostSet>, Vec<(u64, Leve
         let choice = if info.locality_weighted_lb && !(panic || sum == 0) {
             let mut by_locality: Vec<(String, Vec<usize>)> = Vec::new();
             for i in &chosen {
-                let loc = &members[*i].endpoint.locality;
+                let loc = &info.endpoints[members[*i].idx].locality;
                 match by_locality.iter_mut().find(|(l, _)| l == loc) {
                     Some((_, v)) => v.push(*i),
                     None => by_locality.push((loc.clone(), vec![*i])),
@@ -427,10 +440,10 @@ fn plan(info: &ClusterInfo, members: &[Member]) -> (Vec<HostSet>, Vec<(u64, Leve
             for (loc, idx) in by_locality {
                 let in_locality = members
                     .iter()
-                    .filter(|m| m.endpoint.priority == members[idx[0]].endpoint.priority)
-                    .filter(|m| m.endpoint.locality == loc)
+                    .filter(|m| m.priority == members[idx[0]].priority)
+                    .filter(|m| info.endpoints[m.idx].locality == loc)
                     .count() as u64;
-                let weight = u64::from(members[idx[0]].endpoint.locality_weight.unwrap_or(0));
+                let weight = u64::from(members[idx[0]].locality_weight.unwrap_or(0));
                 let avail = (over * idx.len() as u64 / in_locality.max(1)).min(100);
                 let eff = weight * avail;
                 if eff == 0 {
@@ -476,12 +489,18 @@ impl ClusterLb {
         let members: Vec<Member> = info
             .endpoints
             .iter()
-            .filter_map(|e| {
+            .enumerate()
+            .filter_map(|(idx, e)| {
                 let addr: SocketAddr = e.address.parse().ok()?;
                 let (in_flight, outlier) = old.get(&addr).cloned().unwrap_or_default();
                 Some(Member {
                     addr,
-                    endpoint: e.clone(),
+                    idx,
+                    weight: e.weight,
+                    priority: e.priority,
+                    healthy: e.healthy,
+                    degraded: e.health == HealthStatus::Degraded,
+                    locality_weight: e.locality_weight,
                     in_flight,
                     outlier,
                 })
@@ -539,8 +558,8 @@ impl ClusterLb {
         if self.members.is_empty() {
             return None;
         }
-        let now = Instant::now();
         let ejected: Vec<SocketAddr> = if self.info.outlier_detection.is_some() {
+            let now = Instant::now();
             self.members
                 .iter()
                 .filter(|m| m.outlier.is_ejected(now))
@@ -651,7 +670,7 @@ impl ClusterLb {
                 let load = |m: &Member| {
                     // Fewer requests per unit of weight wins.
                     (m.in_flight.load(Ordering::Relaxed) as u64 + 1) * 1_000_000
-                        / u64::from(m.endpoint.weight.max(1))
+                        / u64::from(m.weight.max(1))
                 };
                 // The common case without an allocation: two distinct
                 // random members that may both be used.
@@ -762,16 +781,35 @@ impl ClusterLb {
     }
 
     fn weighted_random(&self, set: &HostSet) -> &Member {
-        let mut n = rand::random_range(0..set.total_weight.max(1));
-        for i in &set.idx {
-            let m = &self.members[*i];
-            let w = u64::from(m.endpoint.weight.max(1));
-            if n < w {
-                return m;
-            }
-            n -= w;
-        }
-        &self.members[set.idx[0]]
+        let n = rand::random_range(0..set.total_weight.max(1));
+        let k = set.cumulative.partition_point(|c| *c <= n);
+        &self.members[set.idx[k.min(set.idx.len() - 1)]]
+    }
+}
+
+/// A cluster's balancer on its own, for embedders with their own
+/// connection handling (and for the benchmarks): the same choice the
+/// client makes, endpoint addresses out.
+#[derive(Debug)]
+pub struct Balancer(ClusterLb);
+
+impl Balancer {
+    /// A balancer over `info`'s endpoints (builds the ring or Maglev table
+    /// when the policy needs one).
+    pub fn new(info: Arc<ClusterInfo>) -> Self {
+        Self(ClusterLb::new(info, None))
+    }
+
+    /// The same cluster after an update, keeping request counts and outlier
+    /// state of endpoints that remain.
+    pub fn update(&self, info: Arc<ClusterInfo>) -> Self {
+        Self(ClusterLb::new(info, Some(&self.0)))
+    }
+
+    /// An endpoint for a request with this hash (ring hash / Maglev; `None`
+    /// for the other policies), avoiding `exclude` while others exist.
+    pub fn pick(&self, hash: Option<u64>, exclude: &[SocketAddr]) -> Option<SocketAddr> {
+        self.0.pick_hashed(exclude, hash).map(|m| m.addr)
     }
 }
 
@@ -819,6 +857,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nasp_xds::cluster::Endpoint;
 
     fn ep(addr: &str, weight: u32, healthy: bool, priority: u32) -> Endpoint {
         Endpoint {

@@ -1241,7 +1241,7 @@ fn endpoint_key(
             }
         }
     };
-    let tls = match cluster.tls_for(&member.endpoint) {
+    let tls = match cluster.tls_for(&cluster.endpoints[member.idx]) {
         None => None,
         Some(t) if t.mode == TlsMode::IstioMutual => Some(TlsTarget {
             sni: t

@@ -176,7 +176,7 @@ impl TcpConnector {
                 attempts: attempt,
             };
             let timeout = cluster.connect_timeout;
-            match cluster.tls_for(&member.endpoint) {
+            match cluster.tls_for(&cluster.endpoints[member.idx]) {
                 None => match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
                     Ok(Ok(tcp)) => {
                         let _ = tcp.set_nodelay(true);
