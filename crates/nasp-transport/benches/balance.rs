@@ -43,6 +43,9 @@ fn cluster(policy: &str, n: usize, locality_weighted: bool) -> Arc<ClusterInfo> 
         connect_timeout: std::time::Duration::from_secs(1),
         upstream_protocol: Default::default(),
         circuit_breakers: None,
+        healthy_panic_threshold: 50.0,
+        ring_size: (1024, 8 * 1024 * 1024),
+        maglev_table_size: 65537,
         retry_budget: None,
         outlier_detection: None,
     })

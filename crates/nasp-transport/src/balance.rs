@@ -69,16 +69,10 @@ pub fn xx_hash64(data: &[u8]) -> u64 {
     twox_hash::XxHash64::oneshot(0, data)
 }
 
-/// Envoy's ring-hash defaults.
-const MIN_RING_SIZE: u64 = 1024;
-const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
-/// Envoy's default Maglev table size (a prime).
-pub(crate) const MAGLEV_TABLE_SIZE: u64 = 65537;
-
 /// A ring of `(hash, member)` sorted by hash, built as Envoy's ring hash:
 /// each host gets a share of the ring by weight (at least the minimum ring
 /// size over all), each point the xxHash64 of `"<address>_<i>"`.
-fn build_ring(members: &[&Member]) -> Vec<(u64, u32)> {
+fn build_ring(members: &[&Member], (min_size, max_size): (u64, u64)) -> Vec<(u64, u32)> {
     let total: f64 = members.iter().map(|m| f64::from(m.weight.max(1))).sum();
     if members.is_empty() || total == 0.0 {
         return Vec::new();
@@ -87,7 +81,7 @@ fn build_ring(members: &[&Member]) -> Vec<(u64, u32)> {
         .iter()
         .map(|m| f64::from(m.weight.max(1)) / total)
         .fold(f64::INFINITY, f64::min);
-    let scale = ((min_norm * MIN_RING_SIZE as f64).ceil() / min_norm).min(MAX_RING_SIZE as f64);
+    let scale = ((min_norm * min_size as f64).ceil() / min_norm).min(max_size.max(min_size) as f64);
     let mut ring = Vec::new();
     let mut target = 0.0;
     let mut placed = 0u64;
@@ -362,10 +356,6 @@ enum LevelChoice {
     Localities(Vec<(u64, usize)>),
 }
 
-/// Envoy's panic threshold: a level with fewer healthy hosts than this
-/// (percent) balances over all its hosts.
-const PANIC_THRESHOLD: u64 = 50;
-
 /// Splits the members into priority levels and localities as Envoy does:
 /// each level's health is `min(100, overprovisioning × healthy / total)`,
 /// levels take traffic in order up to their health (normalized when the
@@ -390,10 +380,15 @@ fn plan(info: &ClusterInfo, members: &[Member]) -> (Vec<HostSet>, Vec<(u64, Leve
             .collect();
         let total = all.len() as u64;
         let health = (over * healthy.len() as u64 / total.max(1)).min(100);
-        let panic = healthy.len() as u64 * 100 < PANIC_THRESHOLD * total;
+        let panic = (healthy.len() as f64) * 100.0 < info.healthy_panic_threshold * total as f64;
         levels.push((health, panic, all, healthy));
     }
     let sum: u64 = levels.iter().map(|l| l.0).sum::<u64>().min(100);
+    if sum == 0 && info.healthy_panic_threshold <= 0.0 {
+        // Nothing healthy and panic mode disabled (Istio with outlier
+        // detection): nothing takes traffic, answered 503 `UH`.
+        return (Vec::new(), Vec::new());
+    }
     let mut plans = Vec::new();
     let mut remaining = 100u64;
     let mut cumulative = 0u64;
@@ -514,7 +509,7 @@ impl ClusterLb {
         hashed.dedup();
         let hashed_members: Vec<&Member> = hashed.iter().map(|i| &members[*i]).collect();
         let ring = if policy == Policy::RingHash {
-            build_ring(&hashed_members)
+            build_ring(&hashed_members, info.ring_size)
                 .into_iter()
                 .map(|(h, k)| (h, hashed[k as usize] as u32))
                 .collect()
@@ -522,7 +517,7 @@ impl ClusterLb {
             Vec::new()
         };
         let maglev = if policy == Policy::Maglev {
-            build_maglev(&hashed_members, MAGLEV_TABLE_SIZE)
+            build_maglev(&hashed_members, info.maglev_table_size)
                 .into_iter()
                 .map(|k| hashed[k as usize] as u32)
                 .collect()
@@ -541,9 +536,9 @@ impl ClusterLb {
         }
     }
 
-    /// Whether any endpoint takes traffic.
+    /// Whether no endpoint takes traffic.
     pub(crate) fn is_empty(&self) -> bool {
-        self.members.is_empty()
+        self.sets.is_empty()
     }
 
     /// Picks an endpoint, avoiding `exclude` and ejected outliers while
@@ -896,6 +891,9 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             upstream_protocol: Default::default(),
             circuit_breakers: None,
+            healthy_panic_threshold: 50.0,
+            ring_size: (1024, 8 * 1024 * 1024),
+            maglev_table_size: 65537,
             retry_budget: None,
             outlier_detection: None,
         })

@@ -117,6 +117,11 @@ pub struct ClientSettings {
     pub max_idle_per_endpoint: usize,
     /// How long an idle connection is kept.
     pub idle_timeout: Duration,
+    /// This workload's IP, the "source IP" of hash policies that use it
+    /// (Envoy hashes the downstream address, which for a sidecar's outbound
+    /// traffic is the workload's). `None`: a random value fixed for the
+    /// client's lifetime, so one client still sticks to one endpoint.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientSettings {
@@ -125,6 +130,7 @@ impl Default for ClientSettings {
             passthrough: true,
             max_idle_per_endpoint: 64,
             idle_timeout: Duration::from_secs(90),
+            source_ip: None,
         }
     }
 }
@@ -198,10 +204,15 @@ impl HttpClient {
             balancers: Arc::default(),
             inner: connect,
         };
+        let source_key: Arc<str> = match settings.source_ip {
+            Some(ip) => Arc::from(ip.to_string()),
+            None => Arc::from(format!("nasp-client-{:016x}", rand::random::<u64>())),
+        };
         Self {
             route: RouteLayer {
                 views,
                 settings: Arc::new(settings),
+                source_key,
                 inner: cluster,
             },
         }
@@ -341,6 +352,8 @@ impl RequestHeaders for Facts<'_> {
 struct RouteLayer {
     views: Arc<dyn ViewSource>,
     settings: Arc<ClientSettings>,
+    /// What `source_ip` hash policies hash.
+    source_key: Arc<str>,
     inner: ClusterLayer,
 }
 
@@ -642,7 +655,7 @@ impl RouteLayer {
             }
         }
         set_uri(&mut req, &authority, &pq);
-        let hash = request_hash(&forward.hash_policy, req.headers(), &pq);
+        let hash = request_hash(&forward.hash_policy, req.headers(), &pq, &self.source_key);
         req.extensions_mut().insert(Routed {
             cluster,
             route: Arc::from(route.name.as_str()),
@@ -740,12 +753,14 @@ impl RouteLayer {
 /// them: each input's xxHash64, folded as `rotl(h, 1) ^ next`, stopping
 /// after a terminal policy that produced one. Inputs that are absent give
 /// nothing; none at all: no hash (the balancer then picks at random).
-/// Cookies are read, not generated; the source IP and filter state are not
-/// inputs a client library has.
+/// Cookies are read, not generated; the source IP is the workload's
+/// (`ClientSettings::source_ip`); filter state is not an input a client
+/// library has.
 fn request_hash(
     policies: &[nasp_xds::route::HashPolicy],
     headers: &http::HeaderMap,
     pq: &str,
+    source: &str,
 ) -> Option<u64> {
     use nasp_xds::route::HashInput;
     let mut hash: Option<u64> = None;
@@ -771,7 +786,8 @@ fn request_hash(
                 .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.to_string()),
-            HashInput::SourceIp | HashInput::FilterState(_) => None,
+            HashInput::SourceIp => Some(source.to_string()),
+            HashInput::FilterState(_) => None,
         };
         if let Some(v) = value {
             let h = crate::balance::xx_hash64(v.as_bytes());

@@ -251,6 +251,13 @@ pub struct ClusterInfo {
     /// Circuit-breaker thresholds of the default priority:
     /// (max connections, max pending, max requests, max retries).
     pub circuit_breakers: Option<(u32, u32, u32, u32)>,
+    /// Envoy's `healthy_panic_threshold` in percent (default 50; Istio
+    /// writes 0 with outlier detection, which disables panic mode).
+    pub healthy_panic_threshold: f64,
+    /// Ring hash sizes: (minimum, maximum) points (Envoy: 1024, 8 Mi).
+    pub ring_size: (u64, u64),
+    /// Maglev table size (Envoy: 65537, a prime).
+    pub maglev_table_size: u64,
     /// The retry budget of the default priority, when set: (percent of the
     /// active requests that may be retries, default 20; minimum retry
     /// concurrency, default 3). It replaces `max retries`.
@@ -595,6 +602,35 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
                 b.min_retry_concurrency.as_ref().map_or(3, |v| v.value),
             )
         });
+    let healthy_panic_threshold = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+        .map_or(50.0, |p| p.value.clamp(0.0, 100.0));
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbConfig;
+    let (ring_size, maglev_table_size) = match &c.lb_config {
+        Some(LbConfig::RingHashLbConfig(r)) => (
+            (
+                r.minimum_ring_size
+                    .as_ref()
+                    .map_or(1024, |v| v.value)
+                    .max(1),
+                r.maximum_ring_size
+                    .as_ref()
+                    .map_or(8 * 1024 * 1024, |v| v.value)
+                    .clamp(1, 8 * 1024 * 1024),
+            ),
+            65537,
+        ),
+        Some(LbConfig::MaglevLbConfig(m)) => (
+            (1024, 8 * 1024 * 1024),
+            m.table_size
+                .as_ref()
+                .map_or(65537, |v| v.value)
+                .clamp(2, 5_000_011),
+        ),
+        _ => ((1024, 8 * 1024 * 1024), 65537),
+    };
     let http = http_options(c);
     let (auto_sni, auto_san_validation) = auto_sni(c, &http);
     ClusterInfo {
@@ -629,6 +665,9 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
         connect_timeout: dur(&c.connect_timeout, DEFAULT_CONNECT_TIMEOUT),
         upstream_protocol: upstream_protocol(c, &http),
         circuit_breakers,
+        healthy_panic_threshold,
+        ring_size,
+        maglev_table_size,
         retry_budget,
         outlier_detection: c.outlier_detection.as_ref().map(|o| {
             let u = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {

@@ -469,7 +469,15 @@ impl MeshBuilder {
             ChainPool::spawn_maintenance(p, Duration::from_millis(100));
         }
         let connector = MeshConnector::new(certs.clone());
-        let http = HttpClient::with_settings(view.clone(), connector.clone(), self.client.clone());
+        let mut client_settings = self.client.clone();
+        if client_settings.source_ip.is_none() {
+            client_settings.source_ip = self
+                .workload
+                .instance_ips
+                .iter()
+                .find_map(|ip| ip.parse().ok());
+        }
+        let http = HttpClient::with_settings(view.clone(), connector.clone(), client_settings);
         let mut tcp = TcpConnector::new(view.clone(), connector.clone());
         tcp.passthrough = self.client.passthrough;
         let (stop, _) = watch::channel(false);

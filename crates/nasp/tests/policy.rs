@@ -330,7 +330,6 @@ async fn consistent_hash_keeps_a_user_on_one_replica() {
 // IP), so one caller stays on one host; nasp's client has no source-IP
 // input yet (`request_hash` gives no hash, so each pick is random).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "transport: use_source_ip is not hashed yet (issue 9)"]
 async fn consistent_hash_on_the_source_ip_keeps_a_caller_on_one_replica() {
     let a = backend("127.0.5.12", "v1-a", 200).await;
     let b = backend("127.0.5.13", "v1-b", 200).await;
