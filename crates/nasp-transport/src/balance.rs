@@ -241,6 +241,10 @@ pub(crate) struct ClusterCounters {
     pub requests: AtomicUsize,
     /// Retries in flight.
     pub retries: AtomicUsize,
+    /// Upstream connections open.
+    pub connections: AtomicUsize,
+    /// Requests waiting for a connection.
+    pub pending: AtomicUsize,
 }
 
 /// Envoy's circuit-breaker defaults when a cluster sets none: 1024

@@ -44,7 +44,9 @@ use crate::balance::{Balancers, InFlight, Outcome, Slot};
 use crate::body::{Body, BoxError};
 use crate::info::Upstream;
 use crate::outbound::MeshConnector;
-use crate::pool::{ConnInfo, ConnectError, PoolKey, Pools, Proto, Sender, TlsTarget};
+use crate::pool::{
+    CheckoutError, ConnInfo, ConnLimits, ConnectError, PoolKey, Pools, Proto, Sender, TlsTarget,
+};
 
 /// Where the client reads the mesh from.
 pub trait ViewSource: Send + Sync + 'static {
@@ -171,6 +173,7 @@ pub struct Routed {
 struct Attempt {
     key: PoolKey,
     connect_timeout: Duration,
+    limits: ConnLimits,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
@@ -213,6 +216,7 @@ impl HttpClient {
                 views,
                 settings: Arc::new(settings),
                 source_key,
+                passthrough_counters: Arc::default(),
                 inner: cluster,
             },
         }
@@ -354,6 +358,8 @@ struct RouteLayer {
     settings: Arc<ClientSettings>,
     /// What `source_ip` hash policies hash.
     source_key: Arc<str>,
+    /// Circuit-breaker accounting of the passthrough cluster.
+    passthrough_counters: Arc<crate::balance::ClusterCounters>,
     inner: ClusterLayer,
 }
 
@@ -728,6 +734,12 @@ impl RouteLayer {
                 proto,
             },
             connect_timeout: nasp_xds::cluster::DEFAULT_CONNECT_TIMEOUT,
+            // Envoy's defaults for the PassthroughCluster (Istio sets none).
+            limits: ConnLimits {
+                counters: self.passthrough_counters.clone(),
+                max_connections: crate::balance::DEFAULT_CIRCUIT_BREAKERS.0,
+                max_pending: crate::balance::DEFAULT_CIRCUIT_BREAKERS.1,
+            },
         };
         req.extensions_mut().insert(attempt);
         let upstream = Upstream {
@@ -883,6 +895,9 @@ enum AttemptErrorKind {
     Refused,
     /// The connection or stream broke after sending.
     Reset,
+    /// The cluster's connection circuit breakers overflowed (503 `UO`,
+    /// never retried).
+    Overflow,
     /// A reused idle HTTP/1.1 connection was closed by the server as the
     /// request went out, before any byte of an answer (the keep-alive
     /// race): an idempotent request goes again on a new connection, once,
@@ -948,6 +963,7 @@ fn retriable_error(p: &RetryPolicy, kind: AttemptErrorKind) -> bool {
         AttemptErrorKind::Refused => on.refused_stream || on.reset,
         AttemptErrorKind::Reset => on.reset,
         AttemptErrorKind::Stale => true,
+        AttemptErrorKind::Overflow => false,
     }
 }
 
@@ -979,7 +995,7 @@ impl ClusterLayer {
         }
         // Circuit breakers (Envoy's defaults when the cluster sets none):
         // a request over `max_requests` is answered 503 `UO` at once.
-        let (_, _, max_requests, max_retries) = routed
+        let (max_connections, max_pending, max_requests, max_retries) = routed
             .cluster
             .circuit_breakers
             .unwrap_or(crate::balance::DEFAULT_CIRCUIT_BREAKERS);
@@ -1078,6 +1094,11 @@ impl ClusterLayer {
             req.extensions_mut().insert(Attempt {
                 key,
                 connect_timeout: routed.cluster.connect_timeout,
+                limits: ConnLimits {
+                    counters: lb.counters.clone(),
+                    max_connections,
+                    max_pending,
+                },
             });
             let in_flight = InFlight::start(&member.in_flight);
             let per_try = policy.and_then(|p| p.per_try_timeout);
@@ -1220,6 +1241,7 @@ fn retry_limit(cluster: &ClusterInfo, lb: &crate::balance::ClusterLb, max_retrie
 
 fn failure_reply(kind: AttemptErrorKind, details: &str, retried: bool) -> Response<Body> {
     let flags = match (retried, kind) {
+        (_, AttemptErrorKind::Overflow) => "UO",
         (true, _) => "URX",
         (false, AttemptErrorKind::Connect) => "UF",
         (false, _) => "UR",
@@ -1341,13 +1363,20 @@ impl ConnectLayer {
         };
         let checkout = match self
             .pools
-            .checkout(&attempt.key, attempt.connect_timeout)
+            .checkout(&attempt.key, attempt.connect_timeout, &attempt.limits)
             .await
         {
             Ok(c) => c,
-            Err(ConnectError(message)) => {
+            Err(CheckoutError::Connect(ConnectError(message))) => {
                 return Err(AttemptError {
                     kind: AttemptErrorKind::Connect,
+                    message,
+                    request: Some(req),
+                });
+            }
+            Err(CheckoutError::Overflow(message)) => {
+                return Err(AttemptError {
+                    kind: AttemptErrorKind::Overflow,
                     message,
                     request: Some(req),
                 });

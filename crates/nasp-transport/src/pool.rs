@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::balance::ClusterCounters;
 use crate::body::Body;
 use crate::outbound::{ALPN_H2, ALPN_HTTP11, MeshConnector};
 
@@ -54,6 +56,50 @@ pub(crate) struct ConnInfo {
 /// was sent, so the request may be retried (`connect-failure`).
 #[derive(Debug)]
 pub(crate) struct ConnectError(pub String);
+
+/// Why a checkout gave no connection.
+#[derive(Debug)]
+pub(crate) enum CheckoutError {
+    /// Connecting failed (retriable as `connect-failure`).
+    Connect(ConnectError),
+    /// The cluster's `max_connections` are open and `max_pending_requests`
+    /// wait already (or waited too long): Envoy's overflow, 503 `UO`.
+    Overflow(String),
+}
+
+impl From<ConnectError> for CheckoutError {
+    fn from(e: ConnectError) -> Self {
+        CheckoutError::Connect(e)
+    }
+}
+
+/// The cluster's connection circuit breakers, for one checkout.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnLimits {
+    pub counters: Arc<ClusterCounters>,
+    pub max_connections: u32,
+    pub max_pending: u32,
+}
+
+/// One open connection counted against its cluster until it ends.
+struct ConnSlot(Arc<ClusterCounters>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnLimits {
+    fn take_connection(&self) -> Option<ConnSlot> {
+        let prev = self.counters.connections.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.max_connections as usize {
+            self.counters.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnSlot(self.counters.clone()))
+    }
+}
 
 pub(crate) enum Sender {
     H1(http1::SendRequest<Body>),
@@ -167,7 +213,8 @@ impl Pools {
         &self,
         key: &PoolKey,
         timeout: Duration,
-    ) -> Result<Checkout, ConnectError> {
+        limits: &ConnLimits,
+    ) -> Result<Checkout, CheckoutError> {
         let pool = self.pool(key);
         match key.proto {
             Proto::H2 => {
@@ -189,9 +236,15 @@ impl Pools {
                         reused: false,
                     });
                 }
-                let (sender, info) = self.connect(key, timeout).await?;
+                let Some(slot) = limits.take_connection() else {
+                    return Err(CheckoutError::Overflow(format!(
+                        "{} connections open (max_connections)",
+                        limits.max_connections
+                    )));
+                };
+                let (sender, info) = self.connect(key, timeout, slot).await?;
                 let Sender::H2(s) = sender else {
-                    return Err(ConnectError("HTTP/2 connection expected".into()));
+                    return Err(ConnectError("HTTP/2 connection expected".into()).into());
                 };
                 *lock(&pool.h2) = Some((s.clone(), info.clone()));
                 Ok(Checkout {
@@ -202,29 +255,59 @@ impl Pools {
                 })
             }
             Proto::H1 => {
+                // An idle connection, else a new one within the cluster's
+                // `max_connections`, else wait as one of at most
+                // `max_pending` requests for either (Envoy's pending queue;
+                // more, or longer than `timeout`, is an overflow).
+                let mut pending: Option<PendingSlot> = None;
+                let deadline = tokio::time::Instant::now() + timeout;
                 loop {
-                    let idle = lock(&pool.h1_idle).pop();
-                    let Some(idle) = idle else { break };
-                    if idle.sender.is_closed()
-                        || idle.since.elapsed() > pool.idle_timeout
-                        || !idle.sender.is_ready()
-                    {
-                        continue;
+                    loop {
+                        let idle = lock(&pool.h1_idle).pop();
+                        let Some(idle) = idle else { break };
+                        if idle.sender.is_closed()
+                            || idle.since.elapsed() > pool.idle_timeout
+                            || !idle.sender.is_ready()
+                        {
+                            continue;
+                        }
+                        return Ok(Checkout {
+                            sender: Sender::H1(idle.sender),
+                            info: idle.info,
+                            pool,
+                            reused: true,
+                        });
                     }
-                    return Ok(Checkout {
-                        sender: Sender::H1(idle.sender),
-                        info: idle.info,
-                        pool,
-                        reused: true,
-                    });
+                    if let Some(slot) = limits.take_connection() {
+                        drop(pending);
+                        let (sender, info) = self.connect(key, timeout, slot).await?;
+                        return Ok(Checkout {
+                            sender,
+                            info,
+                            pool,
+                            reused: false,
+                        });
+                    }
+                    if pending.is_none() {
+                        let prev = limits.counters.pending.fetch_add(1, Ordering::AcqRel);
+                        if prev >= limits.max_pending as usize {
+                            limits.counters.pending.fetch_sub(1, Ordering::AcqRel);
+                            return Err(CheckoutError::Overflow(format!(
+                                "{} connections open and {} requests pending \
+                                 (max_connections, max_pending_requests)",
+                                limits.max_connections, limits.max_pending
+                            )));
+                        }
+                        pending = Some(PendingSlot(limits.counters.clone()));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(CheckoutError::Overflow(format!(
+                            "no connection within {timeout:?} (max_connections {})",
+                            limits.max_connections
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                let (sender, info) = self.connect(key, timeout).await?;
-                Ok(Checkout {
-                    sender,
-                    info,
-                    pool,
-                    reused: false,
-                })
             }
         }
     }
@@ -233,6 +316,7 @@ impl Pools {
         &self,
         key: &PoolKey,
         timeout: Duration,
+        slot: ConnSlot,
     ) -> Result<(Sender, ConnInfo), ConnectError> {
         let addr = key.addr;
         match &key.tls {
@@ -242,7 +326,7 @@ impl Pools {
                     .map_err(|_| ConnectError(format!("connecting to {addr}: timed out")))?
                     .map_err(|e| ConnectError(format!("connecting to {addr}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
-                handshake(tcp, key.proto, ConnInfo::default(), addr).await
+                handshake(tcp, key.proto, ConnInfo::default(), addr, slot).await
             }
             Some(t) => {
                 let alpn = match key.proto {
@@ -267,7 +351,7 @@ impl Pools {
                         .alpn_protocol()
                         .map(|p| Arc::from(String::from_utf8_lossy(p).into_owned())),
                 };
-                handshake(tls, key.proto, info, addr).await
+                handshake(tls, key.proto, info, addr, slot).await
             }
         }
     }
@@ -281,11 +365,22 @@ fn live_h2(pool: &EndpointPool) -> Option<(http2::SendRequest<Body>, ConnInfo)> 
     }
 }
 
+/// A request waiting for a connection, counted against
+/// `max_pending_requests` until it has one.
+struct PendingSlot(Arc<ClusterCounters>);
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 async fn handshake<T>(
     io: T,
     proto: Proto,
     info: ConnInfo,
     addr: SocketAddr,
+    slot: ConnSlot,
 ) -> Result<(Sender, ConnInfo), ConnectError>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -300,6 +395,7 @@ where
                 .await
                 .map_err(|e| ConnectError(format!("HTTP/2 handshake with {addr}: {e}")))?;
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = conn.await {
                     tracing::debug!(%addr, "HTTP/2 connection ended: {e}");
                 }
@@ -311,6 +407,7 @@ where
                 .await
                 .map_err(|e| ConnectError(format!("HTTP/1.1 handshake with {addr}: {e}")))?;
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(%addr, "HTTP/1.1 connection ended: {e}");
                 }

@@ -567,7 +567,6 @@ async fn http2_max_requests_overflow_answers_503_uo() {
 // for it (max_pending_requests), the rest 503 UO, never retried. nasp's
 // client does not enforce max_connections / max_pending_requests yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "transport: max_connections and max_pending_requests are not enforced yet (issue 9)"]
 async fn http1_max_pending_requests_overflow_answers_503_uo() {
     let slow = backend("127.0.5.72", "v1-slow", 200).await;
     slow.delay_ms.store(400, Ordering::SeqCst);
