@@ -622,6 +622,10 @@ impl ClusterLb {
     /// The set this request goes to: a priority level by its share, then a
     /// locality by its effective weight.
     fn choose_set(&self) -> Option<&HostSet> {
+        // One level spread over one set (the usual case): no dice.
+        if let [(_, LevelChoice::Single(id))] = self.levels.as_slice() {
+            return self.sets.get(*id);
+        }
         let r = rand::random_range(0..100u64);
         let (_, choice) = self
             .levels
