@@ -766,6 +766,7 @@ fn bench(args: &[String]) -> Result<(), String> {
         ("nasp", "proxywasm", "2"),
         ("nasp-controlplane", "identity", "3"),
         ("nasp-xds", "xds", "3"),
+        ("nasp-transport", "balance", "3"),
     ] {
         run(cargo().current_dir(&root).args([
             "bench",
