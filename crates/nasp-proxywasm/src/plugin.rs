@@ -1193,7 +1193,7 @@ impl FilterChain {
             self,
             |c| c.on_new_connection,
             "proxy_on_new_connection",
-            |id| Args::new(&[id as i32]),
+            |id, _| Args::new(&[id as i32]),
         );
         (s, status)
     }
@@ -1880,7 +1880,7 @@ impl TcpStream {
         chain: &mut FilterChain,
         pick: fn(&Callbacks) -> Option<FuncRef>,
         name: &str,
-        args: impl Fn(u32) -> Args,
+        args: impl Fn(u32, &StreamState) -> Args,
     ) -> FilterStatus {
         if chain.id != self.chain_id {
             return FilterStatus::Fail;
@@ -1898,7 +1898,7 @@ impl TcpStream {
             0,
             cb,
             name,
-            |id, _, _| args(id),
+            |id, s, _| args(id, s),
         )
         .0
     }
@@ -1917,19 +1917,23 @@ impl TcpStream {
                 &mut s.downstream_data
             }
         }
-        let n = {
-            let mut s = lock(&self.state);
-            let b = buf(&mut s, upstream);
-            b.extend_from_slice(chunk);
-            b.len() as i32
-        };
+        buf(&mut lock(&self.state), upstream).extend_from_slice(chunk);
         let (pick, name): (fn(&Callbacks) -> Option<FuncRef>, &str) = if upstream {
             (|c| c.on_upstream_data, "proxy_on_upstream_data")
         } else {
             (|c| c.on_downstream_data, "proxy_on_downstream_data")
         };
         let eos = i32::from(end_of_stream);
-        let st = self.run(chain, pick, name, |id| Args::new(&[id as i32, n, eos]));
+        // Each plugin is told the buffer's size as the plugins before it left
+        // it (Envoy passes the current buffer length), not the chunk's.
+        let st = self.run(chain, pick, name, |id, s| {
+            let n = if upstream {
+                s.upstream_data.len()
+            } else {
+                s.downstream_data.len()
+            };
+            Args::new(&[id as i32, i32::try_from(n).unwrap_or(i32::MAX), eos])
+        });
         let data = if st == FilterStatus::Pause && !end_of_stream {
             Vec::new()
         } else {

@@ -478,6 +478,23 @@ per_runtime! {
         s.finish(&mut chain);
         assert!(h.logs.contains("tcp log"));
     };
+    tcp_chain_plugins_see_the_buffer_as_the_previous_left_it => |rt: &str| {
+        // Two TCP plugins: the first prepends ">" to downstream data, so the
+        // second is told 5 bytes for "ping" (Envoy passes the current buffer
+        // length), and both count what they were told.
+        let h = Harness::new();
+        let mut chain = h.chain_of(
+            rt,
+            vec![cfg("first").configuration("tcp"), cfg("second").configuration("tcp")],
+        );
+        let (mut s, _) = chain.tcp_stream(props());
+        let (_, data) = s.downstream_data(&mut chain, b"ping", false);
+        assert_eq!(data, b">>ping", "{rt}");
+        s.downstream_close(&mut chain, 2);
+        assert_eq!(h.count("downstream closed after 4 bytes"), 1, "{rt}: {:?}", h.logs.lines());
+        assert_eq!(h.count("downstream closed after 5 bytes"), 1, "{rt}: {:?}", h.logs.lines());
+        s.finish(&mut chain);
+    };
     abi_0_1_0_links_and_runs => |rt: &str| {
         // A 0.1.0 module importing the 0.1.0-only functions; headers callback has 2 params.
         let wasm = wat::parse_str(r#"(module
