@@ -1342,7 +1342,11 @@ fn is_refused(e: &hyper::Error) -> bool {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM);
+            // A stream the server refused, or one above the last stream id
+            // of a graceful GOAWAY (the server promises it did not process
+            // it): both are safe to send again, Envoy's `refused-stream`.
+            return h2e.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2e.is_go_away() && h2e.reason() == Some(h2::Reason::NO_ERROR));
         }
         src = s.source();
     }

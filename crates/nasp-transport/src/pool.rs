@@ -265,10 +265,11 @@ impl Pools {
                     loop {
                         let idle = lock(&pool.h1_idle).pop();
                         let Some(idle) = idle else { break };
-                        if idle.sender.is_closed()
-                            || idle.since.elapsed() > pool.idle_timeout
-                            || !idle.sender.is_ready()
-                        {
+                        // A connection whose response just ended may not
+                        // be marked ready yet: it is taken anyway and the
+                        // caller waits for `ready()` (dropping it would cost
+                        // a new handshake per request).
+                        if idle.sender.is_closed() || idle.since.elapsed() > pool.idle_timeout {
                             continue;
                         }
                         return Ok(Checkout {

@@ -5,6 +5,8 @@
 //! connect failure to another endpoint; streaming in both directions; TCP
 //! through the mesh.
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{Watch, workload};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
@@ -19,43 +22,12 @@ use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use nasp_controlplane::{CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache};
-use nasp_identity::cert::{pem_certs, pem_key};
-use nasp_identity::{KeyAlgorithm, WorkloadCert, keys};
 use nasp_transport::{
     Body, HttpClient, InboundConfig, InboundMode, LocalReply, MeshConnector, MeshListener,
     MeshPeer, StaticView, TcpConnector, Upstream, serve_http,
 };
 use nasp_xds::{AdsClient, AdsConfig, MeshView, ResourceSet, ViewSettings, read_config_dump};
-use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
-
-type Watch = watch::Receiver<Option<Arc<WorkloadCert>>>;
-
-fn workload(ca: &CertificateAuthority, who: &str) -> Watch {
-    let key = keys::generate_key(KeyAlgorithm::EcdsaP256).expect("key");
-    let now = OffsetDateTime::now_utc();
-    let chain = ca
-        .issue(
-            &who.parse().expect("id"),
-            &key,
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        )
-        .expect("issue")
-        .iter()
-        .flat_map(|p| pem_certs(p.as_bytes()).expect("pem"))
-        .collect();
-    let cert = WorkloadCert::new(
-        chain,
-        pem_key(key.serialize_pem().as_bytes()).expect("key"),
-        pem_certs(ca.root_pem().as_bytes()).expect("root"),
-    )
-    .expect("cert");
-    let (tx, rx) = watch::channel(Some(Arc::new(cert)));
-    std::mem::forget(tx);
-    rx
-}
 
 /// A backend: answers with where it runs, what it saw and who called.
 async fn backend(ip: &str, mode: InboundMode, certs: Watch, name: &'static str) -> SocketAddr {
@@ -132,61 +104,35 @@ fn routing_dump(eps: &HashMap<&str, SocketAddr>, h2_cluster: SocketAddr) -> Reso
     use serde_json::json;
     let mut clusters: Vec<serde_json::Value> = eps
         .iter()
-        .map(|(name, addr)| {
-            json!({"cluster": {
-                "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-                "name": name, "type": "STATIC", "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}}}]}]}
-            }})
-        })
+        .map(|(name, addr)| common::static_cluster(name, &[*addr], json!({})))
         .collect();
-    clusters.push(json!({"cluster": {
-        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-        "name": "grpcish", "type": "STATIC", "connect_timeout": "1s",
-        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}}}},
-        "load_assignment": {"cluster_name": "grpcish", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": h2_cluster.ip().to_string(), "port_value": h2_cluster.port()}}}}]}]}
-    }}));
-    let routes = json!({"route_config": {
-        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-        "name": "80",
-        "request_headers_to_add": [{"header": {"key": "x-added", "value": "by-route-config"}}],
-        "virtual_hosts": [
-            {"name": "web.test:80", "domains": ["web.test", "web.test:80"], "routes": [
-                {"name": "health", "match": {"path": "/health"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
-                {"name": "canary-header", "match": {"prefix": "/", "headers": [{"name": "x-canary", "string_match": {"exact": "yes"}}]}, "route": {"cluster": "canary"}},
-                {"name": "api", "match": {"prefix": "/api/"}, "route": {"cluster": "api", "prefix_rewrite": "/", "host_rewrite_literal": "api.internal"},
-                 "response_headers_to_add": [{"header": {"key": "x-route", "value": "api"}}]},
-                {"name": "static", "match": {"safe_regex": {"regex": "/static/[a-z]+\\.png"}}, "route": {"cluster": "static"}},
-                {"name": "debug", "match": {"prefix": "/q", "query_parameters": [{"name": "debug", "string_match": {"exact": "1"}}]}, "route": {"cluster": "debug"}},
-                {"name": "h2", "match": {"prefix": "/h2"}, "route": {"cluster": "grpcish"}},
-                {"name": "missing", "match": {"prefix": "/missing"}, "route": {"cluster": "no-such-cluster"}},
-                {"name": "split", "match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
-                    {"name": "stable", "weight": 75}, {"name": "canary", "weight": 25}]}}}
-            ]},
-            {"name": "narrow.test:80", "domains": ["narrow.test"], "routes": [
-                {"name": "only", "match": {"path": "/only"}, "route": {"cluster": "stable"}}
-            ]}
-        ]
-    }});
-    let listener = json!({"name": "0.0.0.0_80", "active_state": {"listener": {
-        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-        "name": "0.0.0.0_80",
-        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 80}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "outbound_0.0.0.0_80",
-            "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": "80"},
-            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-        }}]}]
-    }}});
-    let dump = json!({"configs": [
-        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
-        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": [listener]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [routes]}
-    ]});
-    read_config_dump(&dump.to_string()).expect("routing dump")
+    clusters.push(common::static_cluster(
+        "grpcish",
+        &[h2_cluster],
+        common::http2(),
+    ));
+    let vhosts = vec![
+        json!({"name": "web.test:80", "domains": ["web.test", "web.test:80"], "routes": [
+            {"name": "health", "match": {"path": "/health"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
+            {"name": "canary-header", "match": {"prefix": "/", "headers": [{"name": "x-canary", "string_match": {"exact": "yes"}}]}, "route": {"cluster": "canary"}},
+            {"name": "api", "match": {"prefix": "/api/"}, "route": {"cluster": "api", "prefix_rewrite": "/", "host_rewrite_literal": "api.internal"},
+             "response_headers_to_add": [{"header": {"key": "x-route", "value": "api"}}]},
+            {"name": "static", "match": {"safe_regex": {"regex": "/static/[a-z]+\\.png"}}, "route": {"cluster": "static"}},
+            {"name": "debug", "match": {"prefix": "/q", "query_parameters": [{"name": "debug", "string_match": {"exact": "1"}}]}, "route": {"cluster": "debug"}},
+            {"name": "h2", "match": {"prefix": "/h2"}, "route": {"cluster": "grpcish"}},
+            {"name": "missing", "match": {"prefix": "/missing"}, "route": {"cluster": "no-such-cluster"}},
+            {"name": "split", "match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+                {"name": "stable", "weight": 75}, {"name": "canary", "weight": 25}]}}}
+        ]}),
+        json!({"name": "narrow.test:80", "domains": ["narrow.test"], "routes": [
+            {"name": "only", "match": {"path": "/only"}, "route": {"cluster": "stable"}}
+        ]}),
+    ];
+    common::dump(
+        clusters,
+        vhosts,
+        json!({"request_headers_to_add": [{"header": {"key": "x-added", "value": "by-route-config"}}]}),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,50 +5,19 @@
 //! retry take the rest to the other replica. HTTP/1.1 and HTTP/2, 8
 //! concurrent callers.
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::any_certs as certs;
 use hyper::body::Incoming;
-use nasp_controlplane::CertificateAuthority;
-use nasp_identity::cert::{pem_certs, pem_key};
-use nasp_identity::{KeyAlgorithm, WorkloadCert, keys};
 use nasp_transport::{
-    Body, HttpClient, InboundConfig, InboundMode, MeshConnector, MeshListener, StaticView,
-    serve_http_until,
+    Body, HttpClient, InboundConfig, InboundMode, MeshListener, serve_http_until,
 };
-use nasp_xds::{MeshView, ViewSettings, read_config_dump};
 use serde_json::json;
-use time::OffsetDateTime;
-use tokio::sync::watch;
-
-fn certs() -> watch::Receiver<Option<Arc<WorkloadCert>>> {
-    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
-    let key = keys::generate_key(KeyAlgorithm::EcdsaP256).expect("key");
-    let now = OffsetDateTime::now_utc();
-    let chain = ca
-        .issue(
-            &"spiffe://cluster.local/ns/demo/sa/web".parse().expect("id"),
-            &key,
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        )
-        .expect("issue")
-        .iter()
-        .flat_map(|p| pem_certs(p.as_bytes()).expect("pem"))
-        .collect();
-    let cert = WorkloadCert::new(
-        chain,
-        pem_key(key.serialize_pem().as_bytes()).expect("key"),
-        pem_certs(ca.root_pem().as_bytes()).expect("root"),
-    )
-    .expect("cert");
-    let (tx, rx) = watch::channel(Some(Arc::new(cert)));
-    std::mem::forget(tx);
-    rx
-}
 
 /// A replica that serves until `stop` fires, then drains.
 async fn replica(
@@ -89,27 +58,6 @@ async fn replica(
 }
 
 fn client(eps: &[SocketAddr]) -> HttpClient {
-    let lb: Vec<_> = eps
-        .iter()
-        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
-        .collect();
-    let cluster = |name: &str, h2: bool| {
-        let mut c = json!({
-            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            // Istio's circuit breakers (Envoy's default allows 3 retries
-            // in flight, which 8 callers overflow).
-            "circuit_breakers": {"thresholds": [{"max_connections": 4294967295u32, "max_pending_requests": 4294967295u32,
-                "max_requests": 4294967295u32, "max_retries": 4294967295u32, "track_remaining": true}]},
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": lb.clone()}]}
-        });
-        if h2 {
-            c["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}});
-        }
-        json!({"cluster": c})
-    };
     // Istio's default retry policy.
     let retry = json!({"retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
         "num_retries": 2, "retriable_status_codes": [503],
@@ -117,25 +65,21 @@ fn client(eps: &[SocketAddr]) -> HttpClient {
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
         "host_selection_retry_max_attempts": "5"});
     let vhost = |name: &str, c: &str| json!({"name": name, "domains": [name], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": c, "retry_policy": retry.clone()}}]});
-    let dump = json!({"configs": [
-        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": [cluster("h1", false), cluster("h2", true)]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": [{"name": "0.0.0.0_80", "active_state": {"listener": {
-            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-            "name": "0.0.0.0_80",
-            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 80}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "outbound_0.0.0.0_80",
-                "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": "80"},
-                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-            }}]}]}}}]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [{"route_config": {
-            "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-            "name": "80", "virtual_hosts": [vhost("h1.test", "h1"), vhost("h2.test", "h2")]}}]}
-    ]});
-    let set = read_config_dump(&dump.to_string()).expect("dump");
-    let view = MeshView::build(&set, HashMap::new(), ViewSettings::default());
-    HttpClient::new(Arc::new(StaticView::new(view)), MeshConnector::new(certs()))
+    // Istio's circuit breakers (Envoy's default allows 3 retries in flight,
+    // which 8 callers overflow).
+    let mut h2 = common::istio_circuit_breakers();
+    if let (Some(a), Some(b)) = (h2.as_object_mut(), common::http2().as_object()) {
+        a.extend(b.clone());
+    }
+    let set = common::dump(
+        vec![
+            common::static_cluster("h1", eps, common::istio_circuit_breakers()),
+            common::static_cluster("h2", eps, h2),
+        ],
+        vec![vhost("h1.test", "h1"), vhost("h2.test", "h2")],
+        json!({}),
+    );
+    common::client(&set, certs())
 }
 
 async fn run(host: &'static str, ips: [&str; 2]) {

@@ -3,52 +3,19 @@
 //! breakers (`max_requests` → 503 `UO`), and outlier detection (consecutive
 //! 5xx eject a host for the base ejection time, then it comes back).
 
+mod common;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::any_certs as certs;
 use hyper::body::Incoming;
-use nasp_controlplane::CertificateAuthority;
-use nasp_identity::cert::{pem_certs, pem_key};
-use nasp_identity::{KeyAlgorithm, WorkloadCert, keys};
 use nasp_transport::{
-    Body, HttpClient, InboundConfig, InboundMode, LocalReply, MeshConnector, MeshListener,
-    StaticView, serve_http,
+    Body, HttpClient, InboundConfig, InboundMode, LocalReply, MeshListener, serve_http,
 };
-use nasp_xds::{MeshView, ViewSettings, read_config_dump};
 use serde_json::{Value, json};
-use time::OffsetDateTime;
-use tokio::sync::watch;
-
-fn certs() -> watch::Receiver<Option<Arc<WorkloadCert>>> {
-    let ca = CertificateAuthority::generate("cluster.local").expect("ca");
-    let key = keys::generate_key(KeyAlgorithm::EcdsaP256).expect("key");
-    let now = OffsetDateTime::now_utc();
-    let chain = ca
-        .issue(
-            &"spiffe://cluster.local/ns/demo/sa/client"
-                .parse()
-                .expect("id"),
-            &key,
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        )
-        .expect("issue")
-        .iter()
-        .flat_map(|p| pem_certs(p.as_bytes()).expect("pem"))
-        .collect();
-    let cert = WorkloadCert::new(
-        chain,
-        pem_key(key.serialize_pem().as_bytes()).expect("key"),
-        pem_certs(ca.root_pem().as_bytes()).expect("root"),
-    )
-    .expect("cert");
-    let (tx, rx) = watch::channel(Some(Arc::new(cert)));
-    std::mem::forget(tx);
-    rx
-}
 
 /// A plaintext backend answering `status` after `delay`, naming itself.
 async fn backend(ip: &str, name: &'static str, status: u16, delay: Duration) -> SocketAddr {
@@ -75,24 +42,12 @@ async fn backend(ip: &str, name: &'static str, status: u16, delay: Duration) -> 
 }
 
 /// One cluster `c` with `endpoints` and `extra` cluster fields, one route
-/// `/` to it with `route_extra` fields on the route.
+/// `/` to it with `route_extra` fields on the route (`action` fields go
+/// into the route action).
 fn client(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> HttpClient {
-    let lb: Vec<Value> = endpoints
-        .iter()
-        .map(|a| json!({"endpoint": {"address": {"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}}}}))
-        .collect();
-    let mut cluster = json!({
-        "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-        "name": "c", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": lb}]}
-    });
-    if let (Some(c), Some(e)) = (cluster.as_object_mut(), extra.as_object()) {
-        c.extend(e.clone());
-    }
     let mut route = json!({"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c"}});
     if let (Some(r), Some(e)) = (route.as_object_mut(), route_extra.as_object()) {
         for (k, v) in e {
-            // `action` fields go into the route action.
             if k == "action" {
                 if let (Some(a), Some(extra)) = (
                     r.get_mut("route").and_then(Value::as_object_mut),
@@ -105,25 +60,12 @@ fn client(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> HttpCli
             }
         }
     }
-    let dump = json!({"configs": [
-        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": [{"cluster": cluster}]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": [{"name": "0.0.0.0_80", "active_state": {"listener": {
-            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-            "name": "0.0.0.0_80",
-            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 80}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "outbound_0.0.0.0_80",
-                "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": "80"},
-                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-            }}]}]}}}]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [{"route_config": {
-            "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-            "name": "80", "virtual_hosts": [{"name": "svc.test:80", "domains": ["svc.test"], "routes": [route]}]}}]}
-    ]});
-    let set = read_config_dump(&dump.to_string()).expect("dump");
-    let view = MeshView::build(&set, HashMap::new(), ViewSettings::default());
-    HttpClient::new(Arc::new(StaticView::new(view)), MeshConnector::new(certs()))
+    let set = common::dump(
+        vec![common::static_cluster("c", endpoints, extra)],
+        vec![json!({"name": "svc.test:80", "domains": ["svc.test"], "routes": [route]})],
+        json!({}),
+    );
+    common::client(&set, certs())
 }
 
 async fn get(client: &HttpClient, headers: &[(&str, &str)]) -> (u16, String, Option<&'static str>) {

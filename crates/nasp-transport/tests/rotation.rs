@@ -4,46 +4,21 @@
 //! reconnect per rotation, and a connection opened after a rotation
 //! presents the new certificate.
 
-use std::collections::HashMap;
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::issue;
 use nasp_controlplane::CertificateAuthority;
-use nasp_identity::cert::{pem_certs, pem_key};
-use nasp_identity::{KeyAlgorithm, WorkloadCert, keys};
 use nasp_transport::outbound::ALPN_H2;
 use nasp_transport::{
     Body, HttpClient, InboundConfig, InboundMode, MeshConnector, MeshListener, StaticView,
     serve_http,
 };
-use nasp_xds::{MeshView, ViewSettings, read_config_dump};
-use time::OffsetDateTime;
+use nasp_xds::MeshView;
 use tokio::sync::watch;
-
-fn issue(ca: &CertificateAuthority, who: &str) -> Arc<WorkloadCert> {
-    let key = keys::generate_key(KeyAlgorithm::EcdsaP256).expect("key");
-    let now = OffsetDateTime::now_utc();
-    let chain = ca
-        .issue(
-            &who.parse().expect("id"),
-            &key,
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        )
-        .expect("issue")
-        .iter()
-        .flat_map(|p| pem_certs(p.as_bytes()).expect("pem"))
-        .collect();
-    Arc::new(
-        WorkloadCert::new(
-            chain,
-            pem_key(key.serialize_pem().as_bytes()).expect("key"),
-            pem_certs(ca.root_pem().as_bytes()).expect("root"),
-        )
-        .expect("cert"),
-    )
-}
 
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -51,50 +26,27 @@ const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 /// One mTLS cluster per protocol, both to `addr`.
 fn view(addr: SocketAddr) -> MeshView {
     use serde_json::json;
-    let tls = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+    let tls = json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": {
             "tls_certificate_sds_secret_configs": [{"name": "default"}],
             "combined_validation_context": {
                 "default_validation_context": {"match_subject_alt_names": [{"exact": SERVER}]},
                 "validation_context_sds_secret_config": {"name": "ROOTCA"}}},
-        "sni": "outbound_.80_._.server.demo.svc.cluster.local"}});
-    let cluster = |name: &str, h2: bool| {
-        let mut c = json!({
-            "@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
-            "name": name, "type": "STATIC", "connect_timeout": "1s",
-            "transport_socket": tls.clone(),
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}}}]}]}
-        });
-        if h2 {
-            c["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}});
-        }
-        json!({"cluster": c})
-    };
+        "sni": "outbound_.80_._.server.demo.svc.cluster.local"}}});
+    let mut h2 = tls.clone();
+    if let (Some(a), Some(b)) = (h2.as_object_mut(), common::http2().as_object()) {
+        a.extend(b.clone());
+    }
     let vhost = |name: &str, cluster: &str| json!({"name": name, "domains": [name], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]});
-    let dump = json!({"configs": [
-        {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": [cluster("h1", false), cluster("h2", true)]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": [{"name": "0.0.0.0_80", "active_state": {"listener": {
-            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
-            "name": "0.0.0.0_80",
-            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 80}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "outbound_0.0.0.0_80",
-                "rds": {"config_source": {"ads": {}, "resource_api_version": "V3"}, "route_config_name": "80"},
-                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
-            }}]}]}}}]},
-        {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [{"route_config": {
-            "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-            "name": "80", "virtual_hosts": [vhost("h1.test", "h1"), vhost("h2.test", "h2")]}}]}
-    ]});
-    MeshView::build(
-        &read_config_dump(&dump.to_string()).expect("dump"),
-        HashMap::new(),
-        ViewSettings::default(),
-    )
+    common::view(&common::dump(
+        vec![
+            common::static_cluster("h1", &[addr], tls),
+            common::static_cluster("h2", &[addr], h2),
+        ],
+        vec![vhost("h1.test", "h1"), vhost("h2.test", "h2")],
+        json!({}),
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
