@@ -24,8 +24,8 @@
 
 pub mod balance;
 pub mod body;
-pub mod filter;
 pub mod client;
+pub mod filter;
 pub mod grpc;
 pub mod http;
 pub mod inbound;
