@@ -19,8 +19,14 @@
 //! settings are built once per destination shape and shared, never mutated
 //! per connection.
 //!
-//! Not here yet (issue 8): the outbound HTTP/gRPC clients, xDS-driven
-//! routing and balancing, filters. See `docs/transport.md`.
+//! - [`client`]: the outbound [`HttpClient`] — a tower stack route →
+//!   cluster → balance → connect over the mesh view ([`balance`] picks
+//!   endpoints, pooled connections per endpoint), [`GrpcChannel`] for tonic;
+//! - [`tcp`]: TCP through the mesh ([`TcpConnector`]);
+//! - [`filter`]: proxy-wasm filters on every exchange and connection;
+//! - [`grpc`]: serving tonic services, the echo service.
+//!
+//! See `docs/transport.md`.
 
 pub mod balance;
 pub mod body;
