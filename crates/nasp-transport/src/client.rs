@@ -499,8 +499,68 @@ fn rewritten_path(
     })
 }
 
+/// Envoy's HTTP → gRPC status mapping for local replies.
+fn grpc_status_of(status: StatusCode) -> u32 {
+    match status.as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// A local reply to a gRPC request as Envoy sends it: a trailers-only
+/// answer (HTTP 200, `grpc-status` from the HTTP status, the details as
+/// `grpc-message`), so gRPC clients see `UNAVAILABLE` and not a body they
+/// cannot parse.
+fn grpc_local_reply(resp: Response<Body>) -> Response<Body> {
+    if resp.headers().contains_key("grpc-status") {
+        return resp;
+    }
+    let Some(lr) = resp.extensions().get::<LocalReply>().cloned() else {
+        return resp;
+    };
+    let code = grpc_status_of(resp.status());
+    let (mut parts, _) = resp.into_parts();
+    parts.status = StatusCode::OK;
+    parts.headers.clear();
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    parts.headers.insert("grpc-status", HeaderValue::from(code));
+    // grpc-message is percent-encoded: keep printable ASCII but '%'.
+    let msg: String = lr
+        .details
+        .bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&msg) {
+        parts.headers.insert("grpc-message", v);
+    }
+    Response::from_parts(parts, Body::empty())
+}
+
 impl RouteLayer {
-    async fn call(&self, mut req: Request<Body>) -> Result<Response<Body>, ClientError> {
+    async fn call(&self, req: Request<Body>) -> Result<Response<Body>, ClientError> {
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let resp = self.call_routed(req).await?;
+        Ok(if grpc { grpc_local_reply(resp) } else { resp })
+    }
+
+    async fn call_routed(&self, mut req: Request<Body>) -> Result<Response<Body>, ClientError> {
         let https = req.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
         let authority = match req.uri().authority() {
             Some(a) => a.as_str().to_string(),
@@ -918,6 +978,86 @@ enum Replay {
     Once,
     /// Empty, or small and buffered.
     Bytes(Option<Bytes>),
+    /// Sent as it streams while a copy is kept (up to the buffer limit), as
+    /// Envoy buffers for retries without holding the request back; a retry
+    /// can use the copy once the body has ended within the limit.
+    Tee(Arc<std::sync::Mutex<TeeCopy>>),
+}
+
+impl Replay {
+    /// Whether another attempt can have the body (a complete copy becomes
+    /// plain bytes).
+    fn replayable(&mut self) -> bool {
+        if let Replay::Tee(t) = self {
+            let copy = {
+                let t = t.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (t.ended && !t.overflow).then(|| t.chunks.concat())
+            };
+            if let Some(c) = copy {
+                *self = Replay::Bytes(Some(Bytes::from(c)));
+            }
+        }
+        matches!(self, Replay::Bytes(_))
+    }
+}
+
+/// What a [`TeeBody`] has copied so far.
+#[derive(Debug, Default)]
+struct TeeCopy {
+    chunks: Vec<Bytes>,
+    len: u64,
+    ended: bool,
+    /// Over the limit, or trailers: not replayable.
+    overflow: bool,
+}
+
+/// A request body passed through as it streams, copied on the side.
+struct TeeBody {
+    inner: Body,
+    copy: Arc<std::sync::Mutex<TeeCopy>>,
+}
+
+impl http_body::Body for TeeBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let mut copy = self
+            .copy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => match f.data_ref() {
+                Some(d) if !copy.overflow => {
+                    copy.len += d.len() as u64;
+                    if copy.len > RETRY_BUFFER_LIMIT {
+                        copy.overflow = true;
+                        copy.chunks.clear();
+                    } else {
+                        copy.chunks.push(d.clone());
+                    }
+                }
+                Some(_) => {}
+                None => copy.overflow = true,
+            },
+            Poll::Ready(None) => copy.ended = true,
+            Poll::Ready(Some(Err(_))) => copy.overflow = true,
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request rebuilt for another attempt (extensions are not carried).
@@ -1053,6 +1193,15 @@ impl ClusterLayer {
                         );
                     }
                 }
+            } else if may_retry_after_send && let Some(b) = once.take() {
+                // A body of unknown length (gRPC, streaming): sent as it
+                // comes, copied on the side for a retry.
+                let copy = Arc::new(std::sync::Mutex::new(TeeCopy::default()));
+                once = Some(Body::new(TeeBody {
+                    inner: b,
+                    copy: copy.clone(),
+                }));
+                replay = Replay::Tee(copy);
             }
         }
         let mut tried: Vec<SocketAddr> = Vec::new();
@@ -1079,7 +1228,7 @@ impl ClusterLayer {
                     let body = match &replay {
                         Replay::Bytes(Some(b)) => Body::from(b.clone()),
                         Replay::Bytes(None) => Body::empty(),
-                        Replay::Once => match once.take() {
+                        Replay::Once | Replay::Tee(_) => match once.take() {
                             Some(b) => b,
                             None => break,
                         },
@@ -1131,7 +1280,7 @@ impl ClusterLayer {
                     // overflow.
                     let again = attempt_no < max_attempts
                         && policy.is_some_and(|p| retriable_status(p, &resp))
-                        && matches!(replay, Replay::Bytes(_))
+                        && replay.replayable()
                         && match Slot::try_take(
                             &lb.counters,
                             |c| &c.retries,
@@ -1176,10 +1325,7 @@ impl ClusterLayer {
                     last_failure = format!("{e} ({addr})");
                     // The keep-alive race costs one extra attempt, outside
                     // the policy's count.
-                    if e.kind == AttemptErrorKind::Stale
-                        && !stale_retried
-                        && matches!(replay, Replay::Bytes(_))
-                    {
+                    if e.kind == AttemptErrorKind::Stale && !stale_retried && replay.replayable() {
                         stale_retried = true;
                         max_attempts += 1;
                         continue;
@@ -1208,7 +1354,7 @@ impl ClusterLayer {
                             r.extensions_mut().remove::<Attempt>();
                             pending = Some(r);
                         }
-                        None if matches!(replay, Replay::Bytes(_)) => {}
+                        None if replay.replayable() => {}
                         None => return failure_reply(e.kind, &last_failure, false),
                     }
                     if let Some(p) = policy

@@ -286,3 +286,81 @@ async fn a_retry_budget_limits_retries_to_its_share_of_active_requests() {
         assert_eq!(get(&c, &[]).await.0, 200);
     }
 }
+
+/// A body of unknown length (as tonic's), in two frames.
+fn streamed(parts: [&'static str; 2]) -> Body {
+    let frames = parts.into_iter().map(|p| {
+        Ok::<_, Infallible>(hyper::body::Frame::data(bytes::Bytes::from_static(
+            p.as_bytes(),
+        )))
+    });
+    Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_is_replayed_on_a_retry_and_grpc_gets_grpc_local_replies() {
+    // An echo of the body it got, and a replica that always answers 503.
+    let listener = MeshListener::bind(
+        "127.0.0.99:0".parse().expect("addr"),
+        certs(),
+        InboundConfig::new(InboundMode::Disable, "cluster.local"),
+    )
+    .await
+    .expect("listen");
+    let echo = listener.local_addr();
+    let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+        let body = http_body_util::BodyExt::collect(req.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("x-served-by", "echo")
+                .body(Body::from(body))
+                .expect("response"),
+        )
+    });
+    tokio::spawn(serve_http(listener, svc));
+    let bad = backend("127.0.0.89", "bad", 503, Duration::ZERO).await;
+    let retry = json!({"action": {"retry_policy": {"retry_on": "retriable-status-codes", "num_retries": 2,
+        "retriable_status_codes": [503],
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}}});
+    let c = client(&[bad, echo], json!({}), retry);
+    // Whichever replica a request meets first, the body arrives whole.
+    for _ in 0..6 {
+        let req = http::Request::post("http://svc.test/")
+            .body(streamed(["hello ", "world"]))
+            .expect("request");
+        let resp = c.request(req).await.expect("routed");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect_bytes().await.expect("body");
+        assert_eq!(&body[..], b"hello world");
+    }
+    // A gRPC call that cannot be served gets a trailers-only answer with
+    // UNAVAILABLE, as Envoy's local replies to gRPC.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.88:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let c = client(&[dead], json!({}), json!({}));
+    let resp = c
+        .request(
+            http::Request::post("http://svc.test/pkg.Svc/M")
+                .header("content-type", "application/grpc")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("routed");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..])
+    );
+    assert!(resp.headers().get("grpc-message").is_some());
+    assert_eq!(
+        resp.extensions().get::<LocalReply>().map(|l| l.flags),
+        Some("UF")
+    );
+}
