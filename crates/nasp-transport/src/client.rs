@@ -1427,14 +1427,9 @@ fn endpoint_key(
     };
     let tls = match cluster.tls_for(&cluster.endpoints[member.idx]) {
         None => None,
-        Some(t) if t.mode == TlsMode::IstioMutual => Some(TlsTarget {
-            sni: t
-                .sni
-                .clone()
-                .or_else(|| cluster.sni.clone())
-                .unwrap_or_else(|| member.addr.ip().to_string()),
-            sans: cluster.expected_sans.clone(),
-        }),
+        Some(t) if t.mode == TlsMode::IstioMutual => {
+            Some(TlsTarget::istio(cluster, t, member.addr))
+        }
         Some(t) => {
             return Err(format!(
                 "cluster {}: upstream TLS mode {:?} (DestinationRule SIMPLE/MUTUAL) is not supported yet",

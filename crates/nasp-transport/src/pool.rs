@@ -52,6 +52,41 @@ pub(crate) struct ConnInfo {
     pub alpn: Option<Arc<str>>,
 }
 
+impl ConnInfo {
+    /// The server's SPIFFE id and the agreed ALPN of a client TLS session.
+    pub(crate) fn of(session: &rustls::ClientConnection) -> Self {
+        Self {
+            peer_id: session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| nasp_identity::cert::spiffe_id_of(c).ok())
+                .map(|id| Arc::from(id.to_string())),
+            alpn: session
+                .alpn_protocol()
+                .map(|p| Arc::from(String::from_utf8_lossy(p).into_owned())),
+        }
+    }
+}
+
+impl TlsTarget {
+    /// Istio mTLS to `addr` of `cluster` over its socket `tls`: the
+    /// socket's SNI, else the cluster's, else the IP; the SANs xDS expects.
+    pub(crate) fn istio(
+        cluster: &nasp_xds::cluster::ClusterInfo,
+        tls: &nasp_xds::cluster::UpstreamTls,
+        addr: SocketAddr,
+    ) -> Self {
+        Self {
+            sni: tls
+                .sni
+                .clone()
+                .or_else(|| cluster.sni.clone())
+                .unwrap_or_else(|| addr.ip().to_string()),
+            sans: cluster.expected_sans.clone(),
+        }
+    }
+}
+
 /// Why no connection could be had: always before any byte of the request
 /// was sent, so the request may be retried (`connect-failure`).
 #[derive(Debug)]
@@ -341,17 +376,7 @@ impl Pools {
                     .connect(addr, &t.sni, &t.sans, alpn)
                     .await
                     .map_err(|e| ConnectError(e.to_string()))?;
-                let (_, session) = tls.get_ref();
-                let info = ConnInfo {
-                    peer_id: session
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| nasp_identity::cert::spiffe_id_of(c).ok())
-                        .map(|id| Arc::from(id.to_string())),
-                    alpn: session
-                        .alpn_protocol()
-                        .map(|p| Arc::from(String::from_utf8_lossy(p).into_owned())),
-                };
+                let info = ConnInfo::of(tls.get_ref().1);
                 handshake(tls, key.proto, info, addr, slot).await
             }
         }

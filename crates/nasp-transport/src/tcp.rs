@@ -22,6 +22,7 @@ use crate::balance::{Balancers, InFlight};
 use crate::client::ViewSource;
 use crate::info::Upstream;
 use crate::outbound::{ALPN_TCP, MeshConnector};
+use crate::pool::{ConnInfo, TlsTarget};
 
 /// Why a mesh TCP connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -190,31 +191,19 @@ impl TcpConnector {
                     Err(_) => last = format!("{addr}: no connection within {timeout:?}"),
                 },
                 Some(t) if t.mode == TlsMode::IstioMutual => {
-                    let sni = t
-                        .sni
-                        .clone()
-                        .or_else(|| cluster.sni.clone())
-                        .unwrap_or_else(|| addr.ip().to_string());
+                    let target = TlsTarget::istio(&cluster, t, addr);
                     match self
                         .connector
                         .clone()
                         .connect_timeout(timeout)
-                        .connect(addr, &sni, &cluster.expected_sans, ALPN_TCP)
+                        .connect(addr, &target.sni, &target.sans, ALPN_TCP)
                         .await
                     {
                         Ok(tls) => {
-                            let (_, session) = tls.get_ref();
-                            let peer_id = session
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|c| nasp_identity::cert::spiffe_id_of(c).ok())
-                                .map(|id| Arc::from(id.to_string()));
-                            let alpn = session
-                                .alpn_protocol()
-                                .map(|p| Arc::from(String::from_utf8_lossy(p).into_owned()));
+                            let info = ConnInfo::of(tls.get_ref().1);
                             return Ok(MeshTcpStream {
                                 io: Io::Tls(Box::new(tls)),
-                                upstream: upstream(true, peer_id, alpn),
+                                upstream: upstream(true, info.peer_id, info.alpn),
                                 _in_flight: in_flight,
                             });
                         }
