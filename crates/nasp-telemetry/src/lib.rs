@@ -10,8 +10,15 @@
 //! (`component.proxy.tag.1.13.2;.istio_build` → `istio_build{component=
 //! "proxy",tag="1.13.2"}`).
 //!
+//! With the `server` feature (off by default), the `server` module serves
+//! the exposition over HTTP as an Istio sidecar's `:15090/stats/prometheus`
+//! (`server::PrometheusServer`, `server::serve_prometheus`).
+//!
 //! Invariants: no panics on any name a guest sends; exposition output always
 //! parses as Prometheus text (names sanitized, label values escaped).
+
+#[cfg(feature = "server")]
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
