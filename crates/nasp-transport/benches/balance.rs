@@ -48,6 +48,7 @@ fn cluster(policy: &str, n: usize, locality_weighted: bool) -> Arc<ClusterInfo> 
         maglev_table_size: 65537,
         retry_budget: None,
         outlier_detection: None,
+        slow_start: None,
     })
 }
 

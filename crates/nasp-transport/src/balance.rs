@@ -30,11 +30,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
-use nasp_xds::cluster::{ClusterInfo, HealthStatus, OutlierSettings};
+use nasp_xds::cluster::{ClusterInfo, HealthStatus, OutlierSettings, SlowStart};
 
 /// The policies this balancer implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,6 +177,9 @@ pub(crate) struct Member {
     pub locality_weight: Option<u32>,
     pub in_flight: Arc<AtomicUsize>,
     pub outlier: Arc<OutlierState>,
+    /// When the endpoint joined the cluster (for slow start), kept across
+    /// updates by address.
+    pub added: Instant,
 }
 
 /// What an attempt to an endpoint ended with, for outlier detection.
@@ -189,48 +192,80 @@ pub(crate) enum Outcome {
 }
 
 /// Outlier-detection state of one endpoint (Envoy's consecutive
-/// detectors), kept across cluster updates by address.
+/// detectors, the ejection multiplier and the interval's success counts),
+/// kept across cluster updates by address.
 #[derive(Debug, Default)]
 pub(crate) struct OutlierState {
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
     consecutive_local: AtomicU32,
-    /// Times ejected so far (the ejection time grows with it).
-    ejections: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
+    /// Envoy's ejection-time multiplier: up by one per ejection (while
+    /// `base × multiplier` is under the longest ejection), down by one per
+    /// interval the host stays in.
+    multiplier: AtomicU32,
+    /// Whether the host is ejected now (read on every pick).
+    ejected: AtomicBool,
+    /// When it was last ejected and last brought back.
+    times: Mutex<(Option<Instant>, Option<Instant>)>,
+    /// This interval's outcomes, for the success-rate and
+    /// failure-percentage detectors: externally originated (all of them
+    /// unless errors are split) and locally originated.
+    external_ok: AtomicU32,
+    external_failed: AtomicU32,
+    local_ok: AtomicU32,
+    local_failed: AtomicU32,
 }
 
 impl OutlierState {
-    fn is_ejected(&self, now: Instant) -> bool {
-        let mut until = self
-            .ejected_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match *until {
-            Some(t) if t > now => true,
-            Some(_) => {
-                // Back in: counters start afresh, as Envoy's un-ejection.
-                *until = None;
-                self.consecutive_5xx.store(0, Ordering::Relaxed);
-                self.consecutive_gateway.store(0, Ordering::Relaxed);
-                self.consecutive_local.store(0, Ordering::Relaxed);
-                false
-            }
-            None => false,
-        }
+    fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
     }
 
-    fn eject(&self, s: &OutlierSettings, now: Instant) {
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        let time = s
-            .base_ejection_time
-            .saturating_mul(n)
-            .min(s.max_ejection_time.max(s.base_ejection_time));
-        *self
-            .ejected_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(now + time);
+    fn reset_consecutive(&self) {
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        self.consecutive_local.store(0, Ordering::Relaxed);
     }
+
+    /// How long the current ejection lasts: `base × multiplier`, at most
+    /// the longest ejection (or the base when that is shorter).
+    fn ejection_time(&self, s: &OutlierSettings) -> Duration {
+        let n = self.multiplier.load(Ordering::Relaxed).max(1);
+        s.base_ejection_time
+            .saturating_mul(n)
+            .min(s.max_ejection_time.max(s.base_ejection_time))
+    }
+
+    /// Marks the host ejected; false when it already was.
+    fn eject(&self, s: &OutlierSettings, now: Instant) -> bool {
+        if self.ejected.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let n = self.multiplier.load(Ordering::Relaxed);
+        if s.base_ejection_time.saturating_mul(n) < s.max_ejection_time.max(s.base_ejection_time) {
+            self.multiplier.store(n + 1, Ordering::Relaxed);
+        }
+        self.times.lock().unwrap_or_else(PoisonError::into_inner).0 = Some(now);
+        self.reset_consecutive();
+        true
+    }
+
+    /// Takes this interval's counts: `(external ok, failed, local ok,
+    /// failed)`.
+    fn take_counts(&self) -> [u32; 4] {
+        [
+            self.external_ok.swap(0, Ordering::Relaxed),
+            self.external_failed.swap(0, Ordering::Relaxed),
+            self.local_ok.swap(0, Ordering::Relaxed),
+            self.local_failed.swap(0, Ordering::Relaxed),
+        ]
+    }
+}
+
+/// Whether an enforcement percentage fires this time (Envoy's
+/// `enforcing_*`: the chance an outlier is really ejected).
+fn enforced(percent: u32) -> bool {
+    percent >= 100 || (percent > 0 && rand::random_range(0..100) < percent)
 }
 
 /// Per-cluster request accounting for circuit breakers, kept across
@@ -245,6 +280,13 @@ pub(crate) struct ClusterCounters {
     pub connections: AtomicUsize,
     /// Requests waiting for a connection.
     pub pending: AtomicUsize,
+    /// Endpoints ejected by outlier detection (never below the true count
+    /// of the current members: a fast "nobody is ejected" on each pick).
+    pub ejected: AtomicUsize,
+    /// When outlier detection's next interval sweep is due, in nanoseconds
+    /// since `epoch` (0: not scheduled yet).
+    next_sweep: AtomicU64,
+    epoch: OnceLock<Instant>,
 }
 
 /// Envoy's circuit-breaker defaults when a cluster sets none: 1024
@@ -310,6 +352,10 @@ struct HostSet {
     /// Running sums of the weights, for a weighted random pick by binary
     /// search.
     cumulative: Vec<u64>,
+    /// When its oldest and newest members joined (slow start: the oldest
+    /// sets the full share, and after the newest's window nobody ramps).
+    oldest: Instant,
+    newest: Instant,
 }
 
 impl HostSet {
@@ -341,12 +387,19 @@ impl HostSet {
             total_weight += u64::from(members[*i].weight.max(1));
             cumulative.push(total_weight);
         }
+        let added = idx.iter().map(|i| members[*i].added);
+        let (oldest, newest) = (
+            added.clone().min().unwrap_or_else(Instant::now),
+            added.max().unwrap_or_else(Instant::now),
+        );
         Self {
             idx,
             schedule,
             cursor: AtomicUsize::new(rand::random::<u32>() as usize),
             total_weight,
             cumulative,
+            oldest,
+            newest,
         }
     }
 }
@@ -477,34 +530,51 @@ impl ClusterLb {
     /// Balancing over `info`'s endpoints, keeping the in-flight counters of
     /// `previous` for endpoints that remain.
     pub(crate) fn new(info: Arc<ClusterInfo>, previous: Option<&ClusterLb>) -> Self {
-        let old: HashMap<SocketAddr, (Arc<AtomicUsize>, Arc<OutlierState>)> = previous
-            .map(|p| {
-                p.members
-                    .iter()
-                    .map(|m| (m.addr, (m.in_flight.clone(), m.outlier.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let members: Vec<Member> = info
-            .endpoints
-            .iter()
-            .enumerate()
-            .filter_map(|(idx, e)| {
-                let addr: SocketAddr = e.address.parse().ok()?;
-                let (in_flight, outlier) = old.get(&addr).cloned().unwrap_or_default();
-                Some(Member {
-                    addr,
-                    idx,
-                    weight: e.weight,
-                    priority: e.priority,
-                    healthy: e.healthy,
-                    degraded: e.health == HealthStatus::Degraded,
-                    locality_weight: e.locality_weight,
-                    in_flight,
-                    outlier,
-                })
-            })
-            .collect();
+        Self::new_at(info, previous, Instant::now())
+    }
+
+    /// As [`Self::new`], endpoints new to the cluster joining at `now`.
+    fn new_at(info: Arc<ClusterInfo>, previous: Option<&ClusterLb>, now: Instant) -> Self {
+        // Endpoints usually come back in the same order: match by position
+        // first, by address only where that fails.
+        let old_members = previous.map_or(&[][..], |p| &p.members[..]);
+        let mut by_addr: Option<HashMap<SocketAddr, usize>> = None;
+        let mut members = Vec::with_capacity(info.endpoints.len());
+        for (idx, e) in info.endpoints.iter().enumerate() {
+            let Ok(addr) = e.address.parse::<SocketAddr>() else {
+                continue;
+            };
+            let old = match old_members.get(members.len()) {
+                Some(m) if m.addr == addr => Some(m),
+                _ if old_members.is_empty() => None,
+                _ => by_addr
+                    .get_or_insert_with(|| {
+                        old_members
+                            .iter()
+                            .enumerate()
+                            .map(|(i, m)| (m.addr, i))
+                            .collect()
+                    })
+                    .get(&addr)
+                    .map(|i| &old_members[*i]),
+            };
+            let (in_flight, outlier, added) = match old {
+                Some(m) => (m.in_flight.clone(), m.outlier.clone(), m.added),
+                None => (Arc::default(), Arc::default(), now),
+            };
+            members.push(Member {
+                addr,
+                idx,
+                weight: e.weight,
+                priority: e.priority,
+                healthy: e.healthy,
+                degraded: e.health == HealthStatus::Degraded,
+                locality_weight: e.locality_weight,
+                in_flight,
+                outlier,
+                added,
+            });
+        }
         let (sets, levels) = plan(&info, &members);
         let policy = Policy::from_envoy(&info.lb_policy);
         // Hashing is over the endpoints that take traffic.
@@ -528,11 +598,18 @@ impl ClusterLb {
         } else {
             Vec::new()
         };
+        let counters: Arc<ClusterCounters> =
+            previous.map(|p| p.counters.clone()).unwrap_or_default();
+        // Ejected hosts that left the cluster no longer count.
+        counters.ejected.store(
+            members.iter().filter(|m| m.outlier.is_ejected()).count(),
+            Ordering::Relaxed,
+        );
         Self {
             policy,
             ring,
             maglev,
-            counters: previous.map(|p| p.counters.clone()).unwrap_or_default(),
+            counters,
             info,
             members,
             sets,
@@ -548,33 +625,36 @@ impl ClusterLb {
     /// Picks an endpoint, avoiding `exclude` and ejected outliers while
     /// another one exists.
     pub(crate) fn pick(&self, exclude: &[SocketAddr]) -> Option<&Member> {
-        self.pick_hashed(exclude, None)
+        self.pick_at(exclude, None, Instant::now())
     }
 
     /// As [`Self::pick`], with the request's hash for ring hash and Maglev
     /// (no hash: a random endpoint, as Envoy).
     pub(crate) fn pick_hashed(&self, exclude: &[SocketAddr], hash: Option<u64>) -> Option<&Member> {
+        self.pick_at(exclude, hash, Instant::now())
+    }
+
+    /// The pick at a given time (outlier intervals and slow start read the
+    /// clock; tests move it).
+    fn pick_at(&self, exclude: &[SocketAddr], hash: Option<u64>, now: Instant) -> Option<&Member> {
         if self.members.is_empty() {
             return None;
         }
-        let ejected: Vec<SocketAddr> = if self.info.outlier_detection.is_some() {
-            let now = Instant::now();
-            self.members
-                .iter()
-                .filter(|m| m.outlier.is_ejected(now))
-                .map(|m| m.addr)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let mut any_ejected = false;
+        if let Some(s) = &self.info.outlier_detection {
+            self.maybe_sweep(s, now);
+            any_ejected = self.counters.ejected.load(Ordering::Relaxed) > 0;
+        }
         // Every endpoint ejected: all of them (Envoy's panic mode).
-        let ejected: &[SocketAddr] = if ejected.len() == self.members.len() {
-            &[]
-        } else {
-            &ejected
-        };
-        let allowed = |m: &Member| !exclude.contains(&m.addr) && !ejected.contains(&m.addr);
-        let any_allowed = exclude.is_empty() || self.members.iter().any(allowed);
+        if any_ejected
+            && self.counters.ejected.load(Ordering::Relaxed) >= self.members.len()
+            && self.members.iter().all(|m| m.outlier.is_ejected())
+        {
+            any_ejected = false;
+        }
+        let allowed =
+            |m: &Member| !(exclude.contains(&m.addr) || (any_ejected && m.outlier.is_ejected()));
+        let any_allowed = (exclude.is_empty() && !any_ejected) || self.members.iter().any(allowed);
         let ok = |m: &Member| !any_allowed || allowed(m);
         match self.policy {
             Policy::RingHash | Policy::Maglev if hash.is_some() => {
@@ -605,7 +685,7 @@ impl ClusterLb {
             }
             _ => {
                 let set = self.choose_set()?;
-                self.pick_in(set, &ok).or_else(|| {
+                self.pick_in(set, &ok, now).or_else(|| {
                     // Nothing usable in the chosen set (all tried or
                     // ejected): any set that takes traffic, then anyone.
                     self.sets
@@ -645,20 +725,58 @@ impl ClusterLb {
         self.sets.get(id)
     }
 
-    fn pick_in(&self, set: &HostSet, ok: &dyn Fn(&Member) -> bool) -> Option<&Member> {
+    /// Slow start for a pick in `set`: the chance a member chosen by the
+    /// policy is taken, `factor(its age) / factor(the set's oldest)` — so
+    /// each member's share is its weight × its slow-start factor, as in
+    /// Envoy's scheduler, and a set that all joined together is unaffected.
+    /// `None` when nobody in the set is ramping.
+    fn slow_start(&self, set: &HostSet, now: Instant) -> Option<(SlowStart, f64)> {
+        let ss = self.info.slow_start?;
+        if !matches!(self.policy, Policy::RoundRobin | Policy::LeastRequest)
+            || now.saturating_duration_since(set.newest) >= ss.window
+        {
+            return None;
+        }
+        Some((ss, ss.factor(now.saturating_duration_since(set.oldest))))
+    }
+
+    fn pick_in(
+        &self,
+        set: &HostSet,
+        ok: &dyn Fn(&Member) -> bool,
+        now: Instant,
+    ) -> Option<&Member> {
         if set.idx.is_empty() {
             return None;
         }
+        let ramp = self.slow_start(set, now);
+        // Whether a chosen member is taken now (always, outside slow start).
+        let take = |m: &Member| match ramp {
+            Some((ss, full)) => {
+                let f = ss.factor(now.saturating_duration_since(m.added)) / full.max(1e-9);
+                f >= 1.0 || rand::random::<f64>() < f
+            }
+            None => true,
+        };
         match self.policy {
             Policy::RoundRobin => {
-                for _ in 0..set.schedule.len() {
+                let mut fallback = None;
+                let tries = if ramp.is_some() {
+                    set.schedule.len().max(64)
+                } else {
+                    set.schedule.len()
+                };
+                for _ in 0..tries {
                     let n = set.cursor.fetch_add(1, Ordering::Relaxed) % set.schedule.len();
                     let m = &self.members[set.schedule[n]];
                     if ok(m) {
-                        return Some(m);
+                        if take(m) {
+                            return Some(m);
+                        }
+                        fallback.get_or_insert(m);
                     }
                 }
-                None
+                fallback
             }
             Policy::Random | Policy::RingHash | Policy::Maglev => {
                 for _ in 0..8 {
@@ -675,49 +793,73 @@ impl ClusterLb {
                     (m.in_flight.load(Ordering::Relaxed) as u64 + 1) * 1_000_000
                         / u64::from(m.weight.max(1))
                 };
-                // The common case without an allocation: two distinct
-                // random members that may both be used.
-                if set.idx.len() >= 2 {
-                    let n = set.idx.len();
-                    let a = rand::random_range(0..n);
-                    let mut b = rand::random_range(0..n - 1);
-                    if b >= a {
-                        b += 1;
-                    }
-                    let (ma, mb) = (&self.members[set.idx[a]], &self.members[set.idx[b]]);
-                    if ok(ma) && ok(mb) {
-                        return Some(if load(mb) < load(ma) { mb } else { ma });
-                    }
-                }
-                let candidates: Vec<&Member> = set
-                    .idx
-                    .iter()
-                    .map(|i| &self.members[*i])
-                    .filter(|m| ok(m))
-                    .collect();
-                match candidates.len() {
-                    0 => None,
-                    1 => Some(candidates[0]),
-                    n => {
-                        let a = rand::random_range(0..n);
-                        let mut b = rand::random_range(0..n - 1);
-                        if b >= a {
-                            b += 1;
+                let mut fallback = None;
+                for _ in 0..if ramp.is_some() { 16 } else { 1 } {
+                    let chosen = self.two_choices(set, ok, &load);
+                    match chosen {
+                        Some(m) if take(m) => return Some(m),
+                        Some(m) => {
+                            fallback.get_or_insert(m);
                         }
-                        let (ma, mb) = (candidates[a], candidates[b]);
-                        Some(if load(mb) < load(ma) { mb } else { ma })
+                        None => return None,
                     }
                 }
+                fallback
+            }
+        }
+    }
+
+    /// The power of two choices over the usable members of `set`.
+    fn two_choices(
+        &self,
+        set: &HostSet,
+        ok: &dyn Fn(&Member) -> bool,
+        load: &dyn Fn(&Member) -> u64,
+    ) -> Option<&Member> {
+        // The common case without an allocation: two distinct random
+        // members that may both be used.
+        if set.idx.len() >= 2 {
+            let n = set.idx.len();
+            let a = rand::random_range(0..n);
+            let mut b = rand::random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (ma, mb) = (&self.members[set.idx[a]], &self.members[set.idx[b]]);
+            if ok(ma) && ok(mb) {
+                return Some(if load(mb) < load(ma) { mb } else { ma });
+            }
+        }
+        let candidates: Vec<&Member> = set
+            .idx
+            .iter()
+            .map(|i| &self.members[*i])
+            .filter(|m| ok(m))
+            .collect();
+        match candidates.len() {
+            0 => None,
+            1 => Some(candidates[0]),
+            n => {
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (ma, mb) = (candidates[a], candidates[b]);
+                Some(if load(mb) < load(ma) { mb } else { ma })
             }
         }
     }
 
     /// Records what an attempt to `addr` ended with: Envoy's consecutive
-    /// 5xx, gateway-failure and local-origin detectors, ejection for
-    /// `base_ejection_time × ejections` (at most `max_ejection_time`), never
-    /// more than `max_ejection_percent` of the endpoints at once (but one,
-    /// as Envoy ejects at least one).
+    /// 5xx, gateway-failure and local-origin detectors (each ejecting at
+    /// once, with its enforcement chance), and the interval's counts for
+    /// the success-rate and failure-percentage detectors.
     pub(crate) fn report(&self, addr: SocketAddr, outcome: Outcome) {
+        self.report_at(addr, outcome, Instant::now());
+    }
+
+    fn report_at(&self, addr: SocketAddr, outcome: Outcome, now: Instant) {
         let Some(s) = &self.info.outlier_detection else {
             return;
         };
@@ -728,59 +870,235 @@ impl ClusterLb {
         let bump = |c: &AtomicU32| c.fetch_add(1, Ordering::Relaxed) + 1;
         let mut eject = false;
         match outcome {
-            Outcome::Status(code) if code >= 500 => {
-                let n5 = bump(&o.consecutive_5xx);
-                eject |= s.ejects_on_5xx() && n5 >= s.consecutive_5xx;
-                if matches!(code, 502..=504) {
-                    let ng = bump(&o.consecutive_gateway);
-                    eject |= s.ejects_on_gateway_failure() && ng >= s.consecutive_gateway_failure;
-                } else {
-                    o.consecutive_gateway.store(0, Ordering::Relaxed);
-                }
-            }
-            Outcome::Status(_) => {
-                o.consecutive_5xx.store(0, Ordering::Relaxed);
-                o.consecutive_gateway.store(0, Ordering::Relaxed);
-                if !s.split_external_local_origin_errors {
+            Outcome::Status(code) => {
+                if s.split_external_local_origin_errors {
+                    // The connection worked: a local-origin success.
+                    bump(&o.local_ok);
                     o.consecutive_local.store(0, Ordering::Relaxed);
+                }
+                if code >= 500 {
+                    bump(&o.external_failed);
+                    let n5 = bump(&o.consecutive_5xx);
+                    eject |= s.consecutive_5xx > 0
+                        && n5 >= s.consecutive_5xx
+                        && enforced(s.enforcing_consecutive_5xx);
+                    if matches!(code, 502..=504) {
+                        let ng = bump(&o.consecutive_gateway);
+                        eject |= s.consecutive_gateway_failure > 0
+                            && ng >= s.consecutive_gateway_failure
+                            && enforced(s.enforcing_consecutive_gateway_failure);
+                    } else {
+                        o.consecutive_gateway.store(0, Ordering::Relaxed);
+                    }
+                } else {
+                    bump(&o.external_ok);
+                    o.consecutive_5xx.store(0, Ordering::Relaxed);
+                    o.consecutive_gateway.store(0, Ordering::Relaxed);
+                    if !s.split_external_local_origin_errors {
+                        o.consecutive_local.store(0, Ordering::Relaxed);
+                    }
                 }
             }
             Outcome::LocalFailure if s.split_external_local_origin_errors => {
+                bump(&o.local_failed);
                 let nl = bump(&o.consecutive_local);
-                eject |= s.enforcing_consecutive_local_origin_failure > 0
-                    && s.consecutive_local_origin_failure > 0
-                    && nl >= s.consecutive_local_origin_failure;
+                eject |= s.consecutive_local_origin_failure > 0
+                    && nl >= s.consecutive_local_origin_failure
+                    && enforced(s.enforcing_consecutive_local_origin_failure);
             }
             Outcome::LocalFailure => {
                 // Not split: a local-origin failure counts as a gateway
                 // failure (Envoy maps it to 503).
+                bump(&o.external_failed);
                 let n5 = bump(&o.consecutive_5xx);
                 let ng = bump(&o.consecutive_gateway);
-                eject |= (s.ejects_on_5xx() && n5 >= s.consecutive_5xx)
-                    || (s.ejects_on_gateway_failure() && ng >= s.consecutive_gateway_failure);
+                eject |= (s.consecutive_5xx > 0
+                    && n5 >= s.consecutive_5xx
+                    && enforced(s.enforcing_consecutive_5xx))
+                    || (s.consecutive_gateway_failure > 0
+                        && ng >= s.consecutive_gateway_failure
+                        && enforced(s.enforcing_consecutive_gateway_failure));
             }
         }
-        if !eject {
-            return;
+        if eject {
+            self.try_eject(m, s, now, "consecutive errors");
         }
-        let now = Instant::now();
-        if o.is_ejected(now) {
+    }
+
+    /// Ejects `m` unless that would pass `max_ejection_percent` of the
+    /// cluster (Envoy ejects the first one whatever the percentage).
+    fn try_eject(&self, m: &Member, s: &OutlierSettings, now: Instant, why: &str) {
+        if m.outlier.is_ejected() {
             return;
         }
         let ejected = self
-            .members
-            .iter()
-            .filter(|m| m.outlier.is_ejected(now))
-            .count();
+            .counters
+            .ejected
+            .load(Ordering::Relaxed)
+            .min(self.members.len());
         let cap = self.members.len() * s.max_ejection_percent.min(100) as usize / 100;
         if ejected >= cap.max(1) {
             return;
         }
-        o.eject(s, now);
-        o.consecutive_5xx.store(0, Ordering::Relaxed);
-        o.consecutive_gateway.store(0, Ordering::Relaxed);
-        o.consecutive_local.store(0, Ordering::Relaxed);
-        tracing::info!(%addr, cluster = %self.info.name, "outlier ejected");
+        if m.outlier.eject(s, now) {
+            self.counters.ejected.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(addr = %m.addr, cluster = %self.info.name, why, "outlier ejected");
+        }
+    }
+
+    /// Runs the interval sweep when it is due (the first caller past the
+    /// deadline runs it; the others go on).
+    fn maybe_sweep(&self, s: &OutlierSettings, now: Instant) {
+        let c = &self.counters;
+        let epoch = *c.epoch.get_or_init(|| now);
+        let at = now.saturating_duration_since(epoch).as_nanos() as u64 + 1;
+        let interval = s.interval.max(Duration::from_millis(1)).as_nanos() as u64;
+        let due = c.next_sweep.load(Ordering::Acquire);
+        if due == 0 {
+            let _ = c.next_sweep.compare_exchange(
+                0,
+                at + interval,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            return;
+        }
+        if at < due
+            || c.next_sweep
+                .compare_exchange(due, at + interval, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        // Intervals that passed with nobody asking count as well (the
+        // multiplier decays once per interval).
+        let ticks = 1 + (at - due) / interval;
+        self.sweep(s, now, u32::try_from(ticks).unwrap_or(u32::MAX));
+    }
+
+    /// Envoy's interval: hosts whose ejection time is up come back; hosts
+    /// in service for an interval see their multiplier go down; then the
+    /// success-rate and failure-percentage detectors run on the interval's
+    /// counts.
+    fn sweep(&self, s: &OutlierSettings, now: Instant, ticks: u32) {
+        for m in &self.members {
+            let o = &m.outlier;
+            let mut times = o.times.lock().unwrap_or_else(PoisonError::into_inner);
+            if o.is_ejected() {
+                let since = times
+                    .0
+                    .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+                if since >= o.ejection_time(s) {
+                    o.ejected.store(false, Ordering::Release);
+                    times.1 = Some(now);
+                    o.reset_consecutive();
+                    let _ = self.counters.ejected.fetch_update(
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    );
+                    tracing::info!(addr = %m.addr, cluster = %self.info.name, "outlier back");
+                }
+            } else if times
+                .1
+                .is_some_and(|t| now.saturating_duration_since(t) >= s.interval)
+            {
+                let _ = o
+                    .multiplier
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n > 0).then(|| n.saturating_sub(ticks))
+                    });
+            }
+        }
+        let counts: Vec<[u32; 4]> = self
+            .members
+            .iter()
+            .map(|m| m.outlier.take_counts())
+            .collect();
+        // External counts are `[0..2]`, local-origin ones `[2..4]`.
+        let mut detectors = vec![(0, s.enforcing_success_rate, s.enforcing_failure_percentage)];
+        if s.split_external_local_origin_errors {
+            detectors.push((
+                2,
+                s.enforcing_local_origin_success_rate,
+                s.enforcing_failure_percentage_local_origin,
+            ));
+        }
+        for (k, success_rate, failure_percentage) in detectors {
+            let of: Vec<(u32, u32)> = counts.iter().map(|c| (c[k], c[k + 1])).collect();
+            self.success_rate_sweep(s, now, &of, success_rate);
+            self.failure_percentage_sweep(s, now, &of, failure_percentage);
+        }
+    }
+
+    /// Envoy's success-rate detector: over the hosts with at least
+    /// `success_rate_request_volume` requests this interval (and only when
+    /// there are `success_rate_minimum_hosts` of them), a host below
+    /// `mean − stdev × stdev_factor / 1000` is ejected.
+    fn success_rate_sweep(
+        &self,
+        s: &OutlierSettings,
+        now: Instant,
+        counts: &[(u32, u32)],
+        enforcing: u32,
+    ) {
+        if enforcing == 0 {
+            return;
+        }
+        let rates: Vec<(usize, f64)> = counts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &(ok, failed))| {
+                let total = ok + failed;
+                (total >= s.success_rate_request_volume.max(1))
+                    .then(|| (i, 100.0 * f64::from(ok) / f64::from(total)))
+            })
+            .collect();
+        if rates.is_empty() || rates.len() < s.success_rate_minimum_hosts as usize {
+            return;
+        }
+        let n = rates.len() as f64;
+        let mean = rates.iter().map(|(_, r)| r).sum::<f64>() / n;
+        let variance = rates.iter().map(|(_, r)| (r - mean).powi(2)).sum::<f64>() / n;
+        let threshold = mean - variance.sqrt() * f64::from(s.success_rate_stdev_factor) / 1000.0;
+        for (i, rate) in rates {
+            if rate < threshold && enforced(enforcing) {
+                self.try_eject(&self.members[i], s, now, "success rate");
+            }
+        }
+    }
+
+    /// Envoy's failure-percentage detector: a host with at least
+    /// `failure_percentage_request_volume` requests this interval whose
+    /// failures reach `failure_percentage_threshold` percent is ejected
+    /// (with `failure_percentage_minimum_hosts` such hosts at least).
+    fn failure_percentage_sweep(
+        &self,
+        s: &OutlierSettings,
+        now: Instant,
+        counts: &[(u32, u32)],
+        enforcing: u32,
+    ) {
+        if enforcing == 0 {
+            return;
+        }
+        let volume: Vec<(usize, u32, u32)> = counts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &(ok, failed))| {
+                (ok + failed >= s.failure_percentage_request_volume.max(1))
+                    .then_some((i, ok, failed))
+            })
+            .collect();
+        if volume.len() < s.failure_percentage_minimum_hosts as usize {
+            return;
+        }
+        for (i, ok, failed) in volume {
+            let percent = 100.0 * f64::from(failed) / f64::from(ok + failed);
+            if percent >= f64::from(s.failure_percentage_threshold) && enforced(enforcing) {
+                self.try_eject(&self.members[i], s, now, "failure percentage");
+            }
+        }
     }
 
     fn weighted_random(&self, set: &HostSet) -> &Member {
@@ -904,6 +1222,7 @@ mod tests {
             maglev_table_size: 65537,
             retry_budget: None,
             outlier_detection: None,
+            slow_start: None,
         })
     }
 
@@ -1200,5 +1519,229 @@ mod tests {
             Some(&lb),
         );
         assert_eq!(lb2.members[0].in_flight.load(Ordering::Relaxed), 1);
+    }
+
+    fn outlier(extra: impl FnOnce(&mut OutlierSettings)) -> OutlierSettings {
+        let mut s = OutlierSettings {
+            consecutive_5xx: 3,
+            enforcing_consecutive_5xx: 100,
+            consecutive_gateway_failure: 5,
+            enforcing_consecutive_gateway_failure: 0,
+            enforcing_success_rate: 0,
+            success_rate_minimum_hosts: 5,
+            success_rate_request_volume: 100,
+            success_rate_stdev_factor: 1900,
+            enforcing_local_origin_success_rate: 100,
+            failure_percentage_threshold: 85,
+            enforcing_failure_percentage: 0,
+            enforcing_failure_percentage_local_origin: 0,
+            failure_percentage_minimum_hosts: 5,
+            failure_percentage_request_volume: 50,
+            split_external_local_origin_errors: false,
+            consecutive_local_origin_failure: 5,
+            enforcing_consecutive_local_origin_failure: 100,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 100,
+        };
+        extra(&mut s);
+        s
+    }
+
+    fn with_outlier(n: usize, s: OutlierSettings) -> Arc<ClusterInfo> {
+        let eps = (0..n)
+            .map(|i| ep(&format!("127.0.0.{}:80", i + 2), 1, true, 0))
+            .collect();
+        let mut info = Arc::unwrap_or_clone(cluster("ROUND_ROBIN", eps));
+        info.outlier_detection = Some(s);
+        Arc::new(info)
+    }
+
+    /// Whether `addr` is picked at all in 200 picks at `now`.
+    fn picked(lb: &ClusterLb, addr: SocketAddr, now: Instant) -> bool {
+        (0..200).any(|_| lb.pick_at(&[], None, now).map(|m| m.addr) == Some(addr))
+    }
+
+    #[test]
+    fn ejections_last_longer_each_time_and_the_multiplier_decays_while_in_service() {
+        let lb = ClusterLb::new(with_outlier(4, outlier(|_| ())), None);
+        let bad = a("127.0.0.2:80");
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        assert!(picked(&lb, bad, t0));
+        let fail = |at| {
+            for _ in 0..3 {
+                lb.report_at(bad, Outcome::Status(500), at);
+            }
+        };
+        // First ejection: 30 s (base × 1), ended by the first sweep after.
+        fail(s(1));
+        assert!(!picked(&lb, bad, s(25)));
+        assert!(!picked(&lb, bad, s(30)), "no sweep between 25 s and 35 s");
+        assert!(picked(&lb, bad, s(40)), "back at the sweep after 31 s");
+        // Again at once: 60 s this time.
+        fail(s(41));
+        assert!(!picked(&lb, bad, s(91)));
+        assert!(picked(&lb, bad, s(111)), "back after 60 s");
+        assert_eq!(lb.members[0].outlier.multiplier.load(Ordering::Relaxed), 2);
+        // In service for two more intervals: the multiplier is down to 0,
+        // so the next ejection is the base time again.
+        assert!(picked(&lb, bad, s(121)));
+        assert!(picked(&lb, bad, s(131)));
+        assert_eq!(lb.members[0].outlier.multiplier.load(Ordering::Relaxed), 0);
+        fail(s(132));
+        assert!(!picked(&lb, bad, s(151)));
+        assert!(picked(&lb, bad, s(171)), "30 s, not 90 s");
+    }
+
+    #[test]
+    fn at_most_max_ejection_percent_of_hosts_are_ejected_but_always_one() {
+        let lb = ClusterLb::new(
+            with_outlier(4, outlier(|s| s.max_ejection_percent = 10)),
+            None,
+        );
+        let now = Instant::now();
+        for h in ["127.0.0.2:80", "127.0.0.3:80"] {
+            for _ in 0..3 {
+                lb.report_at(a(h), Outcome::Status(503), now);
+            }
+        }
+        assert!(!picked(&lb, a("127.0.0.2:80"), now), "the first is ejected");
+        assert!(picked(&lb, a("127.0.0.3:80"), now), "10 % of 4: no second");
+    }
+
+    /// Reports `ok` successes and `failed` 500s for each host at `now`.
+    fn traffic(lb: &ClusterLb, per_host: &[(u32, u32)], now: Instant) {
+        for (i, (ok, failed)) in per_host.iter().enumerate() {
+            let addr = lb.members[i].addr;
+            // Interleaved, so no host sees 3 consecutive 5xx.
+            for k in 0..(ok + failed) {
+                let status = if k % 2 == 1 && k / 2 < *failed {
+                    500
+                } else {
+                    200
+                };
+                lb.report_at(addr, Outcome::Status(status), now);
+            }
+        }
+    }
+
+    #[test]
+    fn success_rate_ejects_a_host_far_below_the_mean_when_enforced() {
+        // 4 hosts at 100 %, one at 50 %: mean 90, stdev 20, threshold
+        // 90 − 20 × 1.9 = 52, so the fifth host is ejected.
+        let per_host = [(100, 0), (100, 0), (100, 0), (100, 0), (50, 50)];
+        for (enforcing, ejected) in [(100, true), (0, false)] {
+            let lb = ClusterLb::new(
+                with_outlier(
+                    5,
+                    outlier(|s| {
+                        s.enforcing_success_rate = enforcing;
+                        s.consecutive_5xx = 0;
+                    }),
+                ),
+                None,
+            );
+            let t0 = Instant::now();
+            assert!(lb.pick_at(&[], None, t0).is_some(), "schedules the sweep");
+            traffic(&lb, &per_host, t0);
+            let odd = lb.members[4].addr;
+            assert_eq!(!picked(&lb, odd, t0 + Duration::from_secs(10)), ejected);
+            for m in &lb.members[..4] {
+                assert!(!m.outlier.is_ejected());
+            }
+        }
+        // Too few requests or too few hosts with enough: no detection.
+        let lb = ClusterLb::new(
+            with_outlier(5, outlier(|s| s.enforcing_success_rate = 100)),
+            None,
+        );
+        let t0 = Instant::now();
+        lb.pick_at(&[], None, t0);
+        traffic(&lb, &[(100, 0), (100, 0), (100, 0), (50, 50), (10, 0)], t0);
+        assert!(picked(
+            &lb,
+            lb.members[3].addr,
+            t0 + Duration::from_secs(10)
+        ));
+    }
+
+    #[test]
+    fn failure_percentage_ejects_hosts_at_the_threshold() {
+        let lb = ClusterLb::new(
+            with_outlier(
+                5,
+                outlier(|s| {
+                    s.enforcing_failure_percentage = 100;
+                    s.consecutive_5xx = 0;
+                    s.failure_percentage_minimum_hosts = 2;
+                }),
+            ),
+            None,
+        );
+        let t0 = Instant::now();
+        lb.pick_at(&[], None, t0);
+        // 90 % failures is past 85 %; 80 % is not.
+        for (i, failed) in [(0usize, 45u32), (1, 40)] {
+            let addr = lb.members[i].addr;
+            for k in 0..50 {
+                let status = if k < failed { 500 } else { 200 };
+                lb.report_at(addr, Outcome::Status(status), t0);
+            }
+        }
+        let later = t0 + Duration::from_secs(10);
+        assert!(!picked(&lb, lb.members[0].addr, later));
+        assert!(picked(&lb, lb.members[1].addr, later));
+    }
+
+    #[test]
+    fn slow_start_ramps_a_new_endpoint_up_over_the_window() {
+        for policy in ["ROUND_ROBIN", "LEAST_REQUEST"] {
+            let ss = SlowStart {
+                window: Duration::from_secs(10),
+                aggression: 1.0,
+                min_weight_percent: 10.0,
+            };
+            let with = |eps: Vec<Endpoint>| {
+                let mut info = Arc::unwrap_or_clone(cluster(policy, eps));
+                info.slow_start = Some(ss);
+                Arc::new(info)
+            };
+            let t0 = Instant::now();
+            let old = ep("127.0.0.2:80", 1, true, 0);
+            let lb = ClusterLb::new_at(with(vec![old.clone()]), None, t0);
+            // The second endpoint joins at 20 s, when the first is past its
+            // window.
+            let joined = t0 + Duration::from_secs(20);
+            let lb = ClusterLb::new_at(
+                with(vec![old.clone(), ep("127.0.0.3:80", 1, true, 0)]),
+                Some(&lb),
+                joined,
+            );
+            let share = |after: u64| {
+                let now = joined + Duration::from_secs(after);
+                let n = 20_000;
+                let new = (0..n)
+                    .filter(|_| {
+                        lb.pick_at(&[], None, now).map(|m| m.addr) == Some(a("127.0.0.3:80"))
+                    })
+                    .count();
+                new as f64 / n as f64
+            };
+            // Its weight × factor against the old one's full weight:
+            // 0.1 (the minimum) / 1.1, 0.5 / 1.5, then half.
+            let (early, mid, done) = (share(0), share(5), share(11));
+            assert!((early - 0.1 / 1.1).abs() < 0.03, "{policy}: {early}");
+            assert!((mid - 0.5 / 1.5).abs() < 0.03, "{policy}: {mid}");
+            assert!((done - 0.5).abs() < 0.03, "{policy}: {done}");
+            // Aggression 2: the ramp is √t (0.71 at half the window).
+            assert!((ss.factor(Duration::from_secs(5)) - 0.5).abs() < 1e-9);
+            let steep = SlowStart {
+                aggression: 2.0,
+                ..ss
+            };
+            assert!((steep.factor(Duration::from_secs(5)) - 0.5f64.sqrt()).abs() < 1e-9);
+        }
     }
 }

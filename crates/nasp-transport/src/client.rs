@@ -721,7 +721,8 @@ impl RouteLayer {
             }
         }
         set_uri(&mut req, &authority, &pq);
-        let hash = request_hash(&forward.hash_policy, req.headers(), &pq, &self.source_key);
+        let (hash, set_cookie) =
+            request_hash(&forward.hash_policy, req.headers(), &pq, &self.source_key);
         req.extensions_mut().insert(Routed {
             cluster,
             route: Arc::from(route.name.as_str()),
@@ -749,6 +750,9 @@ impl RouteLayer {
                 &dest.route_config.headers,
             ],
         );
+        if let Some(cookie) = set_cookie {
+            resp.headers_mut().append(http::header::SET_COOKIE, cookie);
+        }
         Ok(resp)
     }
 
@@ -825,31 +829,67 @@ impl RouteLayer {
 /// them: each input's xxHash64, folded as `rotl(h, 1) ^ next`, stopping
 /// after a terminal policy that produced one. Inputs that are absent give
 /// nothing; none at all: no hash (the balancer then picks at random).
-/// Cookies are read, not generated; the source IP is the workload's
-/// (`ClientSettings::source_ip`); filter state is not an input a client
-/// library has.
+/// The source IP is the workload's (`ClientSettings::source_ip`); filter
+/// state is not an input a client library has.
+///
+/// A cookie policy with a TTL whose cookie is missing generates one, as
+/// Envoy's router: the value hashed is a fresh 64-bit hex string, and the
+/// `Set-Cookie` returned goes on the response (`name="value"; Max-Age=ttl;
+/// Path=path; HttpOnly`, no `Max-Age` for a zero TTL) so the caller's
+/// cookie jar sends it back and stays on the host. Envoy derives the value
+/// from the downstream connection's addresses; a client library has no
+/// downstream connection, so it is random.
 fn request_hash(
     policies: &[nasp_xds::route::HashPolicy],
     headers: &http::HeaderMap,
     pq: &str,
     source: &str,
-) -> Option<u64> {
+) -> (Option<u64>, Option<http::HeaderValue>) {
     use nasp_xds::route::HashInput;
     let mut hash: Option<u64> = None;
+    let mut set_cookie = None;
     for p in policies {
         let value: Option<String> = match &p.input {
             HashInput::Header(name) => headers
                 .get(name.as_str())
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
-            HashInput::Cookie { name, .. } => headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|kv| kv.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.to_string()),
+            HashInput::Cookie { name, ttl, path } => {
+                let found = headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .filter_map(|kv| kv.trim().split_once('='))
+                    .find(|(k, _)| k == name)
+                    // A quoted value is hashed without its quotes (as
+                    // Envoy parses cookies).
+                    .map(|(_, v)| {
+                        v.strip_prefix('"')
+                            .and_then(|v| v.strip_suffix('"'))
+                            .unwrap_or(v)
+                            .to_string()
+                    });
+                match (found, ttl) {
+                    (Some(v), _) => Some(v),
+                    (None, Some(ttl)) => {
+                        let value = format!("{:016x}", rand::random::<u64>());
+                        let mut c = format!("{name}=\"{value}\"");
+                        if !ttl.is_zero() {
+                            c.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                        }
+                        if !path.is_empty() {
+                            c.push_str(&format!("; Path={path}"));
+                        }
+                        c.push_str("; HttpOnly");
+                        // A name or path a header cannot carry: no cookie,
+                        // and the request is hashed on the value anyway.
+                        set_cookie = http::HeaderValue::from_str(&c).ok();
+                        Some(value)
+                    }
+                    (None, None) => None,
+                }
+            }
             HashInput::QueryParameter(name) => pq
                 .split_once('?')
                 .map(|(_, q)| q)
@@ -872,7 +912,7 @@ fn request_hash(
             }
         }
     }
-    hash
+    (hash, set_cookie)
 }
 
 /// The answer of an injected abort (`FI`): an HTTP status, or a gRPC

@@ -1,7 +1,10 @@
-//! Traffic policy from xDS through real sockets (issue 9, first part):
-//! fault injection (abort, delay, gRPC abort, header-driven), circuit
-//! breakers (`max_requests` → 503 `UO`), and outlier detection (consecutive
-//! 5xx eject a host for the base ejection time, then it comes back).
+//! Traffic policy from xDS through real sockets (issue 9): fault injection
+//! (abort, delay, gRPC abort, header-driven), circuit breakers
+//! (`max_requests` → 503 `UO`), outlier detection (consecutive 5xx eject a
+//! host for the base ejection time, then it comes back; success rate ejects
+//! a flaky host), hashing (ring hash / Maglev keep a user, a generated
+//! cookie keeps a session), slow start, retry budgets and streamed-body
+//! replays.
 
 mod common;
 
@@ -13,8 +16,10 @@ use std::time::{Duration, Instant};
 use common::any_certs as certs;
 use hyper::body::Incoming;
 use nasp_transport::{
-    Body, HttpClient, InboundConfig, InboundMode, LocalReply, MeshListener, serve_http,
+    Body, HttpClient, InboundConfig, InboundMode, LocalReply, MeshConnector, MeshListener,
+    StaticView, serve_http,
 };
+use nasp_xds::ResourceSet;
 use serde_json::{Value, json};
 
 /// A plaintext backend answering `status` after `delay`, naming itself.
@@ -41,10 +46,43 @@ async fn backend(ip: &str, name: &'static str, status: u16, delay: Duration) -> 
     addr
 }
 
+/// A plaintext backend failing every other request with 503.
+async fn flaky_backend(ip: &str, name: &'static str) -> SocketAddr {
+    let listener = MeshListener::bind(
+        format!("{ip}:0").parse().expect("addr"),
+        certs(),
+        InboundConfig::new(InboundMode::Disable, "cluster.local"),
+    )
+    .await
+    .expect("listen");
+    let addr = listener.local_addr();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+        let n = n.clone();
+        async move {
+            let k = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .status(if k % 2 == 1 { 503 } else { 200 })
+                    .header("x-served-by", name)
+                    .body(Body::from(name))
+                    .expect("response"),
+            )
+        }
+    });
+    tokio::spawn(serve_http(listener, svc));
+    addr
+}
+
 /// One cluster `c` with `endpoints` and `extra` cluster fields, one route
 /// `/` to it with `route_extra` fields on the route (`action` fields go
 /// into the route action).
 fn client(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> HttpClient {
+    common::client(&config(endpoints, extra, route_extra), certs())
+}
+
+/// The resource set [`client`] serves.
+fn config(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> ResourceSet {
     let mut route = json!({"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c"}});
     if let (Some(r), Some(e)) = (route.as_object_mut(), route_extra.as_object()) {
         for (k, v) in e {
@@ -60,12 +98,11 @@ fn client(endpoints: &[SocketAddr], extra: Value, route_extra: Value) -> HttpCli
             }
         }
     }
-    let set = common::dump(
+    common::dump(
         vec![common::static_cluster("c", endpoints, extra)],
         vec![json!({"name": "svc.test:80", "domains": ["svc.test"], "routes": [route]})],
         json!({}),
-    );
-    common::client(&set, certs())
+    )
 }
 
 async fn get(client: &HttpClient, headers: &[(&str, &str)]) -> (u16, String, Option<&'static str>) {
@@ -251,6 +288,146 @@ async fn ring_hash_and_maglev_keep_a_user_on_one_backend() {
         }
         assert_eq!(used.len(), 3, "{policy}: users spread over every backend");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_rate_outlier_detection_ejects_the_flaky_backend() {
+    let mut eps = Vec::new();
+    for (i, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        eps.push(backend(&format!("127.0.0.{}", 110 + i), name, 200, Duration::ZERO).await);
+    }
+    eps.push(flaky_backend("127.0.0.114", "flaky").await);
+    // Success rate only (consecutive 5xx off): 5 hosts with 20 requests
+    // each in the 1 s interval.
+    let c = client(
+        &eps,
+        json!({"outlier_detection": {"consecutive_5xx": 0, "interval": "1s", "base_ejection_time": "30s",
+            "enforcing_success_rate": 100, "success_rate_request_volume": 20, "success_rate_minimum_hosts": 5,
+            "max_ejection_percent": 50}}),
+        json!({}),
+    );
+    // Round robin sends every fifth request to the flaky host until a
+    // sweep finds it far below the mean; from then on it gets none.
+    let started = Instant::now();
+    let (mut failures, mut since_flaky) = (0, 0);
+    while since_flaky < 40 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the flaky host was never ejected ({failures} failures)"
+        );
+        let (status, by, _) = get(&c, &[]).await;
+        if by == "flaky" {
+            since_flaky = 0;
+            failures += usize::from(status == 503);
+        } else {
+            assert_eq!(status, 200, "{by}");
+            since_flaky += 1;
+        }
+    }
+    assert!(
+        failures >= 10,
+        "ejected only after 20 requests: {failures} failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_gives_a_new_backend_a_growing_share() {
+    let old = backend("127.0.0.115", "old", 200, Duration::ZERO).await;
+    let new = backend("127.0.0.116", "new", 200, Duration::ZERO).await;
+    let cluster =
+        json!({"round_robin_lb_config": {"slow_start_config": {"slow_start_window": "2s"}}});
+    let view = std::sync::Arc::new(StaticView::new(common::view(&config(
+        &[old],
+        cluster.clone(),
+        json!({}),
+    ))));
+    let c = HttpClient::new(view.clone(), MeshConnector::new(certs()));
+    assert_eq!(get(&c, &[]).await.1, "old");
+    // The old endpoint is past its window when the new one joins.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    view.set(common::view(&config(&[old, new], cluster, json!({}))));
+    let share = |by: &[String]| by.iter().filter(|b| *b == "new").count() as f64 / by.len() as f64;
+    let mut early = Vec::new();
+    let t = Instant::now();
+    while early.len() < 200 && t.elapsed() < Duration::from_millis(300) {
+        early.push(get(&c, &[]).await.1);
+    }
+    // Its share starts at the 10 % minimum (0.1 / 1.1 of the traffic) and
+    // grows with age: in the first 300 ms of 2 s it stays near 10 %, where
+    // plain round robin gives it half at once.
+    assert!(early.len() >= 50, "only {} requests in 300 ms", early.len());
+    let early_share = share(&early);
+    assert!(
+        early_share > 0.0 && early_share < 0.2,
+        "early share {early_share}"
+    );
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut later = Vec::new();
+    for _ in 0..100 {
+        later.push(get(&c, &[]).await.1);
+    }
+    let later_share = share(&later);
+    assert!(
+        (later_share - 0.5).abs() <= 0.05,
+        "after the window: {later_share}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_cookie_keeps_a_session_on_one_backend() {
+    let eps = [
+        backend("127.0.0.117", "a", 200, Duration::ZERO).await,
+        backend("127.0.0.118", "b", 200, Duration::ZERO).await,
+        backend("127.0.0.119", "c", 200, Duration::ZERO).await,
+    ];
+    let c = client(
+        &eps,
+        json!({"lb_policy": "RING_HASH"}),
+        json!({"action": {"hash_policy": [{"cookie": {"name": "session", "ttl": "60s", "path": "/"}}]}}),
+    );
+    let mut used = std::collections::HashSet::new();
+    for _ in 0..12 {
+        // No cookie: one is generated, and the answer carries it.
+        let resp = c
+            .request(
+                http::Request::get("http://svc.test/")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("routed");
+        let first = resp.headers()["x-served-by"]
+            .to_str()
+            .expect("name")
+            .to_string();
+        let cookie = resp.headers()[http::header::SET_COOKIE]
+            .to_str()
+            .expect("cookie")
+            .to_string();
+        let (pair, attrs) = cookie.split_once("; ").expect("attributes");
+        assert_eq!(attrs, "Max-Age=60; Path=/; HttpOnly", "{cookie}");
+        let value = pair.strip_prefix("session=").expect("name");
+        assert!(value.starts_with('"') && value.len() == 18, "{cookie}");
+        used.insert(first.clone());
+        // Sent back as a browser would (quotes kept): the same backend,
+        // and no new cookie.
+        for _ in 0..5 {
+            let mut req = http::Request::get("http://svc.test/")
+                .body(Body::empty())
+                .expect("request");
+            req.headers_mut().insert(
+                http::header::COOKIE,
+                format!("other=1; {pair}").parse().expect("cookie"),
+            );
+            let resp = c.request(req).await.expect("routed");
+            assert!(resp.headers().get(http::header::SET_COOKIE).is_none());
+            assert_eq!(resp.headers()["x-served-by"], first.as_str());
+        }
+    }
+    assert!(
+        used.len() >= 2,
+        "sessions spread over the backends: {used:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,6 +264,40 @@ pub struct ClusterInfo {
     pub retry_budget: Option<(f64, u32)>,
     /// Outlier detection, when configured.
     pub outlier_detection: Option<OutlierSettings>,
+    /// Slow start of new endpoints (round robin and least request; Istio's
+    /// `warmupDurationSecs` / `warmup`), when configured.
+    pub slow_start: Option<SlowStart>,
+}
+
+/// Envoy's `slow_start_config`: an endpoint added less than `window` ago
+/// takes `weight × max(min_weight_percent / 100, (age / window)^(1 /
+/// aggression))` of its share.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlowStart {
+    /// How long a new endpoint ramps up.
+    pub window: Duration,
+    /// The ramp's curve (Envoy's default 1.0: linear).
+    pub aggression: f64,
+    /// The least share a new endpoint takes, in percent (default 10).
+    pub min_weight_percent: f64,
+}
+
+impl SlowStart {
+    /// The share of its weight an endpoint of this age takes (1.0 once out
+    /// of the window).
+    pub fn factor(&self, age: Duration) -> f64 {
+        if self.window.is_zero() || age >= self.window {
+            return 1.0;
+        }
+        // Envoy counts at least 1 ms of age.
+        let t = age.as_secs_f64().max(0.001) / self.window.as_secs_f64();
+        let ramp = if self.aggression == 1.0 || self.aggression <= 0.0 {
+            t
+        } else {
+            t.powf(1.0 / self.aggression)
+        };
+        ramp.max(self.min_weight_percent / 100.0).min(1.0)
+    }
 }
 
 impl ClusterInfo {
@@ -297,8 +331,29 @@ pub struct OutlierSettings {
     pub consecutive_gateway_failure: u32,
     /// Percent of gateway-failure ejections enforced (default 0: off).
     pub enforcing_consecutive_gateway_failure: u32,
-    /// Percent of success-rate ejections enforced (default 100).
+    /// Percent of success-rate ejections enforced (default 100; Istio
+    /// writes 0).
     pub enforcing_success_rate: u32,
+    /// Hosts with enough requests an interval needs for success-rate
+    /// ejection (default 5).
+    pub success_rate_minimum_hosts: u32,
+    /// Requests a host needs in an interval to take part (default 100).
+    pub success_rate_request_volume: u32,
+    /// Ejected below `mean − stdev × factor / 1000` (default 1900).
+    pub success_rate_stdev_factor: u32,
+    /// Percent of local-origin success-rate ejections enforced when errors
+    /// are split (default 100).
+    pub enforcing_local_origin_success_rate: u32,
+    /// Failure percentage at which a host is ejected (default 85).
+    pub failure_percentage_threshold: u32,
+    /// Percent of failure-percentage ejections enforced (default 0: off).
+    pub enforcing_failure_percentage: u32,
+    /// The same for local-origin failures when split (default 0).
+    pub enforcing_failure_percentage_local_origin: u32,
+    /// Hosts with enough requests needed (default 5).
+    pub failure_percentage_minimum_hosts: u32,
+    /// Requests a host needs in an interval to take part (default 50).
+    pub failure_percentage_request_volume: u32,
     /// Whether local-origin errors are counted apart.
     pub split_external_local_origin_errors: bool,
     /// Consecutive local-origin failures before ejection (default 5).
@@ -631,6 +686,22 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
         ),
         _ => ((1024, 8 * 1024 * 1024), 65537),
     };
+    let slow_start = match &c.lb_config {
+        Some(LbConfig::RoundRobinLbConfig(r)) => r.slow_start_config.as_ref(),
+        Some(LbConfig::LeastRequestLbConfig(l)) => l.slow_start_config.as_ref(),
+        _ => None,
+    }
+    .and_then(|s| {
+        let window = dur(&s.slow_start_window, Duration::ZERO);
+        (!window.is_zero()).then(|| SlowStart {
+            window,
+            aggression: s.aggression.as_ref().map_or(1.0, |a| a.default_value),
+            min_weight_percent: s
+                .min_weight_percent
+                .as_ref()
+                .map_or(10.0, |p| p.value.clamp(0.0, 100.0)),
+        })
+    });
     let http = http_options(c);
     let (auto_sni, auto_san_validation) = auto_sni(c, &http);
     ClusterInfo {
@@ -682,6 +753,18 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
                     0,
                 ),
                 enforcing_success_rate: u(&o.enforcing_success_rate, 100),
+                success_rate_minimum_hosts: u(&o.success_rate_minimum_hosts, 5),
+                success_rate_request_volume: u(&o.success_rate_request_volume, 100),
+                success_rate_stdev_factor: u(&o.success_rate_stdev_factor, 1900),
+                enforcing_local_origin_success_rate: u(&o.enforcing_local_origin_success_rate, 100),
+                failure_percentage_threshold: u(&o.failure_percentage_threshold, 85),
+                enforcing_failure_percentage: u(&o.enforcing_failure_percentage, 0),
+                enforcing_failure_percentage_local_origin: u(
+                    &o.enforcing_failure_percentage_local_origin,
+                    0,
+                ),
+                failure_percentage_minimum_hosts: u(&o.failure_percentage_minimum_hosts, 5),
+                failure_percentage_request_volume: u(&o.failure_percentage_request_volume, 50),
                 split_external_local_origin_errors: o.split_external_local_origin_errors,
                 consecutive_local_origin_failure: u(&o.consecutive_local_origin_failure, 5),
                 enforcing_consecutive_local_origin_failure: u(
@@ -694,6 +777,7 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
                 max_ejection_percent: u(&o.max_ejection_percent, 10),
             }
         }),
+        slow_start,
     }
 }
 

@@ -26,7 +26,7 @@ pub use node::WorkloadSettings;
 pub use route::{RequestHeaders, RouteConfig, VirtualHost};
 pub use view::{
     ClusterInfo, Endpoint, HttpDestination, Inbound, InboundChain, InboundTransport, MeshView,
-    Outbound, OutlierSettings, RouteDecision, ViewSettings,
+    Outbound, OutlierSettings, RouteDecision, SlowStart, ViewSettings,
 };
 
 /// Errors of the xDS layer.

@@ -41,7 +41,7 @@ use prost::Message;
 use crate::cluster::cluster_info;
 pub use crate::cluster::{
     ClientCertificate, ClusterInfo, Endpoint, HealthStatus, OutlierSettings, SanMatcher, SanType,
-    SocketMatch, TlsMode, TrustedCa, UpstreamProtocol, UpstreamTls,
+    SlowStart, SocketMatch, TlsMode, TrustedCa, UpstreamProtocol, UpstreamTls,
 };
 use crate::dump::ResourceSet;
 use crate::route::{
