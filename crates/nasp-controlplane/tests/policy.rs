@@ -104,6 +104,16 @@ fn destination_rule_settings_become_istiods_cluster_fields() {
     // stay the service's (Istio's merge).
     let v1 = cluster("v1");
     assert_eq!(v1.lb_policy, "LEAST_REQUEST");
+    assert_eq!(
+        v1.slow_start,
+        Some(nasp_xds::SlowStart {
+            window: Duration::from_secs(30),
+            aggression: 2.0,
+            min_weight_percent: 20.0
+        }),
+        "the warmup is the least-request slow start"
+    );
+    assert_eq!(svc.slow_start, None);
     assert_eq!(v1.circuit_breakers, svc.circuit_breakers);
     assert_eq!(v1.outlier_detection, svc.outlier_detection);
     // v2: ring hash on a cookie, locality weighting off.
@@ -271,6 +281,36 @@ fn every_hash_key_and_the_authority_rewrite() {
 #[test]
 fn bad_policies_are_clear_errors() {
     let cases: &[(&str, &str, &str)] = &[
+        (
+            "traffic_policy: {load_balancer: {consistent_hash: {http_header_name: a}, warmup_duration_secs: 10s}}",
+            "",
+            "only with ROUND_ROBIN or LEAST_REQUEST",
+        ),
+        (
+            "traffic_policy: {load_balancer: {simple: RANDOM, warmup: {duration: 10s}}}",
+            "",
+            "only with ROUND_ROBIN or LEAST_REQUEST",
+        ),
+        (
+            "traffic_policy: {load_balancer: {simple: ROUND_ROBIN, warmup_duration_secs: 10q}}",
+            "",
+            "warmup duration",
+        ),
+        (
+            "traffic_policy: {load_balancer: {warmup_duration_secs: 1s, warmup: {duration: 1s}}}",
+            "",
+            "not both",
+        ),
+        (
+            "traffic_policy: {load_balancer: {warmup: {duration: 1s, aggression: 0.5}}}",
+            "",
+            "aggression",
+        ),
+        (
+            "traffic_policy: {load_balancer: {warmup: {duration: 1s, minimum_percent: 120}}}",
+            "",
+            "minimum_percent",
+        ),
         (
             "traffic_policy: {load_balancer: LEAST_CONNECTIONS}",
             "",

@@ -5,8 +5,9 @@
 //! one replica, least request avoids a slow one, faults abort and delay
 //! their share, outliers are ejected, circuit breakers overflow with `UO`,
 //! retries reach a healthy replica, headers are changed, route timeouts
-//! answer 504 `UT`, and a pushed change moves live traffic without
-//! dropping requests in flight.
+//! answer 504 `UT`, a warmup ramps a new replica up, a generated hash
+//! cookie keeps a session on one replica, and a pushed change moves live
+//! traffic without dropping requests in flight.
 //!
 //! Backends are plain HTTP/1.1 servers (`istio: false` endpoints, `mtls:
 //! disable`) that the test tells to answer a status, stall, and that report
@@ -819,4 +820,90 @@ async fn a_pushed_change_moves_live_traffic_without_dropping_requests_in_flight(
         after_push += seen.iter().filter(|(_, by)| by == "v2-b").count();
     }
     assert!(after_push > 0, "steady callers moved too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warmup_ramps_a_new_replica_up_over_its_duration() {
+    let old = backend("127.0.6.32", "v1-old", 200).await;
+    let new = backend("127.0.6.33", "v1-new", 200).await;
+    let policy = "    traffic_policy:\n      load_balancer: {simple: ROUND_ROBIN, warmup_duration_secs: 2s}\n";
+    let cp = control_plane("127.0.6.31", &mesh(&[&old], policy)).await;
+    let fe = frontend(&cp).await;
+    let client = fe.http_client();
+    assert_eq!(call(&client, "/", &[]).await.by, "v1-old");
+    // The old replica is past its warmup when the new one is added.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    cp.set_mesh(&mesh(&[&old, &new], policy)).expect("push");
+    until_view(&fe, "the new replica", |v| {
+        v.cluster(CLUSTER).is_some_and(|c| {
+            c.slow_start
+                .is_some_and(|s| s.window == Duration::from_secs(2))
+                && c.endpoints
+                    .iter()
+                    .any(|e| e.address == new.addr.to_string())
+        })
+    })
+    .await;
+    let share =
+        |by: &[String]| by.iter().filter(|b| *b == "v1-new").count() as f64 / by.len() as f64;
+    let (mut early, t) = (Vec::new(), Instant::now());
+    while early.len() < 200 && t.elapsed() < Duration::from_millis(300) {
+        early.push(call(&client, "/", &[]).await.by);
+    }
+    // Round robin without a warmup gives it half at once; in its first
+    // 300 ms of 2 s it gets about its 10 % minimum.
+    assert!(early.len() >= 40, "only {} requests in 300 ms", early.len());
+    assert!(share(&early) < 0.25, "early share {}", share(&early));
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let mut later = Vec::new();
+    for _ in 0..100 {
+        later.push(call(&client, "/", &[]).await.by);
+    }
+    assert!(
+        (share(&later) - 0.5).abs() <= 0.05,
+        "after the warmup: {}",
+        share(&later)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_hash_cookie_keeps_a_session_on_one_replica() {
+    let replicas = [
+        backend("127.0.6.42", "v1-a", 200).await,
+        backend("127.0.6.43", "v1-b", 200).await,
+        backend("127.0.6.44", "v1-c", 200).await,
+    ];
+    let cp = control_plane(
+        "127.0.6.41",
+        &mesh(
+            &replicas.iter().collect::<Vec<_>>(),
+            "    traffic_policy:\n      load_balancer:\n        consistent_hash: {http_cookie: {name: session, path: /, ttl: 30s}}\n",
+        ),
+    )
+    .await;
+    let fe = frontend(&cp).await;
+    let client = fe.http_client();
+    let mut used = HashSet::new();
+    for _ in 0..12 {
+        let first = call(&client, "/", &[]).await;
+        let cookie = first.headers[http::header::SET_COOKIE]
+            .to_str()
+            .expect("cookie")
+            .to_string();
+        let pair = cookie.split(';').next().expect("pair").to_string();
+        assert!(
+            cookie.starts_with("session=\"") && cookie.ends_with("; Max-Age=30; Path=/; HttpOnly"),
+            "{cookie}"
+        );
+        used.insert(first.by.clone());
+        for _ in 0..5 {
+            let again = call(&client, "/", &[("cookie", &pair)]).await;
+            assert_eq!(again.by, first.by, "the session moved");
+            assert!(again.headers.get(http::header::SET_COOKIE).is_none());
+        }
+    }
+    assert!(
+        used.len() >= 2,
+        "sessions spread over the replicas: {used:?}"
+    );
 }

@@ -30,8 +30,9 @@ use super::{envoy_duration, parse_duration};
 #[serde(deny_unknown_fields)]
 pub struct TrafficPolicy {
     /// `ROUND_ROBIN` (default), `LEAST_REQUEST`, `RANDOM`, or
-    /// `{consistent_hash: {…}}` (also Istio's `{simple: …}` form).
-    pub load_balancer: Option<LoadBalancer>,
+    /// `{consistent_hash: {…}}` (also Istio's `{simple: …}` form, which may
+    /// carry a warmup).
+    pub load_balancer: Option<LoadBalancerSettings>,
     /// Locality-weighted load balancing (Istio's `localityLbSetting.enabled`,
     /// on by default in Istio's mesh config).
     pub locality_lb: Option<bool>,
@@ -54,13 +55,37 @@ pub enum LoadBalancer {
     ConsistentHash(ConsistentHash),
 }
 
-impl<'de> Deserialize<'de> for LoadBalancer {
+/// Istio's `LoadBalancerSettings`: the policy and, for round robin and
+/// least request, a warmup (Envoy's slow start) for new endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadBalancerSettings {
+    /// The policy.
+    pub policy: LoadBalancer,
+    /// Slow start of new endpoints (`warmup_duration_secs` or `warmup`).
+    pub warmup: Option<Warmup>,
+}
+
+/// Istio's `WarmupConfiguration` (or `warmupDurationSecs` alone).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Warmup {
+    /// How long a new endpoint ramps up (`30s`).
+    pub duration: String,
+    /// The least share it starts with, in percent (Envoy's default 10).
+    pub minimum_percent: Option<f64>,
+    /// The ramp's curve: 1 linear (the default), above 1 faster at first.
+    pub aggression: Option<f64>,
+}
+
+impl<'de> Deserialize<'de> for LoadBalancerSettings {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Form {
             simple: Option<String>,
             consistent_hash: Option<ConsistentHash>,
+            warmup_duration_secs: Option<String>,
+            warmup: Option<Warmup>,
         }
         let simple = |s: &str| match s {
             "ROUND_ROBIN" => Ok(LoadBalancer::RoundRobin),
@@ -71,17 +96,37 @@ impl<'de> Deserialize<'de> for LoadBalancer {
             ))),
         };
         match Value::deserialize(d)? {
-            Value::String(s) => simple(&s),
+            Value::String(s) => Ok(Self {
+                policy: simple(&s)?,
+                warmup: None,
+            }),
             v @ Value::Object(_) => {
                 let f: Form = serde_json::from_value(v)
                     .map_err(|e| D::Error::custom(format!("load_balancer: {e}")))?;
-                match (f.simple, f.consistent_hash) {
-                    (Some(s), None) => simple(&s),
-                    (None, Some(h)) => Ok(LoadBalancer::ConsistentHash(h)),
-                    _ => Err(D::Error::custom(
-                        "load_balancer: exactly one of `simple` and `consistent_hash`",
-                    )),
-                }
+                let warmup = match (f.warmup_duration_secs, f.warmup) {
+                    (Some(d), None) => Some(Warmup {
+                        duration: d,
+                        ..Warmup::default()
+                    }),
+                    (None, w) => w,
+                    (Some(_), Some(_)) => {
+                        return Err(D::Error::custom(
+                            "load_balancer: `warmup_duration_secs` or `warmup`, not both",
+                        ));
+                    }
+                };
+                let policy = match (f.simple, f.consistent_hash) {
+                    (Some(s), None) => simple(&s)?,
+                    (None, Some(h)) => LoadBalancer::ConsistentHash(h),
+                    // Only a warmup: round robin, Istio's default.
+                    (None, None) if warmup.is_some() => LoadBalancer::RoundRobin,
+                    _ => {
+                        return Err(D::Error::custom(
+                            "load_balancer: exactly one of `simple` and `consistent_hash`",
+                        ));
+                    }
+                };
+                Ok(Self { policy, warmup })
             }
             other => Err(D::Error::custom(format!(
                 "load_balancer: a name or {{consistent_hash: …}}, not {other}"
@@ -366,6 +411,11 @@ fn is_authority(n: &str) -> bool {
 }
 
 impl TrafficPolicy {
+    /// The load-balancing policy, when set.
+    fn policy(&self) -> Option<&LoadBalancer> {
+        self.load_balancer.as_ref().map(|l| &l.policy)
+    }
+
     /// Istio's `MergeTrafficPolicy`: each field the subset sets replaces
     /// the service's.
     pub(super) fn merged(service: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>) -> Self {
@@ -381,7 +431,33 @@ impl TrafficPolicy {
 
     /// What Envoy or Istio would reject.
     pub(super) fn validate(&self) -> Result<(), String> {
-        if let Some(LoadBalancer::ConsistentHash(h)) = &self.load_balancer {
+        if let Some(w) = self.load_balancer.as_ref().and_then(|l| l.warmup.as_ref()) {
+            if !matches!(
+                self.policy(),
+                Some(LoadBalancer::RoundRobin | LoadBalancer::LeastRequest)
+            ) {
+                // istiod writes a slow start only for these two; elsewhere
+                // it would be silently ignored.
+                return Err("load_balancer warmup: only with ROUND_ROBIN or LEAST_REQUEST".into());
+            }
+            let d = parse_duration(&w.duration)
+                .map_err(|e| format!("load_balancer warmup duration {:?}: {e}", w.duration))?;
+            if d < Duration::from_millis(1) {
+                return Err(format!(
+                    "load_balancer warmup duration {:?}: at least 1ms",
+                    w.duration
+                ));
+            }
+            if w.minimum_percent
+                .is_some_and(|p| !(0.0..=100.0).contains(&p))
+            {
+                return Err("load_balancer warmup minimum_percent: 0 to 100".into());
+            }
+            if w.aggression.is_some_and(|a| !(a >= 1.0 && a.is_finite())) {
+                return Err("load_balancer warmup aggression: at least 1".into());
+            }
+        }
+        if let Some(LoadBalancer::ConsistentHash(h)) = self.policy() {
             let keys = [
                 h.http_header_name.is_some(),
                 h.http_cookie.is_some(),
@@ -463,7 +539,7 @@ impl TrafficPolicy {
     /// The route's `hash_policy` entry for this policy's consistent hash
     /// (istiod's `consistentHashToHashPolicy`), if any.
     pub(super) fn hash_policy(&self) -> Option<Value> {
-        let Some(LoadBalancer::ConsistentHash(h)) = &self.load_balancer else {
+        let Some(LoadBalancer::ConsistentHash(h)) = self.policy() else {
             return None;
         };
         if let Some(n) = &h.http_header_name {
@@ -491,9 +567,35 @@ impl TrafficPolicy {
     /// `applyTrafficPolicy` does; the cluster already has Istio's default
     /// circuit breakers.
     pub(super) fn apply(&self, c: &mut Value) {
-        match &self.load_balancer {
-            None | Some(LoadBalancer::RoundRobin) => {}
-            Some(LoadBalancer::LeastRequest) => c["lb_policy"] = json!("LEAST_REQUEST"),
+        // istiod's slow start: the round-robin or least-request config of
+        // the cluster's `lb_config`.
+        let slow_start = self
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.warmup.as_ref())
+            .and_then(|w| {
+                let window = envoy_duration(parse_duration(&w.duration).ok()?);
+                let mut s = json!({"slow_start_window": window});
+                if let Some(a) = w.aggression {
+                    s["aggression"] = json!({"default_value": a, "runtime_key": "upstream.slow_start.aggression"});
+                }
+                if let Some(p) = w.minimum_percent {
+                    s["min_weight_percent"] = json!({"value": p});
+                }
+                Some(s)
+            });
+        match self.policy() {
+            None | Some(LoadBalancer::RoundRobin) => {
+                if let Some(s) = slow_start {
+                    c["round_robin_lb_config"] = json!({"slow_start_config": s});
+                }
+            }
+            Some(LoadBalancer::LeastRequest) => {
+                c["lb_policy"] = json!("LEAST_REQUEST");
+                if let Some(s) = slow_start {
+                    c["least_request_lb_config"] = json!({"slow_start_config": s});
+                }
+            }
             Some(LoadBalancer::Random) => c["lb_policy"] = json!("RANDOM"),
             Some(LoadBalancer::ConsistentHash(h)) => match &h.maglev {
                 Some(m) => {
