@@ -91,7 +91,7 @@ pub fn get(args: GetArgs) -> Result<()> {
     let (name, ns) = parse_service(&args.service)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let mesh = args.mesh.join(&name, &ns, Vec::new()).await?;
+        let mesh = args.mesh.join(&name, &ns, Vec::new(), None).await?;
         let client = mesh.http_client();
         let request = || -> Result<http::Request<Body>> {
             let mut req = http::Request::builder()

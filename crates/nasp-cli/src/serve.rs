@@ -1,7 +1,8 @@
 //! `nasp serve`: one mesh workload running a built-in echo app, as
 //! Istio's test echo app: HTTP answers with what it saw as JSON, gRPC is
-//! the `nasp.echo.v1` echo service, TCP echoes bytes back, and a
-//! Prometheus page counts what was served.
+//! the `nasp.echo.v1` echo service, TCP echoes bytes back, and the
+//! mesh's Prometheus endpoint counts what was served beside the filters'
+//! metrics.
 //!
 //! Invariants: the caller's identity it reports is the one the mesh
 //! listener verified, never a header; a request body is read up to
@@ -40,7 +41,8 @@ pub struct ServeArgs {
     #[arg(long)]
     tcp_echo: Option<SocketAddr>,
     /// Serve Prometheus text at /stats/prometheus (and /metrics) here, in
-    /// plaintext outside the mesh, as Envoy's :15090.
+    /// plaintext outside the mesh, as Envoy's :15090 (the mesh's endpoint:
+    /// the filters' metrics and the echo app's counters).
     #[arg(long)]
     metrics: Option<SocketAddr>,
     #[command(flatten)]
@@ -48,8 +50,9 @@ pub struct ServeArgs {
 }
 
 /// Counters of what was served, in Istio's tag encoding so the registry
-/// exposes them with labels.
-#[derive(Clone, Default)]
+/// exposes them with labels; kept in the mesh's registry, which its
+/// Prometheus endpoint serves.
+#[derive(Clone)]
 struct Stats(MetricsRegistry);
 
 impl Stats {
@@ -75,10 +78,18 @@ async fn run(args: ServeArgs) -> Result<()> {
     let (name, ns) = parse_service(&args.service)?;
     let mesh = args
         .mesh
-        .join(&name, &ns, vec![args.listen.ip().to_string()])
-        .await?;
+        .join(&name, &ns, vec![args.listen.ip().to_string()], args.metrics)
+        .await
+        .map_err(
+            |e| match (e.downcast_ref::<nasp::MeshError>(), args.metrics) {
+                (Some(nasp::MeshError::Prometheus(_)), Some(a)) => {
+                    e.context(format!("--metrics {a}"))
+                }
+                _ => e,
+            },
+        )?;
     let id = mesh.id().to_string();
-    let stats = Stats::default();
+    let stats = Stats(mesh.metrics().clone());
     let mut tasks = tokio::task::JoinSet::new();
 
     let http = mesh
@@ -149,15 +160,6 @@ async fn run(args: ServeArgs) -> Result<()> {
         tasks.spawn(tcp_echo(l, stats.clone(), stop_rx.clone()));
     }
 
-    let mut metrics_addr = None;
-    if let Some(addr) = args.metrics {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--metrics {addr}"))?;
-        metrics_addr = Some(l.local_addr()?);
-        tasks.spawn(metrics(l, stats.clone(), stop_rx.clone()));
-    }
-
     // One line a script can wait for.
     crate::identity::print_json_line(&json!({
         "serving": format!("{name}.{ns}"),
@@ -165,7 +167,7 @@ async fn run(args: ServeArgs) -> Result<()> {
         "http": http_addr.to_string(),
         "grpc": grpc_addr.map(|a| a.to_string()),
         "tcp_echo": tcp_addr.map(|a| a.to_string()),
-        "metrics": metrics_addr.map(|a| a.to_string()),
+        "metrics": mesh.prometheus_addr().map(|a| a.to_string()),
     }))?;
 
     tokio::select! {
@@ -302,53 +304,6 @@ async fn tcp_echo(
                 tracing::debug!("tcp echo: {e}");
             }
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
-        });
-    }
-}
-
-/// Serves the Prometheus page.
-async fn metrics(
-    listener: tokio::net::TcpListener,
-    stats: Stats,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            c = nasp::transport::inbound::accept_with_backoff(&listener) => c,
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let stats = stats.clone();
-                    async move {
-                        let path = req.uri().path();
-                        let found = path == "/stats/prometheus" || path == "/metrics";
-                        let body = if found {
-                            bytes::Bytes::from(stats.0.prometheus_text())
-                        } else {
-                            bytes::Bytes::from_static(b"try /stats/prometheus\n")
-                        };
-                        let mut resp = http::Response::new(http_body_util::Full::new(body));
-                        if found {
-                            resp.headers_mut().insert(
-                                http::header::CONTENT_TYPE,
-                                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-                            );
-                        } else {
-                            *resp.status_mut() = http::StatusCode::NOT_FOUND;
-                        }
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!("metrics connection: {e}");
-            }
         });
     }
 }

@@ -2,6 +2,7 @@
 //! root, the token and the workload's identity from flags, or Istio's VM
 //! environment when `--xds` is not given.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -50,8 +51,16 @@ pub fn parse_service(s: &str) -> Result<(String, String)> {
 }
 
 impl MeshArgs {
-    /// Joins the mesh as the service `name` in `namespace`.
-    pub async fn join(&self, name: &str, namespace: &str, ips: Vec<String>) -> Result<Mesh> {
+    /// Joins the mesh as the service `name` in `namespace`, serving its
+    /// Prometheus endpoint at `prometheus` (the command's flag decides, in
+    /// Istio's VM environment too: `nasp get` never binds :15090).
+    pub async fn join(
+        &self,
+        name: &str,
+        namespace: &str,
+        ips: Vec<String>,
+        prometheus: Option<SocketAddr>,
+    ) -> Result<Mesh> {
         let workload = WorkloadSettings {
             pod_name: format!("{name}-{}", std::process::id()),
             namespace: namespace.into(),
@@ -95,6 +104,7 @@ impl MeshArgs {
         };
         builder
             .ready_timeout(self.timeout)
+            .prometheus(prometheus)
             .build()
             .await
             .context("joining the mesh")

@@ -70,6 +70,35 @@ pub enum MeshError {
     /// `build()` gave up waiting.
     #[error("mesh not ready within {0:?}: {1}")]
     NotReady(Duration, String),
+    /// The Prometheus endpoint could not be started (its port taken…).
+    #[error("{0} (give MeshBuilder::prometheus or NASP_PROMETHEUS_ADDR another address, or `off`)")]
+    Prometheus(#[from] nasp_telemetry::server::Error),
+}
+
+/// The variable [`MeshBuilder::from_env`] reads the Prometheus endpoint's
+/// address from: `IP:PORT`, or `off`.
+pub const PROMETHEUS_ADDR_VAR: &str = "NASP_PROMETHEUS_ADDR";
+
+/// Where [`MeshBuilder::from_env`] serves Prometheus when
+/// [`PROMETHEUS_ADDR_VAR`] is not set: every interface, Istio's port 15090,
+/// as a sidecar does.
+pub const DEFAULT_PROMETHEUS_ADDR: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    nasp_telemetry::server::ISTIO_PROMETHEUS_PORT,
+);
+
+/// [`PROMETHEUS_ADDR_VAR`]'s value: unset or empty is the default, `off`
+/// none.
+fn prometheus_addr_from(v: Option<&str>) -> Result<Option<SocketAddr>, MeshError> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(Some(DEFAULT_PROMETHEUS_ADDR)),
+        Some(v) if v.eq_ignore_ascii_case("off") => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            MeshError::Config(format!(
+                "{PROMETHEUS_ADDR_VAR}={v:?}: expected IP:PORT (0.0.0.0:15090) or off"
+            ))
+        }),
+    }
 }
 
 /// Which traffic a filter sees.
@@ -135,6 +164,7 @@ pub struct MeshBuilder {
     client: ClientSettings,
     drain: Duration,
     workers: usize,
+    prometheus: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -161,6 +191,7 @@ impl Default for MeshBuilder {
             client: ClientSettings::default(),
             drain: Duration::from_secs(5),
             workers: nasp_transport::filter::default_workers(),
+            prometheus: None,
         }
     }
 }
@@ -232,7 +263,10 @@ impl MeshBuilder {
     ///   `./root-cert.pem`), followed for rotation;
     /// - the token from `ISTIO_TOKEN` (default
     ///   `/var/run/secrets/tokens/istio-token`, then `./istio-token`);
-    /// - the trust domain from `TRUST_DOMAIN`.
+    /// - the trust domain from `TRUST_DOMAIN`;
+    /// - the Prometheus endpoint from `NASP_PROMETHEUS_ADDR` (`IP:PORT` or
+    ///   `off`; default `0.0.0.0:15090`, a sidecar's, see
+    ///   [`MeshBuilder::prometheus`]).
     pub fn from_env() -> Result<Self, MeshError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -267,6 +301,7 @@ impl MeshBuilder {
         if let Some(td) = get("TRUST_DOMAIN") {
             b.trust_domain = td;
         }
+        b.prometheus = prometheus_addr_from(get(PROMETHEUS_ADDR_VAR).as_deref())?;
         b.target = Some(ControlPlaneTarget {
             xds,
             ca,
@@ -336,6 +371,19 @@ impl MeshBuilder {
         self
     }
 
+    /// Serves the filters' metrics (and anything else written into
+    /// [`Mesh::metrics`]) as Prometheus text at `addr` (`/stats/prometheus`
+    /// and `/metrics`, plain HTTP outside the mesh, as a sidecar's :15090;
+    /// port 0 picks one, see [`Mesh::prometheus_addr`]), or not at all
+    /// with `None`. Off unless set here — a process may hold several
+    /// meshes — except from [`MeshBuilder::from_env`], which serves on
+    /// [`DEFAULT_PROMETHEUS_ADDR`]. An address that cannot be bound fails
+    /// [`MeshBuilder::build`] ([`MeshError::Prometheus`]).
+    pub fn prometheus(mut self, addr: Option<SocketAddr>) -> Self {
+        self.prometheus = addr;
+        self
+    }
+
     /// Joins the mesh: starts identity and xDS, loads the filters, and waits
     /// (up to the ready timeout) for a certificate and a first snapshot.
     pub async fn build(self) -> Result<Mesh, MeshError> {
@@ -346,6 +394,15 @@ impl MeshBuilder {
             &self.workload.service_account,
         )
         .map_err(|e| MeshError::Config(e.to_string()))?;
+        // The registry the filters write into, served from the start (a
+        // taken port fails before any wait); dropped with an early error.
+        let env = HostEnv::default();
+        let prometheus = match self.prometheus {
+            Some(addr) => Some(
+                nasp_telemetry::server::PrometheusServer::bind(addr, env.metrics.clone()).await?,
+            ),
+            None => None,
+        };
         // Identity.
         let roots = match &self.target {
             Some(t) => Some(match (&t.roots_pem, &t.root_file) {
@@ -450,7 +507,6 @@ impl MeshBuilder {
                 list.push((module, config));
             }
         }
-        let env = HostEnv::default();
         let pool = |plugins: &[(WasmModule, PluginConfig)]| -> Result<Arc<ChainPool>, MeshError> {
             if plugins.is_empty() {
                 return Ok(Arc::new(ChainPool::empty()));
@@ -497,6 +553,7 @@ impl MeshBuilder {
                 inbound_tcp,
                 outbound_tcp,
                 env,
+                prometheus,
                 inbound_mode: self.inbound_mode,
                 drain: self.drain,
                 stop,
@@ -660,8 +717,8 @@ struct Inner {
     outbound: Arc<ChainPool>,
     inbound_tcp: Arc<ChainPool>,
     outbound_tcp: Arc<ChainPool>,
-    #[allow(dead_code)]
     env: HostEnv,
+    prometheus: Option<nasp_telemetry::server::PrometheusServer>,
     inbound_mode: Option<InboundMode>,
     drain: Duration,
     stop: watch::Sender<bool>,
@@ -738,6 +795,18 @@ impl Mesh {
             .certificate()
             .is_some_and(|c| c.not_after() > std::time::SystemTime::now());
         cert_ok && self.inner.ads.as_ref().is_none_or(|a| a.stats().acks > 0)
+    }
+
+    /// The metrics the filters define (`proxy_define_metric`), which the
+    /// Prometheus endpoint serves; an application may add its own.
+    pub fn metrics(&self) -> &nasp_telemetry::MetricsRegistry {
+        &self.inner.env.metrics
+    }
+
+    /// Where the Prometheus endpoint listens (the port bound when 0 was
+    /// asked), if it is on ([`MeshBuilder::prometheus`]).
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.inner.prometheus.as_ref().map(|p| p.local_addr())
     }
 
     /// The ADS client, when the view comes from xDS.
@@ -962,7 +1031,9 @@ impl Mesh {
     }
 
     /// Stops every [`Mesh::serve`]: no new connections, requests in flight
-    /// get the drain timeout to finish. Returns when all have stopped.
+    /// get the drain timeout to finish. Returns when all have stopped; the
+    /// Prometheus endpoint stops last, so a scrape during the drain still
+    /// sees the counts.
     pub async fn shutdown(&self) {
         let _ = self.inner.stop.send(true);
         let deadline = tokio::time::Instant::now() + self.inner.drain + Duration::from_secs(1);
@@ -974,6 +1045,9 @@ impl Mesh {
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
                 break;
             }
+        }
+        if let Some(p) = &self.inner.prometheus {
+            p.shutdown().await;
         }
     }
 }
@@ -1030,5 +1104,40 @@ mod tests {
         assert_eq!(b.trust_domain, "example.org");
         assert_eq!(b.workload.namespace, "demo");
         assert_eq!(b.workload.service_account, "web");
+        assert_eq!(b.prometheus, Some(DEFAULT_PROMETHEUS_ADDR));
+    }
+
+    #[test]
+    fn the_prometheus_address_comes_from_nasp_prometheus_addr() {
+        let with = |v: Option<&str>| {
+            MeshBuilder::from_lookup(|k| match k {
+                "DISCOVERY_ADDRESS" => Some("127.0.0.1:15012".into()),
+                "ROOT_CERT" => Some("/tmp/root.pem".into()),
+                PROMETHEUS_ADDR_VAR => v.map(str::to_string),
+                _ => None,
+            })
+            .map(|b| b.prometheus)
+        };
+        assert_eq!(DEFAULT_PROMETHEUS_ADDR.to_string(), "0.0.0.0:15090");
+        assert_eq!(with(None).expect("default"), Some(DEFAULT_PROMETHEUS_ADDR));
+        assert_eq!(
+            with(Some("")).expect("empty"),
+            Some(DEFAULT_PROMETHEUS_ADDR)
+        );
+        assert_eq!(with(Some("off")).expect("off"), None);
+        assert_eq!(with(Some(" OFF ")).expect("OFF"), None);
+        assert_eq!(
+            with(Some("127.0.8.9:9102")).expect("address"),
+            Some("127.0.8.9:9102".parse().expect("addr"))
+        );
+        for bad in ["15090", "localhost:15090", "on", "0.0.0.0"] {
+            let e = with(Some(bad)).expect_err(bad);
+            assert!(
+                e.to_string().contains("NASP_PROMETHEUS_ADDR") && e.to_string().contains(bad),
+                "{e}"
+            );
+        }
+        // Off unless asked, for a mesh built in code.
+        assert_eq!(Mesh::builder().prometheus, None);
     }
 }
