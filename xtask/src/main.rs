@@ -747,8 +747,9 @@ fn feature_matrix() -> Result<(), String> {
     Ok(())
 }
 
-/// `cargo xtask bench [transport [ARGS]]`: release builds of the benches,
-/// run with the settings `docs/benchmarks.md` records.
+/// `cargo xtask bench [transport|policy [ARGS]]`: release builds of the
+/// benches, run with the settings `docs/benchmarks.md` records (the
+/// criterion ones and the policy layers by default).
 fn bench(args: &[String]) -> Result<(), String> {
     setup_build()?;
     build_filters()?;
@@ -759,9 +760,15 @@ fn bench(args: &[String]) -> Result<(), String> {
             .args(["bench", "-p", "nasp", "--bench", "transport", "--"])
             .args(&args[1..]));
     }
+    if args.first().map(String::as_str) == Some("policy") {
+        return run(cargo()
+            .current_dir(&root)
+            .args(["bench", "-p", "nasp-transport", "--bench", "policy", "--"])
+            .args(&args[1..]));
+    }
     if let Some(other) = args.first() {
         return Err(format!(
-            "cargo xtask bench [transport [ARGS]]: unknown bench {other:?}"
+            "cargo xtask bench [transport|policy [ARGS]]: unknown bench {other:?}"
         ));
     }
     for (package, bench, measure) in [
@@ -783,7 +790,13 @@ fn bench(args: &[String]) -> Result<(), String> {
             measure,
         ]))?;
     }
-    Ok(())
+    run(cargo().current_dir(&root).args([
+        "bench",
+        "-p",
+        "nasp-transport",
+        "--bench",
+        "policy",
+    ]))
 }
 
 /// The main job: the embedded control plane (CA + ADS from the example mesh

@@ -71,7 +71,9 @@ pub fn xx_hash64(data: &[u8]) -> u64 {
 
 /// A ring of `(hash, member)` sorted by hash, built as Envoy's ring hash:
 /// each host gets a share of the ring by weight (at least the minimum ring
-/// size over all), each point the xxHash64 of `"<address>_<i>"`.
+/// size over all), each point the xxHash64 of `"<address>_<i>"`. The points
+/// of a host are kept with it across updates, so an EDS update hashes only
+/// what is new.
 fn build_ring(members: &[&Member], (min_size, max_size): (u64, u64)) -> Vec<(u64, u32)> {
     let total: f64 = members.iter().map(|m| f64::from(m.weight.max(1))).sum();
     if members.is_empty() || total == 0.0 {
@@ -82,7 +84,7 @@ fn build_ring(members: &[&Member], (min_size, max_size): (u64, u64)) -> Vec<(u64
         .map(|m| f64::from(m.weight.max(1)) / total)
         .fold(f64::INFINITY, f64::min);
     let scale = ((min_norm * min_size as f64).ceil() / min_norm).min(max_size.max(min_size) as f64);
-    let mut ring = Vec::new();
+    let mut ring = Vec::with_capacity(scale as usize + members.len());
     let mut target = 0.0;
     let mut placed = 0u64;
     for (i, m) in members.iter().enumerate() {
@@ -90,15 +92,19 @@ fn build_ring(members: &[&Member], (min_size, max_size): (u64, u64)) -> Vec<(u64
         // running target's floor minus what is already placed.
         target += scale * f64::from(m.weight.max(1)) / total;
         let n = (target.floor() as u64).saturating_sub(placed);
-        let mut key = m.addr.to_string();
-        key.push('_');
-        let base = key.len();
-        for j in 0..n {
-            use std::fmt::Write as _;
-            key.truncate(base);
-            let _ = write!(key, "{j}");
-            ring.push((xx_hash64(key.as_bytes()), i as u32));
+        let mut points = m.hashes.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        if (points.len() as u64) < n {
+            let mut key = m.addr.to_string();
+            key.push('_');
+            let base = key.len();
+            for j in points.len() as u64..n {
+                use std::fmt::Write as _;
+                key.truncate(base);
+                let _ = write!(key, "{j}");
+                points.push(xx_hash64(key.as_bytes()));
+            }
         }
+        ring.extend(points[..n as usize].iter().map(|h| (*h, i as u32)));
         placed += n;
     }
     ring.sort_unstable();
@@ -125,10 +131,16 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
     let mut entries: Vec<Entry> = members
         .iter()
         .map(|m| {
-            let a = m.addr.to_string();
+            let (h0, h1) = *m.hashes.maglev.get_or_init(|| {
+                let a = m.addr.to_string();
+                (
+                    twox_hash::XxHash64::oneshot(0, a.as_bytes()),
+                    twox_hash::XxHash64::oneshot(1, a.as_bytes()),
+                )
+            });
             Entry {
-                pos: twox_hash::XxHash64::oneshot(0, a.as_bytes()) % size,
-                skip: twox_hash::XxHash64::oneshot(1, a.as_bytes()) % (size - 1) + 1,
+                pos: h0 % size,
+                skip: h1 % (size - 1) + 1,
                 weight: f64::from(m.weight.max(1)) / total,
                 target: 0.0,
             }
@@ -136,6 +148,9 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
         .collect();
     let max_weight = entries.iter().map(|e| e.weight).fold(0.0, f64::max);
     let mut table = vec![u32::MAX; size as usize];
+    // Which slots are taken, as bits: the probes stay in the first-level
+    // cache (the table itself is 4 bytes a slot).
+    let mut taken = vec![0u64; (size as usize).div_ceil(64)];
     let mut filled = 0u64;
     let mut iteration = 0u64;
     while filled < size {
@@ -151,9 +166,10 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
                 let n = p + e.skip;
                 if n >= size { n - size } else { n }
             };
-            while table[e.pos as usize] != u32::MAX {
+            while taken[(e.pos / 64) as usize] & (1 << (e.pos % 64)) != 0 {
                 e.pos = step(e.pos);
             }
+            taken[(e.pos / 64) as usize] |= 1 << (e.pos % 64);
             table[e.pos as usize] = i as u32;
             e.pos = step(e.pos);
             filled += 1;
@@ -161,6 +177,14 @@ fn build_maglev(members: &[&Member], size: u64) -> Vec<u32> {
         iteration += 1;
     }
     table
+}
+
+/// What the hashing policies compute from an endpoint's address, kept with
+/// it across updates: its Maglev seeds and its ring points so far.
+#[derive(Debug, Default)]
+pub(crate) struct HostHashes {
+    maglev: OnceLock<(u64, u64)>,
+    ring: Mutex<Vec<u64>>,
 }
 
 /// One endpoint taking part in balancing: what balancing reads of it, and
@@ -177,6 +201,7 @@ pub(crate) struct Member {
     pub locality_weight: Option<u32>,
     pub in_flight: Arc<AtomicUsize>,
     pub outlier: Arc<OutlierState>,
+    pub hashes: Arc<HostHashes>,
     /// When the endpoint joined the cluster (for slow start), kept across
     /// updates by address.
     pub added: Instant,
@@ -539,28 +564,51 @@ impl ClusterLb {
         // first, by address only where that fails.
         let old_members = previous.map_or(&[][..], |p| &p.members[..]);
         let mut by_addr: Option<HashMap<SocketAddr, usize>> = None;
+        // Old position = new position + shift (an endpoint removed or added
+        // earlier in the list shifts the rest); a few misses are looked up
+        // by scanning, more by a map.
+        let mut shift = 0isize;
+        let mut misses = 0;
         let mut members = Vec::with_capacity(info.endpoints.len());
         for (idx, e) in info.endpoints.iter().enumerate() {
             let Ok(addr) = e.address.parse::<SocketAddr>() else {
                 continue;
             };
-            let old = match old_members.get(members.len()) {
+            let k = members.len() as isize;
+            let at = |i: isize| usize::try_from(i).ok().and_then(|i| old_members.get(i));
+            let old = match at(k + shift) {
                 Some(m) if m.addr == addr => Some(m),
                 _ if old_members.is_empty() => None,
-                _ => by_addr
-                    .get_or_insert_with(|| {
-                        old_members
-                            .iter()
-                            .enumerate()
-                            .map(|(i, m)| (m.addr, i))
-                            .collect()
-                    })
-                    .get(&addr)
-                    .map(|i| &old_members[*i]),
+                _ => {
+                    misses += 1;
+                    let found = if misses <= 8 {
+                        old_members.iter().position(|m| m.addr == addr)
+                    } else {
+                        by_addr
+                            .get_or_insert_with(|| {
+                                old_members
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(i, m)| (m.addr, i))
+                                    .collect()
+                            })
+                            .get(&addr)
+                            .copied()
+                    };
+                    if let Some(i) = found {
+                        shift = i as isize - k;
+                    }
+                    found.map(|i| &old_members[i])
+                }
             };
-            let (in_flight, outlier, added) = match old {
-                Some(m) => (m.in_flight.clone(), m.outlier.clone(), m.added),
-                None => (Arc::default(), Arc::default(), now),
+            let (in_flight, outlier, hashes, added) = match old {
+                Some(m) => (
+                    m.in_flight.clone(),
+                    m.outlier.clone(),
+                    m.hashes.clone(),
+                    m.added,
+                ),
+                None => (Arc::default(), Arc::default(), Arc::default(), now),
             };
             members.push(Member {
                 addr,
@@ -572,6 +620,7 @@ impl ClusterLb {
                 locality_weight: e.locality_weight,
                 in_flight,
                 outlier,
+                hashes,
                 added,
             });
         }
@@ -601,10 +650,12 @@ impl ClusterLb {
         let counters: Arc<ClusterCounters> =
             previous.map(|p| p.counters.clone()).unwrap_or_default();
         // Ejected hosts that left the cluster no longer count.
-        counters.ejected.store(
-            members.iter().filter(|m| m.outlier.is_ejected()).count(),
-            Ordering::Relaxed,
-        );
+        if info.outlier_detection.is_some() {
+            counters.ejected.store(
+                members.iter().filter(|m| m.outlier.is_ejected()).count(),
+                Ordering::Relaxed,
+            );
+        }
         Self {
             policy,
             ring,
