@@ -49,6 +49,7 @@ fn cluster(policy: &str, n: usize, locality_weighted: bool) -> Arc<ClusterInfo> 
         retry_budget: None,
         outlier_detection: None,
         slow_start: None,
+        least_request: (2, 1.0),
     })
 }
 

@@ -839,14 +839,21 @@ impl ClusterLb {
                 set.idx.iter().map(|i| &self.members[*i]).find(|m| ok(m))
             }
             Policy::LeastRequest => {
+                // Envoy's effective weight is `weight / (active + 1)^bias`:
+                // the lowest `(active + 1)^bias / weight` wins.
+                let (choices, bias) = self.info.least_request;
                 let load = |m: &Member| {
-                    // Fewer requests per unit of weight wins.
-                    (m.in_flight.load(Ordering::Relaxed) as u64 + 1) * 1_000_000
-                        / u64::from(m.weight.max(1))
+                    let active = m.in_flight.load(Ordering::Relaxed) as f64 + 1.0;
+                    let active = if bias == 1.0 {
+                        active
+                    } else {
+                        active.powf(bias)
+                    };
+                    active / f64::from(m.weight.max(1))
                 };
                 let mut fallback = None;
                 for _ in 0..if ramp.is_some() { 16 } else { 1 } {
-                    let chosen = self.two_choices(set, ok, &load);
+                    let chosen = self.choices(set, choices as usize, ok, &load);
                     match chosen {
                         Some(m) if take(m) => return Some(m),
                         Some(m) => {
@@ -860,25 +867,28 @@ impl ClusterLb {
         }
     }
 
-    /// The power of two choices over the usable members of `set`.
-    fn two_choices(
+    /// The least loaded of `n` random usable members of `set` (Envoy's
+    /// `choice_count`, 2 by default: the power of two choices).
+    fn choices(
         &self,
         set: &HostSet,
+        n: usize,
         ok: &dyn Fn(&Member) -> bool,
-        load: &dyn Fn(&Member) -> u64,
+        load: &dyn Fn(&Member) -> f64,
     ) -> Option<&Member> {
+        let better = |a: &'_ Member, b: &'_ Member| load(b) < load(a);
         // The common case without an allocation: two distinct random
         // members that may both be used.
-        if set.idx.len() >= 2 {
-            let n = set.idx.len();
-            let a = rand::random_range(0..n);
-            let mut b = rand::random_range(0..n - 1);
+        if n == 2 && set.idx.len() >= 2 {
+            let len = set.idx.len();
+            let a = rand::random_range(0..len);
+            let mut b = rand::random_range(0..len - 1);
             if b >= a {
                 b += 1;
             }
             let (ma, mb) = (&self.members[set.idx[a]], &self.members[set.idx[b]]);
             if ok(ma) && ok(mb) {
-                return Some(if load(mb) < load(ma) { mb } else { ma });
+                return Some(if better(ma, mb) { mb } else { ma });
             }
         }
         let candidates: Vec<&Member> = set
@@ -887,19 +897,17 @@ impl ClusterLb {
             .map(|i| &self.members[*i])
             .filter(|m| ok(m))
             .collect();
-        match candidates.len() {
-            0 => None,
-            1 => Some(candidates[0]),
-            n => {
-                let a = rand::random_range(0..n);
-                let mut b = rand::random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (ma, mb) = (candidates[a], candidates[b]);
-                Some(if load(mb) < load(ma) { mb } else { ma })
+        if candidates.len() <= 1 {
+            return candidates.first().copied();
+        }
+        let mut best = candidates[rand::random_range(0..candidates.len())];
+        for _ in 1..n.max(2) {
+            let m = candidates[rand::random_range(0..candidates.len())];
+            if better(best, m) {
+                best = m;
             }
         }
+        Some(best)
     }
 
     /// Records what an attempt to `addr` ended with: Envoy's consecutive
@@ -1274,6 +1282,7 @@ mod tests {
             retry_budget: None,
             outlier_detection: None,
             slow_start: None,
+            least_request: (2, 1.0),
         })
     }
 
@@ -1794,5 +1803,32 @@ mod tests {
             };
             assert!((steep.factor(Duration::from_secs(5)) - 0.5f64.sqrt()).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn least_request_honours_choice_count_and_active_request_bias() {
+        let eps = (0..4)
+            .map(|i| ep(&format!("127.0.0.{}:80", i + 2), 1, true, 0))
+            .collect::<Vec<_>>();
+        let share_of_idle = |choices: u32, bias: f64| {
+            let mut info = Arc::unwrap_or_clone(cluster("LEAST_REQUEST", eps.clone()));
+            info.least_request = (choices, bias);
+            let lb = ClusterLb::new(Arc::new(info), None);
+            // Every host but the first is busy with 10 requests.
+            let _busy: Vec<InFlight> = lb.members[1..]
+                .iter()
+                .flat_map(|m| (0..10).map(|_| InFlight::start(&m.in_flight)))
+                .collect();
+            let n = 20_000;
+            let idle = (0..n)
+                .filter(|_| lb.pick(&[]).map(|m| m.addr) == Some(a("127.0.0.2:80")))
+                .count();
+            idle as f64 / n as f64
+        };
+        // Two distinct choices: the idle host wins whenever it is one of
+        // them (1/2); eight: 1 − (3/4)^8 ≈ 0.90; bias 0 ignores the load.
+        assert!((share_of_idle(2, 1.0) - 0.5).abs() < 0.03);
+        assert!((share_of_idle(8, 1.0) - 0.9).abs() < 0.03);
+        assert!((share_of_idle(2, 0.0) - 0.25).abs() < 0.03);
     }
 }

@@ -430,6 +430,88 @@ async fn a_generated_cookie_keeps_a_session_on_one_backend() {
     );
 }
 
+/// Counts of the backends that answered `n` requests.
+async fn spread(c: &HttpClient, n: usize) -> HashMap<String, usize> {
+    let mut by = HashMap::new();
+    for _ in 0..n {
+        let (status, name, _) = get(c, &[]).await;
+        assert_eq!(status, 200, "{name}");
+        *by.entry(name).or_default() += 1;
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_localities_and_priorities_share_traffic_over_real_endpoints() {
+    let a = backend("127.0.0.124", "a", 200, Duration::ZERO).await;
+    let b = backend("127.0.0.125", "b", 200, Duration::ZERO).await;
+    let c = backend("127.0.0.126", "c", 200, Duration::ZERO).await;
+    let d = backend("127.0.0.127", "d", 200, Duration::ZERO).await;
+    let ep = |addr: SocketAddr, weight: u32, health: &str| {
+        json!({"endpoint": {"address": {"socket_address": {"address": addr.ip().to_string(), "port_value": addr.port()}}},
+            "load_balancing_weight": weight, "health_status": health})
+    };
+    // Priority 0: zone a (a weight 2, b weight 1) and zone b (c), each
+    // locality of weight 1; priority 1: d. Panic mode off, as Istio with
+    // outlier detection.
+    let cluster = |locality_weighted: bool, health: [&str; 3]| {
+        let mut v = json!({"common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+            "load_assignment": {"cluster_name": "c", "endpoints": [
+            {"locality": {"zone": "a"}, "load_balancing_weight": 1, "lb_endpoints": [ep(a, 2, health[0]), ep(b, 1, health[1])]},
+            {"locality": {"zone": "b"}, "load_balancing_weight": 1, "lb_endpoints": [ep(c, 1, health[2])]},
+            {"locality": {"zone": "c"}, "load_balancing_weight": 1, "priority": 1, "lb_endpoints": [ep(d, 1, "HEALTHY")]}]}});
+        if locality_weighted {
+            v["common_lb_config"]["locality_weighted_lb_config"] = json!({});
+        }
+        v
+    };
+    let healthy = ["HEALTHY"; 3];
+    let near = |got: usize, want: f64, n: usize| {
+        let want = want * n as f64;
+        (got as f64 - want).abs() <= 4.0 * want.sqrt().max(3.0)
+    };
+    let n = 600;
+    // Endpoint weights alone: 2 : 1 : 1 (round robin is exact), d idle.
+    let by = spread(&client(&[], cluster(false, healthy), json!({})), n).await;
+    assert_eq!(
+        (by.get("a"), by.get("b"), by.get("c"), by.get("d")),
+        (Some(&300), Some(&150), Some(&150), None),
+        "{by:?}"
+    );
+    // Locality weighting: half to each zone, then by weight within zone a.
+    let by = spread(&client(&[], cluster(true, healthy), json!({})), n).await;
+    let count = |k: &str| by.get(k).copied().unwrap_or(0);
+    assert!(
+        near(count("a"), 1.0 / 3.0, n)
+            && near(count("b"), 1.0 / 6.0, n)
+            && near(count("c"), 0.5, n),
+        "{by:?}"
+    );
+    assert_eq!(count("d"), 0);
+    // One of three unhealthy: priority 0 keeps 1.4 × 2/3 ≈ 93 % (Envoy's
+    // overprovisioning factor), the rest spills to priority 1.
+    let by = spread(
+        &client(
+            &[],
+            cluster(false, ["HEALTHY", "HEALTHY", "UNHEALTHY"]),
+            json!({}),
+        ),
+        1000,
+    )
+    .await;
+    let count = |k: &str| by.get(k).copied().unwrap_or(0);
+    assert_eq!(count("c"), 0, "{by:?}");
+    assert!(near(count("d"), 0.0667, 1000), "{by:?}");
+    assert!(near(count("a"), 0.9333 * 2.0 / 3.0, 1000), "{by:?}");
+    // Nothing healthy at priority 0: all of it to priority 1.
+    let by = spread(
+        &client(&[], cluster(false, ["UNHEALTHY"; 3]), json!({})),
+        100,
+    )
+    .await;
+    assert_eq!(by.get("d"), Some(&100), "{by:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_budget_limits_retries_to_its_share_of_active_requests() {
     let live = backend("127.0.0.97", "live", 200, Duration::ZERO).await;

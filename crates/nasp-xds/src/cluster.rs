@@ -267,6 +267,9 @@ pub struct ClusterInfo {
     /// Slow start of new endpoints (round robin and least request; Istio's
     /// `warmupDurationSecs` / `warmup`), when configured.
     pub slow_start: Option<SlowStart>,
+    /// Least request's `(choice_count, active_request_bias)` (Envoy's
+    /// defaults 2 and 1.0).
+    pub least_request: (u32, f64),
 }
 
 /// Envoy's `slow_start_config`: an endpoint added less than `window` ago
@@ -686,6 +689,15 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
         ),
         _ => ((1024, 8 * 1024 * 1024), 65537),
     };
+    let least_request = match &c.lb_config {
+        Some(LbConfig::LeastRequestLbConfig(l)) => (
+            l.choice_count.as_ref().map_or(2, |v| v.value.max(2)),
+            l.active_request_bias
+                .as_ref()
+                .map_or(1.0, |b| b.default_value.max(0.0)),
+        ),
+        _ => (2, 1.0),
+    };
     let slow_start = match &c.lb_config {
         Some(LbConfig::RoundRobinLbConfig(r)) => r.slow_start_config.as_ref(),
         Some(LbConfig::LeastRequestLbConfig(l)) => l.slow_start_config.as_ref(),
@@ -778,6 +790,7 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
             }
         }),
         slow_start,
+        least_request,
     }
 }
 
