@@ -7,7 +7,11 @@
 //!   and the tools of the checks: cargo-deny and cargo-fuzz (`cargo install
 //!   --locked`) and a nightly toolchain (rustup, for libFuzzer).
 //! - `build-filters`: builds every crate under `filters/` for both targets
-//!   (release) and copies the modules to `target/filters/`.
+//!   (release, with the source paths remapped so the bytes do not depend on
+//!   the machine) and copies the modules to `target/filters/`. With
+//!   `--update`, also copies the default chain's modules (metadata-exchange,
+//!   istio-stats) to `crates/nasp/filters/`, which the library embeds; with
+//!   `--check`, fails if those copies differ from the modules just built.
 //! - `lint`: rustfmt (`--check`), clippy on every target with `-D warnings`
 //!   (the lint set is `[workspace.lints]` in `Cargo.toml`), and cargo-deny
 //!   (bans, licenses, sources, advisories) against the offline RustSec
@@ -16,7 +20,8 @@
 //! - `fuzz [SECS]`: builds the cargo-fuzz targets of `fuzz/` and runs each
 //!   for SECS seconds (default 30); fails on a crash, whose input is left in
 //!   `fuzz/artifacts/<target>/`. See `docs/fuzzing.md`.
-//! - `test`: setup, lint, build-filters, the runtime feature matrix (`cargo
+//! - `test`: setup, lint, build-filters and the check that the embedded
+//!   filters are in step (as `build-filters --check`), the runtime feature matrix (`cargo
 //!   check`, no warnings allowed), doc tests, the workspace tests (nextest if
 //!   installed, else `cargo test`), then every fuzz target for 30 s. This is
 //!   the command CI runs; each stage prints how long it took.
@@ -618,15 +623,70 @@ const FILTER_TARGETS: [(&str, &str); 2] = [
     ("wasm32-unknown-unknown", "-unknown"),
 ];
 
+/// The filters the `nasp` library embeds as every `Mesh`'s default chain
+/// (`crates/nasp/src/filters.rs`): their wasip1 builds are checked in under
+/// [`EMBEDDED_DIR`], so that a normal `cargo build` needs no wasm toolchain.
+const EMBEDDED_FILTERS: [&str; 2] = ["metadata-exchange", "istio-stats"];
+
+/// Where the embedded copies live, from the workspace root.
+const EMBEDDED_DIR: &str = "crates/nasp/filters";
+
+/// Flags that make a filter build the same bytes on any machine: rustc
+/// writes the source paths of dependencies into panic locations, and those
+/// sit under `CARGO_HOME` (`/root/.cargo/registry/src/index.crates.io-
+/// <hash>/proxy-wasm-0.2.5/src/...`); the standard library's are already
+/// `/rustc/<commit>/`, and the workspace's own are relative. Each registry
+/// source directory becomes `/cargo/registry/<name>`, the filters
+/// directory `/nasp/filters`. The same toolchain is still needed: another
+/// rustc generates other code.
+fn reproducible_rustflags(filters: &Path) -> String {
+    let mut flags = Vec::new();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(home) = cargo_home {
+        // rustc applies the last prefix that matches: the general one first.
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+        for sub in ["registry/src", "git/checkouts"] {
+            let dir = home.join(sub);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            names.sort();
+            for path in names {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                // `index.crates.io-1949cf8c6b5b557f`: the hash is cargo's,
+                // not the source's, so it is dropped.
+                let name = name.split_once('-').map_or(&*name, |(n, _)| n).to_string();
+                flags.push(format!(
+                    "--remap-path-prefix={}=/cargo/{sub}/{name}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    flags.push(format!(
+        "--remap-path-prefix={}=/nasp/filters",
+        filters.display()
+    ));
+    // CARGO_ENCODED_RUSTFLAGS: one flag per 0x1f-separated field, so paths
+    // with spaces survive; it also wins over a RUSTFLAGS of the caller's.
+    flags.join("\x1f")
+}
+
 fn build_filters() -> Result<(), String> {
     let root = root();
     let filters = root.join("filters");
     let out = root.join("target").join("filters");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let rustflags = reproducible_rustflags(&filters);
     for (target, suffix) in FILTER_TARGETS {
         run(cargo()
             .current_dir(&filters)
-            .args(["build", "--release", "--target", target]))?;
+            .env("CARGO_ENCODED_RUSTFLAGS", &rustflags)
+            .env_remove("RUSTFLAGS")
+            .args(["build", "--release", "--locked", "--target", target]))?;
         let built = filters.join("target").join(target).join("release");
         let entries = std::fs::read_dir(&built).map_err(|e| format!("{}: {e}", built.display()))?;
         for entry in entries.flatten() {
@@ -648,6 +708,53 @@ fn build_filters() -> Result<(), String> {
     Ok(())
 }
 
+/// Compares the embedded copies with the modules just built
+/// (`target/filters/`); with `update`, copies the built ones over those
+/// that differ. Fails, naming each file, when a copy is out of step and
+/// `update` is not set.
+fn embedded_filters(update: bool) -> Result<(), String> {
+    let root = root();
+    let mut stale = Vec::new();
+    for name in EMBEDDED_FILTERS {
+        let built = root.join("target/filters").join(format!("{name}.wasm"));
+        let embedded = root.join(EMBEDDED_DIR).join(format!("{name}.wasm"));
+        let new = std::fs::read(&built).map_err(|e| format!("{}: {e}", built.display()))?;
+        let old = std::fs::read(&embedded).ok();
+        if old.as_deref() == Some(new.as_slice()) {
+            eprintln!(
+                "xtask: {} is in step with filters/{name}",
+                embedded.display()
+            );
+            continue;
+        }
+        if update {
+            std::fs::write(&embedded, &new).map_err(|e| format!("{}: {e}", embedded.display()))?;
+            eprintln!(
+                "xtask: {} updated ({} -> {} bytes)",
+                embedded.display(),
+                old.map_or(0, |o| o.len()),
+                new.len()
+            );
+        } else {
+            stale.push(format!(
+                "{EMBEDDED_DIR}/{name}.wasm ({} bytes checked in, {} built from filters/{name})",
+                old.map_or_else(|| "none".to_string(), |o| o.len().to_string()),
+                new.len()
+            ));
+        }
+    }
+    if stale.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the embedded default filters are out of step with their sources: {}. \
+             Run `cargo xtask build-filters --update` and commit the result \
+             (the same rustc as CI's is needed for the same bytes; docs/telemetry.md)",
+            stale.join("; ")
+        ))
+    }
+}
+
 /// Seconds each fuzz target runs in `cargo xtask test` (CI).
 const CI_FUZZ_SECS: u64 = 30;
 
@@ -657,6 +764,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     // Lint first: it is the quickest way to fail.
     timed("lint", lint)?;
     timed("build-filters", build_filters)?;
+    timed("embedded filters in step", || embedded_filters(false))?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()
@@ -790,13 +898,9 @@ fn bench(args: &[String]) -> Result<(), String> {
             measure,
         ]))?;
     }
-    run(cargo().current_dir(&root).args([
-        "bench",
-        "-p",
-        "nasp-transport",
-        "--bench",
-        "policy",
-    ]))
+    run(cargo()
+        .current_dir(&root)
+        .args(["bench", "-p", "nasp-transport", "--bench", "policy"]))
 }
 
 /// The main job: the embedded control plane (CA + ADS from the example mesh
@@ -823,7 +927,18 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
-        Some("build-filters") => setup_build().and_then(|()| build_filters()),
+        Some("build-filters") => match args.get(1).map(String::as_str) {
+            None => setup_build().and_then(|()| build_filters()),
+            Some("--update") => setup_build()
+                .and_then(|()| build_filters())
+                .and_then(|()| embedded_filters(true)),
+            Some("--check") => setup_build()
+                .and_then(|()| build_filters())
+                .and_then(|()| embedded_filters(false)),
+            Some(other) => Err(format!(
+                "cargo xtask build-filters [--update|--check]: unknown argument {other:?}"
+            )),
+        },
         Some("lint") => lint(),
         Some("fuzz") => match args.get(1).map(|s| s.parse::<u64>()) {
             None => fuzz(CI_FUZZ_SECS),
@@ -844,7 +959,7 @@ fn main() -> ExitCode {
             "xtask/codegen/Cargo.toml",
         ])),
         _ => Err(
-            "usage: cargo xtask <setup|build-filters|lint|fuzz [SECS]|test|demo|bench [transport]|codegen>"
+            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport]|codegen>"
                 .into(),
         ),
     };

@@ -9,12 +9,16 @@
 //! - [`xds`]: the ADS client, the resolved mesh view and config dumps;
 //! - [`transport`]: mesh listeners (STRICT / PERMISSIVE / DISABLE), mTLS
 //!   connections with Istio's SNI and ALPN, HTTP serving with the peer's id;
-//! - `controlplane`: the embedded control plane (feature `controlplane`).
+//! - `controlplane`: the embedded control plane (feature `controlplane`);
+//! - [`Mesh`] ([`mesh`]): the facade a workload joins the mesh with, whose
+//!   default filter chain ([`default_filters`]) is our metadata-exchange
+//!   and istio-stats filters, embedded in the library.
 //!
 //! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
 //! proxy-wasm runtime. Any combination builds, including none; a runtime that
 //! is not compiled in is a clear error at start-up, never a build failure.
 
+pub mod default_filters;
 pub mod mesh;
 
 pub use mesh::{

@@ -159,6 +159,7 @@ pub struct MeshBuilder {
     view: Option<Arc<dyn ViewSource>>,
     runtime: String,
     filters: Vec<FilterSpec>,
+    default_filters: bool,
     ready_timeout: Duration,
     inbound_mode: Option<InboundMode>,
     client: ClientSettings,
@@ -186,6 +187,7 @@ impl Default for MeshBuilder {
             view: None,
             runtime: "wasmtime".into(),
             filters: Vec::new(),
+            default_filters: true,
             ready_timeout: Duration::from_secs(30),
             inbound_mode: None,
             client: ClientSettings::default(),
@@ -334,10 +336,36 @@ impl MeshBuilder {
         self
     }
 
-    /// Adds a filter.
+    /// Adds a filter. It runs after the filters added before it, and after
+    /// the default chain unless that is off
+    /// ([`MeshBuilder::no_default_filters`]): by default a filter added
+    /// here extends the chain, with it off the filters added here are the
+    /// chain.
     pub fn filter(mut self, f: FilterSpec) -> Self {
         self.filters.push(f);
         self
+    }
+
+    /// Whether the mesh runs the default chain (on by default): our
+    /// metadata-exchange and istio-stats filters, embedded in the library
+    /// ([`crate::default_filters`]), inbound and outbound, for HTTP and
+    /// TCP, before any filter given with [`MeshBuilder::filter`]. They give
+    /// the workload Istio's standard metrics (`istio_requests_total`, …,
+    /// in [`Mesh::metrics`]) and tell its peers who it is. Fail-open, and
+    /// compiled once per runtime per process.
+    pub fn default_filters(mut self, on: bool) -> Self {
+        self.default_filters = on;
+        self
+    }
+
+    /// No default chain: only the filters given with
+    /// [`MeshBuilder::filter`] run (none: traffic passes untouched, no
+    /// telemetry). To run Istio's own compiled filters instead of ours,
+    /// turn the defaults off and add those. Inbound TCP then no longer
+    /// agrees the `istio-peer-exchange` ALPN, so a caller's metadata
+    /// preamble never reaches the application.
+    pub fn no_default_filters(self) -> Self {
+        self.default_filters(false)
     }
 
     /// How long `build()` waits for a certificate and a first snapshot
@@ -477,35 +505,61 @@ impl MeshBuilder {
                 ));
             }
         };
-        // Filters: each module compiled once, instantiated per worker.
+        // Filters: each module compiled once (the defaults once per process),
+        // instantiated per worker; the defaults first, then the user's.
         let node = Arc::new(NodeProperties::from_settings(&self.workload));
         let (mut inbound, mut outbound) = (Vec::new(), Vec::new());
         let (mut inbound_tcp, mut outbound_tcp) = (Vec::new(), Vec::new());
+        let mut chain: Vec<(WasmModule, &FilterSpec)> = Vec::new();
+        let defaults = if self.default_filters {
+            crate::default_filters::chain()
+        } else {
+            Vec::new()
+        };
+        if !defaults.is_empty() {
+            let (mx, stats) = crate::default_filters::compiled(&self.runtime).map_err(|e| {
+                MeshError::Config(format!(
+                    "the default filters (metadata exchange, Istio stats) on runtime {:?}: {e} \
+                     (choose a compiled-in runtime with MeshBuilder::runtime, or turn them off \
+                     with MeshBuilder::no_default_filters)",
+                    self.runtime
+                ))
+            })?;
+            for (module, spec) in &defaults {
+                let compiled = match module {
+                    crate::default_filters::Module::MetadataExchange => mx.clone(),
+                    crate::default_filters::Module::IstioStats => stats.clone(),
+                };
+                chain.push((compiled, spec));
+            }
+        }
         if !self.filters.is_empty() {
             let runtime = crate::wasm::shared_runtime(&self.runtime)?;
             for f in &self.filters {
-                let module = WasmModule::new(runtime.as_ref(), &f.wasm)?;
-                let list = match (f.direction, f.kind) {
-                    (FilterDirection::Inbound, FilterKind::Http) => &mut inbound,
-                    (FilterDirection::Outbound, FilterKind::Http) => &mut outbound,
-                    (FilterDirection::Inbound, FilterKind::Network) => &mut inbound_tcp,
-                    (FilterDirection::Outbound, FilterKind::Network) => &mut outbound_tcp,
-                };
-                // Root contexts read the node and the listener direction
-                // from the plugin's provider (Istio's filters do in
-                // proxy_on_configure); a config with its own keeps it.
-                let mut config = f.config.clone();
-                if config.properties.is_none() {
-                    let direction = match f.direction {
-                        FilterDirection::Inbound => ListenerDirection::Inbound,
-                        FilterDirection::Outbound => ListenerDirection::Outbound,
-                    };
-                    config.properties = Some(Arc::new(
-                        nasp_transport::filter::ListenerProperties::new(node.clone(), direction),
-                    ));
-                }
-                list.push((module, config));
+                chain.push((WasmModule::new(runtime.as_ref(), &f.wasm)?, f));
             }
+        }
+        for (module, f) in chain {
+            let list = match (f.direction, f.kind) {
+                (FilterDirection::Inbound, FilterKind::Http) => &mut inbound,
+                (FilterDirection::Outbound, FilterKind::Http) => &mut outbound,
+                (FilterDirection::Inbound, FilterKind::Network) => &mut inbound_tcp,
+                (FilterDirection::Outbound, FilterKind::Network) => &mut outbound_tcp,
+            };
+            // Root contexts read the node and the listener direction
+            // from the plugin's provider (Istio's filters do in
+            // proxy_on_configure); a config with its own keeps it.
+            let mut config = f.config.clone();
+            if config.properties.is_none() {
+                let direction = match f.direction {
+                    FilterDirection::Inbound => ListenerDirection::Inbound,
+                    FilterDirection::Outbound => ListenerDirection::Outbound,
+                };
+                config.properties = Some(Arc::new(
+                    nasp_transport::filter::ListenerProperties::new(node.clone(), direction),
+                ));
+            }
+            list.push((module, config));
         }
         let pool = |plugins: &[(WasmModule, PluginConfig)]| -> Result<Arc<ChainPool>, MeshError> {
             if plugins.is_empty() {
@@ -555,6 +609,7 @@ impl MeshBuilder {
                 env,
                 prometheus,
                 inbound_mode: self.inbound_mode,
+                peer_exchange: self.default_filters,
                 drain: self.drain,
                 stop,
                 serving: AtomicUsize::new(0),
@@ -720,6 +775,9 @@ struct Inner {
     env: HostEnv,
     prometheus: Option<nasp_telemetry::server::PrometheusServer>,
     inbound_mode: Option<InboundMode>,
+    /// Whether inbound TCP runs our metadata exchange (the default chain),
+    /// and so may agree the `istio-peer-exchange` ALPN.
+    peer_exchange: bool,
     drain: Duration,
     stop: watch::Sender<bool>,
     serving: AtomicUsize,
@@ -972,12 +1030,16 @@ impl Mesh {
                     Some(i) if !i.tls => InboundMode::Disable,
                     _ => InboundMode::Permissive,
                 });
-        Ok(MeshListener::bind(
-            addr,
-            self.inner.certs.clone(),
-            InboundConfig::new(mode, self.inner.trust_domain.as_str()),
-        )
-        .await?)
+        let mut config = InboundConfig::new(mode, self.inner.trust_domain.as_str());
+        if !self.inner.peer_exchange {
+            // Without our metadata exchange nothing would strip a caller's
+            // preamble: agree plain `istio` instead, as a sidecar without
+            // the exchange filter does, and the caller's filter sends none.
+            config
+                .alpn
+                .retain(|p| p.as_slice() != b"istio-peer-exchange");
+        }
+        Ok(MeshListener::bind(addr, self.inner.certs.clone(), config).await?)
     }
 
     /// Serves `service` (HTTP/1.1 and HTTP/2: hyper, axum, tonic) on

@@ -318,8 +318,24 @@ async fn tcp_and_http_through_filters_on_every_runtime() {
 
     let mesh = MeshFile::parse(TCP_MESH).expect("mesh");
     let cp = control_plane("127.0.4", &mesh).await;
-    // The database: greets with the caller's id, then echoes.
-    let db = join(&cp, "db").await;
+    // The database: greets with the caller's id, then echoes. This test
+    // asserts the exact bytes the conformance filter writes, so the TCP
+    // ends run without the default chain (whose metadata preambles would
+    // be among them: tests/default_filters.rs covers those); the web
+    // workload keeps it, its HTTP filter extending the chain.
+    let db = Mesh::builder()
+        .workload(WorkloadSettings {
+            pod_name: "db-0".into(),
+            namespace: "demo".into(),
+            service_account: "db".into(),
+            ..Default::default()
+        })
+        .embedded(cp.addr(), cp.root_pem().as_bytes().to_vec(), None)
+        .ready_timeout(Duration::from_secs(20))
+        .no_default_filters()
+        .build()
+        .await
+        .expect("db joined");
     let l = db
         .bind("127.0.4.2:15432".parse().expect("addr"))
         .await
@@ -383,6 +399,7 @@ async fn tcp_and_http_through_filters_on_every_runtime() {
             })
             .embedded(cp.addr(), cp.root_pem().as_bytes().to_vec(), None)
             .runtime(runtime)
+            .no_default_filters()
             .filter(FilterSpec {
                 wasm: wasm.clone(),
                 config: PluginConfig::new("conformance-tcp").configuration("tcp"),

@@ -1,6 +1,6 @@
-//! Two `Mesh` workloads on loopback (127.0.8.0/24) with our
-//! metadata-exchange and istio-stats filters (`filters/`, on wasmtime),
-//! each serving its Prometheus endpoint; after HTTP traffic from one to the
+//! Two `Mesh` workloads on loopback (127.0.8.0/24) with the default
+//! filter chain (our metadata-exchange and istio-stats filters, embedded in
+//! the library; wasmtime), each serving its Prometheus endpoint; after HTTP traffic from one to the
 //! other, a real Prometheus server (Debian's `prometheus`, started here)
 //! scrapes both and answers PromQL over them: the source reporter's series
 //! from the client, the destination reporter's from the server, with the
@@ -19,9 +19,8 @@ use nasp::controlplane::{
     CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache, TokenPolicy,
 };
 use nasp::transport::Body;
-use nasp::wasm::PluginConfig;
 use nasp::xds::WorkloadSettings;
-use nasp::{FilterDirection, FilterKind, FilterSpec, Mesh, MeshHttpClientExt as _};
+use nasp::{Mesh, MeshHttpClientExt as _};
 
 const MESH: &str = r#"
 trust_domain: cluster.local
@@ -44,45 +43,6 @@ const PROMETHEUS_IP: &str = "127.0.8.10";
 const OK: usize = 5;
 const NOT_FOUND: usize = 2;
 
-fn filter(name: &str) -> Arc<[u8]> {
-    let path = format!(
-        "{}/../../target/filters/{name}.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path)
-        .unwrap_or_else(|e| {
-            panic!("{path}: {e}; build the filters with `cargo xtask build-filters`")
-        })
-        .into()
-}
-
-/// Metadata exchange then stats, inbound and outbound, as a sidecar's chain.
-fn telemetry_filters() -> Vec<FilterSpec> {
-    let (mx, stats) = (filter("metadata-exchange"), filter("istio-stats"));
-    let mut specs = Vec::new();
-    for (direction, root) in [
-        (FilterDirection::Inbound, "stats_inbound"),
-        (FilterDirection::Outbound, "stats_outbound"),
-    ] {
-        specs.push(FilterSpec {
-            wasm: mx.clone(),
-            config: PluginConfig::new("metadata-exchange")
-                .configuration(r#"{"max_peer_cache_size":10000}"#),
-            direction,
-            kind: FilterKind::Http,
-        });
-        specs.push(FilterSpec {
-            wasm: stats.clone(),
-            config: PluginConfig::new("istio-stats")
-                .root_id(root)
-                .configuration("{}"),
-            direction,
-            kind: FilterKind::Http,
-        });
-    }
-    specs
-}
-
 async fn control_plane() -> ControlPlane {
     let ca = CertificateAuthority::generate("cluster.local")
         .expect("ca")
@@ -101,10 +61,10 @@ async fn control_plane() -> ControlPlane {
     .expect("control plane")
 }
 
-/// A workload `name` (its service account too) at `ip`, with the
-/// telemetry filters and its Prometheus endpoint on `ip`, port picked.
+/// A workload `name` (its service account too) at `ip`, with the default
+/// filter chain and its Prometheus endpoint on `ip`, port picked.
 async fn workload(cp: &ControlPlane, name: &str, ip: &str) -> Mesh {
-    let mut b = Mesh::builder()
+    let b = Mesh::builder()
         .workload(WorkloadSettings {
             pod_name: format!("{name}-0"),
             namespace: "demo".into(),
@@ -123,9 +83,6 @@ async fn workload(cp: &ControlPlane, name: &str, ip: &str) -> Mesh {
         .filter_workers(2)
         .ready_timeout(Duration::from_secs(20))
         .prometheus(Some(format!("{ip}:0").parse().expect("addr")));
-    for f in telemetry_filters() {
-        b = b.filter(f);
-    }
     let mesh = b.build().await.expect("joined the mesh");
     let addr = mesh.prometheus_addr().expect("Prometheus endpoint on");
     assert_eq!(addr.ip().to_string(), ip);
