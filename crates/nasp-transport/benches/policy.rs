@@ -7,11 +7,12 @@
 //! the last answer's body is read, for `--measure` seconds per variant and
 //! round; the variants run in a rotated order every round (A B C …, B C …
 //! A, …) so drift on a shared machine falls on all of them. Reported per
-//! variant: requests/s, the time per request (1 / throughput), its ratio to
-//! round robin's in the same round (median over rounds), and the extra
-//! time per request. Client and backends share one tokio runtime with a
-//! worker per CPU, so on a saturated machine the time per request is the
-//! CPU it costs.
+//! variant: requests/s, the wall time per request (1 / throughput), the
+//! process's CPU time per request (every thread's, from
+//! `/proc/self/task/*/schedstat`, client and backends together: less
+//! sensitive than throughput to other work on a shared machine), each
+//! with its ratio to round robin's in the same round (median over rounds),
+//! and the extra CPU per request.
 //!
 //! Run: `cargo bench -p nasp-transport --bench policy -- [--measure S]
 //! [--rounds N]` (or `cargo xtask bench policy`). Results:
@@ -187,8 +188,23 @@ fn variants() -> Vec<(&'static str, Value, Value)> {
     ]
 }
 
-/// Requests per second of `client` over `d` with [`CALLERS`] callers.
-async fn run(client: &HttpClient, d: Duration) -> f64 {
+/// CPU time this process has used so far (every thread's, from
+/// `/proc/self/task/*/schedstat`, in nanoseconds).
+fn cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Requests per second of `client` over `d` with [`CALLERS`] callers, and
+/// the process's CPU nanoseconds per request.
+async fn run(client: &HttpClient, d: Duration) -> (f64, f64) {
+    let cpu = cpu_ns();
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -216,7 +232,11 @@ async fn run(client: &HttpClient, d: Duration) -> f64 {
     for t in tasks {
         t.await.expect("caller");
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let n = done.load(Ordering::Relaxed) as f64;
+    (
+        n / started.elapsed().as_secs_f64(),
+        cpu_ns().saturating_sub(cpu) as f64 / n.max(1.0),
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -259,27 +279,38 @@ fn main() {
             loadavg()
         );
         let mut rps = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
         for round in 0..rounds {
             for k in 0..variants.len() {
                 let i = (k + round) % variants.len();
-                rps[i].push(run(&clients[i], measure).await);
+                let (r, c) = run(&clients[i], measure).await;
+                rps[i].push(r);
+                cpu[i].push(c);
             }
         }
-        let ratios = |i: usize| -> Vec<f64> {
-            (0..rounds)
-                .map(|r| rps[0][r] / rps[i][r])
-                .collect()
+        // Per round: wall time per request and CPU per request, each as a
+        // ratio to round robin's in the same round.
+        let ratio = |v: &[Vec<f64>], i: usize, inverse: bool| -> f64 {
+            median(
+                (0..rounds)
+                    .map(|r| if inverse { v[0][r] / v[i][r] } else { v[i][r] / v[0][r] })
+                    .collect(),
+            )
         };
-        let base_us = 1e6 / median(rps[0].clone());
-        println!("| layer | requests/s | µs / request | × round robin | extra µs / request |");
-        println!("|---|---|---|---|---|");
+        let base_cpu = median(cpu[0].clone()) / 1e3;
+        println!(
+            "| layer | requests/s | wall µs / request | × round robin | CPU µs / request | × round robin | extra CPU µs / request |"
+        );
+        println!("|---|---|---|---|---|---|---|");
         for (i, (name, _, _)) in variants.iter().enumerate() {
             let r = median(rps[i].clone());
-            let ratio = median(ratios(i));
+            let c = median(cpu[i].clone()) / 1e3;
+            let cpu_ratio = ratio(&cpu, i, false);
             println!(
-                "| {name} | {r:.0} | {:.1} | {ratio:.3} | {:+.2} |",
+                "| {name} | {r:.0} | {:.1} | {:.3} | {c:.1} | {cpu_ratio:.3} | {:+.2} |",
                 1e6 / r,
-                (ratio - 1.0) * base_us
+                ratio(&rps, i, true),
+                (cpu_ratio - 1.0) * base_cpu
             );
         }
         println!("load at end {}", loadavg());
