@@ -28,20 +28,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use nasp_transport::{Body, HttpClient, InboundConfig, InboundMode, MeshListener, serve_http};
+use nasp_transport::{Body, HttpClient, serve_http};
 use serde_json::{Value, json};
 
 const CALLERS: usize = 8;
 
 /// A backend answering 200 with a short body.
 async fn backend(ip: &str) -> SocketAddr {
-    let listener = MeshListener::bind(
-        format!("{ip}:0").parse().expect("addr"),
-        common::any_certs(),
-        InboundConfig::new(InboundMode::Disable, "cluster.local"),
-    )
-    .await
-    .expect("listen");
+    let listener = common::plain_listener(ip).await;
     let addr = listener.local_addr();
     let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
         Ok::<_, Infallible>(http::Response::new(Body::from("ok")))

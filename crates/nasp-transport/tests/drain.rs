@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::any_certs as certs;
 use hyper::body::Incoming;
-use nasp_transport::{
-    Body, HttpClient, InboundConfig, InboundMode, MeshListener, serve_http_until,
-};
+use nasp_transport::{Body, HttpClient, serve_http_until};
 use serde_json::json;
 
 /// A replica that serves until `stop` fires, then drains.
@@ -28,13 +26,7 @@ async fn replica(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<usize>,
 ) {
-    let listener = MeshListener::bind(
-        format!("{ip}:0").parse().expect("addr"),
-        certs(),
-        InboundConfig::new(InboundMode::Disable, "cluster.local"),
-    )
-    .await
-    .expect("listen");
+    let listener = common::plain_listener(ip).await;
     let addr = listener.local_addr();
     let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| async move {
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -24,13 +24,7 @@ use serde_json::{Value, json};
 
 /// A plaintext backend answering `status` after `delay`, naming itself.
 async fn backend(ip: &str, name: &'static str, status: u16, delay: Duration) -> SocketAddr {
-    let listener = MeshListener::bind(
-        format!("{ip}:0").parse().expect("addr"),
-        certs(),
-        InboundConfig::new(InboundMode::Disable, "cluster.local"),
-    )
-    .await
-    .expect("listen");
+    let listener = common::plain_listener(ip).await;
     let addr = listener.local_addr();
     let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| async move {
         tokio::time::sleep(delay).await;
@@ -48,13 +42,7 @@ async fn backend(ip: &str, name: &'static str, status: u16, delay: Duration) -> 
 
 /// A plaintext backend failing every other request with 503.
 async fn flaky_backend(ip: &str, name: &'static str) -> SocketAddr {
-    let listener = MeshListener::bind(
-        format!("{ip}:0").parse().expect("addr"),
-        certs(),
-        InboundConfig::new(InboundMode::Disable, "cluster.local"),
-    )
-    .await
-    .expect("listen");
+    let listener = common::plain_listener(ip).await;
     let addr = listener.local_addr();
     let n = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {

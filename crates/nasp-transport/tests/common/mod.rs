@@ -10,7 +10,9 @@ use std::sync::Arc;
 use nasp_controlplane::CertificateAuthority;
 use nasp_identity::cert::{pem_certs, pem_key};
 use nasp_identity::{KeyAlgorithm, WorkloadCert, keys};
-use nasp_transport::{HttpClient, MeshConnector, StaticView};
+use nasp_transport::{
+    HttpClient, InboundConfig, InboundMode, MeshConnector, MeshListener, StaticView,
+};
 use nasp_xds::{MeshView, ResourceSet, ViewSettings, read_config_dump};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -132,4 +134,15 @@ pub fn client(set: &ResourceSet, certs: Watch) -> HttpClient {
         Arc::new(StaticView::new(view(set))),
         MeshConnector::new(certs),
     )
+}
+
+/// A plaintext listener on `ip` (any port), for backends outside the mesh.
+pub async fn plain_listener(ip: &str) -> MeshListener {
+    MeshListener::bind(
+        format!("{ip}:0").parse().expect("addr"),
+        any_certs(),
+        InboundConfig::new(InboundMode::Disable, "cluster.local"),
+    )
+    .await
+    .expect("listen")
 }
