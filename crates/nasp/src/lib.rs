@@ -12,12 +12,14 @@
 //! - `controlplane`: the embedded control plane (feature `controlplane`);
 //! - [`Mesh`] ([`mesh`]): the facade a workload joins the mesh with, whose
 //!   default filter chain ([`default_filters`]) is our metadata-exchange
-//!   and istio-stats filters, embedded in the library.
+//!   and istio-stats filters, embedded in the library; [`access_log`]:
+//!   its access log (Envoy's format or JSON, off by default).
 //!
 //! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
 //! proxy-wasm runtime. Any combination builds, including none; a runtime that
 //! is not compiled in is a clear error at start-up, never a build failure.
 
+pub mod access_log;
 pub mod default_filters;
 pub mod mesh;
 

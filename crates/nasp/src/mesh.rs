@@ -40,6 +40,8 @@ use nasp_xds::{AdsClient, AdsConfig, ViewSettings, WorkloadSettings};
 use tokio::sync::watch;
 use tower::{Layer as _, Service, ServiceExt as _};
 
+use crate::access_log::{AccessLog, AccessLogConfig, AccessLogLayer, Side, TcpLog};
+
 type CertWatch = watch::Receiver<Option<Arc<WorkloadCert>>>;
 
 /// What can go wrong joining or using the mesh.
@@ -166,6 +168,7 @@ pub struct MeshBuilder {
     drain: Duration,
     workers: usize,
     prometheus: Option<SocketAddr>,
+    access_log: Option<AccessLogConfig>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -194,6 +197,7 @@ impl Default for MeshBuilder {
             drain: Duration::from_secs(5),
             workers: nasp_transport::filter::default_workers(),
             prometheus: None,
+            access_log: None,
         }
     }
 }
@@ -268,7 +272,10 @@ impl MeshBuilder {
     /// - the trust domain from `TRUST_DOMAIN`;
     /// - the Prometheus endpoint from `NASP_PROMETHEUS_ADDR` (`IP:PORT` or
     ///   `off`; default `0.0.0.0:15090`, a sidecar's, see
-    ///   [`MeshBuilder::prometheus`]).
+    ///   [`MeshBuilder::prometheus`]);
+    /// - the access log from `NASP_ACCESS_LOG` (`stdout`, a file path, or
+    ///   `off`, the default) and `NASP_ACCESS_LOG_FORMAT` (`text`, Envoy's
+    ///   default format, or `json`; see [`MeshBuilder::access_log`]).
     pub fn from_env() -> Result<Self, MeshError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -304,6 +311,11 @@ impl MeshBuilder {
             b.trust_domain = td;
         }
         b.prometheus = prometheus_addr_from(get(PROMETHEUS_ADDR_VAR).as_deref())?;
+        b.access_log = AccessLogConfig::from_vars(
+            get(crate::access_log::ACCESS_LOG_VAR).as_deref(),
+            get(crate::access_log::ACCESS_LOG_FORMAT_VAR).as_deref(),
+        )
+        .map_err(MeshError::Config)?;
         b.target = Some(ControlPlaneTarget {
             xds,
             ca,
@@ -412,6 +424,16 @@ impl MeshBuilder {
         self
     }
 
+    /// Writes one line per HTTP request the mesh sends or serves (Envoy's
+    /// default access log format, or JSON) to stdout or a file, or none
+    /// with `None` (the default; [`MeshBuilder::from_env`] reads
+    /// `NASP_ACCESS_LOG`). A file that cannot be opened fails
+    /// [`MeshBuilder::build`]. See [`crate::access_log`].
+    pub fn access_log(mut self, config: Option<AccessLogConfig>) -> Self {
+        self.access_log = config;
+        self
+    }
+
     /// Joins the mesh: starts identity and xDS, loads the filters, and waits
     /// (up to the ready timeout) for a certificate and a first snapshot.
     pub async fn build(self) -> Result<Mesh, MeshError> {
@@ -428,6 +450,13 @@ impl MeshBuilder {
         let prometheus = match self.prometheus {
             Some(addr) => Some(
                 nasp_telemetry::server::PrometheusServer::bind(addr, env.metrics.clone()).await?,
+            ),
+            None => None,
+        };
+        let access_log = match &self.access_log {
+            Some(c) => Some(
+                AccessLog::open(c)
+                    .map_err(|e| MeshError::Config(format!("access log {:?}: {e}", c.target)))?,
             ),
             None => None,
         };
@@ -610,6 +639,7 @@ impl MeshBuilder {
                 prometheus,
                 inbound_mode: self.inbound_mode,
                 peer_exchange: self.default_filters,
+                access_log,
                 drain: self.drain,
                 stop,
                 serving: AtomicUsize::new(0),
@@ -674,6 +704,8 @@ pub struct TcpConnection {
     upstream: Upstream,
     peer_id: Option<String>,
     peer_addr: Option<SocketAddr>,
+    /// Its access log line, written when the connection is dropped.
+    log: Option<TcpLog>,
 }
 
 enum TcpIo {
@@ -730,7 +762,17 @@ impl tokio::io::AsyncRead for TcpConnection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        each_io!(self, io => std::pin::Pin::new(io).poll_read(cx, buf))
+        let before = buf.filled().len();
+        let this = self.get_mut();
+        let r = match &mut this.io {
+            TcpIo::Direct(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            TcpIo::Inbound(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+            TcpIo::Piped(io) => std::pin::Pin::new(io).poll_read(cx, buf),
+        };
+        if let (std::task::Poll::Ready(Ok(())), Some(log)) = (&r, &mut this.log) {
+            log.read(buf.filled().len().saturating_sub(before));
+        }
+        r
     }
 }
 
@@ -740,7 +782,16 @@ impl tokio::io::AsyncWrite for TcpConnection {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        each_io!(self, io => std::pin::Pin::new(io).poll_write(cx, buf))
+        let this = self.get_mut();
+        let r = match &mut this.io {
+            TcpIo::Direct(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            TcpIo::Inbound(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+            TcpIo::Piped(io) => std::pin::Pin::new(io).poll_write(cx, buf),
+        };
+        if let (std::task::Poll::Ready(Ok(n)), Some(log)) = (&r, &mut this.log) {
+            log.wrote(*n);
+        }
+        r
     }
 
     fn poll_flush(
@@ -778,6 +829,7 @@ struct Inner {
     /// Whether inbound TCP runs our metadata exchange (the default chain),
     /// and so may agree the `istio-peer-exchange` ALPN.
     peer_exchange: bool,
+    access_log: Option<Arc<AccessLog>>,
     drain: Duration,
     stop: watch::Sender<bool>,
     serving: AtomicUsize,
@@ -885,10 +937,17 @@ impl Mesh {
             self.inner.node.clone(),
         )
         .local_identity(self.inner.id.to_string());
-        tower::util::BoxCloneSyncService::new(tower::util::MapErr::new(
+        let client = tower::util::MapErr::new(
             filters.layer(self.inner.http.clone()),
             unbox as fn(ServiceError) -> BoxError,
-        ))
+        );
+        match &self.inner.access_log {
+            // Outermost: the line says what the application got.
+            Some(log) => tower::util::BoxCloneSyncService::new(
+                AccessLogLayer::new(log.clone(), Side::Outbound, None).layer(client),
+            ),
+            None => tower::util::BoxCloneSyncService::new(client),
+        }
     }
 
     /// The HTTP client without filters (no boxing).
@@ -908,12 +967,17 @@ impl Mesh {
     pub async fn connect(&self, target: &str) -> Result<TcpConnection, MeshError> {
         let stream = self.inner.tcp.connect(target).await?;
         let upstream = stream.upstream().clone();
+        let log = self.inner.access_log.as_ref().map(|l| {
+            let peer = upstream.peer_id.as_deref().map(str::to_string);
+            TcpLog::new(l.clone(), Side::Outbound, &upstream, peer, None)
+        });
         if self.inner.outbound_tcp.is_empty() {
             return Ok(TcpConnection {
                 io: TcpIo::Direct(stream),
                 upstream,
                 peer_id: None,
                 peer_addr: None,
+                log,
             });
         }
         // The application writes into one end of a pipe; the filters run
@@ -943,6 +1007,7 @@ impl Mesh {
             upstream,
             peer_id: None,
             peer_addr: None,
+            log,
         })
     }
 
@@ -978,12 +1043,22 @@ impl Mesh {
                 attempts: 1,
             };
             let peer_addr = Some(conn.peer_addr);
+            let log = self.inner.access_log.as_ref().map(|l| {
+                TcpLog::new(
+                    l.clone(),
+                    Side::Inbound,
+                    &upstream,
+                    peer_id.clone(),
+                    peer_addr,
+                )
+            });
             if self.inner.inbound_tcp.is_empty() {
                 tokio::spawn(handler(TcpConnection {
                     io: TcpIo::Inbound(conn.stream),
                     upstream,
                     peer_id,
                     peer_addr,
+                    log,
                 }));
                 continue;
             }
@@ -1012,6 +1087,7 @@ impl Mesh {
                 upstream,
                 peer_id,
                 peer_addr,
+                log,
             }));
         }
         self.inner.serving.fetch_sub(1, Ordering::SeqCst);
@@ -1067,10 +1143,16 @@ impl Mesh {
         .local_identity(self.inner.id.to_string())
         .local_addr(local)
         .layer(app);
-        let svc = tower::util::BoxCloneSyncService::new(tower::util::MapErr::new(
-            filtered,
-            unbox as fn(ServiceError) -> BoxError,
-        ));
+        let filtered = tower::util::MapErr::new(filtered, unbox as fn(ServiceError) -> BoxError);
+        let svc: tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, BoxError> =
+            match &self.inner.access_log {
+                // Outermost: the line says what the caller got, filters'
+                // local replies included.
+                Some(log) => tower::util::BoxCloneSyncService::new(
+                    AccessLogLayer::new(log.clone(), Side::Inbound, Some(local)).layer(filtered),
+                ),
+                None => tower::util::BoxCloneSyncService::new(filtered),
+            };
         let hyper_svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             svc.clone().oneshot(req.map(Body::new))
         });
@@ -1201,5 +1283,28 @@ mod tests {
         }
         // Off unless asked, for a mesh built in code.
         assert_eq!(Mesh::builder().prometheus, None);
+    }
+
+    #[test]
+    fn the_access_log_is_off_unless_configured() {
+        assert_eq!(Mesh::builder().access_log, None);
+        let with = |log: Option<&str>, format: Option<&str>| {
+            MeshBuilder::from_lookup(|k| match k {
+                "DISCOVERY_ADDRESS" => Some("127.0.0.1:15012".into()),
+                "ROOT_CERT" => Some("/tmp/root.pem".into()),
+                "NASP_ACCESS_LOG" => log.map(str::to_string),
+                "NASP_ACCESS_LOG_FORMAT" => format.map(str::to_string),
+                _ => None,
+            })
+            .map(|b| b.access_log)
+        };
+        assert_eq!(with(None, None).expect("unset"), None);
+        assert_eq!(with(Some("off"), Some("json")).expect("off"), None);
+        assert_eq!(
+            with(Some("stdout"), None).expect("stdout"),
+            Some(AccessLogConfig::stdout())
+        );
+        let e = with(Some("/tmp/a.log"), Some("xml")).expect_err("bad format");
+        assert!(e.to_string().contains("NASP_ACCESS_LOG_FORMAT"), "{e}");
     }
 }
