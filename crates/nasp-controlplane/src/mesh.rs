@@ -266,6 +266,13 @@ pub struct MeshRoute {
     /// Request and response header changes.
     #[serde(default)]
     pub headers: Option<Headers>,
+    /// A copy of each request (of `mirror_percentage` of them) to this
+    /// destination of the service, its answer dropped (Istio's `mirror`).
+    #[serde(default)]
+    pub mirror: Option<RouteDestination>,
+    /// The share mirrored, in percent (default 100, Istio's
+    /// `mirrorPercentage`).
+    pub mirror_percentage: Option<f64>,
 }
 
 /// A service.
@@ -504,6 +511,34 @@ fn validate(svc: &MeshService, fqdn: &str) -> Result<(), XdsError> {
                     format!("{which}: unknown subset {s:?} (declare it under `subsets`)"),
                 ));
             }
+        }
+        if let Some(m) = &r.mirror {
+            if m.weight.is_some() {
+                return Err(bad(fqdn, format!("{which}: a `mirror` has no weight")));
+            }
+            if let Some(s) = &m.subset
+                && !svc.subsets.iter().any(|x| &x.name == s)
+            {
+                return Err(bad(
+                    fqdn,
+                    format!("{which}: mirror: unknown subset {s:?} (declare it under `subsets`)"),
+                ));
+            }
+        }
+        match r.mirror_percentage {
+            Some(p) if r.mirror.is_none() => {
+                return Err(bad(
+                    fqdn,
+                    format!("{which}: mirror_percentage {p} without a `mirror`"),
+                ));
+            }
+            Some(p) if !(0.0..=100.0).contains(&p) => {
+                return Err(bad(
+                    fqdn,
+                    format!("{which}: mirror_percentage {p}: 0 to 100"),
+                ));
+            }
+            _ => {}
         }
         if r.route.len() > 1 && r.route.iter().any(|d| d.weight.is_none()) {
             return Err(bad(
@@ -891,6 +926,15 @@ fn http_routes(svc: &MeshService, port: u16, fqdn: &str) -> Vec<Value> {
             }
             if let Some(f) = &r.fault {
                 route["typed_per_filter_config"] = f.to_envoy();
+            }
+            if let Some(m) = &r.mirror {
+                // istiod: the percentage as `value × 10 000` per million.
+                let share = (r.mirror_percentage.unwrap_or(100.0) * 10_000.0).round() as u64;
+                route["route"]["request_mirror_policies"] = json!([{
+                    "cluster": cluster_name(port, m.subset.as_deref(), fqdn),
+                    "runtime_fraction": {"default_value": {"numerator": share, "denominator": "MILLION"}},
+                    "trace_sampled": false
+                }]);
             }
             if let Some(h) = &r.headers {
                 h.apply(&mut route);

@@ -166,6 +166,14 @@ fn virtual_service_settings_become_istiods_route_fields() {
     );
     assert_eq!(r.retriable_status_codes, vec![503]);
     assert_eq!(r.host_predicates, vec![HostPredicate::PreviousHosts]);
+    assert_eq!(
+        f.mirrors,
+        vec![nasp_xds::route::Mirror {
+            cluster: format!("outbound|8080|v1|{CART}"),
+            fraction: 0.25
+        }],
+        "istiod's request_mirror_policies"
+    );
     // To v2 only: v2's cookie is the hash key.
     assert!(
         matches!(&f.target, ClusterTarget::Cluster(c) if c == &format!("outbound|8080|v2|{CART}"))
@@ -281,6 +289,13 @@ fn every_hash_key_and_the_authority_rewrite() {
 #[test]
 fn bad_policies_are_clear_errors() {
     let cases: &[(&str, &str, &str)] = &[
+        ("", "mirror: {subset: nope}", "mirror: unknown subset"),
+        (
+            "",
+            "mirror: {}, mirror_percentage: 101",
+            "mirror_percentage 101",
+        ),
+        ("", "mirror_percentage: 5", "without a `mirror`"),
         (
             "traffic_policy: {load_balancer: {consistent_hash: {http_header_name: a}, warmup_duration_secs: 10s}}",
             "",

@@ -723,9 +723,62 @@ impl RouteLayer {
         set_uri(&mut req, &authority, &pq);
         let (hash, set_cookie) =
             request_hash(&forward.hash_policy, req.headers(), &pq, &self.source_key);
+        let route_name: Arc<str> = Arc::from(route.name.as_str());
+        // Mirrors (Istio's `mirror`): a copy to each mirror cluster for its
+        // share, as Envoy's shadowing: authority `host-shadow`, no retries,
+        // the answer dropped.
+        let shadows: Vec<Arc<ClusterInfo>> = forward
+            .mirrors
+            .iter()
+            .filter(|m| m.fraction >= 1.0 || rand::random::<f64>() < m.fraction)
+            .filter_map(|m| view.cluster(&m.cluster))
+            .collect();
+        if !shadows.is_empty() {
+            match mirror_body(&mut req).await {
+                Ok(Some(body)) => {
+                    for cluster in shadows {
+                        let shadow = shadow_request(
+                            &req,
+                            &body,
+                            Routed {
+                                cluster,
+                                route: route_name.clone(),
+                                retry: None,
+                                timeout: forward.timeout,
+                                hash,
+                                attempt_count: false,
+                            },
+                        );
+                        let (inner, timeout) = (self.inner.clone(), forward.timeout);
+                        tokio::spawn(async move {
+                            let send = async {
+                                let _ = inner.call(shadow).await.into_body().collect_bytes().await;
+                            };
+                            match timeout {
+                                Some(t) => {
+                                    let _ = tokio::time::timeout(t, send).await;
+                                }
+                                None => send.await,
+                            }
+                        });
+                    }
+                }
+                Ok(None) => tracing::debug!(
+                    route = %route.name,
+                    "not mirrored: a body of unknown length or over 64 KiB"
+                ),
+                Err(e) => {
+                    return Ok(local_reply(
+                        StatusCode::BAD_REQUEST,
+                        "DPE",
+                        format!("reading the request body: {e}"),
+                    ));
+                }
+            }
+        }
         req.extensions_mut().insert(Routed {
             cluster,
-            route: Arc::from(route.name.as_str()),
+            route: route_name,
             retry: forward.retry_policy.clone(),
             timeout: forward.timeout,
             hash,
@@ -959,6 +1012,50 @@ fn fault_abort(
 
 /// Sets the URI the next layers work with: always absolute, the authority
 /// the upstream is to see.
+/// The request body for a mirror: empty, or read whole when its length is
+/// known and at most 64 KiB (the request then sends the same bytes).
+/// Bodies of unknown length or larger are not mirrored (`None`): Envoy
+/// streams them to the shadow too, which would need a copy held for the
+/// slower of the two.
+async fn mirror_body(req: &mut Request<Body>) -> Result<Option<Bytes>, BoxError> {
+    let body = req.body();
+    if http_body::Body::is_end_stream(body) {
+        return Ok(Some(Bytes::new()));
+    }
+    if http_body::Body::size_hint(body)
+        .exact()
+        .is_none_or(|n| n > RETRY_BUFFER_LIMIT)
+    {
+        return Ok(None);
+    }
+    let bytes = std::mem::take(req.body_mut()).collect_bytes().await?;
+    *req.body_mut() = Body::from(bytes.clone());
+    Ok(Some(bytes))
+}
+
+/// A copy of `req` for a mirror cluster: Envoy's shadow authority (`-shadow`
+/// after the host, before any port), the same method, headers and body.
+fn shadow_request(req: &Request<Body>, body: &Bytes, routed: Routed) -> Request<Body> {
+    let mut shadow = Request::new(Body::from(body.clone()));
+    *shadow.method_mut() = req.method().clone();
+    *shadow.version_mut() = req.version();
+    *shadow.headers_mut() = req.headers().clone();
+    let authority = req.uri().authority().map_or("", |a| a.as_str());
+    let shadowed = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{h}-shadow:{p}")
+        }
+        _ => format!("{authority}-shadow"),
+    };
+    set_uri(
+        &mut shadow,
+        &shadowed,
+        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+    );
+    shadow.extensions_mut().insert(routed);
+    shadow
+}
+
 fn set_uri(req: &mut Request<Body>, authority: &str, pq: &str) {
     if let Ok(u) = Uri::builder()
         .scheme("http")

@@ -418,6 +418,121 @@ async fn a_generated_cookie_keeps_a_session_on_one_backend() {
     );
 }
 
+/// A backend that records the authority and body of each request it gets,
+/// answering `status` after `delay`.
+async fn recorder(
+    ip: &str,
+    status: u16,
+    delay: Duration,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    let listener = common::plain_listener(ip).await;
+    let addr = listener.local_addr();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let log = log.clone();
+        async move {
+            let host = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            tokio::time::sleep(delay).await;
+            log.lock().expect("log").push((host, body));
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .status(status)
+                    .body(Body::from("recorded"))
+                    .expect("response"),
+            )
+        }
+    });
+    tokio::spawn(serve_http(listener, svc));
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_gets_a_shadow_copy_whose_answer_never_reaches_the_caller() {
+    let (main, main_seen) = recorder("127.0.0.128", 200, Duration::ZERO).await;
+    // The shadow is slow and failing: the caller must see neither.
+    let (shadow, shadow_seen) = recorder("127.0.0.129", 500, Duration::from_millis(300)).await;
+    let mirror = |numerator: u32| {
+        let route = json!({"name": "r", "match": {"prefix": "/"}, "route": {"cluster": "c",
+            "request_mirror_policies": [{"cluster": "m", "runtime_fraction": {"default_value": {"numerator": numerator}}}]}});
+        common::client(
+            &common::dump(
+                vec![
+                    common::static_cluster("c", &[main], json!({})),
+                    common::static_cluster("m", &[shadow], json!({})),
+                ],
+                vec![
+                    json!({"name": "svc.test:80", "domains": ["svc.test", "svc.test:80"], "routes": [route]}),
+                ],
+                json!({}),
+            ),
+            certs(),
+        )
+    };
+    let c = mirror(100);
+    let started = Instant::now();
+    for i in 0..10 {
+        let uri = if i % 2 == 0 {
+            "http://svc.test/"
+        } else {
+            "http://svc.test:80/"
+        };
+        let req = http::Request::post(uri)
+            .body(Body::from(format!("body-{i}")))
+            .expect("request");
+        let resp = c.request(req).await.expect("routed");
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect_bytes().await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "callers waited for the slow shadow: {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shadow_seen.lock().expect("log").len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "the shadow copies never all arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut shadowed = shadow_seen.lock().expect("log").clone();
+    shadowed.sort();
+    let mut want: Vec<(String, String)> = (0..10)
+        .map(|i| {
+            let host = if i % 2 == 0 {
+                "svc.test-shadow"
+            } else {
+                "svc.test-shadow:80"
+            };
+            (host.to_string(), format!("body-{i}"))
+        })
+        .collect();
+    want.sort();
+    assert_eq!(shadowed, want, "Envoy's shadow authority and the same body");
+    assert_eq!(main_seen.lock().expect("log").len(), 10);
+    // A 0 % mirror sends nothing.
+    let c = mirror(0);
+    for _ in 0..10 {
+        assert_eq!(get(&c, &[]).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(shadow_seen.lock().expect("log").len(), 10);
+}
+
 /// Counts of the backends that answered `n` requests.
 async fn spread(c: &HttpClient, n: usize) -> HashMap<String, usize> {
     let mut by = HashMap::new();

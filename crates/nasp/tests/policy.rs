@@ -6,8 +6,8 @@
 //! their share, outliers are ejected, circuit breakers overflow with `UO`,
 //! retries reach a healthy replica, headers are changed, route timeouts
 //! answer 504 `UT`, a warmup ramps a new replica up, a generated hash
-//! cookie keeps a session on one replica, and a pushed change moves live
-//! traffic without dropping requests in flight.
+//! cookie keeps a session on one replica, a mirror gets shadow copies, and
+//! a pushed change moves live traffic without dropping requests in flight.
 //!
 //! Backends are plain HTTP/1.1 servers (`istio: false` endpoints, `mtls:
 //! disable`) that the test tells to answer a status, stall, and that report
@@ -905,5 +905,61 @@ async fn a_generated_hash_cookie_keeps_a_session_on_one_replica() {
     assert!(
         used.len() >= 2,
         "sessions spread over the replicas: {used:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_gets_its_share_of_shadow_copies_and_the_caller_only_the_route() {
+    let main = backend("127.0.6.52", "v1-main", 200).await;
+    let shadow = backend("127.0.6.53", "v2-shadow", 503).await;
+    let route = |percent: u32| {
+        format!(
+            "    routes:\n      - name: mirrored\n        route: [{{subset: v1}}]\n        mirror: {{subset: v2}}\n        mirror_percentage: {percent}\n"
+        )
+    };
+    let cp = control_plane("127.0.6.51", &mesh(&[&main, &shadow], &route(100))).await;
+    let fe = frontend(&cp).await;
+    let client = fe.http_client();
+    for _ in 0..20 {
+        let ans = call(&client, "/", &[]).await;
+        assert_eq!((ans.status, ans.by.as_str()), (200, "v1-main"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shadow.hits() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{} shadow copies of 20",
+            shadow.hits()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        main.hits(),
+        20,
+        "the shadow's 503 was never retried on main"
+    );
+    // 30 %: about 60 of 200.
+    cp.set_mesh(&mesh(&[&main, &shadow], &route(30)))
+        .expect("push");
+    until_view(&fe, "30 % mirror", |v| {
+        v.outbound("svc.demo", 8080)
+            .and_then(|o| o.http().map(|h| h.virtual_host.routes.clone()))
+            .is_some_and(|routes| {
+                routes.iter().any(|r| {
+                    matches!(&r.action, nasp::xds::route::RouteAction::Forward(f)
+                        if f.mirrors.iter().any(|m| (m.fraction - 0.3).abs() < 1e-9))
+                })
+            })
+    })
+    .await;
+    let before = shadow.hits();
+    for _ in 0..200 {
+        assert_eq!(call(&client, "/", &[]).await.by, "v1-main");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let copies = shadow.hits() - before;
+    assert!(
+        (30..=90).contains(&copies),
+        "{copies} copies of 200 at 30 %"
     );
 }
