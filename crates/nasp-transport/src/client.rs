@@ -1235,13 +1235,23 @@ fn retriable_status(p: &RetryPolicy, resp: &Response<Body>) -> bool {
 
 fn retriable_error(p: &RetryPolicy, kind: AttemptErrorKind) -> bool {
     let on = &p.retry_on;
+    // Envoy counts any upstream reset as a 5xx and a gateway error too.
+    let any_reset = on.reset || on.server_error || on.gateway_error;
     match kind {
-        AttemptErrorKind::Connect => on.connect_failure || on.reset || on.reset_before_request,
-        AttemptErrorKind::Refused => on.refused_stream || on.reset,
-        AttemptErrorKind::Reset => on.reset,
+        AttemptErrorKind::Connect => any_reset || on.connect_failure || on.reset_before_request,
+        AttemptErrorKind::Refused => any_reset || on.refused_stream,
+        AttemptErrorKind::Reset => any_reset,
         AttemptErrorKind::Stale => true,
         AttemptErrorKind::Overflow => false,
     }
+}
+
+/// Whether a per-try timeout is retried: as Envoy, it is a local reset,
+/// retried under `5xx`, `gateway-error` or `reset` only (Istio's default
+/// policy has none of them).
+fn retriable_timeout(p: &RetryPolicy) -> bool {
+    let on = &p.retry_on;
+    on.reset || on.server_error || on.gateway_error
 }
 
 /// Envoy's jittered exponential back-off: random in `[0, base·2ⁿ)`, at
@@ -1394,15 +1404,29 @@ impl ClusterLayer {
                     Err(_) => {
                         lb.report(addr, Outcome::LocalFailure);
                         last_failure = format!("per-try timeout ({t:?}) to {addr}");
-                        if attempt_no < max_attempts {
-                            match Slot::try_take(
+                        // Retried under 5xx / gateway-error / reset, with
+                        // attempts, the body and a retry slot left; else
+                        // Envoy's answer to a timed-out try: 504 `UT`.
+                        let again = policy.is_some_and(retriable_timeout)
+                            && attempt_no < max_attempts
+                            && replay.replayable()
+                            && match Slot::try_take(
                                 &lb.counters,
                                 |c| &c.retries,
                                 retry_limit(&routed.cluster, &lb, max_retries),
                             ) {
-                                Some(s) => retry_slot = Some(s),
-                                None => break,
-                            }
+                                Some(s) => {
+                                    retry_slot = Some(s);
+                                    true
+                                }
+                                None => false,
+                            };
+                        if !again {
+                            return local_reply(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "UT",
+                                format!("upstream request timeout: {last_failure}"),
+                            );
                         }
                         continue;
                     }

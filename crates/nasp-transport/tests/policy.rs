@@ -534,6 +534,92 @@ async fn a_mirror_gets_a_shadow_copy_whose_answer_never_reaches_the_caller() {
     assert_eq!(shadow_seen.lock().expect("log").len(), 10);
 }
 
+/// A backend that reads each request and resets the connection (RST)
+/// without answering.
+async fn resetter(ip: &str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt as _;
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                // Linger 0: close sends RST, not FIN.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                drop(stream);
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_are_retried_under_5xx_and_reset_but_not_under_status_codes_alone() {
+    let reset = resetter("127.0.0.130").await;
+    let good = backend("127.0.0.131", "good", 200, Duration::ZERO).await;
+    let retry = |on: &str| {
+        json!({"action": {"retry_policy": {"retry_on": on, "num_retries": 2, "retriable_status_codes": [503],
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}]}}})
+    };
+    // Envoy counts a reset as a 5xx (and a gateway error): retried on the
+    // other host, every caller served.
+    for on in ["5xx", "gateway-error", "reset"] {
+        let c = client(&[reset, good], json!({}), retry(on));
+        for _ in 0..10 {
+            assert_eq!(get(&c, &[]).await, (200, "good".into(), None), "{on}");
+        }
+    }
+    // Istio's status-code condition alone does not retry a reset: the
+    // requests round robin sends to the resetting host fail, 503 `UR`.
+    let c = client(&[reset, good], json!({}), retry("retriable-status-codes"));
+    let mut failed = 0;
+    for _ in 0..10 {
+        match get(&c, &[]).await {
+            (200, by, None) => assert_eq!(by, "good"),
+            (503, _, Some("UR")) => failed += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(failed, 5, "every other request reached the resetting host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_is_retried_only_under_5xx_gateway_error_or_reset() {
+    let slow = backend("127.0.0.132", "slow", 200, Duration::from_secs(2)).await;
+    let fast = backend("127.0.0.133", "fast", 200, Duration::ZERO).await;
+    let retry = |on: &str| {
+        json!({"action": {"timeout": "5s", "retry_policy": {"retry_on": on, "num_retries": 2, "per_try_timeout": "0.2s",
+            "retriable_status_codes": [503],
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts"}]}}})
+    };
+    let c = client(&[slow, fast], json!({}), retry("5xx"));
+    for _ in 0..4 {
+        assert_eq!(get(&c, &[]).await, (200, "fast".into(), None));
+    }
+    // Istio's default conditions: a timed-out try is answered 504 `UT`.
+    let c = client(
+        &[slow, fast],
+        json!({}),
+        retry("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"),
+    );
+    let mut timed_out = 0;
+    for _ in 0..4 {
+        let t = Instant::now();
+        match get(&c, &[]).await {
+            (200, by, None) => assert_eq!(by, "fast"),
+            (504, _, Some("UT")) => {
+                timed_out += 1;
+                assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(timed_out, 2, "the slow host's tries time out, not retried");
+}
+
 /// Counts of the backends that answered `n` requests.
 async fn spread(c: &HttpClient, n: usize) -> HashMap<String, usize> {
     let mut by = HashMap::new();
