@@ -87,6 +87,11 @@ pub struct TcpConnector {
     pub passthrough: bool,
     /// Connect attempts per connection (Envoy's `max_connect_attempts`, 1).
     pub connect_attempts: u32,
+    /// Offer `istio-peer-exchange` before `istio` (the default): only when
+    /// the caller's outbound chain runs a metadata exchange, which strips
+    /// the server's preamble; otherwise those bytes would reach the
+    /// application.
+    pub peer_exchange: bool,
 }
 
 impl std::fmt::Debug for TcpConnector {
@@ -113,6 +118,16 @@ impl TcpConnector {
             balancers: Arc::default(),
             passthrough: true,
             connect_attempts: 1,
+            peer_exchange: true,
+        }
+    }
+
+    /// The ALPN offered to mesh peers.
+    fn alpn(&self) -> &'static [&'static [u8]] {
+        if self.peer_exchange {
+            ALPN_TCP
+        } else {
+            &ALPN_TCP[1..]
         }
     }
 
@@ -196,7 +211,7 @@ impl TcpConnector {
                         .connector
                         .clone()
                         .connect_timeout(timeout)
-                        .connect(addr, &target.sni, &target.sans, ALPN_TCP)
+                        .connect(addr, &target.sni, &target.sans, self.alpn())
                         .await
                     {
                         Ok(tls) => {

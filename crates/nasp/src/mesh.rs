@@ -619,6 +619,9 @@ impl MeshBuilder {
         let http = HttpClient::with_settings(view.clone(), connector.clone(), client_settings);
         let mut tcp = TcpConnector::new(view.clone(), connector.clone());
         tcp.passthrough = self.client.passthrough;
+        // Without our metadata exchange outbound, nothing would strip a
+        // server's preamble: offer plain `istio` only.
+        tcp.peer_exchange = self.default_filters;
         let (stop, _) = watch::channel(false);
         Ok(Mesh {
             inner: Arc::new(Inner {

@@ -282,21 +282,7 @@ async fn two_meshes_with_the_default_chain_report_istio_series_over_http_and_tcp
         Some("istio-peer-exchange"),
         "the exchange's ALPN agreed"
     );
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    let mut sent = false;
-    while got.len() < b"hello\nping".len() {
-        if !sent && got.len() >= b"hello\n".len() {
-            conn.write_all(b"ping").await.expect("write");
-            sent = true;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .expect("data in time")
-            .expect("read");
-        assert!(n > 0, "closed early after {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let got = greeted_and_echoed(&mut conn).await;
     assert_eq!(got, b"hello\nping", "{:?}", String::from_utf8_lossy(&got));
     drop(conn);
     let tcp_peers = [
@@ -317,11 +303,45 @@ async fn two_meshes_with_the_default_chain_report_istio_series_over_http_and_tcp
     counted(&db, "istio_tcp_connections_opened_total", &destination, 1).await;
     counted(&db, "istio_tcp_received_bytes_total", &destination, 4).await;
 
+    // A caller without the defaults offers plain `istio`, so the server
+    // sends no preamble and its application's bytes arrive as they are.
+    let bare = workload(&cp, "bare", "127.0.9.5")
+        .no_default_filters()
+        .build()
+        .await
+        .expect("bare");
+    let mut conn = bare.connect("db.demo:15432").await.expect("connect");
+    assert_eq!(conn.upstream().alpn.as_deref(), Some("istio"));
+    let got = greeted_and_echoed(&mut conn).await;
+    assert_eq!(got, b"hello\nping", "{:?}", String::from_utf8_lossy(&got));
+    drop(conn);
+    bare.shutdown().await;
+
     web.shutdown().await;
     echo.shutdown().await;
     db.shutdown().await;
     let _ = served.await;
     let _ = db_served.await;
+}
+
+/// Reads the db's greeting, sends `ping`, reads the echo: what arrived.
+async fn greeted_and_echoed(conn: &mut nasp::TcpConnection) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    let mut sent = false;
+    while got.len() < b"hello\nping".len() {
+        if !sent && got.len() >= b"hello\n".len() {
+            conn.write_all(b"ping").await.expect("write");
+            sent = true;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("data in time")
+            .expect("read");
+        assert!(n > 0, "closed early after {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }
 
 fn headers_filter() -> FilterSpec {
