@@ -5,16 +5,15 @@
 //! byte counts, headers, upstream host and cluster a reader of Envoy's log
 //! would look for.
 
+mod common;
+
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nasp::access_log::{AccessLogConfig, AccessLogFormat};
+use nasp::controlplane::ControlPlane;
 use nasp::controlplane::mesh::MeshFile;
-use nasp::controlplane::{
-    CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache, TokenPolicy,
-};
 use nasp::transport::Body;
 use nasp::xds::WorkloadSettings;
 use nasp::{Mesh, MeshHttpClientExt as _};
@@ -41,24 +40,6 @@ services:
     endpoints:
       - { ip: 127.0.9.22 }
 "#;
-
-async fn control_plane() -> ControlPlane {
-    let ca = CertificateAuthority::generate("cluster.local")
-        .expect("ca")
-        .tokens(TokenPolicy::AnyIdentity);
-    let listener = tokio::net::TcpListener::bind("127.0.9.21:0")
-        .await
-        .expect("bind");
-    let mesh = MeshFile::parse(MESH).expect("mesh file");
-    ControlPlane::start(
-        listener,
-        ControlPlaneConfig {
-            ca: Arc::new(ca),
-            xds: Some(Arc::new(SnapshotCache::from_mesh(&mesh).expect("snapshot"))),
-        },
-    )
-    .expect("control plane")
-}
 
 async fn workload(cp: &ControlPlane, name: &str, ip: &str, log: AccessLogConfig) -> Mesh {
     Mesh::builder()
@@ -95,7 +76,7 @@ async fn lines(path: &Path, n: usize) -> Vec<String> {
 async fn one_line_per_request_and_connection_in_envoys_format_and_as_json() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (client_log, server_log) = (dir.path().join("web.log"), dir.path().join("echo.json"));
-    let cp = control_plane().await;
+    let cp = common::control_plane("127.0.9.21", &MeshFile::parse(MESH).expect("mesh file")).await;
     let echo = workload(
         &cp,
         "echo",

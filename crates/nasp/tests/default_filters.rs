@@ -6,14 +6,14 @@
 //! chain or, with the defaults off, replaces it. Loopback 127.0.9.0/24,
 //! the embedded control plane, mTLS, wasmtime (the default runtime).
 
+mod common;
+
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nasp::controlplane::ControlPlane;
 use nasp::controlplane::mesh::MeshFile;
-use nasp::controlplane::{
-    CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache, TokenPolicy,
-};
 use nasp::transport::Body;
 use nasp::wasm::PluginConfig;
 use nasp::xds::WorkloadSettings;
@@ -47,24 +47,6 @@ services:
       - {{ ip: {net}.4 }}
 "#
     )
-}
-
-async fn control_plane(ip: &str, mesh: &str) -> ControlPlane {
-    let ca = CertificateAuthority::generate("cluster.local")
-        .expect("ca")
-        .tokens(TokenPolicy::AnyIdentity);
-    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
-        .await
-        .expect("bind");
-    let mesh = MeshFile::parse(mesh).expect("mesh file");
-    ControlPlane::start(
-        listener,
-        ControlPlaneConfig {
-            ca: Arc::new(ca),
-            xds: Some(Arc::new(SnapshotCache::from_mesh(&mesh).expect("snapshot"))),
-        },
-    )
-    .expect("control plane")
 }
 
 /// A workload `name` (service account, workload name and `app` label too)
@@ -182,7 +164,11 @@ async fn get_echo(mesh: &Mesh, path: &str, n: usize, status: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_meshes_with_the_default_chain_report_istio_series_over_http_and_tcp() {
     let net = "127.0.9";
-    let cp = control_plane("127.0.9.1", &mesh_file(net)).await;
+    let cp = common::control_plane(
+        "127.0.9.1",
+        &MeshFile::parse(&mesh_file(net)).expect("mesh file"),
+    )
+    .await;
     let echo = workload(&cp, "echo", "127.0.9.2")
         .build()
         .await
@@ -370,7 +356,7 @@ fn headers_filter() -> FilterSpec {
 async fn without_the_defaults_no_series_and_a_user_filter_extends_or_replaces_the_chain() {
     let net = "127.0.9";
     let mesh = mesh_file(net).replace("127.0.9.2", "127.0.9.12");
-    let cp = control_plane("127.0.9.11", &mesh).await;
+    let cp = common::control_plane("127.0.9.11", &MeshFile::parse(&mesh).expect("mesh file")).await;
     let echo = workload(&cp, "echo", "127.0.9.12")
         .build()
         .await

@@ -14,6 +14,8 @@
 //! the request headers they saw. Addresses 127.0.5.x / 127.0.6.x, one
 //! network per test.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,10 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use nasp::controlplane::ControlPlane;
 use nasp::controlplane::mesh::MeshFile;
-use nasp::controlplane::{
-    CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache, TokenPolicy,
-};
 use nasp::transport::{Body, LocalReply};
 use nasp::xds::WorkloadSettings;
 use nasp::{Mesh, MeshHttpClient, MeshHttpClientExt as _};
@@ -135,23 +135,6 @@ fn mesh(backends: &[&Arc<Backend>], extra: &str) -> MeshFile {
     MeshFile::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
-async fn control_plane(ip: &str, mesh: &MeshFile) -> ControlPlane {
-    let ca = CertificateAuthority::generate("cluster.local")
-        .expect("ca")
-        .tokens(TokenPolicy::AnyIdentity);
-    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
-        .await
-        .expect("bind");
-    ControlPlane::start(
-        listener,
-        ControlPlaneConfig {
-            ca: Arc::new(ca),
-            xds: Some(Arc::new(SnapshotCache::from_mesh(mesh).expect("snapshot"))),
-        },
-    )
-    .expect("control plane")
-}
-
 /// The frontend: a workload of the mesh with the control plane as its
 /// istiod.
 async fn frontend(cp: &ControlPlane) -> Mesh {
@@ -241,7 +224,7 @@ async fn consistent_hash_keeps_a_user_on_one_replica() {
     let c = backend("127.0.5.4", "v1-c", 200).await;
     let all = [&a, &b, &c];
     // Round robin first: the control that users move.
-    let cp = control_plane("127.0.5.1", &mesh(&all, "")).await;
+    let cp = common::control_plane("127.0.5.1", &mesh(&all, "")).await;
     let fe = frontend(&cp).await;
     let client = fe.http_client();
     let mut first = HashMap::new();
@@ -335,7 +318,7 @@ async fn consistent_hash_on_the_source_ip_keeps_a_caller_on_one_replica() {
     let a = backend("127.0.5.12", "v1-a", 200).await;
     let b = backend("127.0.5.13", "v1-b", 200).await;
     let c = backend("127.0.5.14", "v1-c", 200).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.11",
         &mesh(
             &[&a, &b, &c],
@@ -378,7 +361,7 @@ async fn least_request_avoids_a_slow_replica() {
     let f1 = backend("127.0.5.23", "v1-f1", 200).await;
     let f2 = backend("127.0.5.24", "v1-f2", 200).await;
     let all = [&slow, &f1, &f2];
-    let cp = control_plane("127.0.5.21", &mesh(&all, "")).await;
+    let cp = common::control_plane("127.0.5.21", &mesh(&all, "")).await;
     let fe = frontend(&cp).await;
     let client = fe.http_client();
     let rr = slow_share(&slow, &client).await;
@@ -400,7 +383,7 @@ async fn least_request_avoids_a_slow_replica() {
 async fn random_spreads_over_every_replica() {
     let a = backend("127.0.5.32", "v1-a", 200).await;
     let b = backend("127.0.5.33", "v1-b", 200).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.31",
         &mesh(&[&a, &b], "    traffic_policy: {load_balancer: RANDOM}\n"),
     )
@@ -424,7 +407,7 @@ async fn random_spreads_over_every_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_abort_and_delay_take_their_share() {
     let ok = backend("127.0.5.42", "v1-ok", 200).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.41",
         &mesh(
             &[&ok],
@@ -472,7 +455,7 @@ async fn fault_abort_and_delay_take_their_share() {
 async fn outliers_are_ejected_and_come_back() {
     let good = backend("127.0.5.52", "v1-good", 200).await;
     let bad = backend("127.0.5.53", "v1-bad", 503).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.51",
         &mesh(
             &[&good, &bad],
@@ -533,7 +516,7 @@ async fn outliers_are_ejected_and_come_back() {
 async fn http2_max_requests_overflow_answers_503_uo() {
     let slow = backend("127.0.5.62", "v1-slow", 200).await;
     slow.delay_ms.store(400, Ordering::SeqCst);
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.61",
         &mesh(
             &[&slow],
@@ -571,7 +554,7 @@ async fn http2_max_requests_overflow_answers_503_uo() {
 async fn http1_max_pending_requests_overflow_answers_503_uo() {
     let slow = backend("127.0.5.72", "v1-slow", 200).await;
     slow.delay_ms.store(400, Ordering::SeqCst);
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.71",
         &mesh(
             &[&slow],
@@ -610,7 +593,7 @@ async fn a_retry_of_3_attempts_on_503_reaches_the_healthy_replica() {
     let retries = |r: &str| {
         format!("    routes:\n      - name: r\n        route: [{{}}]\n        retries: {r}\n")
     };
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.81",
         &mesh(&all, &retries("{attempts: 3, retry_on: \"503\"}")),
     )
@@ -651,7 +634,7 @@ async fn a_per_try_timeout_moves_on_to_another_replica() {
     let slow = backend("127.0.5.92", "v1-slow", 200).await;
     slow.delay_ms.store(2000, Ordering::SeqCst);
     let fast = backend("127.0.5.93", "v1-fast", 200).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.5.91",
         &mesh(
             &[&slow, &fast],
@@ -676,7 +659,7 @@ async fn a_per_try_timeout_moves_on_to_another_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_timeout_answers_504_ut() {
     let slow = backend("127.0.6.2", "v1-slow", 200).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.6.1",
         &mesh(
             &[&slow],
@@ -701,7 +684,7 @@ async fn a_route_timeout_answers_504_ut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_response_headers_are_changed_as_configured() {
     let b = backend("127.0.6.12", "v1-a", 200).await;
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.6.11",
         &mesh(
             &[&b],
@@ -750,7 +733,7 @@ async fn a_pushed_change_moves_live_traffic_without_dropping_requests_in_flight(
             "    routes:\n      - name: split\n        route: [{{subset: v1, weight: {v1}}}, {{subset: v2, weight: {v2}}}]\n"
         )
     };
-    let cp = control_plane("127.0.6.21", &mesh(&[&a, &b], &split(100, 0))).await;
+    let cp = common::control_plane("127.0.6.21", &mesh(&[&a, &b], &split(100, 0))).await;
     let fe = frontend(&cp).await;
     let client = fe.http_client();
     assert_eq!(call(&client, "/", &[]).await.by, "v1-a");
@@ -827,7 +810,7 @@ async fn a_warmup_ramps_a_new_replica_up_over_its_duration() {
     let old = backend("127.0.6.32", "v1-old", 200).await;
     let new = backend("127.0.6.33", "v1-new", 200).await;
     let policy = "    traffic_policy:\n      load_balancer: {simple: ROUND_ROBIN, warmup: {duration: 4s, minimum_percent: 5}}\n";
-    let cp = control_plane("127.0.6.31", &mesh(&[&old], policy)).await;
+    let cp = common::control_plane("127.0.6.31", &mesh(&[&old], policy)).await;
     let fe = frontend(&cp).await;
     let client = fe.http_client();
     assert_eq!(call(&client, "/", &[]).await.by, "v1-old");
@@ -873,7 +856,7 @@ async fn a_generated_hash_cookie_keeps_a_session_on_one_replica() {
         backend("127.0.6.43", "v1-b", 200).await,
         backend("127.0.6.44", "v1-c", 200).await,
     ];
-    let cp = control_plane(
+    let cp = common::control_plane(
         "127.0.6.41",
         &mesh(
             &replicas.iter().collect::<Vec<_>>(),
@@ -917,7 +900,7 @@ async fn a_mirror_gets_its_share_of_shadow_copies_and_the_caller_only_the_route(
             "    routes:\n      - name: mirrored\n        route: [{{subset: v1}}]\n        mirror: {{subset: v2}}\n        mirror_percentage: {percent}\n"
         )
     };
-    let cp = control_plane("127.0.6.51", &mesh(&[&main, &shadow], &route(100))).await;
+    let cp = common::control_plane("127.0.6.51", &mesh(&[&main, &shadow], &route(100))).await;
     let fe = frontend(&cp).await;
     let client = fe.http_client();
     for _ in 0..20 {

@@ -6,18 +6,17 @@
 //! from the client, the destination reporter's from the server, with the
 //! request counts sent.
 
+mod common;
+
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
+use nasp::controlplane::ControlPlane;
 use nasp::controlplane::mesh::MeshFile;
-use nasp::controlplane::{
-    CertificateAuthority, ControlPlane, ControlPlaneConfig, SnapshotCache, TokenPolicy,
-};
 use nasp::transport::Body;
 use nasp::xds::WorkloadSettings;
 use nasp::{Mesh, MeshHttpClientExt as _};
@@ -42,24 +41,6 @@ const PROMETHEUS_IP: &str = "127.0.8.10";
 /// Requests sent: answered 200 and 404 by the application.
 const OK: usize = 5;
 const NOT_FOUND: usize = 2;
-
-async fn control_plane() -> ControlPlane {
-    let ca = CertificateAuthority::generate("cluster.local")
-        .expect("ca")
-        .tokens(TokenPolicy::AnyIdentity);
-    let listener = tokio::net::TcpListener::bind("127.0.8.1:0")
-        .await
-        .expect("bind");
-    let mesh = MeshFile::parse(MESH).expect("mesh file");
-    ControlPlane::start(
-        listener,
-        ControlPlaneConfig {
-            ca: Arc::new(ca),
-            xds: Some(Arc::new(SnapshotCache::from_mesh(&mesh).expect("snapshot"))),
-        },
-    )
-    .expect("control plane")
-}
 
 /// A workload `name` (its service account too) at `ip`, with the default
 /// filter chain and its Prometheus endpoint on `ip`, port picked.
@@ -247,7 +228,7 @@ fn vector(data: &serde_json::Value, by: &[&str]) -> Vec<(Vec<String>, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prometheus_server_scrapes_two_workloads_and_answers_promql() {
-    let cp = control_plane().await;
+    let cp = common::control_plane("127.0.8.1", &MeshFile::parse(MESH).expect("mesh file")).await;
     let echo = workload(&cp, "echo", ECHO_IP).await;
     let listener = echo
         .bind(format!("{ECHO_IP}:18080").parse().expect("addr"))
