@@ -26,7 +26,7 @@ pub use env::{HostEnv, LogLevel, LogRecord, LogSink, MemoryLogSink};
 pub use host::PluginInfo;
 pub use plugin::{
     Direction, FailPolicy, FailState, FilterChain, FilterStatus, HttpStream, MapRef, Plugin,
-    PluginConfig, Resumed, Stage, TcpStream, WasmModule,
+    PluginConfig, Resumed, Stage, TRAPS_METRIC, TcpStream, WasmModule,
 };
 pub use runtime::{EngineError, Limits, Trap, WasmRuntime};
 pub use types::{

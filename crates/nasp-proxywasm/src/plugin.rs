@@ -64,6 +64,12 @@ impl WasmModule {
     }
 }
 
+/// The counter of traps (a VM failing at run time), per plugin, listener
+/// direction and runtime: `nasp_wasm_plugin_traps_total{plugin, direction,
+/// runtime}`. Envoy counts VMs (`wasm.<runtime>.created`, `.active`) but
+/// has no failure counter, so the name is ours.
+pub const TRAPS_METRIC: &str = "nasp_wasm_plugin_traps_total";
+
 /// What a plugin's streams see once its VM has failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FailPolicy {
@@ -482,6 +488,7 @@ impl Plugin {
             message: msg.clone(),
         });
         self.fail = FailState::RuntimeError(msg);
+        self.count_trap();
         let now = Instant::now();
         // A VM that served for twice the delay it waited for before failing
         // again is healthy again: the backoff starts over.
@@ -501,6 +508,37 @@ impl Plugin {
         // borrowed on panic): drop it so it is never called again. Its
         // pending queue notifications go with it.
         self.drop_vm();
+    }
+
+    /// Counts a trap in the host's registry as [`TRAPS_METRIC`], labelled
+    /// by plugin, listener direction and runtime, so a fail-open plugin
+    /// that stopped reporting shows in the metrics rather than only in a
+    /// log line.
+    fn count_trap(&self) {
+        let direction = match self
+            .config
+            .properties
+            .as_ref()
+            .and_then(|p| p.property(&["listener_direction"]))
+        {
+            Some(crate::types::PropertyValue::Int(1)) => "inbound",
+            Some(crate::types::PropertyValue::Int(2)) => "outbound",
+            _ => "unknown",
+        };
+        // The registry's tag encoding (`k=.=v;.;`) gives Prometheus labels;
+        // the separators must not appear in a value.
+        let clean = |v: &str| v.replace(";.;", "_").replace("=.=", "_");
+        let name = format!(
+            "plugin=.={};.;direction=.={direction};.;runtime=.={};.;{TRAPS_METRIC}",
+            clean(&self.config.name),
+            self.module.runtime,
+        );
+        let id = self
+            .env
+            .metrics
+            .define(nasp_telemetry::MetricKind::Counter, &name);
+        // Defined just above as a counter, so incrementing it cannot fail.
+        let _ = self.env.metrics.increment(id, 1);
     }
 
     fn drop_vm(&mut self) {
