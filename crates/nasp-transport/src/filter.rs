@@ -840,8 +840,8 @@ impl FilteredBody {
         let dir = self.dir;
         let h = self.handle()?;
         match dir {
-            Direction::Request => h.props.add_request_body_bytes(data.len()),
-            Direction::Response => h.props.add_response_body_bytes(data.len()),
+            Direction::Request => h.props.add_request_body(data),
+            Direction::Response => h.props.add_response_body(data),
         }
         let (st, out) = h
             .with(|s, c| match dir {

@@ -220,6 +220,58 @@ pub struct StreamProperties {
     response_header_bytes: AtomicU64,
     response_body_bytes: AtomicU64,
     flags: AtomicU64,
+    /// gRPC message counts (request, response), for gRPC requests only.
+    grpc_messages: OnceLock<Mutex<[GrpcFrames; 2]>>,
+}
+
+/// The property key of Envoy's `grpc_stats` filter state
+/// (`filter_state.envoy.filters.http.grpc_stats`), which Istio's stats
+/// filter reads for `istio_request_messages_total` and
+/// `istio_response_messages_total`.
+pub const GRPC_STATS_FILTER_STATE: &str = "envoy.filters.http.grpc_stats";
+
+/// Counts the gRPC messages of one direction of a stream as Envoy's
+/// `grpc_stats` filter does (its `Grpc::FrameInspector`): each
+/// length-prefixed frame (1 flag byte, 4-byte big-endian length, the
+/// message) counts when its first byte passes, however the frames are cut
+/// into chunks. It only skips bytes, so any input is fine.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GrpcFrames {
+    count: u64,
+    prefix: [u8; 5],
+    prefix_len: usize,
+    remaining: u64,
+}
+
+impl GrpcFrames {
+    /// Reads the next chunk of the body.
+    pub fn inspect(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = usize::try_from(self.remaining).map_or(data.len(), |r| r.min(data.len()));
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            if self.prefix_len == 0 {
+                self.count += 1;
+            }
+            let n = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+            self.prefix_len += n;
+            data = &data[n..];
+            if self.prefix_len == 5 {
+                let [_, a, b, c, d] = self.prefix;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.prefix_len = 0;
+            }
+        }
+    }
+
+    /// The messages begun so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -274,6 +326,7 @@ impl StreamProperties {
             response_header_bytes: AtomicU64::new(0),
             response_body_bytes: AtomicU64::new(0),
             flags: AtomicU64::new(0),
+            grpc_messages: OnceLock::new(),
         }
     }
 
@@ -316,6 +369,14 @@ impl StreamProperties {
         };
         self.request_header_bytes
             .store(headers.byte_size() as u64, Ordering::Relaxed);
+        // A gRPC request (as Envoy's `Grpc::Common::isGrpcRequestHeaders`
+        // decides) gets message counts from here on.
+        if headers
+            .get(b"content-type")
+            .is_some_and(|c| c.starts_with(b"application/grpc"))
+        {
+            let _ = self.grpc_messages.set(Mutex::default());
+        }
         *lock(&self.request) = Some(Arc::new(RequestInfo {
             headers: headers.clone(),
             protocol,
@@ -360,6 +421,31 @@ impl StreamProperties {
     pub fn add_response_body_bytes(&self, n: usize) {
         self.response_body_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a chunk of the request body: its bytes and, on a gRPC
+    /// request, the messages it begins.
+    pub fn add_request_body(&self, data: &[u8]) {
+        self.add_request_body_bytes(data.len());
+        if let Some(g) = self.grpc_messages.get() {
+            lock(g)[0].inspect(data);
+        }
+    }
+
+    /// Counts a chunk of the response body: its bytes and, on a gRPC
+    /// request, the messages it begins.
+    pub fn add_response_body(&self, data: &[u8]) {
+        self.add_response_body_bytes(data.len());
+        if let Some(g) = self.grpc_messages.get() {
+            lock(g)[1].inspect(data);
+        }
+    }
+
+    /// The gRPC messages counted so far (request, response); `None` when
+    /// the request is not gRPC.
+    pub fn grpc_messages(&self) -> Option<(u64, u64)> {
+        let g = lock(self.grpc_messages.get()?);
+        Some((g[0].count(), g[1].count()))
     }
 
     /// Marks the end of the exchange (`request.duration` stops here).
@@ -505,6 +591,11 @@ impl PropertyProvider for StreamProperties {
                 .map(|u| PropertyValue::from(&*u.route)),
             ["request", rest @ ..] => self.request_property(rest),
             ["response", rest @ ..] => self.response_property(rest),
+            // Envoy's `GrpcStatsObject::serializeAsString`: "request,response".
+            ["filter_state", GRPC_STATS_FILTER_STATE] => {
+                let (req, resp) = self.grpc_messages()?;
+                Some(PropertyValue::Bytes(format!("{req},{resp}").into_bytes()))
+            }
             _ => None,
         }
     }
@@ -769,5 +860,76 @@ mod tests {
             Some(d1),
             "frozen at the end"
         );
+    }
+
+    /// A gRPC frame: flag 0, big-endian length, the message.
+    fn frame(msg: &[u8]) -> Vec<u8> {
+        let mut f = vec![0];
+        f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        f.extend_from_slice(msg);
+        f
+    }
+
+    #[test]
+    fn grpc_frames_are_counted_however_the_body_is_cut() {
+        let mut body = frame(b"hello");
+        body.extend(frame(b""));
+        body.extend(frame(&[7; 300]));
+        // Whole, byte by byte, and cut inside a prefix and a message.
+        for cuts in [
+            vec![body.len()],
+            vec![1; body.len()],
+            vec![3, 4, 2, 200, 120],
+        ] {
+            let mut g = GrpcFrames::default();
+            let mut rest = &body[..];
+            for n in cuts {
+                let n = n.min(rest.len());
+                g.inspect(&rest[..n]);
+                rest = &rest[n..];
+            }
+            g.inspect(rest);
+            assert_eq!(g.count(), 3);
+        }
+        // A frame counts from its first byte, as Envoy's inspector does.
+        let mut g = GrpcFrames::default();
+        g.inspect(&[0]);
+        assert_eq!(g.count(), 1);
+        // A length that claims 4 GiB just swallows what follows.
+        let mut g = GrpcFrames::default();
+        g.inspect(&[0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        g.inspect(&frame(b"x"));
+        assert_eq!(g.count(), 1);
+    }
+
+    #[test]
+    fn grpc_stats_filter_state_only_on_grpc_requests() {
+        let grpc = HeaderMap::from_pairs([
+            (":method", "POST"),
+            (":path", "/nasp.echo.v1.Echo/EchoStream"),
+            ("content-type", "application/grpc+proto"),
+        ]);
+        // The key has dots of its own: one segment after `filter_state`.
+        let state = |p: &StreamProperties| {
+            p.property(&["filter_state", GRPC_STATS_FILTER_STATE])
+                .map(|v| String::from_utf8_lossy(&v.serialize()).into_owned())
+        };
+        let p = inbound();
+        p.set_request(&grpc, http::Version::HTTP_2);
+        assert_eq!(state(&p).as_deref(), Some("0,0"));
+        p.add_request_body(&frame(b"ping"));
+        let mut answers = frame(b"a");
+        answers.extend(frame(b"b"));
+        p.add_response_body(&answers[..4]);
+        p.add_response_body(&answers[4..]);
+        p.add_response_body(&frame(b"c"));
+        assert_eq!(state(&p).as_deref(), Some("1,3"));
+        assert_eq!(int_of(&p, "response.size"), Some(answers.len() as i64 + 6));
+
+        let http = HeaderMap::from_pairs([(":method", "POST"), ("content-type", "text/plain")]);
+        let p = inbound();
+        p.set_request(&http, http::Version::HTTP_11);
+        p.add_request_body(&frame(b"ping"));
+        assert_eq!(state(&p), None);
     }
 }
