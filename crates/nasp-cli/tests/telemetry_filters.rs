@@ -401,6 +401,87 @@ fn inbound_http_reads_the_peer_answers_it_and_reports_as_destination() {
     }
 }
 
+/// The value of an exposition line.
+fn value(line: &str) -> f64 {
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no value in {line}"))
+}
+
+/// gRPC message counts come from Envoy's `grpc_stats` filter state
+/// (`filter_state.envoy.filters.http.grpc_stats`, "request,response") and
+/// carry the peer labels only, as Istio's; HTTP has none, and a value that
+/// is not two counts is ignored.
+#[test]
+fn grpc_message_counts_come_from_the_grpc_stats_filter_state() {
+    let request = |content_type: &str| {
+        serde_json::json!({
+            "request": {"headers": [
+                [":method", "POST"], [":path", "/svc.Echo/Chat"], [":authority", "web.demo.svc.cluster.local:8080"],
+                ["content-type", content_type],
+                ["x-envoy-peer-metadata-id", CATALOG_ID],
+                ["x-envoy-peer-metadata", base64(&catalog_struct())],
+            ], "body": "xxxxx"},
+            "response": {"headers": [[":status", "200"], ["content-type", content_type]],
+                         "body": "yyyyy", "trailers": [["grpc-status", "0"]]},
+        })
+    };
+    let props = |state: &str| {
+        web_props(
+            1,
+            serde_json::json!({
+                "connection.mtls": true,
+                "connection.uri_san_peer_certificate": "spiffe://cluster.local/ns/demo/sa/catalog",
+                "request.host": "web.demo.svc.cluster.local:8080",
+                "filter_state.envoy.filters.http.grpc_stats": state,
+            }),
+        )
+    };
+    let grpc = temp("grpc-msg-req.json", &request("application/grpc"));
+    let http = temp("http-msg-req.json", &request("application/json"));
+    let counts = temp("grpc-msg.json", &props("2,3"));
+    let garbage = temp("grpc-msg-bad.json", &props("2;x"));
+    for rt in RUNTIMES {
+        let t = chain(rt, ["", "stats_inbound"], &counts, &grpc);
+        no_failure(&t, rt);
+        for (metric, want) in [
+            ("istio_request_messages_total", 2.0),
+            ("istio_response_messages_total", 3.0),
+        ] {
+            let line = series(&t, metric);
+            assert_eq!(value(line), want, "{rt}: {line}");
+            assert_labels(
+                line,
+                &[
+                    ("reporter", "destination"),
+                    ("source_workload", "catalog-v1"),
+                    ("destination_workload", "web"),
+                    ("destination_cluster", "Kubernetes"),
+                ],
+            );
+            for not in ["request_protocol", "response_code", "grpc_response_status"] {
+                assert!(!line.contains(not), "{rt}: {not} in {line}");
+            }
+        }
+        assert_labels(
+            series(&t, "istio_requests_total"),
+            &[("request_protocol", "grpc")],
+        );
+
+        for (what, props, req) in [("HTTP", &counts, &http), ("garbage", &garbage, &grpc)] {
+            let t = chain(rt, ["", "stats_inbound"], props, req);
+            no_failure(&t, rt);
+            let text = t["metrics"].as_str().unwrap_or_default();
+            assert!(
+                !text.contains("messages_total"),
+                "{rt}, {what}: message counts in\n{text}"
+            );
+            series(&t, "istio_requests_total");
+        }
+    }
+}
+
 #[test]
 fn a_peer_without_metadata_is_unknown_and_bad_metadata_is_ignored() {
     let props = temp("in2.json", &web_props(1, serde_json::json!({})));

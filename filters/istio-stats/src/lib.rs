@@ -5,7 +5,12 @@
 //! HTTP / gRPC (any root id without `tcp`), reported in `proxy_on_log`:
 //! `istio_requests_total`, `istio_request_duration_milliseconds`,
 //! `istio_request_bytes`, `istio_response_bytes` (histograms: the host's
-//! Envoy buckets). TCP (a root id containing `tcp`):
+//! Envoy buckets); gRPC also `istio_request_messages_total` and
+//! `istio_response_messages_total` (peer labels only) from the host's
+//! `filter_state.envoy.filters.http.grpc_stats` ("request,response", as
+//! Envoy's `grpc_stats` filter serializes it), recorded as they grow: at
+//! the response headers, on each body chunk after them, and in
+//! `proxy_on_log`. TCP (a root id containing `tcp`):
 //! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
 //! `istio_tcp_received_bytes_total` (downstream → upstream),
 //! `istio_tcp_sent_bytes_total` (upstream → downstream).
@@ -101,6 +106,22 @@ const LABELS: [&str; 25] = [
 ];
 /// TCP metrics stop after `connection_security_policy`.
 const TCP_LABELS: usize = 23;
+/// gRPC message counts carry the peer labels only (Istio's
+/// `count_peer_labels`: up to `destination_cluster`).
+const PEER_LABELS: usize = 20;
+
+/// Envoy's `grpc_stats` filter state: "request,response" message counts.
+const GRPC_STATS: &str = "envoy.filters.http.grpc_stats";
+
+/// The gRPC message counts so far (request, response), from the host's
+/// `filter_state.envoy.filters.http.grpc_stats` (`"x,y"`, as Istio's
+/// `populateGRPCInfo` reads it); `None` when absent or malformed.
+fn grpc_messages() -> Option<(u64, u64)> {
+    let v = property(vec!["filter_state", GRPC_STATS])?;
+    let v = std::str::from_utf8(&v).ok()?;
+    let (req, resp) = v.split_once(',')?;
+    Some((req.trim().parse().ok()?, resp.trim().parse().ok()?))
+}
 
 /// Envoy's response flags by bit (`StreamInfo::ResponseFlag`), as
 /// `response_flags` shows them.
@@ -424,6 +445,8 @@ impl RootContext for Root {
             response_bytes: 0,
             status: None,
             grpc_status: None,
+            messages_reported: (0, 0),
+            peer_labels: None,
         }))
     }
 
@@ -452,9 +475,70 @@ struct Http {
     response_bytes: u64,
     status: Option<i64>,
     grpc_status: Option<i64>,
+    /// gRPC message counts already recorded (Istio records the growth).
+    messages_reported: (u64, u64),
+    /// The label values for message counts, once the peer is known (the
+    /// response headers, where Istio queues a stream for recurrent reports).
+    peer_labels: Option<Vec<String>>,
 }
 
 impl Context for Http {}
+
+impl Http {
+    fn request(&self) -> Request {
+        Request {
+            protocol: if self.grpc {
+                Protocol::Grpc
+            } else {
+                Protocol::Http
+            },
+            response_code: property_int(vec!["response", "code"]).or(self.status),
+            grpc_status: property_int(vec!["response", "grpc_status"]).or(self.grpc_status),
+            host: property_text(vec!["request", "host"]),
+        }
+    }
+
+    /// Records the gRPC messages counted since the last report
+    /// (`istio_request_messages_total`, `istio_response_messages_total`,
+    /// peer labels only), as Istio's recurrent message metrics do.
+    fn report_messages(&mut self, shared: &mut Shared, labels: &[String]) {
+        let Some((req, resp)) = grpc_messages() else {
+            return;
+        };
+        let (old_req, old_resp) = self.messages_reported;
+        shared.report(
+            labels,
+            &[
+                (
+                    "istio_request_messages_total",
+                    MetricType::Counter,
+                    req.saturating_sub(old_req),
+                    PEER_LABELS,
+                ),
+                (
+                    "istio_response_messages_total",
+                    MetricType::Counter,
+                    resp.saturating_sub(old_resp),
+                    PEER_LABELS,
+                ),
+            ],
+        );
+        self.messages_reported = (req.max(old_req), resp.max(old_resp));
+    }
+
+    /// On a body chunk of a gRPC stream whose peer is known: the messages
+    /// it began.
+    fn stream_messages(&mut self) {
+        let Some(labels) = self.peer_labels.take() else {
+            return;
+        };
+        let rc = self.shared.clone();
+        if let Ok(mut shared) = rc.try_borrow_mut() {
+            self.report_messages(&mut shared, &labels);
+        }
+        self.peer_labels = Some(labels);
+    }
+}
 
 fn grpc_status_of(v: Option<String>) -> Option<i64> {
     v?.trim().parse().ok()
@@ -475,6 +559,7 @@ impl HttpContext for Http {
         // A fallback for hosts without `request.total_size`: counts each
         // chunk as it passes (nothing before this filter buffers bodies).
         self.request_bytes += size as u64;
+        self.stream_messages();
         Action::Continue
     }
 
@@ -485,11 +570,25 @@ impl HttpContext for Http {
         self.grpc_status = grpc_status_of(self.get_http_response_header("grpc-status"));
         let h: Vec<(String, Vec<u8>)> = self.get_http_response_headers_bytes();
         self.response_bytes = header_bytes(&h);
+        if self.grpc {
+            let req = self.request();
+            let rc = self.shared.clone();
+            let labels = match rc.try_borrow_mut() {
+                Ok(mut shared) => {
+                    let labels = shared.labels(&req);
+                    self.report_messages(&mut shared, &labels);
+                    Some(labels)
+                }
+                Err(_) => None,
+            };
+            self.peer_labels = labels;
+        }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, size: usize, _eos: bool) -> Action {
         self.response_bytes += size as u64;
+        self.stream_messages();
         Action::Continue
     }
 
@@ -501,19 +600,11 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
-        let Ok(mut shared) = self.shared.try_borrow_mut() else {
+        let rc = self.shared.clone();
+        let Ok(mut shared) = rc.try_borrow_mut() else {
             return;
         };
-        let req = Request {
-            protocol: if self.grpc {
-                Protocol::Grpc
-            } else {
-                Protocol::Http
-            },
-            response_code: property_int(vec!["response", "code"]).or(self.status),
-            grpc_status: property_int(vec!["response", "grpc_status"]).or(self.grpc_status),
-            host: property_text(vec!["request", "host"]),
-        };
+        let req = self.request();
         let labels = shared.labels(&req);
         let duration_ms = match property_int(vec!["request", "duration"]) {
             Some(ns) => u64::try_from(ns).unwrap_or(0) / 1_000_000,
@@ -553,6 +644,11 @@ impl HttpContext for Http {
                 ),
             ],
         );
+        // What the stream's last chunks began, and all of it when the
+        // response headers never came.
+        if self.grpc {
+            self.report_messages(&mut shared, &labels);
+        }
     }
 }
 
