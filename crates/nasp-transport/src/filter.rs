@@ -957,6 +957,13 @@ impl http_body::Body for FilteredBody {
         let this = &mut *self;
         loop {
             if let Some(f) = this.queue.pop_front() {
+                // The last frame ends the stream now: a client that stops
+                // at `is_end_stream` (tonic's `Streaming` after the
+                // trailers) would otherwise keep it open, unlogged, for as
+                // long as it holds the body.
+                if this.inner_done && this.queue.is_empty() && this.wait.is_none() {
+                    this.end();
+                }
                 return Poll::Ready(Some(Ok(f)));
             }
             if let Some(w) = this.wait.as_mut() {
