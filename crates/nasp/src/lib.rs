@@ -13,15 +13,20 @@
 //! - [`Mesh`] ([`mesh`]): the facade a workload joins the mesh with, whose
 //!   default filter chain ([`default_filters`]) is our metadata-exchange
 //!   and istio-stats filters, embedded in the library; [`access_log`]:
-//!   its access log (Envoy's format or JSON, off by default).
+//!   its access log (Envoy's format or JSON, off by default); [`trace`]:
+//!   its tracing (W3C / B3 propagation, a span per request, OTLP export;
+//!   off by default).
 //!
 //! Cargo features (all on by default): `wasmtime`, `wasmi`, `wasm3`, one per
 //! proxy-wasm runtime. Any combination builds, including none; a runtime that
 //! is not compiled in is a clear error at start-up, never a build failure.
+//! Off by default: `otel`, the OpenTelemetry tracer behind [`trace`]
+//! (without it a tracing configuration is such an error).
 
 pub mod access_log;
 pub mod default_filters;
 pub mod mesh;
+pub mod trace;
 
 pub use mesh::{
     FilterDirection, FilterKind, FilterSpec, Mesh, MeshBuilder, MeshError, MeshHttpClient,

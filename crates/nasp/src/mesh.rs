@@ -41,6 +41,7 @@ use tokio::sync::watch;
 use tower::{Layer as _, Service, ServiceExt as _};
 
 use crate::access_log::{AccessLog, AccessLogConfig, AccessLogLayer, Side, TcpLog};
+use crate::trace::{Tracing, TracingConfig};
 
 type CertWatch = watch::Receiver<Option<Arc<WorkloadCert>>>;
 
@@ -169,6 +170,7 @@ pub struct MeshBuilder {
     workers: usize,
     prometheus: Option<SocketAddr>,
     access_log: Option<AccessLogConfig>,
+    tracing: Option<TracingConfig>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -198,6 +200,7 @@ impl Default for MeshBuilder {
             workers: nasp_transport::filter::default_workers(),
             prometheus: None,
             access_log: None,
+            tracing: None,
         }
     }
 }
@@ -275,7 +278,10 @@ impl MeshBuilder {
     ///   [`MeshBuilder::prometheus`]);
     /// - the access log from `NASP_ACCESS_LOG` (`stdout`, a file path, or
     ///   `off`, the default) and `NASP_ACCESS_LOG_FORMAT` (`text`, Envoy's
-    ///   default format, or `json`; see [`MeshBuilder::access_log`]).
+    ///   default format, or `json`; see [`MeshBuilder::access_log`]);
+    /// - tracing from `NASP_OTLP_ENDPOINT` (the OTLP/gRPC collector, or
+    ///   `off`, the default), `NASP_TRACE_SAMPLING` (percent, default 1) and
+    ///   `NASP_TRACE_PROPAGATION` (see [`MeshBuilder::tracing`]).
     pub fn from_env() -> Result<Self, MeshError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -314,6 +320,12 @@ impl MeshBuilder {
         b.access_log = AccessLogConfig::from_vars(
             get(crate::access_log::ACCESS_LOG_VAR).as_deref(),
             get(crate::access_log::ACCESS_LOG_FORMAT_VAR).as_deref(),
+        )
+        .map_err(MeshError::Config)?;
+        b.tracing = TracingConfig::from_vars(
+            get(crate::trace::OTLP_ENDPOINT_VAR).as_deref(),
+            get(crate::trace::TRACE_SAMPLING_VAR).as_deref(),
+            get(crate::trace::TRACE_PROPAGATION_VAR).as_deref(),
         )
         .map_err(MeshError::Config)?;
         b.target = Some(ControlPlaneTarget {
@@ -434,6 +446,17 @@ impl MeshBuilder {
         self
     }
 
+    /// Traces every HTTP and gRPC request the mesh sends or serves (a
+    /// CLIENT / SERVER span each, W3C and B3 headers continued and
+    /// written, Istio's sampling and span tags, OTLP/gRPC export), or not
+    /// with `None` (the default; [`MeshBuilder::from_env`] reads
+    /// `NASP_OTLP_ENDPOINT`). Needs the `otel` feature: without it a
+    /// configuration fails [`MeshBuilder::build`]. See [`crate::trace`].
+    pub fn tracing(mut self, config: Option<TracingConfig>) -> Self {
+        self.tracing = config;
+        self
+    }
+
     /// Joins the mesh: starts identity and xDS, loads the filters, and waits
     /// (up to the ready timeout) for a certificate and a first snapshot.
     pub async fn build(self) -> Result<Mesh, MeshError> {
@@ -458,6 +481,10 @@ impl MeshBuilder {
                 AccessLog::open(c)
                     .map_err(|e| MeshError::Config(format!("access log {:?}: {e}", c.target)))?,
             ),
+            None => None,
+        };
+        let tracing = match &self.tracing {
+            Some(c) => Some(Tracing::start(c, &self.workload).map_err(MeshError::Config)?),
             None => None,
         };
         // Identity.
@@ -643,6 +670,7 @@ impl MeshBuilder {
                 inbound_mode: self.inbound_mode,
                 peer_exchange: self.default_filters,
                 access_log,
+                tracing,
                 drain: self.drain,
                 stop,
                 serving: AtomicUsize::new(0),
@@ -833,6 +861,7 @@ struct Inner {
     /// and so may agree the `istio-peer-exchange` ALPN.
     peer_exchange: bool,
     access_log: Option<Arc<AccessLog>>,
+    tracing: Option<Arc<Tracing>>,
     drain: Duration,
     stop: watch::Sender<bool>,
     serving: AtomicUsize,
@@ -944,12 +973,22 @@ impl Mesh {
             filters.layer(self.inner.http.clone()),
             unbox as fn(ServiceError) -> BoxError,
         );
-        match &self.inner.access_log {
-            // Outermost: the line says what the application got.
-            Some(log) => tower::util::BoxCloneSyncService::new(
+        // The access log outermost (the line says what the application
+        // got), then the span (its headers reach the filters).
+        match (&self.inner.tracing, &self.inner.access_log) {
+            (None, Some(log)) => tower::util::BoxCloneSyncService::new(
                 AccessLogLayer::new(log.clone(), Side::Outbound, None).layer(client),
             ),
-            None => tower::util::BoxCloneSyncService::new(client),
+            (None, None) => tower::util::BoxCloneSyncService::new(client),
+            (Some(t), log) => {
+                let traced = t.outbound(tower::util::BoxCloneSyncService::new(client), None);
+                match log {
+                    Some(log) => tower::util::BoxCloneSyncService::new(
+                        AccessLogLayer::new(log.clone(), Side::Outbound, None).layer(traced),
+                    ),
+                    None => traced,
+                }
+            }
         }
     }
 
@@ -1148,13 +1187,23 @@ impl Mesh {
         .layer(app);
         let filtered = tower::util::MapErr::new(filtered, unbox as fn(ServiceError) -> BoxError);
         let svc: tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, BoxError> =
-            match &self.inner.access_log {
+            match (&self.inner.tracing, &self.inner.access_log) {
                 // Outermost: the line says what the caller got, filters'
-                // local replies included.
-                Some(log) => tower::util::BoxCloneSyncService::new(
+                // local replies included; then the span.
+                (None, Some(log)) => tower::util::BoxCloneSyncService::new(
                     AccessLogLayer::new(log.clone(), Side::Inbound, Some(local)).layer(filtered),
                 ),
-                None => tower::util::BoxCloneSyncService::new(filtered),
+                (None, None) => tower::util::BoxCloneSyncService::new(filtered),
+                (Some(t), log) => {
+                    let traced = t.inbound(tower::util::BoxCloneSyncService::new(filtered), local);
+                    match log {
+                        Some(log) => tower::util::BoxCloneSyncService::new(
+                            AccessLogLayer::new(log.clone(), Side::Inbound, Some(local))
+                                .layer(traced),
+                        ),
+                        None => traced,
+                    }
+                }
             };
         let hyper_svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             svc.clone().oneshot(req.map(Body::new))
@@ -1192,6 +1241,10 @@ impl Mesh {
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
                 break;
             }
+        }
+        // Spans of the drained requests are sent before the process goes.
+        if let Some(t) = &self.inner.tracing {
+            t.shutdown().await;
         }
         if let Some(p) = &self.inner.prometheus {
             p.shutdown().await;
