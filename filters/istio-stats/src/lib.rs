@@ -182,6 +182,81 @@ struct Shared {
     local_canonical: String,
     /// Metric ids by encoded name.
     ids: HashMap<String, u32>,
+    /// The ids of each report's metrics by its label values, so that a
+    /// label set seen before costs one lookup, not an encoded name per
+    /// metric (a few hundred bytes built, escaped and hashed each).
+    /// Keyed by the report's first metric name; few, so a list.
+    series: Vec<(&'static str, HashMap<Vec<String>, Vec<Option<u32>>, Fnv>)>,
+    /// Decoded peers by their serialized `Struct` (Istio's peer cache):
+    /// the same few peers come back on every stream.
+    peers: PeerCache,
+    /// `app_version_canonical` of the local node, computed once.
+    local_avc: [String; 4],
+}
+
+/// FNV-1a: the label sets and peers hashed here are not chosen by an
+/// attacker who could make them collide on purpose at any cost that
+/// matters (a peer's metadata is bounded, the cache is bounded), and
+/// SipHash over a few hundred bytes per stream was a visible share of the
+/// filter's time.
+#[derive(Clone, Copy, Default)]
+struct Fnv;
+
+struct FnvHasher(u64);
+
+impl std::hash::BuildHasher for Fnv {
+    type Hasher = FnvHasher;
+    fn build_hasher(&self) -> FnvHasher {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for FnvHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Peers seen, decoded once. Bounded: when full it starts over (a mesh
+/// has far fewer distinct peers than the bound; a flood of distinct ones
+/// costs a decode each, as without a cache).
+#[derive(Default)]
+struct PeerCache {
+    map: HashMap<Vec<u8>, Rc<Peer>, Fnv>,
+}
+
+/// A decoded peer and its derived label values.
+struct Peer {
+    workload: Workload,
+    avc: [String; 4],
+}
+
+impl Peer {
+    fn new(workload: Workload) -> Rc<Self> {
+        let avc = workload.app_version_canonical();
+        Rc::new(Self { workload, avc })
+    }
+}
+
+const PEER_CACHE_SIZE: usize = 1024;
+
+impl PeerCache {
+    fn get(&mut self, raw: &[u8]) -> Option<Rc<Peer>> {
+        if let Some(p) = self.map.get(raw) {
+            return Some(p.clone());
+        }
+        let peer = Peer::new(Workload::from_struct(&Struct::decode(raw)?));
+        if self.map.len() >= PEER_CACHE_SIZE {
+            self.map.clear();
+        }
+        self.map.insert(raw.to_vec(), peer.clone());
+        Some(peer)
+    }
 }
 
 impl Shared {
@@ -203,15 +278,15 @@ impl Shared {
 
     /// The peer of the current stream, as metadata exchange left it (or
     /// Istio's endpoint-metadata fallback outbound).
-    fn peer(&self) -> Option<Workload> {
+    fn peer(&mut self) -> Option<Rc<Peer>> {
         let key = if self.outbound {
             "upstream_peer"
         } else {
             "downstream_peer"
         };
         if let Some(raw) = property(vec![key]) {
-            match Struct::decode(&raw) {
-                Some(s) => return Some(Workload::from_struct(&s)),
+            match self.peers.get(&raw) {
+                Some(p) => return Some(p),
                 None => log::warn!("istio-stats: {key} is not a protobuf Struct; ignored"),
             }
         }
@@ -222,21 +297,23 @@ impl Shared {
                 "istio",
                 "workload",
             ])?;
-            return Workload::from_endpoint_label(&label);
+            return Workload::from_endpoint_label(&label).map(Peer::new);
         }
         None
     }
 
     /// The label values of one stream, in [`LABELS`] order.
-    fn labels(&self, req: &Request) -> Vec<String> {
-        let peer = self.peer().unwrap_or_default();
-        let (source, destination) = if self.outbound {
-            (&self.local, &peer)
+    fn labels(&mut self, req: &Request) -> Vec<String> {
+        let peer = self
+            .peer()
+            .unwrap_or_else(|| Peer::new(Workload::default()));
+        let ((source, s_avc), (destination, d_avc)) = if self.outbound {
+            ((&self.local, &self.local_avc), (&peer.workload, &peer.avc))
         } else {
-            (&peer, &self.local)
+            ((&peer.workload, &peer.avc), (&self.local, &self.local_avc))
         };
-        let [s_app, s_version, s_canonical, s_revision] = source.app_version_canonical();
-        let [d_app, d_version, d_canonical, d_revision] = destination.app_version_canonical();
+        let [s_app, s_version, s_canonical, s_revision] = s_avc.clone();
+        let [d_app, d_version, d_canonical, d_revision] = d_avc.clone();
         let (source_principal, destination_principal, security) = if self.outbound {
             (
                 property_text(vec!["upstream", "uri_san_local_certificate"]),
@@ -360,20 +437,39 @@ impl Shared {
     }
 
     /// Records one stream's metrics. `values`: (metric, type, value, labels used).
-    fn report(&mut self, labels: &[String], values: &[(&str, MetricType, u64, usize)]) {
-        for (name, kind, value, count) in values {
-            let mut encoded = String::with_capacity(512);
-            for (k, v) in LABELS.iter().zip(labels).take(*count) {
-                encoded.push_str(k);
-                encoded.push_str("=.=");
-                // The separators must not appear in a value.
-                encoded.push_str(&v.replace(";.;", "_").replace("=.=", "_"));
-                encoded.push_str(";.;");
+    fn report(&mut self, labels: &[String], values: &[(&'static str, MetricType, u64, usize)]) {
+        let Some(first) = values.first().map(|v| v.0) else {
+            return;
+        };
+        let used = values
+            .iter()
+            .map(|v| v.3)
+            .max()
+            .unwrap_or(0)
+            .min(labels.len());
+        let key = &labels[..used];
+        let group = match self.series.iter().position(|(n, _)| *n == first) {
+            Some(i) => i,
+            None => {
+                self.series.push((first, HashMap::default()));
+                self.series.len() - 1
             }
-            encoded.push_str(name);
-            let Some(id) = self.metric(*kind, encoded) else {
-                continue;
-            };
+        };
+        let ids = match self.series[group].1.get(key) {
+            Some(ids) => ids.clone(),
+            None => {
+                let ids: Vec<Option<u32>> = values
+                    .iter()
+                    .map(|(name, kind, _, count)| {
+                        self.metric(*kind, encoded_name(name, &labels[..(*count).min(used)]))
+                    })
+                    .collect();
+                self.series[group].1.insert(key.to_vec(), ids.clone());
+                ids
+            }
+        };
+        for ((name, kind, value, _), id) in values.iter().zip(ids) {
+            let Some(id) = id else { continue };
             let r = match kind {
                 MetricType::Counter if *value == 0 => Ok(()),
                 MetricType::Counter => {
@@ -386,6 +482,21 @@ impl Shared {
             }
         }
     }
+}
+
+/// A metric's name with its labels in Istio's tag encoding
+/// (`reporter=.=source;.;…;.;istio_requests_total`).
+fn encoded_name(name: &str, labels: &[String]) -> String {
+    let mut encoded = String::with_capacity(512);
+    for (k, v) in LABELS.iter().zip(labels) {
+        encoded.push_str(k);
+        encoded.push_str("=.=");
+        // The separators must not appear in a value.
+        encoded.push_str(&v.replace(";.;", "_").replace("=.=", "_"));
+        encoded.push_str(";.;");
+    }
+    encoded.push_str(name);
+    encoded
 }
 
 #[derive(Default)]
@@ -415,6 +526,7 @@ impl RootContext for Root {
         };
         let node = node_struct(|key| property(vec!["node", "metadata", key]));
         let local = Workload::from_struct(&node);
+        let local_avc = local.app_version_canonical();
         let local_canonical = match local.label(peer_metadata::CANONICAL_NAME) {
             "" => UNKNOWN.to_string(),
             n => n.to_string(),
@@ -424,6 +536,9 @@ impl RootContext for Root {
             local,
             local_canonical,
             ids: HashMap::new(),
+            series: Vec::new(),
+            peers: PeerCache::default(),
+            local_avc,
         })));
         true
     }

@@ -27,6 +27,8 @@
 //! not decode is logged and ignored (the headers are still removed); a
 //! missing property means "not known", never an error.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use peer_metadata::preamble::{self, Read};
@@ -75,6 +77,33 @@ struct Local {
     metadata: Struct,
     /// `x-envoy-peer-metadata`: base64 of `metadata`.
     header: String,
+    /// Peers' headers already checked, with their decoded bytes (`None`:
+    /// not base64 of a `Struct`): the same few peers send the same header
+    /// on every request, and decoding it was most of this filter's time.
+    seen: RefCell<HashMap<Vec<u8>, Option<Rc<[u8]>>>>,
+}
+
+/// How many distinct peer headers [`Local::seen`] keeps before it starts
+/// over (Istio's `max_peer_cache_size` is for a cache of the same kind).
+const SEEN_MAX: usize = 1024;
+
+impl Local {
+    /// The serialized `Struct` a peer's `x-envoy-peer-metadata` carries,
+    /// `None` when it is not base64 of one.
+    fn decode_header(&self, md: &[u8]) -> Option<Rc<[u8]>> {
+        if let Some(hit) = self.seen.borrow().get(md) {
+            return hit.clone();
+        }
+        let raw: Option<Rc<[u8]>> = base64::decode(md)
+            .filter(|raw| Struct::decode(raw).is_some())
+            .map(Rc::from);
+        let mut seen = self.seen.borrow_mut();
+        if seen.len() >= SEEN_MAX {
+            seen.clear();
+        }
+        seen.insert(md.to_vec(), raw.clone());
+        raw
+    }
 }
 
 #[derive(Default)]
@@ -107,6 +136,7 @@ impl RootContext for Root {
             id,
             metadata,
             header,
+            seen: RefCell::default(),
         });
         true
     }
@@ -135,17 +165,27 @@ impl RootContext for Root {
     }
 }
 
+/// Which peer a header names.
+#[derive(Clone, Copy)]
+enum PeerSide {
+    Downstream,
+    Upstream,
+}
+
 /// Stores the peer under `<side>_peer_id` / `<side>_peer` when its header
 /// decodes; returns whether the metadata was well formed.
-fn store_peer(side: &str, id: Option<&[u8]>, metadata: Option<&[u8]>) -> bool {
+fn store_peer(local: &Local, side: PeerSide, id: Option<&[u8]>, metadata: Option<&[u8]>) -> bool {
+    let (id_key, peer_key, side) = match side {
+        PeerSide::Downstream => ("downstream_peer_id", "downstream_peer", "downstream"),
+        PeerSide::Upstream => ("upstream_peer_id", "upstream_peer", "upstream"),
+    };
     if let Some(id) = id {
-        let _ = hostcalls::set_property(vec![&format!("{side}_peer_id")], Some(id));
+        let _ = hostcalls::set_property(vec![id_key], Some(id));
     }
     let Some(md) = metadata else { return false };
-    let decoded = base64::decode(md).and_then(|raw| Struct::decode(&raw).map(|s| (raw, s)));
-    match decoded {
-        Some((raw, _)) => {
-            let _ = hostcalls::set_property(vec![&format!("{side}_peer")], Some(&raw));
+    match local.decode_header(md) {
+        Some(raw) => {
+            let _ = hostcalls::set_property(vec![peer_key], Some(&raw));
             true
         }
         None => {
@@ -177,7 +217,12 @@ impl HttpContext for Http {
         if md.is_some() {
             self.remove_http_request_header(HEADER_METADATA);
         }
-        let received = store_peer("downstream", id.as_deref(), md.as_deref());
+        let received = store_peer(
+            &self.local,
+            PeerSide::Downstream,
+            id.as_deref(),
+            md.as_deref(),
+        );
         let l = &self.local;
         if l.direction != Direction::Inbound {
             self.set_http_request_header(HEADER_METADATA, Some(&l.header));
@@ -208,7 +253,12 @@ impl HttpContext for Http {
         if md.is_some() {
             self.remove_http_response_header(HEADER_METADATA);
         }
-        store_peer("upstream", id.as_deref(), md.as_deref());
+        store_peer(
+            &self.local,
+            PeerSide::Upstream,
+            id.as_deref(),
+            md.as_deref(),
+        );
         let l = &self.local;
         if l.direction != Direction::Outbound {
             let answer = self

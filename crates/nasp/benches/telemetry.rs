@@ -1,0 +1,234 @@
+//! The default telemetry chain's cost per HTTP request (issue 10, item 8):
+//! one request through the transport's filter layer with nasp's default
+//! chain (metadata exchange, then Istio stats) against the same request
+//! through the same layer with no filters, on each runtime, in one run.
+//!
+//! What runs, in one thread, without sockets (the network and TLS are the
+//! same with and without filters, and are measured by the transport
+//! benchmark): the outbound [`HttpFilterLayer`] of a `web` workload whose
+//! inner service is the inbound layer of an `echo` workload around an
+//! application answering `200` with 5 bytes — a sidecar pair, so the
+//! outbound exchange's header reaches the inbound filter, which strips it
+//! and answers its own, which the outbound filter reads. The response's
+//! `Upstream` (cluster, endpoint, SAN) and the request's `MeshPeer` are
+//! what the client and listener attach in a `Mesh`.
+//!
+//! Cases per runtime: `outbound` (the client's chain alone, the server with
+//! no filters), `inbound` (the server's alone), `pair` (both), and `none`
+//! (both layers empty: the baseline). The chain's cost is `case − none`.
+//! Run with `cargo bench -p nasp --bench telemetry` (or `cargo xtask bench
+//! telemetry`); results in docs/benchmarks.md.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http_body_util::BodyExt;
+use nasp::transport::filter::NodeProperties;
+use nasp::transport::filter::{ChainPool, HttpFilterLayer, ListenerDirection, ListenerProperties};
+use nasp::transport::{Body, MeshPeer, Upstream};
+use nasp::wasm::{HostEnv, LogLevel, LogRecord, LogSink, PluginConfig, WasmModule};
+use nasp::xds::WorkloadSettings;
+use nasp::{FilterDirection, FilterKind};
+use tower::{Layer, Service, ServiceExt};
+
+fn workload(name: &str, ns: &str, ip: &str) -> Arc<NodeProperties> {
+    let mut labels = std::collections::BTreeMap::new();
+    labels.insert("app".to_string(), name.to_string());
+    labels.insert("version".to_string(), "v1".to_string());
+    let s = WorkloadSettings {
+        pod_name: format!("{name}-5d4f8c9b7-abcde"),
+        namespace: ns.into(),
+        service_account: name.into(),
+        workload_name: name.into(),
+        instance_ips: vec![ip.into()],
+        labels,
+        app_containers: vec![name.into()],
+        ..WorkloadSettings::default()
+    };
+    Arc::new(NodeProperties::from_settings(&s))
+}
+
+fn quiet_env() -> HostEnv {
+    #[derive(Debug)]
+    struct Null;
+    impl LogSink for Null {
+        fn log(&self, _: LogRecord) {}
+        fn level(&self) -> LogLevel {
+            LogLevel::Critical
+        }
+    }
+    HostEnv {
+        logs: Arc::new(Null),
+        ..HostEnv::default()
+    }
+}
+
+/// The default HTTP chain of one direction on `runtime`, one worker (a
+/// benchmark thread is one worker), as a `Mesh` builds it.
+fn pool(
+    runtime: &str,
+    direction: FilterDirection,
+    node: &Arc<NodeProperties>,
+    env: &HostEnv,
+) -> Arc<ChainPool> {
+    let engine = nasp::wasm::shared_runtime(runtime).expect("runtime compiled in");
+    let listener = match direction {
+        FilterDirection::Inbound => ListenerDirection::Inbound,
+        FilterDirection::Outbound => ListenerDirection::Outbound,
+    };
+    let plugins: Vec<(WasmModule, PluginConfig)> = nasp::default_filters::specs()
+        .into_iter()
+        .filter(|s| s.kind == FilterKind::Http && s.direction == direction)
+        .map(|s| {
+            let module = WasmModule::new(engine.as_ref(), &s.wasm).expect("compiles");
+            let mut config = s.config.clone();
+            config.properties = Some(Arc::new(ListenerProperties::new(node.clone(), listener)));
+            (module, config)
+        })
+        .collect();
+    assert_eq!(plugins.len(), 2, "exchange and stats");
+    Arc::new(ChainPool::from_plugins(1, &plugins, env).expect("instantiates"))
+}
+
+type BoxSvc = tower::util::BoxCloneService<
+    http::Request<Body>,
+    http::Response<Body>,
+    nasp::transport::BoxError,
+>;
+
+/// web's outbound layer over echo's inbound layer over the application.
+fn pair(
+    outbound: Arc<ChainPool>,
+    inbound: Arc<ChainPool>,
+    web: &Arc<NodeProperties>,
+    echo: &Arc<NodeProperties>,
+) -> BoxSvc {
+    let upstream = Upstream {
+        cluster: "outbound|80||echo.demo.svc.cluster.local".into(),
+        route: "echo.demo.svc.cluster.local:80".into(),
+        address: "10.0.0.2:8080".parse().expect("addr"),
+        mtls: true,
+        peer_id: Some("spiffe://cluster.local/ns/demo/sa/echo".into()),
+        alpn: Some("istio-http/1.1".into()),
+        attempts: 1,
+    };
+    let app = tower::service_fn(|_req: http::Request<Body>| async {
+        Ok::<_, Infallible>(http::Response::new(Body::from(Bytes::from_static(
+            b"hello",
+        ))))
+    });
+    let server = HttpFilterLayer::new(inbound, ListenerDirection::Inbound, echo.clone())
+        .local_identity("spiffe://cluster.local/ns/demo/sa/echo")
+        .local_addr("10.0.0.2:8080".parse().expect("addr"))
+        .layer(app);
+    let peer = MeshPeer {
+        addr: "10.0.0.1:40000".parse().expect("addr"),
+        mtls: true,
+        id: Some(
+            "spiffe://cluster.local/ns/demo/sa/web"
+                .parse()
+                .expect("spiffe id"),
+        ),
+    };
+    // What the client and the listener attach: the listener's peer on the
+    // request, the upstream the client picked on the response.
+    let wire = tower::service_fn(move |mut req: http::Request<Body>| {
+        req.extensions_mut().insert(peer.clone());
+        let mut server = server.clone();
+        let upstream = upstream.clone();
+        async move {
+            let mut resp = server.ready().await?.call(req).await?;
+            resp.extensions_mut().insert(upstream);
+            Ok::<_, nasp::transport::BoxError>(resp)
+        }
+    });
+    let client = HttpFilterLayer::new(outbound, ListenerDirection::Outbound, web.clone())
+        .local_identity("spiffe://cluster.local/ns/demo/sa/web")
+        .layer(wire);
+    tower::util::BoxCloneService::new(tower::util::MapErr::new(
+        client,
+        |e| -> nasp::transport::BoxError { Box::new(e) },
+    ))
+}
+
+fn request() -> http::Request<Body> {
+    http::Request::builder()
+        .method("GET")
+        .uri("/")
+        .header("host", "echo.demo:80")
+        .header("user-agent", "bench")
+        .header("x-request-id", "6b4b5c4e-1a8b-4c1e-9a52-2f4f0d2a9b11")
+        .body(Body::empty())
+        .expect("request")
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let web = workload("web", "demo", "10.0.0.1");
+    let echo = workload("echo", "demo", "10.0.0.2");
+    let empty = || Arc::new(ChainPool::empty());
+    let mut g = c.benchmark_group("default_chain");
+    let once = |svc: &BoxSvc| {
+        rt.block_on(async {
+            let resp = svc.clone().oneshot(request()).await.expect("answered");
+            let status = resp.status();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, body)
+        })
+    };
+    let run = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, svc: BoxSvc| {
+        // The application's answer, untouched, before and after.
+        assert_eq!(
+            once(&svc),
+            (http::StatusCode::OK, Bytes::from_static(b"hello"))
+        );
+        g.bench_function(name, |b| b.iter(|| std::hint::black_box(once(&svc))));
+    };
+    run(&mut g, "none".into(), pair(empty(), empty(), &web, &echo));
+    for runtime in ["wasmtime", "wasmi", "wasm3"] {
+        let (web_env, echo_env) = (quiet_env(), quiet_env());
+        let out = pool(runtime, FilterDirection::Outbound, &web, &web_env);
+        let inb = pool(runtime, FilterDirection::Inbound, &echo, &echo_env);
+        let both = pair(out.clone(), inb.clone(), &web, &echo);
+        // The chains do their work: each side reports the other by name.
+        once(&both);
+        let (w, e) = (
+            web_env.metrics.prometheus_text(),
+            echo_env.metrics.prometheus_text(),
+        );
+        for (text, reporter) in [(&w, "source"), (&e, "destination")] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("istio_requests_total{"))
+                .unwrap_or_else(|| panic!("{runtime}: no istio_requests_total in\n{text}"));
+            for want in [
+                format!("reporter=\"{reporter}\""),
+                "source_workload=\"web\"".into(),
+                "destination_workload=\"echo\"".into(),
+                "response_code=\"200\"".into(),
+            ] {
+                assert!(line.contains(&want), "{runtime}: {want} missing in {line}");
+            }
+        }
+        run(
+            &mut g,
+            format!("{runtime}/outbound"),
+            pair(out.clone(), empty(), &web, &echo),
+        );
+        run(
+            &mut g,
+            format!("{runtime}/inbound"),
+            pair(empty(), inb.clone(), &web, &echo),
+        );
+        run(&mut g, format!("{runtime}/pair"), both);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
