@@ -171,6 +171,9 @@ pub struct MeshBuilder {
     prometheus: Option<SocketAddr>,
     access_log: Option<AccessLogConfig>,
     tracing: Option<TracingConfig>,
+    /// Overrides the control plane's token file, whichever way that was
+    /// given ([`MeshBuilder::token_file`]).
+    token_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for MeshBuilder {
@@ -201,6 +204,7 @@ impl Default for MeshBuilder {
             prometheus: None,
             access_log: None,
             tracing: None,
+            token_file: None,
         }
     }
 }
@@ -260,6 +264,16 @@ impl MeshBuilder {
             t.token_file = token_file;
         }
         b
+    }
+
+    /// The bearer token the CA is shown (Istio's `istio-token`), read from
+    /// `path` on every certificate request so a rotated token is picked up.
+    /// Overrides the token of [`MeshBuilder::embedded`] or
+    /// [`MeshBuilder::from_env`] whether called before or after them; with
+    /// [`MeshBuilder::control_plane`] it is the only way to give one.
+    pub fn token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.token_file = Some(path.into());
+        self
     }
 
     /// Everything from the environment, the way an Istio VM workload is set
@@ -506,7 +520,7 @@ impl MeshBuilder {
             (None, Some(t), Some(roots)) => {
                 let mut cfg = CaClientConfig::new(t.ca.clone(), roots.clone());
                 cfg.server_name = t.server_name.clone();
-                cfg.token_file = t.token_file.clone();
+                cfg.token_file = self.token_file.clone().or_else(|| t.token_file.clone());
                 cfg.root_file = t.root_file.clone();
                 if !self.workload.cluster_id.is_empty() {
                     cfg.cluster_id = Some(self.workload.cluster_id.clone());
@@ -868,6 +882,27 @@ struct Inner {
     served_done: tokio::sync::Notify,
 }
 
+/// One running [`Mesh::serve`] / [`Mesh::serve_tcp`], counted while it
+/// lives. The count goes down in `Drop`, so a serve future that is dropped
+/// (its task aborted, a `select!` that lost) is uncounted as surely as one
+/// that returned, and [`Mesh::shutdown`] never waits the drain deadline for
+/// a listener that is gone.
+struct ServingGuard<'a>(&'a Inner);
+
+impl<'a> ServingGuard<'a> {
+    fn enter(inner: &'a Inner) -> Self {
+        inner.serving.fetch_add(1, Ordering::SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for ServingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.serving.fetch_sub(1, Ordering::SeqCst);
+        self.0.served_done.notify_waiters();
+    }
+}
+
 /// A process's membership of the mesh. Cheap to clone.
 #[derive(Clone)]
 pub struct Mesh {
@@ -1063,7 +1098,7 @@ impl Mesh {
     {
         let local = listener.local_addr();
         let mut stop = self.inner.stop.subscribe();
-        self.inner.serving.fetch_add(1, Ordering::SeqCst);
+        let _serving = ServingGuard::enter(&self.inner);
         loop {
             let conn = tokio::select! {
                 c = listener.accept() => c,
@@ -1132,8 +1167,6 @@ impl Mesh {
                 log,
             }));
         }
-        self.inner.serving.fetch_sub(1, Ordering::SeqCst);
-        self.inner.served_done.notify_waiters();
     }
 
     /// A mesh listener on `addr`: STRICT / PERMISSIVE / DISABLE as xDS says
@@ -1209,7 +1242,7 @@ impl Mesh {
             svc.clone().oneshot(req.map(Body::new))
         });
         let mut stop = self.inner.stop.subscribe();
-        self.inner.serving.fetch_add(1, Ordering::SeqCst);
+        let _serving = ServingGuard::enter(&self.inner);
         let left = nasp_transport::serve_http_until(
             listener,
             hyper_svc,
@@ -1222,8 +1255,6 @@ impl Mesh {
         if left > 0 {
             tracing::warn!(%local, "{left} connections still open after the drain");
         }
-        self.inner.serving.fetch_sub(1, Ordering::SeqCst);
-        self.inner.served_done.notify_waiters();
     }
 
     /// Stops every [`Mesh::serve`]: no new connections, requests in flight
