@@ -338,28 +338,48 @@ impl AbiHost {
         }
     }
 
-    fn property(&self, segments: &[String]) -> Option<Vec<u8>> {
-        let key = segments.join(".");
-        if let Some(s) = self.stream()
-            && let Some(v) = lock(s).filter_state.get(&key)
+    /// A property by its path as the guest sent it (segments separated by
+    /// NUL, with or without a trailing one). Called several times per
+    /// callback by Istio's filters, so the path is borrowed, not split into
+    /// owned segments, and the dotted filter-state key is built only when
+    /// there is filter state to look in and the path has more than one
+    /// segment.
+    fn property(&self, raw: &[u8]) -> Option<Vec<u8>> {
+        let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+        let text = String::from_utf8_lossy(raw);
+        let dotted = || -> std::borrow::Cow<'_, str> {
+            if text.contains('\0') {
+                std::borrow::Cow::Owned(text.replace('\0', "."))
+            } else {
+                std::borrow::Cow::Borrowed(&*text)
+            }
+        };
+        // A stream context asks its stream's provider first (it knows the
+        // connection, the request and possibly a more specific node), then
+        // the plugin's; a root context has only the plugin's. The stream
+        // lock is released before the providers are asked.
+        let mut stream_provider = None;
+        if let Some(s) = self.stream() {
+            let s = lock(s);
+            if !s.filter_state.is_empty()
+                && let Some(v) = s.filter_state.get(dotted().as_ref())
+            {
+                return Some(v.clone());
+            }
+            stream_provider = s.provider.clone();
+        }
+        if !self.root_filter_state.is_empty()
+            && let Some(v) = self.root_filter_state.get(dotted().as_ref())
         {
             return Some(v.clone());
         }
-        if let Some(v) = self.root_filter_state.get(&key) {
-            return Some(v.clone());
-        }
-        match key.as_str() {
+        match &*text {
             "plugin_name" => return Some(self.info.name.clone().into_bytes()),
             "plugin_root_id" => return Some(self.info.root_id.clone().into_bytes()),
             "plugin_vm_id" => return Some(self.info.vm_id.clone().into_bytes()),
             _ => {}
         }
-        let refs: Vec<&str> = segments.iter().map(String::as_str).collect();
-        // A stream context asks its stream's provider first (it knows the
-        // connection, the request and possibly a more specific node), then
-        // the plugin's; a root context has only the plugin's. The stream
-        // lock is released before the providers are asked.
-        let stream_provider = self.stream().and_then(|s| lock(s).provider.clone());
+        let refs: Vec<&str> = text.split('\0').collect();
         stream_provider
             .and_then(|p| p.property(&refs))
             .or_else(|| self.plugin_properties.as_ref()?.property(&refs))
@@ -634,7 +654,7 @@ impl HostHandler for AbiHost {
             }
             HostFn::GetProperty => {
                 let path = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));
-                match self.property(&property_segments(&path)) {
+                match self.property(&path) {
                     Some(v) => self.copy_out(g, &v, arg(a, 2), arg(a, 3)),
                     None => st(status::NOT_FOUND),
                 }

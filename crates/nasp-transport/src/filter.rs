@@ -664,7 +664,7 @@ where
     }
     if let Some(map) = handle.with(|s, _| s.request_header_map().clone()) {
         apply_request(&map, &mut parts);
-        props.set_request(&map, parts.version);
+        props.set_request_map(map, parts.version);
     }
     parts.extensions.insert(props.clone());
     let body = if end_of_stream {
@@ -730,7 +730,7 @@ where
     }
     if let Some(map) = handle.with(|s, _| s.response_header_map().clone()) {
         apply_response(&map, &mut parts);
-        props.set_response(parts.status.as_u16(), &map);
+        props.set_response_map(parts.status.as_u16(), map);
     }
     let body = if end_of_stream {
         handle.finish();

@@ -192,6 +192,10 @@ struct Shared {
     peers: PeerCache,
     /// `app_version_canonical` of the local node, computed once.
     local_avc: [String; 4],
+    /// The host answers `request.total_size` / `response.total_size`: a
+    /// stream then skips counting header bytes itself (a copy of each
+    /// whole header map into the guest) for the fallback.
+    host_sizes: bool,
 }
 
 /// FNV-1a: the label sets and peers hashed here are not chosen by an
@@ -539,6 +543,7 @@ impl RootContext for Root {
             series: Vec::new(),
             peers: PeerCache::default(),
             local_avc,
+            host_sizes: false,
         })));
         true
     }
@@ -665,8 +670,10 @@ impl HttpContext for Http {
         self.grpc = self
             .get_http_request_header("content-type")
             .is_some_and(|c| c.starts_with("application/grpc"));
-        let h: Vec<(String, Vec<u8>)> = self.get_http_request_headers_bytes();
-        self.request_bytes = header_bytes(&h);
+        if !self.shared.try_borrow().is_ok_and(|s| s.host_sizes) {
+            let h: Vec<(String, Vec<u8>)> = self.get_http_request_headers_bytes();
+            self.request_bytes = header_bytes(&h);
+        }
         Action::Continue
     }
 
@@ -683,8 +690,10 @@ impl HttpContext for Http {
             .get_http_response_header(":status")
             .and_then(|s| s.parse().ok());
         self.grpc_status = grpc_status_of(self.get_http_response_header("grpc-status"));
-        let h: Vec<(String, Vec<u8>)> = self.get_http_response_headers_bytes();
-        self.response_bytes = header_bytes(&h);
+        if !self.shared.try_borrow().is_ok_and(|s| s.host_sizes) {
+            let h: Vec<(String, Vec<u8>)> = self.get_http_response_headers_bytes();
+            self.response_bytes = header_bytes(&h);
+        }
         if self.grpc {
             let req = self.request();
             let rc = self.shared.clone();
@@ -729,11 +738,13 @@ impl HttpContext for Http {
                 .unwrap_or(Duration::ZERO)
                 .as_millis() as u64,
         };
-        let size = |path: Vec<&str>, fallback: u64| {
-            property_int(path).map_or(fallback, |v| u64::try_from(v).unwrap_or(0))
-        };
-        let request_bytes = size(vec!["request", "total_size"], self.request_bytes);
-        let response_bytes = size(vec!["response", "total_size"], self.response_bytes);
+        let request_size = property_int(vec!["request", "total_size"]);
+        let response_size = property_int(vec!["response", "total_size"]);
+        shared.host_sizes = request_size.is_some() && response_size.is_some();
+        let size =
+            |v: Option<i64>, fallback: u64| v.map_or(fallback, |v| u64::try_from(v).unwrap_or(0));
+        let request_bytes = size(request_size, self.request_bytes);
+        let response_bytes = size(response_size, self.response_bytes);
         let all = LABELS.len();
         shared.report(
             &labels,

@@ -360,6 +360,11 @@ impl StreamProperties {
     /// The request headers as they are now (pseudo-headers included); the
     /// filter layer calls it before and after the request filters.
     pub fn set_request(&self, headers: &HeaderMap, version: http::Version) {
+        self.set_request_map(headers.clone(), version);
+    }
+
+    /// [`Self::set_request`] with a map the caller no longer needs.
+    pub fn set_request_map(&self, headers: HeaderMap, version: http::Version) {
         let protocol = match version {
             http::Version::HTTP_09 => "HTTP/0.9",
             http::Version::HTTP_10 => "HTTP/1.0",
@@ -377,15 +382,17 @@ impl StreamProperties {
         {
             let _ = self.grpc_messages.set(Mutex::default());
         }
-        *lock(&self.request) = Some(Arc::new(RequestInfo {
-            headers: headers.clone(),
-            protocol,
-        }));
+        *lock(&self.request) = Some(Arc::new(RequestInfo { headers, protocol }));
     }
 
     /// The response status and headers (before the response filters run,
     /// then as they left them).
     pub fn set_response(&self, code: u16, headers: &HeaderMap) {
+        self.set_response_map(code, headers.clone());
+    }
+
+    /// [`Self::set_response`] with a map the caller no longer needs.
+    pub fn set_response_map(&self, code: u16, headers: HeaderMap) {
         self.response_header_bytes
             .store(headers.byte_size() as u64, Ordering::Relaxed);
         let mut r = lock(&self.response);
@@ -396,7 +403,7 @@ impl StreamProperties {
         {
             r.grpc_status = Some(g);
         }
-        r.headers = Some(headers.clone());
+        r.headers = Some(headers);
     }
 
     /// The response trailers (`grpc-status` is read from them).
