@@ -28,8 +28,10 @@
 //! - `demo`: the embedded control plane, a certificate, xDS lookups and a
 //!   filter on every runtime (see `demo()`).
 //! - `bench`: builds the filters and runs the criterion benches recorded in
-//!   `docs/benchmarks.md` (proxy-wasm host, identity, xDS) with the
-//!   settings given there. `bench transport` runs only the transport
+//!   `docs/benchmarks.md` (proxy-wasm host, the default telemetry chain,
+//!   identity, xDS, balancing, policy layers) with the settings given
+//!   there; `bench telemetry` / `bench policy` run only that one (criterion
+//!   arguments after it). `bench transport` runs only the transport
 //!   benchmark (nasp's mesh HTTP path against a plain hyper + rustls pair,
 //!   and the idle RSS of a `Mesh` per runtime); arguments after
 //!   `transport` go to it (`--warm S --measure S --rounds N --no-rss
@@ -855,7 +857,7 @@ fn feature_matrix() -> Result<(), String> {
     Ok(())
 }
 
-/// `cargo xtask bench [transport|policy [ARGS]]`: release builds of the
+/// `cargo xtask bench [transport|policy|telemetry [ARGS]]`: release builds of the
 /// benches, run with the settings `docs/benchmarks.md` records (the
 /// criterion ones and the policy layers by default).
 fn bench(args: &[String]) -> Result<(), String> {
@@ -874,13 +876,20 @@ fn bench(args: &[String]) -> Result<(), String> {
             .args(["bench", "-p", "nasp-transport", "--bench", "policy", "--"])
             .args(&args[1..]));
     }
+    if args.first().map(String::as_str) == Some("telemetry") {
+        return run(cargo()
+            .current_dir(&root)
+            .args(["bench", "-p", "nasp", "--bench", "telemetry", "--"])
+            .args(&args[1..]));
+    }
     if let Some(other) = args.first() {
         return Err(format!(
-            "cargo xtask bench [transport|policy [ARGS]]: unknown bench {other:?}"
+            "cargo xtask bench [transport|policy|telemetry [ARGS]]: unknown bench {other:?}"
         ));
     }
     for (package, bench, measure) in [
         ("nasp", "proxywasm", "2"),
+        ("nasp", "telemetry", "3"),
         ("nasp-controlplane", "identity", "3"),
         ("nasp-xds", "xds", "3"),
         ("nasp-transport", "balance", "3"),
@@ -959,7 +968,7 @@ fn main() -> ExitCode {
             "xtask/codegen/Cargo.toml",
         ])),
         _ => Err(
-            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport]|codegen>"
+            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen>"
                 .into(),
         ),
     };

@@ -7,22 +7,45 @@ use std::sync::{Arc, Mutex};
 
 /// An ordered multi-map of header names to values, as bytes. Names are
 /// compared case-insensitively (HTTP/2 names are lower case on the wire).
-#[derive(Clone, Default, PartialEq, Eq)]
+///
+/// Every name and value lives in one buffer, each entry a pair of ranges
+/// into it: a map of n headers is two allocations, not 2n + 1, and a
+/// clone copies two vectors. The transport builds, clones and hands over
+/// a few maps per stream and direction, so this is most of what a stream
+/// through a filter chain allocates. A replaced or removed entry leaves
+/// its bytes behind until the map is rebuilt ([`Self::set_all`]) or
+/// dropped; a stream's maps live as long as the stream.
+#[derive(Clone, Default)]
 pub struct HeaderMap {
-    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    buf: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+/// Where one entry's name and value are in [`HeaderMap::buf`].
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    name: (usize, usize),
+    value: (usize, usize),
 }
 
 impl fmt::Debug for HeaderMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
             .entries(
-                self.entries
-                    .iter()
+                self.iter()
                     .map(|(k, v)| (String::from_utf8_lossy(k), String::from_utf8_lossy(v))),
             )
             .finish()
     }
 }
+
+impl PartialEq for HeaderMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for HeaderMap {}
 
 impl HeaderMap {
     /// An empty map.
@@ -33,18 +56,38 @@ impl HeaderMap {
     pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> Self {
-        Self {
-            entries: pairs
-                .into_iter()
-                .map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec()))
-                .collect(),
+        let mut m = Self::default();
+        for (k, v) in pairs {
+            let e = m.push(k.as_ref(), v.as_ref(), false);
+            m.entries.push(e);
         }
+        m
+    }
+    /// Copies a name (lower-cased or as given) and a value into the buffer.
+    fn push(&mut self, name: &[u8], value: &[u8], lower: bool) -> Entry {
+        let n = self.buf.len();
+        self.buf.extend_from_slice(name);
+        if lower {
+            self.buf[n..].make_ascii_lowercase();
+        }
+        let v = self.buf.len();
+        self.buf.extend_from_slice(value);
+        Entry {
+            name: (n, name.len()),
+            value: (v, value.len()),
+        }
+    }
+    fn name_of(&self, e: &Entry) -> &[u8] {
+        &self.buf[e.name.0..e.name.0 + e.name.1]
+    }
+    fn value_of(&self, e: &Entry) -> &[u8] {
+        &self.buf[e.value.0..e.value.0 + e.value.1]
     }
     /// Entries in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + Clone {
         self.entries
             .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .map(|e| (self.name_of(e), self.value_of(e)))
     }
     /// Number of entries.
     pub fn len(&self) -> usize {
@@ -58,8 +101,8 @@ impl HeaderMap {
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
         self.entries
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .find(|e| self.name_of(e).eq_ignore_ascii_case(name))
+            .map(|e| self.value_of(e))
     }
     /// The first value of `name` as text (lossy).
     pub fn get_str(&self, name: &str) -> Option<String> {
@@ -70,12 +113,12 @@ impl HeaderMap {
     /// pseudo-headers, before every regular header, as HTTP/2 requires and
     /// Envoy's header map keeps them.
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
-        let entry = (name.to_ascii_lowercase(), value.to_vec());
+        let entry = self.push(name, value, true);
         if name.first() == Some(&b':') {
             let at = self
                 .entries
                 .iter()
-                .position(|(k, _)| k.first() != Some(&b':'))
+                .position(|e| self.buf.get(e.name.0) != Some(&b':') || e.name.1 == 0)
                 .unwrap_or(self.entries.len());
             self.entries.insert(at, entry);
         } else {
@@ -88,14 +131,16 @@ impl HeaderMap {
         match self
             .entries
             .iter()
-            .position(|(k, _)| k.eq_ignore_ascii_case(name))
+            .position(|e| self.name_of(e).eq_ignore_ascii_case(name))
         {
             Some(first) => {
-                self.entries[first].1 = value.to_vec();
-                let mut i = 0;
-                self.entries.retain(|(k, _)| {
+                let v = self.buf.len();
+                self.buf.extend_from_slice(value);
+                self.entries[first].value = (v, value.len());
+                let (buf, mut i) = (&self.buf, 0);
+                self.entries.retain(|e| {
                     i += 1;
-                    i - 1 <= first || !k.eq_ignore_ascii_case(name)
+                    i - 1 <= first || !buf[e.name.0..e.name.0 + e.name.1].eq_ignore_ascii_case(name)
                 });
             }
             None => self.add(name, value),
@@ -103,11 +148,13 @@ impl HeaderMap {
     }
     /// Envoy's `byteSize()`: the bytes of every name and value.
     pub fn byte_size(&self) -> usize {
-        self.entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.entries.iter().map(|e| e.name.1 + e.value.1).sum()
     }
     /// Removes all values of `name`.
     pub fn remove(&mut self, name: &[u8]) {
-        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        let buf = &self.buf;
+        self.entries
+            .retain(|e| !buf[e.name.0..e.name.0 + e.name.1].eq_ignore_ascii_case(name));
     }
     /// Serialized with the proxy-wasm pairs encoding.
     pub fn serialize(&self) -> Vec<u8> {
@@ -115,17 +162,18 @@ impl HeaderMap {
     }
     /// Replaces the whole map (pseudo-headers moved first, in order).
     pub fn set_all(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
-        let (mut pseudo, regular): (Vec<_>, Vec<_>) = pairs
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .partition(|(k, _)| k.first() == Some(&b':'));
-        pseudo.extend(regular);
-        self.entries = pseudo;
+        self.buf.clear();
+        self.entries.clear();
+        let (pseudo, regular): (Vec<_>, Vec<_>) =
+            pairs.iter().partition(|(k, _)| k.first() == Some(&b':'));
+        for (k, v) in pseudo.into_iter().chain(regular) {
+            let e = self.push(k, v, true);
+            self.entries.push(e);
+        }
     }
     /// Entries as lossy strings, for display.
     pub fn to_string_pairs(&self) -> Vec<(String, String)> {
-        self.entries
-            .iter()
+        self.iter()
             .map(|(k, v)| {
                 (
                     String::from_utf8_lossy(k).into_owned(),

@@ -14,8 +14,10 @@
 //! what the client and listener attach in a `Mesh`.
 //!
 //! Cases per runtime: `outbound` (the client's chain alone, the server with
-//! no filters), `inbound` (the server's alone), `pair` (both), and `none`
-//! (both layers empty: the baseline). The chain's cost is `case − none`.
+//! no filters), `inbound` (the server's alone), `pair` (both), and
+//! `lean_plugin` (outbound, `filters/headers` alone: what any one plugin
+//! costs); `none` (both layers empty) is the baseline. The chain's cost is
+//! `case − none`.
 //! Run with `cargo bench -p nasp --bench telemetry` (or `cargo xtask bench
 //! telemetry`); results in docs/benchmarks.md.
 
@@ -48,6 +50,17 @@ fn workload(name: &str, ns: &str, ip: &str) -> Arc<NodeProperties> {
         ..WorkloadSettings::default()
     };
     Arc::new(NodeProperties::from_settings(&s))
+}
+
+/// `filters/headers`, built by `cargo xtask build-filters`.
+fn lean_filter() -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/filters/headers.wasm"
+    );
+    std::fs::read(path).unwrap_or_else(|e| {
+        panic!("{path}: {e}; build the filters first: cargo xtask build-filters")
+    })
 }
 
 fn quiet_env() -> HostEnv {
@@ -226,6 +239,22 @@ fn bench(c: &mut Criterion) {
             pair(empty(), inb.clone(), &web, &echo),
         );
         run(&mut g, format!("{runtime}/pair"), both);
+        // The floor any plugin pays: filters/headers (reads :path and
+        // :status, adds a header each way) alone, outbound.
+        let lean = WasmModule::new(
+            nasp::wasm::shared_runtime(runtime)
+                .expect("runtime")
+                .as_ref(),
+            &lean_filter(),
+        )
+        .expect("compiles");
+        let one = ChainPool::from_plugins(1, &[(lean, PluginConfig::new("lean"))], &quiet_env())
+            .expect("instantiates");
+        run(
+            &mut g,
+            format!("{runtime}/lean_plugin"),
+            pair(Arc::new(one), empty(), &web, &echo),
+        );
     }
     g.finish();
 }

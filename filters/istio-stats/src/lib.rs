@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use peer_metadata::{Struct, Workload, node_struct};
+use peer_metadata::{Struct, WordHash, Workload, node_struct};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
@@ -186,7 +186,10 @@ struct Shared {
     /// label set seen before costs one lookup, not an encoded name per
     /// metric (a few hundred bytes built, escaped and hashed each).
     /// Keyed by the report's first metric name; few, so a list.
-    series: Vec<(&'static str, HashMap<Vec<String>, Vec<Option<u32>>, Fnv>)>,
+    series: Vec<(
+        &'static str,
+        HashMap<Vec<String>, Vec<Option<u32>>, WordHash>,
+    )>,
     /// Decoded peers by their serialized `Struct` (Istio's peer cache):
     /// the same few peers come back on every stream.
     peers: PeerCache,
@@ -198,40 +201,12 @@ struct Shared {
     host_sizes: bool,
 }
 
-/// FNV-1a: the label sets and peers hashed here are not chosen by an
-/// attacker who could make them collide on purpose at any cost that
-/// matters (a peer's metadata is bounded, the cache is bounded), and
-/// SipHash over a few hundred bytes per stream was a visible share of the
-/// filter's time.
-#[derive(Clone, Copy, Default)]
-struct Fnv;
-
-struct FnvHasher(u64);
-
-impl std::hash::BuildHasher for Fnv {
-    type Hasher = FnvHasher;
-    fn build_hasher(&self) -> FnvHasher {
-        FnvHasher(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for FnvHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Peers seen, decoded once. Bounded: when full it starts over (a mesh
 /// has far fewer distinct peers than the bound; a flood of distinct ones
 /// costs a decode each, as without a cache).
 #[derive(Default)]
 struct PeerCache {
-    map: HashMap<Vec<u8>, Rc<Peer>, Fnv>,
+    map: HashMap<Vec<u8>, Rc<Peer>, WordHash>,
 }
 
 /// A decoded peer and its derived label values.

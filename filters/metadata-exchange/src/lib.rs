@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use peer_metadata::preamble::{self, Read};
-use peer_metadata::{HEADER_ID, HEADER_METADATA, Struct, base64, node_struct};
+use peer_metadata::{HEADER_ID, HEADER_METADATA, Struct, WordHash, base64, node_struct};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -80,7 +80,7 @@ struct Local {
     /// Peers' headers already checked, with their decoded bytes (`None`:
     /// not base64 of a `Struct`): the same few peers send the same header
     /// on every request, and decoding it was most of this filter's time.
-    seen: RefCell<HashMap<Vec<u8>, Option<Rc<[u8]>>>>,
+    seen: RefCell<HashMap<Vec<u8>, Option<Rc<[u8]>>, WordHash>>,
 }
 
 /// How many distinct peer headers [`Local::seen`] keeps before it starts

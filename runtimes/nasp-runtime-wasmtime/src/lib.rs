@@ -4,8 +4,9 @@
 //!   `InstancePre`.
 //! - CPU deadline: epoch interruption. One ticker thread per runtime bumps the
 //!   epoch every 10 ms; at each tick a store checks its call deadline and its
-//!   interrupt flag, so a runaway call stops within about 10 ms of its
-//!   deadline, and [`nasp_proxywasm::Plugin::interrupt_handle`] stops it
+//!   interrupt flag, so a runaway call stops within about 10–20 ms of its
+//!   deadline (the clock is read at the first tick a call sees, not when it
+//!   starts: most calls take microseconds and never see one), and [`nasp_proxywasm::Plugin::interrupt_handle`] stops it
 //!   from another thread.
 //! - Memory cap: a `StoreLimits` limiter (memory size, one instance, one
 //!   memory, 10 000 table elements).
@@ -94,6 +95,10 @@ struct Data {
     memory: Option<wasmtime::Memory>,
     funcs: Vec<Arc<GuestFunc>>,
     deadline: Option<Instant>,
+    /// The current call's time budget, turned into `deadline` at the first
+    /// tick the call sees (reading the clock per call was a visible share
+    /// of a filter chain's cost).
+    budget: Option<Duration>,
     interrupt: Arc<AtomicBool>,
     depth: u32,
 }
@@ -449,13 +454,17 @@ impl CompiledModule for Compiled {
             memory: None,
             funcs: Vec::new(),
             deadline: None,
+            budget: None,
             interrupt: interrupt.clone(),
             depth: 0,
         };
         let mut store = wasmtime::Store::new(&self.engine, data);
         store.limiter(|d| &mut d.limits);
-        store.epoch_deadline_callback(|ctx| {
-            let d = ctx.data();
+        store.epoch_deadline_callback(|mut ctx| {
+            let d = ctx.data_mut();
+            if let Some(b) = d.budget.take() {
+                d.deadline = Some(Instant::now() + b);
+            }
             if d.interrupt.swap(false, Ordering::Relaxed)
                 || d.deadline.is_some_and(|t| Instant::now() >= t)
             {
@@ -528,7 +537,8 @@ impl Instance for WasmtimeInstance {
         let d = self.store.data_mut();
         d.depth += 1;
         if d.depth == 1 {
-            d.deadline = self.deadline.map(|t| Instant::now() + t);
+            d.deadline = None;
+            d.budget = self.deadline;
             d.interrupt.store(false, Ordering::Relaxed);
         }
         self.store.set_epoch_deadline(1);
