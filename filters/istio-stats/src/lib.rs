@@ -43,17 +43,61 @@ proxy_wasm::main! {{
 
 const UNKNOWN: &str = "unknown";
 
-fn property(path: Vec<&str>) -> Option<Vec<u8>> {
-    hostcalls::get_property(path).ok().flatten()
+/// A property path as the ABI carries it: segments separated by NUL,
+/// built at compile time (`path!("response", "code")`).
+macro_rules! path {
+    ($first:literal $(, $rest:literal)*) => {
+        concat!($first $(, "\0", $rest)*).as_bytes()
+    };
 }
 
-fn property_text(path: Vec<&str>) -> Option<String> {
-    property(path)
-        .filter(|v| !v.is_empty())
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
+/// A property by its NUL-separated path. `proxy_get_property` directly,
+/// not the SDK's `get_property`: that one builds the path in two vectors
+/// per call, and a stream reads about fourteen properties.
+fn property(path: &[u8]) -> Option<Vec<u8>> {
+    extern "C" {
+        fn proxy_get_property(
+            path: *const u8,
+            path_len: usize,
+            out: *mut *mut u8,
+            out_len: *mut usize,
+        ) -> u32;
+    }
+    let mut ptr: *mut u8 = std::ptr::null_mut();
+    let mut len = 0usize;
+    // SAFETY: `path` is a live slice and both out-pointers point at live
+    // locals. On success a non-null `ptr` is a buffer of `len` bytes the
+    // host allocated through this module's `proxy_on_memory_allocate`
+    // (the SDK's: a `Vec<u8>` of exactly that capacity, forgotten), so
+    // taking it back as that `Vec` is what the SDK itself does.
+    unsafe {
+        if proxy_get_property(path.as_ptr(), path.len(), &mut ptr, &mut len) != 0 || ptr.is_null() {
+            return None;
+        }
+        Some(Vec::from_raw_parts(ptr, len, len))
+    }
 }
 
-fn property_int(path: Vec<&str>) -> Option<i64> {
+/// A path of runtime segments, for the few that are not literals.
+fn property_of(segments: &[&str]) -> Option<Vec<u8>> {
+    property(segments.join("\0").as_bytes())
+}
+
+fn text(v: Vec<u8>) -> Option<String> {
+    if v.is_empty() {
+        return None;
+    }
+    // Valid UTF-8 (every value nasp and Envoy give) is taken as is.
+    Some(
+        String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
+}
+
+fn property_text(path: &[u8]) -> Option<String> {
+    property(path).and_then(text)
+}
+
+fn property_int(path: &[u8]) -> Option<i64> {
     let v = property(path)?;
     let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
     Some(i64::from_le_bytes(b))
@@ -110,14 +154,11 @@ const TCP_LABELS: usize = 23;
 /// `count_peer_labels`: up to `destination_cluster`).
 const PEER_LABELS: usize = 20;
 
-/// Envoy's `grpc_stats` filter state: "request,response" message counts.
-const GRPC_STATS: &str = "envoy.filters.http.grpc_stats";
-
 /// The gRPC message counts so far (request, response), from the host's
 /// `filter_state.envoy.filters.http.grpc_stats` (`"x,y"`, as Istio's
 /// `populateGRPCInfo` reads it); `None` when absent or malformed.
 fn grpc_messages() -> Option<(u64, u64)> {
-    let v = property(vec!["filter_state", GRPC_STATS])?;
+    let v = property(path!("filter_state", "envoy.filters.http.grpc_stats"))?;
     let v = std::str::from_utf8(&v).ok()?;
     let (req, resp) = v.split_once(',')?;
     Some((req.trim().parse().ok()?, resp.trim().parse().ok()?))
@@ -169,8 +210,11 @@ struct Request {
     protocol: Protocol,
     response_code: Option<i64>,
     grpc_status: Option<i64>,
-    /// `request.host`, for the destination service fallback.
-    host: Option<String>,
+    /// Whether `request.host` may be asked for (HTTP), read only when the
+    /// destination service falls back to it: most streams name their
+    /// service by the cluster, and each property read is a host call and
+    /// an allocation in the guest.
+    has_host: bool,
 }
 
 /// Shared by the root and its streams.
@@ -207,6 +251,8 @@ struct Shared {
 #[derive(Default)]
 struct PeerCache {
     map: HashMap<Vec<u8>, Rc<Peer>, WordHash>,
+    /// The same peers by node id (`<side>_peer_id`).
+    by_id: HashMap<Vec<u8>, Rc<Peer>, WordHash>,
 }
 
 /// A decoded peer and its derived label values.
@@ -236,6 +282,13 @@ impl PeerCache {
         self.map.insert(raw.to_vec(), peer.clone());
         Some(peer)
     }
+
+    fn remember_id(&mut self, id: Vec<u8>, peer: Rc<Peer>) {
+        if self.by_id.len() >= PEER_CACHE_SIZE {
+            self.by_id.clear();
+        }
+        self.by_id.insert(id, peer);
+    }
 }
 
 impl Shared {
@@ -258,24 +311,37 @@ impl Shared {
     /// The peer of the current stream, as metadata exchange left it (or
     /// Istio's endpoint-metadata fallback outbound).
     fn peer(&mut self) -> Option<Rc<Peer>> {
-        let key = if self.outbound {
-            "upstream_peer"
+        let (key, id_key) = if self.outbound {
+            ("upstream_peer", "upstream_peer_id")
         } else {
-            "downstream_peer"
+            ("downstream_peer", "downstream_peer_id")
         };
-        if let Some(raw) = property(vec![key]) {
+        // A peer's node id names one proxy instance, whose metadata is
+        // fixed for its life (Istio's agent sends what it started with):
+        // a peer seen before is found by its id (tens of bytes) without
+        // copying its metadata (hundreds) into the guest again.
+        let id = property(id_key.as_bytes()).filter(|v| !v.is_empty());
+        if let Some(p) = id.as_ref().and_then(|id| self.peers.by_id.get(id)) {
+            return Some(p.clone());
+        }
+        if let Some(raw) = property(key.as_bytes()) {
             match self.peers.get(&raw) {
-                Some(p) => return Some(p),
+                Some(p) => {
+                    if let Some(id) = id {
+                        self.peers.remember_id(id, p.clone());
+                    }
+                    return Some(p);
+                }
                 None => log::warn!("istio-stats: {key} is not a protobuf Struct; ignored"),
             }
         }
         if self.outbound {
-            let label = property_text(vec![
+            let label = property_text(path!(
                 "upstream_host_metadata",
                 "filter_metadata",
                 "istio",
-                "workload",
-            ])?;
+                "workload"
+            ))?;
             return Workload::from_endpoint_label(&label).map(Peer::new);
         }
         None
@@ -295,19 +361,19 @@ impl Shared {
         let [d_app, d_version, d_canonical, d_revision] = d_avc.clone();
         let (source_principal, destination_principal, security) = if self.outbound {
             (
-                property_text(vec!["upstream", "uri_san_local_certificate"]),
-                property_text(vec!["upstream", "uri_san_peer_certificate"]),
+                property_text(path!("upstream", "uri_san_local_certificate")),
+                property_text(path!("upstream", "uri_san_peer_certificate")),
                 String::new(),
             )
         } else {
-            let security = match property(vec!["connection", "mtls"]).as_deref() {
+            let security = match property(path!("connection", "mtls")).as_deref() {
                 Some([1, ..]) => "mutual_tls",
                 Some(_) => "none",
                 None => "",
             };
             (
-                property_text(vec!["connection", "uri_san_peer_certificate"]),
-                property_text(vec!["connection", "uri_san_local_certificate"]),
+                property_text(path!("connection", "uri_san_peer_certificate")),
+                property_text(path!("connection", "uri_san_local_certificate")),
                 security.to_string(),
             )
         };
@@ -316,7 +382,7 @@ impl Shared {
             "" => service_namespace,
             ns => ns.to_string(),
         };
-        let flags = property_int(vec!["response", "flags"]).unwrap_or(0);
+        let flags = property_int(path!("response", "flags")).unwrap_or(0);
         let protocol = match req.protocol {
             Protocol::Http => "http",
             Protocol::Grpc => "grpc",
@@ -371,7 +437,7 @@ impl Shared {
     /// replaced by the destination workload's).
     fn destination_service(&self, req: &Request) -> (String, String, String) {
         let from_metadata = |what: &str| {
-            property_text(vec![
+            property_of(&[
                 "cluster_metadata",
                 "filter_metadata",
                 "istio",
@@ -379,13 +445,21 @@ impl Shared {
                 "0",
                 what,
             ])
+            .and_then(text)
         };
-        let cluster = property_text(vec!["cluster_name"]).unwrap_or_default();
-        let route = property_text(vec!["route_name"]).unwrap_or_default();
-        let host = match (&req.host, self.outbound) {
-            (Some(h), _) => h.clone(),
-            (None, true) => UNKNOWN.into(),
-            (None, false) => self.local_canonical.clone(),
+        let cluster = property_text(path!("cluster_name")).unwrap_or_default();
+        let route = property_text(path!("route_name")).unwrap_or_default();
+        let host = || {
+            let h = if req.has_host {
+                property_text(path!("request", "host"))
+            } else {
+                None
+            };
+            match (h, self.outbound) {
+                (Some(h), _) => h,
+                (None, true) => UNKNOWN.into(),
+                (None, false) => self.local_canonical.clone(),
+            }
         };
         let special = [
             "BlackHoleCluster",
@@ -394,16 +468,16 @@ impl Shared {
             "InboundPassthroughClusterIpv6",
         ];
         if route == "block_all" {
-            return (host, "BlackHoleCluster".into(), String::new());
+            return (host(), "BlackHoleCluster".into(), String::new());
         }
         if route == "allow_any" {
-            return (host, "PassthroughCluster".into(), String::new());
+            return (host(), "PassthroughCluster".into(), String::new());
         }
         if special.contains(&cluster.as_str()) {
-            return (host, cluster, String::new());
+            return (host(), cluster, String::new());
         }
         if let Some(name) = from_metadata("name") {
-            let host = from_metadata("host").unwrap_or(host);
+            let host = from_metadata("host").unwrap_or_else(host);
             let ns = from_metadata("namespace").unwrap_or_default();
             return (host, name, ns);
         }
@@ -412,6 +486,7 @@ impl Shared {
         if let Some(s) = cluster_service(&cluster) {
             return s;
         }
+        let host = host();
         (host.clone(), host, String::new())
     }
 
@@ -488,9 +563,9 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let root_id = property_text(vec!["plugin_root_id"]).unwrap_or_default();
+        let root_id = property_text(path!("plugin_root_id")).unwrap_or_default();
         self.tcp = root_id.contains("tcp");
-        let outbound = match property_int(vec!["listener_direction"]) {
+        let outbound = match property_int(path!("listener_direction")) {
             Some(1) => false,
             Some(2) => true,
             // Istio's root ids say the direction when the listener does not.
@@ -503,7 +578,7 @@ impl RootContext for Root {
                 outbound
             }
         };
-        let node = node_struct(|key| property(vec!["node", "metadata", key]));
+        let node = node_struct(|key| property_of(&["node", "metadata", key]));
         let local = Workload::from_struct(&node);
         let local_avc = local.app_version_canonical();
         let local_canonical = match local.label(peer_metadata::CANONICAL_NAME) {
@@ -587,9 +662,14 @@ impl Http {
             } else {
                 Protocol::Http
             },
-            response_code: property_int(vec!["response", "code"]).or(self.status),
-            grpc_status: property_int(vec!["response", "grpc_status"]).or(self.grpc_status),
-            host: property_text(vec!["request", "host"]),
+            response_code: property_int(path!("response", "code")).or(self.status),
+            // Only gRPC has a `grpc_response_status` label value.
+            grpc_status: if self.grpc {
+                property_int(path!("response", "grpc_status")).or(self.grpc_status)
+            } else {
+                None
+            },
+            has_host: true,
         }
     }
 
@@ -705,7 +785,7 @@ impl HttpContext for Http {
         };
         let req = self.request();
         let labels = shared.labels(&req);
-        let duration_ms = match property_int(vec!["request", "duration"]) {
+        let duration_ms = match property_int(path!("request", "duration")) {
             Some(ns) => u64::try_from(ns).unwrap_or(0) / 1_000_000,
             None => self
                 .start
@@ -713,8 +793,8 @@ impl HttpContext for Http {
                 .unwrap_or(Duration::ZERO)
                 .as_millis() as u64,
         };
-        let request_size = property_int(vec!["request", "total_size"]);
-        let response_size = property_int(vec!["response", "total_size"]);
+        let request_size = property_int(path!("request", "total_size"));
+        let response_size = property_int(path!("response", "total_size"));
         shared.host_sizes = request_size.is_some() && response_size.is_some();
         let size =
             |v: Option<i64>, fallback: u64| v.map_or(fallback, |v| u64::try_from(v).unwrap_or(0));
@@ -777,7 +857,7 @@ impl Tcp {
                     protocol: Protocol::Tcp,
                     response_code: None,
                     grpc_status: None,
-                    host: None,
+                    has_host: false,
                 };
                 let l = shared.labels(&req);
                 self.labels = Some(l.clone());
@@ -827,7 +907,7 @@ impl Tcp {
         let mut n = buffer_len(kind).unwrap_or(size) as u64;
         if own && !self.own_seen {
             self.own_seen = true;
-            let preamble = property_int(vec!["nasp_mx_preamble_bytes"]).unwrap_or(0);
+            let preamble = property_int(path!("nasp_mx_preamble_bytes")).unwrap_or(0);
             n = n.saturating_sub(u64::try_from(preamble).unwrap_or(0));
         }
         n
