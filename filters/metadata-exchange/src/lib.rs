@@ -152,6 +152,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
             local: self.local.clone(),
+            answer: (false, false),
         }))
     }
 
@@ -163,6 +164,21 @@ impl RootContext for Root {
             exchange: None,
         }))
     }
+}
+
+/// `proxy_set_property` directly: the SDK's `set_property` builds the path
+/// in two vectors per call.
+fn set_property(path: &[u8], value: &[u8]) {
+    extern "C" {
+        fn proxy_set_property(
+            path: *const u8,
+            path_len: usize,
+            value: *const u8,
+            value_len: usize,
+        ) -> u32;
+    }
+    // SAFETY: both are live slices the host only reads.
+    let _ = unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
 }
 
 /// Which peer a header names.
@@ -180,12 +196,12 @@ fn store_peer(local: &Local, side: PeerSide, id: Option<&[u8]>, metadata: Option
         PeerSide::Upstream => ("upstream_peer_id", "upstream_peer", "upstream"),
     };
     if let Some(id) = id {
-        let _ = hostcalls::set_property(vec![id_key], Some(id));
+        set_property(id_key.as_bytes(), id);
     }
     let Some(md) = metadata else { return false };
     match local.decode_header(md) {
         Some(raw) => {
-            let _ = hostcalls::set_property(vec![peer_key], Some(&raw));
+            set_property(peer_key.as_bytes(), &raw);
             true
         }
         None => {
@@ -199,6 +215,9 @@ fn store_peer(local: &Local, side: PeerSide, id: Option<&[u8]>, metadata: Option
 
 struct Http {
     local: Rc<Local>,
+    /// Inbound: whether to answer with our metadata and our id, decided
+    /// on the request (a peer that sent its own gets ours).
+    answer: (bool, bool),
 }
 
 impl Context for Http {}
@@ -232,10 +251,7 @@ impl HttpContext for Http {
         } else if received || id.is_some() {
             // Remember for the response: Istio answers only a peer that sent
             // its metadata (and its id only to a peer that sent one).
-            let _ = hostcalls::set_property(
-                vec!["nasp_mx_answer"],
-                Some(&[u8::from(received), u8::from(id.is_some())]),
-            );
+            self.answer = (received, id.is_some());
         }
         Action::Continue
     }
@@ -261,13 +277,11 @@ impl HttpContext for Http {
         );
         let l = &self.local;
         if l.direction != Direction::Outbound {
-            let answer = self
-                .get_property(vec!["nasp_mx_answer"])
-                .unwrap_or_default();
-            if answer.first() == Some(&1) {
+            let (metadata, id) = self.answer;
+            if metadata {
                 self.set_http_response_header(HEADER_METADATA, Some(&l.header));
             }
-            if answer.get(1) == Some(&1) && !l.id.is_empty() {
+            if id && !l.id.is_empty() {
                 self.set_http_response_header(HEADER_ID, Some(&l.id));
             }
         }
