@@ -198,7 +198,7 @@ fn cluster_service(cluster: &str) -> Option<(String, String, String)> {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Protocol {
     Http,
     Grpc,
@@ -226,14 +226,17 @@ struct Shared {
     local_canonical: String,
     /// Metric ids by encoded name.
     ids: HashMap<String, u32>,
-    /// The ids of each report's metrics by its label values, so that a
-    /// label set seen before costs one lookup, not an encoded name per
-    /// metric (a few hundred bytes built, escaped and hashed each).
+    /// The ids of each report's metrics by its label set's serial, so
+    /// that a label set seen before costs one lookup, not an encoded name
+    /// per metric (a few hundred bytes built, escaped and hashed each).
     /// Keyed by the report's first metric name; few, so a list.
-    series: Vec<(
-        &'static str,
-        HashMap<Vec<String>, Vec<Option<u32>>, WordHash>,
-    )>,
+    series: Vec<(&'static str, HashMap<u64, Vec<Option<u32>>, WordHash>)>,
+    /// Label sets by what they are computed from (the peer, principals,
+    /// service, code, …), so that a stream like an earlier one reuses its
+    /// 25 values instead of building them again.
+    label_sets: HashMap<Inputs, Rc<LabelSet>, WordHash>,
+    /// The peer of streams without one (all `unknown`).
+    no_peer: Rc<Peer>,
     /// Decoded peers by their serialized `Struct` (Istio's peer cache):
     /// the same few peers come back on every stream.
     peers: PeerCache,
@@ -253,20 +256,65 @@ struct PeerCache {
     map: HashMap<Vec<u8>, Rc<Peer>, WordHash>,
     /// The same peers by node id (`<side>_peer_id`).
     by_id: HashMap<Vec<u8>, Rc<Peer>, WordHash>,
+    /// Peers from endpoint labels, by label.
+    by_label: HashMap<String, Rc<Peer>, WordHash>,
 }
 
 /// A decoded peer and its derived label values.
 struct Peer {
     workload: Workload,
     avc: [String; 4],
+    /// Unique for the filter's life: what label sets are keyed by.
+    serial: u64,
 }
 
 impl Peer {
     fn new(workload: Workload) -> Rc<Self> {
         let avc = workload.app_version_canonical();
-        Rc::new(Self { workload, avc })
+        Rc::new(Self {
+            workload,
+            avc,
+            serial: next_serial(),
+        })
     }
 }
+
+/// A new serial for a peer or a label set (the VM is single-threaded).
+fn next_serial() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static NEXT: Cell<u64> = const { Cell::new(1) };
+    }
+    NEXT.with(|n| {
+        let v = n.get();
+        n.set(v + 1);
+        v
+    })
+}
+
+/// Everything a stream's label values are computed from besides the local
+/// node: equal inputs give equal labels.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Inputs {
+    peer: u64,
+    source_principal: Option<String>,
+    destination_principal: Option<String>,
+    security: &'static str,
+    service: (String, String, String),
+    flags: i64,
+    protocol: Protocol,
+    code: Option<i64>,
+    grpc_status: Option<i64>,
+}
+
+/// One label set's values, in [`LABELS`] order, with its serial.
+struct LabelSet {
+    values: Vec<String>,
+    serial: u64,
+}
+
+/// Label sets kept before the cache starts over.
+const LABEL_SETS_MAX: usize = 4096;
 
 const PEER_CACHE_SIZE: usize = 1024;
 
@@ -280,6 +328,20 @@ impl PeerCache {
             self.map.clear();
         }
         self.map.insert(raw.to_vec(), peer.clone());
+        Some(peer)
+    }
+
+    /// A peer from Istio's endpoint label (`upstream_host_metadata`),
+    /// kept so that its serial is stable.
+    fn endpoint(&mut self, label: &str) -> Option<Rc<Peer>> {
+        if let Some(p) = self.by_label.get(label) {
+            return Some(p.clone());
+        }
+        let peer = Peer::new(Workload::from_endpoint_label(label)?);
+        if self.by_label.len() >= PEER_CACHE_SIZE {
+            self.by_label.clear();
+        }
+        self.by_label.insert(label.to_string(), peer.clone());
         Some(peer)
     }
 
@@ -342,28 +404,19 @@ impl Shared {
                 "istio",
                 "workload"
             ))?;
-            return Workload::from_endpoint_label(&label).map(Peer::new);
+            return self.peers.endpoint(&label);
         }
         None
     }
 
     /// The label values of one stream, in [`LABELS`] order.
-    fn labels(&mut self, req: &Request) -> Vec<String> {
-        let peer = self
-            .peer()
-            .unwrap_or_else(|| Peer::new(Workload::default()));
-        let ((source, s_avc), (destination, d_avc)) = if self.outbound {
-            ((&self.local, &self.local_avc), (&peer.workload, &peer.avc))
-        } else {
-            ((&peer.workload, &peer.avc), (&self.local, &self.local_avc))
-        };
-        let [s_app, s_version, s_canonical, s_revision] = s_avc.clone();
-        let [d_app, d_version, d_canonical, d_revision] = d_avc.clone();
+    fn labels(&mut self, req: &Request) -> Rc<LabelSet> {
+        let peer = self.peer().unwrap_or_else(|| self.no_peer.clone());
         let (source_principal, destination_principal, security) = if self.outbound {
             (
                 property_text(path!("upstream", "uri_san_local_certificate")),
                 property_text(path!("upstream", "uri_san_peer_certificate")),
-                String::new(),
+                "",
             )
         } else {
             let security = match property(path!("connection", "mtls")).as_deref() {
@@ -374,16 +427,54 @@ impl Shared {
             (
                 property_text(path!("connection", "uri_san_peer_certificate")),
                 property_text(path!("connection", "uri_san_local_certificate")),
-                security.to_string(),
+                security,
             )
         };
-        let (service, service_name, service_namespace) = self.destination_service(req);
+        let inputs = Inputs {
+            peer: peer.serial,
+            source_principal,
+            destination_principal,
+            security,
+            service: self.destination_service(req),
+            flags: property_int(path!("response", "flags")).unwrap_or(0),
+            protocol: req.protocol,
+            code: req.response_code,
+            grpc_status: req.grpc_status,
+        };
+        if let Some(set) = self.label_sets.get(&inputs) {
+            return set.clone();
+        }
+        let set = Rc::new(LabelSet {
+            values: self.label_values(&peer, &inputs),
+            serial: next_serial(),
+        });
+        if self.label_sets.len() >= LABEL_SETS_MAX {
+            // Series are keyed by the sets' serials: both start over.
+            self.label_sets.clear();
+            for (_, g) in &mut self.series {
+                g.clear();
+            }
+        }
+        self.label_sets.insert(inputs, set.clone());
+        set
+    }
+
+    /// The 25 label values of `inputs`.
+    fn label_values(&self, peer: &Peer, inputs: &Inputs) -> Vec<String> {
+        let ((source, s_avc), (destination, d_avc)) = if self.outbound {
+            ((&self.local, &self.local_avc), (&peer.workload, &peer.avc))
+        } else {
+            ((&peer.workload, &peer.avc), (&self.local, &self.local_avc))
+        };
+        let [s_app, s_version, s_canonical, s_revision] = s_avc.clone();
+        let [d_app, d_version, d_canonical, d_revision] = d_avc.clone();
+        let (service, service_name, service_namespace) = inputs.service.clone();
         let service_namespace = match destination.namespace.as_str() {
             "" => service_namespace,
             ns => ns.to_string(),
         };
-        let flags = property_int(path!("response", "flags")).unwrap_or(0);
-        let protocol = match req.protocol {
+        let flags = inputs.flags;
+        let protocol = match inputs.protocol {
             Protocol::Http => "http",
             Protocol::Grpc => "grpc",
             Protocol::Tcp => "tcp",
@@ -397,7 +488,7 @@ impl Shared {
             .into(),
             source.workload.clone(),
             source.namespace.clone(),
-            source_principal.unwrap_or_default(),
+            inputs.source_principal.clone().unwrap_or_default(),
             s_app,
             s_version,
             s_canonical,
@@ -405,7 +496,7 @@ impl Shared {
             source.cluster.clone(),
             destination.workload.clone(),
             destination.namespace.clone(),
-            destination_principal.unwrap_or_default(),
+            inputs.destination_principal.clone().unwrap_or_default(),
             d_app,
             d_version,
             service,
@@ -416,8 +507,8 @@ impl Shared {
             destination.cluster.clone(),
             protocol.into(),
             response_flags(u64::try_from(flags).unwrap_or(0)),
-            security,
-            req.response_code.unwrap_or(0).to_string(),
+            inputs.security.to_string(),
+            inputs.code.unwrap_or(0).to_string(),
         ];
         for x in &mut v {
             if x.is_empty() {
@@ -426,8 +517,8 @@ impl Shared {
         }
         // Set after the unknown defaults, as Istio does: HTTP has an empty
         // gRPC status, gRPC defaults to 2 (UNKNOWN) when none was seen.
-        v.push(match req.protocol {
-            Protocol::Grpc => req.grpc_status.unwrap_or(2).to_string(),
+        v.push(match inputs.protocol {
+            Protocol::Grpc => inputs.grpc_status.unwrap_or(2).to_string(),
             _ => String::new(),
         });
         v
@@ -491,7 +582,8 @@ impl Shared {
     }
 
     /// Records one stream's metrics. `values`: (metric, type, value, labels used).
-    fn report(&mut self, labels: &[String], values: &[(&'static str, MetricType, u64, usize)]) {
+    fn report(&mut self, set: &LabelSet, values: &[(&'static str, MetricType, u64, usize)]) {
+        let labels = &set.values[..];
         let Some(first) = values.first().map(|v| v.0) else {
             return;
         };
@@ -501,7 +593,6 @@ impl Shared {
             .max()
             .unwrap_or(0)
             .min(labels.len());
-        let key = &labels[..used];
         let group = match self.series.iter().position(|(n, _)| *n == first) {
             Some(i) => i,
             None => {
@@ -509,7 +600,7 @@ impl Shared {
                 self.series.len() - 1
             }
         };
-        let ids = match self.series[group].1.get(key) {
+        let ids = match self.series[group].1.get(&set.serial) {
             Some(ids) => ids.clone(),
             None => {
                 let ids: Vec<Option<u32>> = values
@@ -518,7 +609,7 @@ impl Shared {
                         self.metric(*kind, encoded_name(name, &labels[..(*count).min(used)]))
                     })
                     .collect();
-                self.series[group].1.insert(key.to_vec(), ids.clone());
+                self.series[group].1.insert(set.serial, ids.clone());
                 ids
             }
         };
@@ -591,6 +682,8 @@ impl RootContext for Root {
             local_canonical,
             ids: HashMap::new(),
             series: Vec::new(),
+            label_sets: HashMap::default(),
+            no_peer: Peer::new(Workload::default()),
             peers: PeerCache::default(),
             local_avc,
             host_sizes: false,
@@ -649,7 +742,7 @@ struct Http {
     messages_reported: (u64, u64),
     /// The label values for message counts, once the peer is known (the
     /// response headers, where Istio queues a stream for recurrent reports).
-    peer_labels: Option<Vec<String>>,
+    peer_labels: Option<Rc<LabelSet>>,
 }
 
 impl Context for Http {}
@@ -676,7 +769,7 @@ impl Http {
     /// Records the gRPC messages counted since the last report
     /// (`istio_request_messages_total`, `istio_response_messages_total`,
     /// peer labels only), as Istio's recurrent message metrics do.
-    fn report_messages(&mut self, shared: &mut Shared, labels: &[String]) {
+    fn report_messages(&mut self, shared: &mut Shared, labels: &LabelSet) {
         let Some((req, resp)) = grpc_messages() else {
             return;
         };
@@ -837,7 +930,7 @@ struct Tcp {
     shared: Rc<RefCell<Shared>>,
     /// Fixed once the peer had its chance to be known (its first data
     /// passed the metadata exchange) or at the close.
-    labels: Option<Vec<String>>,
+    labels: Option<Rc<LabelSet>>,
     opened: bool,
     received: u64,
     sent: u64,
