@@ -109,8 +109,19 @@ impl ModuleInfo {
             let payload = payload.map_err(|e| Error::InvalidModule(e.to_string()))?;
             match payload {
                 Payload::TypeSection(reader) => {
-                    for rec in reader.into_iter_err_on_gc_types() {
-                        types.push(rec.ok());
+                    // One entry per type index: a recursion group of n
+                    // types holds n indices (counting it as one shifted
+                    // every later index, so an export typed after such a
+                    // group was not seen). A function type is a signature
+                    // whether or not it is final or has a supertype.
+                    for rec in reader {
+                        let rec = rec.map_err(|e| Error::InvalidModule(e.to_string()))?;
+                        for sub in rec.into_types() {
+                            types.push(match sub.composite_type.inner {
+                                wasmparser::CompositeInnerType::Func(f) => Some(f),
+                                _ => None,
+                            });
+                        }
                     }
                 }
                 Payload::ImportSection(reader) => {
@@ -205,6 +216,32 @@ impl ModuleInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exports_typed_after_a_recursion_group_are_seen() {
+        // Found by the module_info fuzz target: a group of two types is two
+        // type indices.
+        let wasm = wat::parse_str(
+            r#"(module
+                (rec (type (func (param i32))) (type (func (param i64))))
+                (type $t (sub (func)))
+                (func (export "proxy_abi_version_0_2_1") (type $t))
+                (func (export "f") (type 1) (param i64)))"#,
+        )
+        .unwrap();
+        let info = ModuleInfo::parse(&wasm).unwrap();
+        assert_eq!(info.abi, Some(AbiVersion::V0_2_1));
+        let unit = FuncType {
+            params: vec![],
+            results: vec![],
+        };
+        assert!(info.has_export("proxy_abi_version_0_2_1", &unit));
+        let f = FuncType {
+            params: vec![ValType::I64],
+            results: vec![],
+        };
+        assert!(info.has_export("f", &f));
+    }
 
     #[test]
     fn detects_versions_and_rejects_unknown() {
