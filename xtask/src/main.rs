@@ -20,7 +20,8 @@
 //! - `fuzz [SECS]`: builds the cargo-fuzz targets of `fuzz/` and runs each
 //!   for SECS seconds (default 30); fails on a crash, whose input is left in
 //!   `fuzz/artifacts/<target>/`. See `docs/fuzzing.md`.
-//! - `test`: setup, lint, build-filters and the check that the embedded
+//! - `test`: setup, lint, the check that the C header is in step (as
+//!   `ffi-header --check`), build-filters and the check that the embedded
 //!   filters are in step (as `build-filters --check`), the runtime feature matrix (`cargo
 //!   check`, no warnings allowed), doc tests, the workspace tests (nextest if
 //!   installed, else `cargo test`), then every fuzz target for 30 s. This is
@@ -38,6 +39,11 @@
 //!   --rss-only`). Neither is part of `test`: numbers from a shared CI
 //!   machine would be noise, and they take minutes.
 //! - `codegen`: regenerates the checked-in protobuf code.
+//! - `ffi-header [--update|--check]`: generates the C header
+//!   `crates/nasp-ffi/include/nasp.h` with cbindgen (its own workspace,
+//!   `xtask/cbindgen/`, because cbindgen's MPL-2.0 license is not allowed in
+//!   the main graph); `--update` writes it, `--check` (the default) fails if
+//!   the checked-in one differs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -391,11 +397,15 @@ fn lint() -> Result<(), String> {
     let root = root();
     let mut failed = Vec::new();
     let fmt = timed("lint: rustfmt", || {
-        // The workspace, and the two workspaces of our own beside it (the
-        // fuzz targets, the code generator). Not `--all` there: that would
+        // The workspace, and the workspaces of our own beside it (the fuzz
+        // targets, the protobuf code generator, the C header generator). Not `--all` there: that would
         // also check their path dependencies, the workspace crates again.
         run(cargo().current_dir(&root).args(["fmt", "--all", "--check"]))?;
-        for manifest in ["fuzz/Cargo.toml", "xtask/codegen/Cargo.toml"] {
+        for manifest in [
+            "fuzz/Cargo.toml",
+            "xtask/codegen/Cargo.toml",
+            "xtask/cbindgen/Cargo.toml",
+        ] {
             run(cargo()
                 .current_dir(&root)
                 .args(["fmt", "--check", "--manifest-path", manifest]))?;
@@ -757,6 +767,31 @@ fn embedded_filters(update: bool) -> Result<(), String> {
     }
 }
 
+/// Generates the C header with `xtask/cbindgen` (built once into
+/// `xtask/cbindgen/target`, about 25 s; later runs take a second) and
+/// writes it (`update`) or fails if the checked-in one differs.
+fn ffi_header(update: bool) -> Result<(), String> {
+    run(cargo().current_dir(root()).args([
+        "run",
+        "--quiet",
+        "--locked",
+        "--manifest-path",
+        "xtask/cbindgen/Cargo.toml",
+        "--",
+        if update { "--update" } else { "--check" },
+    ]))
+    .map_err(|e| {
+        if update {
+            e
+        } else {
+            format!(
+                "{e}: crates/nasp-ffi/include/nasp.h is not what cbindgen generates from \
+                 crates/nasp-ffi/src; run `cargo xtask ffi-header --update` and commit it"
+            )
+        }
+    })
+}
+
 /// Seconds each fuzz target runs in `cargo xtask test` (CI).
 const CI_FUZZ_SECS: u64 = 30;
 
@@ -765,6 +800,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     timed("setup", setup)?;
     // Lint first: it is the quickest way to fail.
     timed("lint", lint)?;
+    timed("ffi header in step", || ffi_header(false))?;
     timed("build-filters", build_filters)?;
     timed("embedded filters in step", || embedded_filters(false))?;
     let nextest = cargo()
@@ -949,6 +985,13 @@ fn main() -> ExitCode {
             )),
         },
         Some("lint") => lint(),
+        Some("ffi-header") => match args.get(1).map(String::as_str) {
+            None | Some("--check") => ffi_header(false),
+            Some("--update") => ffi_header(true),
+            Some(other) => Err(format!(
+                "cargo xtask ffi-header [--update|--check]: unknown argument {other:?}"
+            )),
+        },
         Some("fuzz") => match args.get(1).map(|s| s.parse::<u64>()) {
             None => fuzz(CI_FUZZ_SECS),
             Some(Ok(secs)) if secs > 0 => fuzz(secs),
@@ -968,7 +1011,7 @@ fn main() -> ExitCode {
             "xtask/codegen/Cargo.toml",
         ])),
         _ => Err(
-            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen>"
+            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen|ffi-header [--update|--check]>"
                 .into(),
         ),
     };
