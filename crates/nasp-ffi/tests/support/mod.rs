@@ -36,10 +36,16 @@ pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/c-client";
 pub const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 
 impl Fixture {
-    /// `net` is three octets inside 127.0.12.0/24's tests' share, e.g.
-    /// `"127.0.12"` with `host` the first of three free host numbers.
+    /// On 127.0.12.0/24: `host` is the first of two free host numbers
+    /// there (the control plane, then the echo workload).
     pub fn start(host: u8) -> Self {
-        let (cp_ip, server_ip) = (format!("127.0.12.{host}"), format!("127.0.12.{}", host + 1));
+        Self::start_on("127.0.12", host)
+    }
+
+    /// As [`Fixture::start`], on the /24 `net` (three octets, e.g.
+    /// `"127.0.13"`), for tests that own another share of loopback.
+    pub fn start_on(net: &str, host: u8) -> Self {
+        let (cp_ip, server_ip) = (format!("{net}.{host}"), format!("{net}.{}", host + 1));
         let mesh = format!(
             r#"
 trust_domain: cluster.local
