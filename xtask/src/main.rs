@@ -3,9 +3,10 @@
 //!
 //! - `setup`: installs what the build needs and the machine may lack: the
 //!   `wasm32-wasip1` and `wasm32-unknown-unknown` targets (rustup), libclang
-//!   (apt, for wasm3's bindings) and openssl (apt, for the interop tests);
-//!   and the tools of the checks: cargo-deny and cargo-fuzz (`cargo install
-//!   --locked`) and a nightly toolchain (rustup, for libFuzzer).
+//!   (apt, for wasm3's bindings), openssl (apt, for the interop tests),
+//!   prometheus, curl and valgrind (apt, for the metrics, listener and C
+//!   tests); and the tools of the checks: cargo-deny and cargo-fuzz (`cargo
+//!   install --locked`) and a nightly toolchain (rustup, for libFuzzer).
 //! - `build-filters`: builds every crate under `filters/` for both targets
 //!   (release, with the source paths remapped so the bytes do not depend on
 //!   the machine) and copies the modules to `target/filters/`. With
@@ -189,6 +190,12 @@ fn setup_build() -> Result<(), String> {
     if !has("curl", "--version") {
         eprintln!("xtask: curl not found (the listener tests run it)");
         apt_packages.push("curl");
+    }
+    // The C tests run examples/c under memcheck (crates/nasp-ffi/tests/c_example.rs)
+    // and fail, naming this package, when it is missing.
+    if !has("valgrind", "--version") {
+        eprintln!("xtask: valgrind not found (the C tests run the examples under it)");
+        apt_packages.push("valgrind");
     }
     if !apt_packages.is_empty() {
         let sudo = if Command::new("id")

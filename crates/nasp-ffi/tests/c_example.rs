@@ -1,7 +1,13 @@
-//! `examples/c/http.c`, compiled with the system C compiler against the
-//! cdylib and run as its own process against the embedded control plane
-//! and the echo workload of the fixture (127.0.13.1-2): a C program joins
-//! the mesh from a YAML file and makes an mTLS request in a few lines.
+//! `examples/c/http.c` and `examples/c/bad_args.c`, compiled with the
+//! system C compiler against the cdylib and run as their own processes
+//! against the embedded control plane and the echo workload of the
+//! fixture (127.0.13.1-2 without valgrind, 127.0.14.0/24 for the
+//! programs under valgrind and for `bad_args.c`): a C program joins the mesh from a YAML file
+//! and makes an mTLS request in a few lines, and bad arguments give
+//! status codes. Each program also runs under valgrind's memcheck
+//! (docs/ffi-design.md, section 7.3), which must report zero errors and
+//! no definitely or indirectly lost bytes; a missing valgrind fails the
+//! test with the package to install, never skips it.
 
 // Only the support module's helpers (its own blocks say why each is
 // sound); this file calls the library through the C program.
@@ -61,6 +67,15 @@ fn compile(name: &str, out: &Path) -> PathBuf {
 /// Runs `cmd`, polling until it exits or `limit` passes (then it is
 /// killed and the test fails); returns its stdout.
 fn run(cmd: &mut Command, limit: Duration) -> String {
+    run_with_status(cmd, limit, |status| status.success())
+}
+
+/// As [`run`], with `ok` judging the exit status.
+fn run_with_status(
+    cmd: &mut Command,
+    limit: Duration,
+    ok: impl Fn(std::process::ExitStatus) -> bool,
+) -> String {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -86,10 +101,96 @@ fn run(cmd: &mut Command, limit: Duration) -> String {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     );
+    assert!(ok(status), "{status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    stdout
+}
+
+/// The exit code valgrind uses when it found an error or a gating leak,
+/// apart from the program's own codes.
+const VALGRIND_ERROR_EXIT: i32 = 99;
+
+/// Where memcheck writes its report on `name`: kept after the test (in
+/// cargo's `target/tmp`) so that a passing run's possibly lost and still
+/// reachable blocks can be read too.
+fn report_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("valgrind-{name}.log"))
+}
+
+/// Fails the test when valgrind is not installed, naming the package:
+/// the check must not pass by being skipped.
+fn require_valgrind() {
+    let found = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(
-        status.success(),
-        "{status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        found,
+        "valgrind not found: the C tests run the examples under it; install the \
+         Debian package `valgrind` (`apt-get install valgrind`, or `cargo xtask setup`)"
     );
+}
+
+/// A command that runs `exe` under memcheck, its report written to
+/// `log`. Fails the test when valgrind is not installed.
+fn valgrind(exe: &Path, log: &Path) -> Command {
+    require_valgrind();
+    let supp = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/c/valgrind.supp");
+    let mut cmd = Command::new("valgrind");
+    // Errors (invalid reads and writes, uninitialised jumps, bad frees)
+    // and definitely or indirectly lost bytes gate the exit code; possibly
+    // lost blocks are listed and checked from the summary; still
+    // reachable ones are process-global caches, not leaks (section 7.3).
+    cmd.args([
+        "--error-exitcode=99",
+        "--leak-check=full",
+        "--show-leak-kinds=definite,indirect,possible",
+        "--errors-for-leak-kinds=definite,indirect",
+        "--num-callers=40",
+        "--fair-sched=yes",
+    ])
+    .arg(format!("--log-file={}", log.display()));
+    if supp.is_file() {
+        cmd.arg(format!("--suppressions={}", supp.display()));
+    }
+    cmd.arg(exe)
+        // A backtrace captured at a caught panic is cached for the
+        // process's life (33 MB still reachable, section 7.3).
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE");
+    cmd
+}
+
+/// Runs a valgrind command (see [`valgrind`]) and checks its report: exit
+/// 0, zero errors, nothing definitely or indirectly lost. Returns the
+/// program's stdout.
+fn run_valgrind(cmd: &mut Command, log: &Path, limit: Duration) -> String {
+    let started = Instant::now();
+    let stdout = run_with_status(cmd, limit, |status| {
+        if status.code() == Some(VALGRIND_ERROR_EXIT) || !status.success() {
+            let report = std::fs::read_to_string(log).unwrap_or_default();
+            eprintln!("valgrind report:\n{report}");
+        }
+        status.success()
+    });
+    let report = std::fs::read_to_string(log).expect("valgrind's log");
+    eprintln!(
+        "under valgrind in {:.1?}; summary:\n{}",
+        started.elapsed(),
+        report
+            .lines()
+            .filter(|l| l.contains("SUMMARY") || l.contains("lost:") || l.contains("reachable:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        report.contains("ERROR SUMMARY: 0 errors from 0 contexts"),
+        "valgrind found errors:\n{report}"
+    );
+    let leaks = report.contains("All heap blocks were freed -- no leaks are possible")
+        || (report.contains("definitely lost: 0 bytes in 0 blocks")
+            && report.contains("indirectly lost: 0 bytes in 0 blocks"));
+    assert!(leaks, "valgrind found leaks:\n{report}");
     stdout
 }
 
@@ -125,4 +226,88 @@ fn the_c_example_joins_from_yaml_and_makes_an_mtls_request() {
         "{stdout}"
     );
     assert!(lines.contains(&"body hello from C"), "{stdout}");
+}
+
+/// The fixture's config, with the timeouts raised for memcheck (20-50
+/// times slower): key generation, the handshakes and filter compilation
+/// on wasmi take tens of seconds under it. Only the config's timeouts are
+/// raised, never the test's assertions.
+fn config_for_valgrind(fx: &Fixture) -> PathBuf {
+    let config = fx.dir.path().join("config-valgrind.yaml");
+    let text = fx
+        .config
+        .replace("ready_timeout_ms: 30000", "ready_timeout_ms: 240000");
+    assert_ne!(text, fx.config, "the fixture's ready timeout moved");
+    std::fs::write(&config, format!("{text}call_timeout_ms: 240000\n")).expect("write the config");
+    config
+}
+
+#[test]
+fn the_c_example_under_valgrind_has_no_errors_and_no_leaks() {
+    require_valgrind();
+    let fx = Fixture::start_on("127.0.14", 1);
+    let config = config_for_valgrind(&fx);
+    let exe = compile("http", fx.dir.path());
+    let log = report_path("http");
+
+    let stdout = run_valgrind(
+        valgrind(&exe, &log).arg(&config).arg(fx.url("/from-c")),
+        &log,
+        Duration::from_secs(600),
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"status 200"), "{stdout}");
+    assert!(
+        lines.contains(&format!("peer {SERVER_ID}").as_str()),
+        "{stdout}"
+    );
+    assert!(lines.contains(&"body hello from C"), "{stdout}");
+}
+
+/// Runs `examples/c/bad_args.c` against a mesh of the fixture's on
+/// 127.0.14.`host`; returns its stdout.
+fn bad_args(host: u8, under_valgrind: bool) -> String {
+    if under_valgrind {
+        require_valgrind();
+    }
+    let fx = Fixture::start_on("127.0.14", host);
+    let config = config_for_valgrind(&fx);
+    let exe = compile("bad_args", fx.dir.path());
+    let url = fx.url("/bad-args");
+    let stdout = if under_valgrind {
+        let log = report_path("bad_args");
+        run_valgrind(
+            valgrind(&exe, &log).arg(&config).arg(&url),
+            &log,
+            Duration::from_secs(600),
+        )
+    } else {
+        run(
+            Command::new(&exe)
+                .arg(&config)
+                .arg(&url)
+                .env_remove("RUST_BACKTRACE"),
+            Duration::from_secs(60),
+        )
+    };
+    eprintln!("{stdout}");
+    // Exit 0 means every check held; the count proves they ran.
+    let checks: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("checks "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no check count in:\n{stdout}"));
+    assert!(checks >= 50, "only {checks} checks ran:\n{stdout}");
+    assert!(stdout.lines().any(|l| l == "failures 0"), "{stdout}");
+    stdout
+}
+
+#[test]
+fn bad_arguments_from_c_get_status_codes() {
+    bad_args(11, false);
+}
+
+#[test]
+fn bad_arguments_from_c_under_valgrind_have_no_errors_and_no_leaks() {
+    bad_args(21, true);
 }
