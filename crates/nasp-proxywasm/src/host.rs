@@ -346,7 +346,11 @@ impl AbiHost {
     /// segment.
     fn property(&self, raw: &[u8]) -> Option<Vec<u8>> {
         let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
-        let text = String::from_utf8_lossy(raw);
+        // Paths are ASCII in practice: the strict check is the fast one.
+        let text = match std::str::from_utf8(raw) {
+            Ok(t) => std::borrow::Cow::Borrowed(t),
+            Err(_) => String::from_utf8_lossy(raw),
+        };
         let dotted = || -> std::borrow::Cow<'_, str> {
             if text.contains('\0') {
                 std::borrow::Cow::Owned(text.replace('\0', "."))

@@ -52,6 +52,14 @@ impl HeaderMap {
     pub fn new() -> Self {
         Self::default()
     }
+    /// An empty map with room for `entries` entries of `bytes` bytes of
+    /// names and values in all.
+    pub fn with_capacity(entries: usize, bytes: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(bytes),
+            entries: Vec::with_capacity(entries),
+        }
+    }
     /// Builds a map from string pairs.
     pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         pairs: impl IntoIterator<Item = (K, V)>,

@@ -440,7 +440,7 @@ impl Drop for StreamHandle {
 /// `:authority` (from the URI or `Host`), `:path`, then the regular
 /// headers without `Host` (it is `:authority`, as in Envoy).
 fn request_map(parts: &http::request::Parts, mtls: bool) -> HeaderMap {
-    let mut h = HeaderMap::new();
+    let mut h = HeaderMap::with_capacity(parts.headers.len() + 4, map_room(&parts.headers));
     h.add(b":method", parts.method.as_str().as_bytes());
     let scheme = parts
         .uri
@@ -460,6 +460,15 @@ fn request_map(parts: &http::request::Parts, mtls: bool) -> HeaderMap {
         }
     }
     h
+}
+
+/// Room for the names and values of `h` and what filters usually add (the
+/// peer metadata headers are about 500 bytes): a capacity hint.
+fn map_room(h: &http::HeaderMap) -> usize {
+    h.iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum::<usize>()
+        + 640
 }
 
 /// The regular (non-pseudo) entries of a filtered map as HTTP headers.
@@ -520,7 +529,7 @@ fn apply_request(map: &HeaderMap, parts: &mut http::request::Parts) {
 }
 
 fn response_map(parts: &http::response::Parts) -> HeaderMap {
-    let mut h = HeaderMap::new();
+    let mut h = HeaderMap::with_capacity(parts.headers.len() + 1, map_room(&parts.headers));
     h.add(b":status", parts.status.as_str().as_bytes());
     for (k, v) in &parts.headers {
         h.add(k.as_str().as_bytes(), v.as_bytes());
