@@ -444,13 +444,7 @@ where
                 .and_then(|p| p.id.as_ref().map(ToString::to_string)),
             downstream: req.extensions().get::<MeshPeer>().map(|p| p.addr),
         };
-        let received = Arc::new(AtomicU64::new(0));
-        let req = req.map(|b| {
-            Body::new(Counted {
-                inner: b,
-                bytes: received.clone(),
-            })
-        });
+        let (req, received) = crate::counted::count_request(req);
         let log = self.layer.log.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -495,38 +489,6 @@ where
                 }
             }
         })
-    }
-}
-
-/// A request body that counts its data bytes.
-struct Counted {
-    inner: Body,
-    bytes: Arc<AtomicU64>,
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

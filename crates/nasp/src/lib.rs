@@ -24,6 +24,7 @@
 //! (without it a tracing configuration is such an error).
 
 pub mod access_log;
+mod counted;
 pub mod default_filters;
 pub mod mesh;
 pub mod trace;

@@ -468,13 +468,7 @@ impl Service<Request<Body>> for TraceService {
         // the upstream outbound, to the application inbound (which passes
         // it on to its own calls).
         propagation::inject(req.headers_mut(), &context, parent_id, &t.propagators);
-        let received = Arc::new(AtomicU64::new(0));
-        let req = req.map(|b| {
-            Body::new(Counted {
-                inner: b,
-                bytes: received.clone(),
-            })
-        });
+        let (req, received) = crate::counted::count_request(req);
         let side = self.side;
         let mut open = Open {
             span: Some(span),
@@ -594,38 +588,6 @@ impl Open {
 impl Drop for Open {
     fn drop(&mut self) {
         self.finish(false);
-    }
-}
-
-/// A request body that counts its data bytes.
-struct Counted {
-    inner: Body,
-    bytes: Arc<AtomicU64>,
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r
-            && let Some(d) = f.data_ref()
-        {
-            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
