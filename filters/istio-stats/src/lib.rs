@@ -31,7 +31,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use peer_metadata::{Struct, WordHash, Workload, node_struct};
+use peer_metadata::host::{property, property_int};
+use peer_metadata::{Struct, WordHash, Workload, node_struct, path};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
@@ -42,41 +43,6 @@ proxy_wasm::main! {{
 }}
 
 const UNKNOWN: &str = "unknown";
-
-/// A property path as the ABI carries it: segments separated by NUL,
-/// built at compile time (`path!("response", "code")`).
-macro_rules! path {
-    ($first:literal $(, $rest:literal)*) => {
-        concat!($first $(, "\0", $rest)*).as_bytes()
-    };
-}
-
-/// A property by its NUL-separated path. `proxy_get_property` directly,
-/// not the SDK's `get_property`: that one builds the path in two vectors
-/// per call, and a stream reads about fourteen properties.
-fn property(path: &[u8]) -> Option<Vec<u8>> {
-    extern "C" {
-        fn proxy_get_property(
-            path: *const u8,
-            path_len: usize,
-            out: *mut *mut u8,
-            out_len: *mut usize,
-        ) -> u32;
-    }
-    let mut ptr: *mut u8 = std::ptr::null_mut();
-    let mut len = 0usize;
-    // SAFETY: `path` is a live slice and both out-pointers point at live
-    // locals. On success a non-null `ptr` is a buffer of `len` bytes the
-    // host allocated through this module's `proxy_on_memory_allocate`
-    // (the SDK's: a `Vec<u8>` of exactly that capacity, forgotten), so
-    // taking it back as that `Vec` is what the SDK itself does.
-    unsafe {
-        if proxy_get_property(path.as_ptr(), path.len(), &mut ptr, &mut len) != 0 || ptr.is_null() {
-            return None;
-        }
-        Some(Vec::from_raw_parts(ptr, len, len))
-    }
-}
 
 /// A path of runtime segments, for the few that are not literals.
 fn property_of(segments: &[&str]) -> Option<Vec<u8>> {
@@ -95,12 +61,6 @@ fn text(v: Vec<u8>) -> Option<String> {
 
 fn property_text(path: &[u8]) -> Option<String> {
     property(path).and_then(text)
-}
-
-fn property_int(path: &[u8]) -> Option<i64> {
-    let v = property(path)?;
-    let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
-    Some(i64::from_le_bytes(b))
 }
 
 /// The current length of a data buffer, without copying it

@@ -31,8 +31,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use peer_metadata::host::{property_int, set_property};
 use peer_metadata::preamble::{self, Read};
-use peer_metadata::{HEADER_ID, HEADER_METADATA, Struct, WordHash, base64, node_struct};
+use peer_metadata::{HEADER_ID, HEADER_METADATA, Struct, WordHash, base64, node_struct, path};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -55,14 +56,8 @@ enum Direction {
     Outbound,
 }
 
-fn property_int(path: Vec<&str>) -> Option<i64> {
-    let v = hostcalls::get_property(path).ok()??;
-    let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
-    Some(i64::from_le_bytes(b))
-}
-
 fn direction() -> Direction {
-    match property_int(vec!["listener_direction"]) {
+    match property_int(path!("listener_direction")) {
         Some(1) => Direction::Inbound,
         Some(2) => Direction::Outbound,
         _ => Direction::Unspecified,
@@ -164,21 +159,6 @@ impl RootContext for Root {
             exchange: None,
         }))
     }
-}
-
-/// `proxy_set_property` directly: the SDK's `set_property` builds the path
-/// in two vectors per call.
-fn set_property(path: &[u8], value: &[u8]) {
-    extern "C" {
-        fn proxy_set_property(
-            path: *const u8,
-            path_len: usize,
-            value: *const u8,
-            value_len: usize,
-        ) -> u32;
-    }
-    // SAFETY: both are live slices the host only reads.
-    let _ = unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
 }
 
 /// Which peer a header names.

@@ -5,12 +5,28 @@
 //! `istio-peer-exchange` preamble, the proxy-wasm pairs encoding of map
 //! properties, and the node metadata keys Istio exchanges.
 //!
-//! Invariants: nothing here calls the host or panics on any input; a
+//! Also `host` (wasm32 only): the property calls both filters make per
+//! stream, without the SDK's path building, and the `path!` macro for
+//! their compile-time paths.
+//!
+//! Invariants: nothing here but `host` calls the host, nothing panics on
+//! any input; a
 //! decoder given bytes it cannot read returns `None` (the filters log and
 //! ignore them). Nesting is bounded ([`MAX_DEPTH`]) so a hostile peer cannot
 //! exhaust the guest's stack.
 
+/// A property path as the ABI carries it: segments separated by NUL,
+/// built at compile time (`path!("response", "code")`).
+#[macro_export]
+macro_rules! path {
+    ($first:literal $(, $rest:literal)*) => {
+        concat!($first $(, "\0", $rest)*).as_bytes()
+    };
+}
+
 pub mod base64;
+#[cfg(target_arch = "wasm32")]
+pub mod host;
 pub mod pairs;
 pub mod pb;
 pub mod preamble;
