@@ -1,14 +1,16 @@
 /*
  * Feeds nasp's C ABI (include/nasp.h) bad arguments and checks that each
  * call returns its documented status with a message, never a crash:
- * NULL and made-up handles, NULL out-pointers, NULL strings and arrays
- * with lengths, invalid UTF-8, a handle of the wrong kind, double frees of
- * a response, a buffer and a mesh, and calls on a shut-down and on a freed
- * mesh.
+ * NULL and made-up handles of every kind, NULL out-pointers, NULL strings
+ * and arrays with lengths, invalid UTF-8, a handle of the wrong kind,
+ * double frees of a response, a buffer, a connection, a listener, a
+ * streaming request and a mesh, a declared body length broken both ways,
+ * and calls on a shut-down and on a freed mesh.
  *
- *   bad_args CONFIG_FILE URL
+ *   bad_args CONFIG_FILE URL TCP_TARGET
  *
- * CONFIG_FILE joins a mesh in which URL answers (the test's fixture).
+ * CONFIG_FILE joins a mesh in which URL answers HTTP and TCP_TARGET
+ * (host:port) accepts TCP (the test's fixture).
  * A check of a successful call also wants an empty message: a success
  * clears the last error.
  *
@@ -111,6 +113,30 @@ static void without_a_mesh(void) {
     EXPECT(nasp_response_read_all(resp, 10, 0, &buf), NASP_STATUS_INVALID_HANDLE, "response");
     EXPECT(nasp_response_free(resp), NASP_STATUS_INVALID_HANDLE, "response");
 
+    NaspConn conn = {0};
+    NaspListener listener = {0};
+    NaspRequest req = {0};
+    EXPECT(nasp_tcp_connect(zero, "echo.demo:19000", 0, &conn), NASP_STATUS_INVALID_HANDLE,
+           "mesh");
+    EXPECT(nasp_conn_read(conn, chunk, sizeof chunk, &n, 0), NASP_STATUS_INVALID_HANDLE,
+           "connection");
+    EXPECT(nasp_conn_write(conn, chunk, sizeof chunk, 0), NASP_STATUS_INVALID_HANDLE,
+           "connection");
+    EXPECT(nasp_conn_shutdown_write(conn, 0), NASP_STATUS_INVALID_HANDLE, "connection");
+    EXPECT(nasp_conn_peer_id(conn, &view), NASP_STATUS_INVALID_HANDLE, "connection");
+    EXPECT(nasp_conn_peer_addr(conn, &view), NASP_STATUS_INVALID_HANDLE, "connection");
+    EXPECT(nasp_conn_close(conn), NASP_STATUS_INVALID_HANDLE, "connection");
+    EXPECT(nasp_listen(made_up, "127.0.0.1:0", &listener), NASP_STATUS_INVALID_HANDLE, "mesh");
+    EXPECT(nasp_listener_local_addr(listener, &view), NASP_STATUS_INVALID_HANDLE, "listener");
+    EXPECT(nasp_listener_accept(listener, 0, &conn), NASP_STATUS_INVALID_HANDLE, "listener");
+    EXPECT(nasp_listener_close(listener), NASP_STATUS_INVALID_HANDLE, "listener");
+    EXPECT(nasp_http_start(zero, "POST", "http://a/", NULL, 0, -1, 0, &req),
+           NASP_STATUS_INVALID_HANDLE, "mesh");
+    EXPECT(nasp_request_write(req, chunk, sizeof chunk, 0), NASP_STATUS_INVALID_HANDLE,
+           "request");
+    EXPECT(nasp_request_finish(req, 0, &resp), NASP_STATUS_INVALID_HANDLE, "request");
+    EXPECT(nasp_request_free(req), NASP_STATUS_INVALID_HANDLE, "request");
+
     const uint8_t *ptr;
     EXPECT(nasp_buf_data(buf, &ptr, &n), NASP_STATUS_INVALID_HANDLE, "buffer");
     EXPECT(nasp_buf_free(buf), NASP_STATUS_INVALID_HANDLE, "buffer");
@@ -120,7 +146,8 @@ static void without_a_mesh(void) {
 /* With a joined mesh: request arguments, a wrong-kind handle, double
  * frees, then calls after shutdown and after free. Returns 0 when the
  * mesh could not be joined. */
-static int with_a_mesh(const char *config, size_t config_len, const char *url) {
+static int with_a_mesh(const char *config, size_t config_len, const char *url,
+                       const char *tcp) {
     NaspMesh mesh = {0};
     NaspStatus s = nasp_mesh_new(config, config_len, &mesh);
     EXPECT(s, NASP_STATUS_OK, "");
@@ -190,6 +217,53 @@ static int with_a_mesh(const char *config, size_t config_len, const char *url) {
     EXPECT(nasp_response_read_all(big, 10, 0, &buf), NASP_STATUS_IO, "larger than max");
     EXPECT(nasp_response_free(big), NASP_STATUS_OK, "");
 
+    /* TCP: NULL and malformed targets and addresses, NULL buffers, a
+     * connection handle of the wrong kind, a double close; a listener's
+     * double close. */
+    NaspConn conn = {0};
+    uint8_t small[8];
+    EXPECT(nasp_tcp_connect(mesh, NULL, 0, &conn), NASP_STATUS_INVALID_ARGUMENT,
+           "target is NULL");
+    EXPECT(nasp_tcp_connect(mesh, "no-port", 0, &conn), NASP_STATUS_INVALID_ARGUMENT,
+           "not host:port");
+    EXPECT(nasp_tcp_connect(mesh, tcp, 0, NULL), NASP_STATUS_INVALID_ARGUMENT, "out is NULL");
+    EXPECT(nasp_tcp_connect(mesh, tcp, 0, &conn), NASP_STATUS_OK, "");
+    EXPECT(nasp_conn_read(conn, NULL, 8, &n, 0), NASP_STATUS_INVALID_ARGUMENT, "buf");
+    EXPECT(nasp_conn_read(conn, small, 0, &n, 0), NASP_STATUS_INVALID_ARGUMENT, "cap is 0");
+    EXPECT(nasp_conn_write(conn, NULL, 4, 0), NASP_STATUS_INVALID_ARGUMENT, "buf is NULL");
+    EXPECT(nasp_conn_peer_id(conn, NULL), NASP_STATUS_INVALID_ARGUMENT, "out is NULL");
+    EXPECT(nasp_conn_read(conn, small, sizeof small, &n, 50), NASP_STATUS_TIMEOUT, "no answer");
+    NaspListener as_listener = {conn.id};
+    EXPECT(nasp_listener_close(as_listener), NASP_STATUS_INVALID_HANDLE,
+           "is a connection, not a listener");
+    EXPECT(nasp_conn_close(conn), NASP_STATUS_OK, "");
+    EXPECT(nasp_conn_close(conn), NASP_STATUS_INVALID_HANDLE, "already freed");
+    NaspListener listener = {0};
+    EXPECT(nasp_listen(mesh, NULL, &listener), NASP_STATUS_INVALID_ARGUMENT, "addr is NULL");
+    EXPECT(nasp_listen(mesh, "localhost", &listener), NASP_STATUS_INVALID_ARGUMENT,
+           "not ip:port");
+    EXPECT(nasp_listen(mesh, "127.0.0.1:0", &listener), NASP_STATUS_OK, "");
+    EXPECT(nasp_listener_accept(listener, 50, &conn), NASP_STATUS_TIMEOUT, "no answer");
+    EXPECT(nasp_listener_accept(listener, 0, NULL), NASP_STATUS_INVALID_ARGUMENT, "out is NULL");
+    EXPECT(nasp_listener_close(listener), NASP_STATUS_OK, "");
+    EXPECT(nasp_listener_close(listener), NASP_STATUS_INVALID_HANDLE, "already freed");
+
+    /* A streaming request: past its declared length, finished short (which
+     * consumes it), an abort, and finish's NULL out. */
+    NaspRequest req = {0};
+    EXPECT(nasp_http_start(mesh, "POST", url, NULL, 0, 4, 0, NULL), NASP_STATUS_INVALID_ARGUMENT,
+           "out is NULL");
+    EXPECT(nasp_http_start(mesh, "POST", url, NULL, 0, 4, 0, &req), NASP_STATUS_OK, "");
+    EXPECT(nasp_request_write(req, body, 5, 0), NASP_STATUS_INVALID_ARGUMENT, "content_length");
+    EXPECT(nasp_request_write(req, body, 2, 0), NASP_STATUS_OK, "");
+    EXPECT(nasp_request_finish(req, 0, NULL), NASP_STATUS_INVALID_ARGUMENT, "out is NULL");
+    EXPECT(nasp_request_finish(req, 0, &resp), NASP_STATUS_INVALID_ARGUMENT, "2 of the 4");
+    EXPECT(nasp_request_free(req), NASP_STATUS_INVALID_HANDLE, "already freed");
+    EXPECT(nasp_http_start(mesh, "POST", url, NULL, 0, -1, 0, &req), NASP_STATUS_OK, "");
+    EXPECT(nasp_request_write(req, body, sizeof body, 0), NASP_STATUS_OK, "");
+    EXPECT(nasp_request_free(req), NASP_STATUS_OK, "");
+    EXPECT(nasp_request_free(req), NASP_STATUS_INVALID_HANDLE, "already freed");
+
     /* After shutdown: CLOSED, a second shutdown is OK, the id still reads.
      * After free: every handle of the mesh is unknown, and a response
      * that was never freed went with its mesh. */
@@ -203,6 +277,10 @@ static int with_a_mesh(const char *config, size_t config_len, const char *url) {
            "shut down");
     bool ready;
     EXPECT(nasp_mesh_is_ready(mesh, &ready), NASP_STATUS_CLOSED, "shut down");
+    EXPECT(nasp_tcp_connect(mesh, tcp, 0, &conn), NASP_STATUS_CLOSED, "shut down");
+    EXPECT(nasp_listen(mesh, "127.0.0.1:0", &listener), NASP_STATUS_CLOSED, "shut down");
+    EXPECT(nasp_http_start(mesh, "POST", url, NULL, 0, -1, 0, &req), NASP_STATUS_CLOSED,
+           "shut down");
     EXPECT(nasp_mesh_shutdown(mesh, 0), NASP_STATUS_OK, "");
     EXPECT(nasp_mesh_id(mesh, &a), NASP_STATUS_OK, "");
     EXPECT(nasp_mesh_free(mesh), NASP_STATUS_OK, "");
@@ -215,8 +293,8 @@ static int with_a_mesh(const char *config, size_t config_len, const char *url) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s CONFIG_FILE URL\n", argv[0]);
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s CONFIG_FILE URL TCP_TARGET\n", argv[0]);
         return 2;
     }
     size_t config_len = 0;
@@ -226,7 +304,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     without_a_mesh();
-    int joined = with_a_mesh(config, config_len, argv[2]);
+    int joined = with_a_mesh(config, config_len, argv[2], argv[3]);
     free(config);
     printf("checks %d\n", checks);
     printf("failures %d\n", failures);

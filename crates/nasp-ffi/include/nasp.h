@@ -156,6 +156,37 @@ typedef struct {
   size_t len;
 } NaspStr;
 
+/**
+ * A handle to a mesh listener; `id == 0` is "no handle".
+ */
+typedef struct {
+  /**
+   * The registry id.
+   */
+  uint64_t id;
+} NaspListener;
+
+/**
+ * A handle to a mesh TCP connection; `id == 0` is "no handle".
+ */
+typedef struct {
+  /**
+   * The registry id.
+   */
+  uint64_t id;
+} NaspConn;
+
+/**
+ * A handle to a request whose body is being written; `id == 0` is "no
+ * handle".
+ */
+typedef struct {
+  /**
+   * The registry id.
+   */
+  uint64_t id;
+} NaspRequest;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -340,6 +371,75 @@ NaspStatus nasp_response_read_all(NaspResponse r, size_t max, uint32_t timeout_m
 NaspStatus nasp_response_free(NaspResponse r);
 
 /**
+ * Binds a mesh listener on `addr` (`"127.0.0.1:0"` picks a port; the TLS
+ * mode is what xDS says for the port, or the config's `inbound_mode`) and
+ * starts accepting on it.
+ *
+ * # Ownership
+ * `addr` is borrowed for the call. On `OK`, `*out` is a new listener the
+ * caller closes with `nasp_listener_close`; freeing or shutting down the
+ * mesh closes it too.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `addr` or `out`, not UTF-8, not `ip:port`),
+ * `INVALID_HANDLE`, `CLOSED`, `TIMEOUT`, `IO` (the address is taken or
+ * not this host's), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `addr` is NULL or a NUL-terminated string; `out` is NULL or valid for a
+ * write.
+ */
+NaspStatus nasp_listen(NaspMesh m, const char *addr, NaspListener *out);
+
+/**
+ * The address the listener is bound to (`ip:port`, the port chosen when
+ * `nasp_listen` was given port 0).
+ *
+ * # Ownership
+ * `*out` is a view borrowed from `l`, valid until `nasp_listener_close(l)`.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `out`), `INVALID_HANDLE`.
+ *
+ * # Safety
+ * `out` is NULL or valid for a write.
+ */
+NaspStatus nasp_listener_local_addr(NaspListener l, NaspStr *out);
+
+/**
+ * The next connection that passed the handshake (mTLS: the caller's
+ * certificate verified) and the inbound TCP filters, waiting at most
+ * `timeout_ms` (0: the call timeout).
+ *
+ * # Ownership
+ * On `OK`, `*out` is a new connection the caller closes with
+ * `nasp_conn_close`; it outlives the listener (not the mesh).
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `out`), `INVALID_HANDLE`, `TIMEOUT` (none
+ * came), `CLOSED` (the listener was closed by another thread, or the mesh
+ * shut down), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `out` is NULL or valid for a write.
+ */
+NaspStatus nasp_listener_accept(NaspListener l, uint32_t timeout_ms, NaspConn *out);
+
+/**
+ * Stops accepting, closes the socket and frees the handle; connections
+ * not yet accepted are dropped (their callers see a reset), accepted
+ * ones stay open. An accept blocked in another thread returns `CLOSED`.
+ *
+ * # Ownership
+ * `l` and its views are invalid afterwards.
+ *
+ * # Errors
+ * `INVALID_HANDLE` (zero, unknown, already closed, or closed with its
+ * mesh).
+ */
+NaspStatus nasp_listener_close(NaspListener l);
+
+/**
  * Joins the mesh described by `config` (JSON or YAML, `len` bytes, see
  * `docs/ffi-design.md` section 3.4): starts identity and xDS on a runtime
  * of the mesh's own and blocks until a certificate and a first xDS
@@ -429,9 +529,10 @@ NaspStatus nasp_mesh_is_ready(NaspMesh m, bool *out);
 NaspStatus nasp_mesh_metrics(NaspMesh m, NaspBuf *out);
 
 /**
- * Stops the mesh: new calls on it and its responses return `CLOSED`,
- * calls blocked on it wake with `CLOSED`, and its servers drain for at
- * most `timeout_ms` (0: the configured drain timeout plus one second).
+ * Stops the mesh: new calls on it and its child handles return `CLOSED`,
+ * calls blocked on it wake with `CLOSED`, its listeners stop accepting,
+ * and its servers drain for at most `timeout_ms` (0: the configured drain
+ * timeout plus one second).
  * Idempotent: a second call returns `OK`. The handle stays valid (for
  * `nasp_mesh_id` and `nasp_mesh_free`) until freed.
  *
@@ -445,12 +546,14 @@ NaspStatus nasp_mesh_metrics(NaspMesh m, NaspBuf *out);
 NaspStatus nasp_mesh_shutdown(NaspMesh m, uint32_t timeout_ms);
 
 /**
- * Shuts the mesh down if that was not done, invalidates every response
- * of it (their later free returns `INVALID_HANDLE`, which is harmless),
- * then drops the mesh and its runtime, joining the runtime's threads.
+ * Shuts the mesh down if that was not done, invalidates every handle of
+ * it (responses, requests, connections, listeners: their later free or
+ * close returns `INVALID_HANDLE`, which is harmless; calls blocked on
+ * them return `CLOSED`), then drops the mesh and its runtime, joining the
+ * runtime's threads.
  *
  * # Ownership
- * `m`, its id view and its responses (with their views) are invalid
+ * `m`, its id view and its child handles (with their views) are invalid
  * afterwards; buffers (`NaspBuf`) stay valid until their own free.
  *
  * # Errors
@@ -458,6 +561,93 @@ NaspStatus nasp_mesh_shutdown(NaspMesh m, uint32_t timeout_ms);
  * reported, not undefined), `WRONG_THREAD` (nothing was freed).
  */
 NaspStatus nasp_mesh_free(NaspMesh m);
+
+/**
+ * Starts a request whose body is written in chunks: sends the head
+ * through the mesh's client (routes, balancing, mTLS, outbound filters)
+ * and returns at once. `content_length >= 0` declares the body's length
+ * (sent as `content-length`); a negative one streams it (HTTP/1.1
+ * chunked, HTTP/2 frames). `timeout_ms` (0: the call timeout) bounds the
+ * whole exchange, from this call until the response head.
+ *
+ * A body of known length up to 64 KiB may be buffered and retried as
+ * Istio's retry policy says; a longer or unknown one is sent as it is
+ * written and retried only while what was sent fits that buffer.
+ *
+ * # Ownership
+ * Every input is borrowed for the call (copied). On `OK`, `*out` is a new
+ * request the caller ends with `nasp_request_finish` (which consumes it)
+ * or aborts with `nasp_request_free`.
+ *
+ * # Errors
+ * As `nasp_http_request`'s argument errors: `INVALID_ARGUMENT`,
+ * `INVALID_HANDLE`, `CLOSED`. Failures of the exchange itself come from
+ * `nasp_request_write` or `nasp_request_finish`.
+ *
+ * # Safety
+ * As `nasp_http_request`.
+ */
+NaspStatus nasp_http_start(NaspMesh m,
+                           const char *method,
+                           const char *url,
+                           const NaspHeader *headers,
+                           size_t n_headers,
+                           int64_t content_length,
+                           uint32_t timeout_ms,
+                           NaspRequest *out);
+
+/**
+ * Sends `len` bytes of the body (all of them, or an error), waiting at
+ * most `timeout_ms` (0: the call timeout) while the connection is slow to
+ * take them (backpressure: at most 4 chunks of 64 KiB wait inside).
+ *
+ * # Ownership
+ * `buf` is borrowed for the call (copied).
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `buf` with `len > 0`, more bytes than the
+ * declared `content_length`, after `finish`), `INVALID_HANDLE`, `CLOSED`
+ * (freed by another thread, or the mesh shut down), `TIMEOUT`, `IO` (the
+ * exchange ended early: `nasp_request_finish` gives the response or the
+ * error), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `buf` is NULL or points to `len` readable bytes.
+ */
+NaspStatus nasp_request_write(NaspRequest r, const uint8_t *buf, size_t len, uint32_t timeout_ms);
+
+/**
+ * Ends the body and waits at most `timeout_ms` (0: the call timeout) for
+ * the response head. Consumes `r`: its handle is invalid afterwards, also
+ * when this fails.
+ *
+ * # Ownership
+ * On `OK`, `*out` is a new response the caller frees with
+ * `nasp_response_free`.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `out`, fewer bytes written than the declared
+ * `content_length`: the stream is reset), `INVALID_HANDLE`, `CLOSED`,
+ * `TIMEOUT`, `CONNECT`, `HTTP` (as `nasp_http_request`), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `out` is NULL or valid for a write.
+ */
+NaspStatus nasp_request_finish(NaspRequest r, uint32_t timeout_ms, NaspResponse *out);
+
+/**
+ * Aborts a request that was not finished: the stream is reset, the
+ * server never sees the body's end. A write blocked in another thread
+ * returns `CLOSED`.
+ *
+ * # Ownership
+ * `r` is invalid afterwards.
+ *
+ * # Errors
+ * `INVALID_HANDLE` (zero, unknown, already finished or freed, or freed
+ * with its mesh).
+ */
+NaspStatus nasp_request_free(NaspRequest r);
 
 /**
  * `NASP_ABI_VERSION` of the library actually loaded; a binding compares
@@ -500,6 +690,126 @@ size_t nasp_last_error(char *buf, size_t cap);
  * Nothing to free.
  */
 NaspStatus nasp_last_error_status(void);
+
+/**
+ * Opens a TCP connection through the mesh to `target` (`host:port`, a
+ * mesh service name such as `"db.demo:5432"` or an address the mesh
+ * knows): mTLS with Istio's TCP ALPN where the destination is in the
+ * mesh, through the outbound TCP filters (metadata exchange, TCP
+ * metrics). Waits at most `timeout_ms` (0: the configured call timeout).
+ *
+ * # Ownership
+ * `target` is borrowed for the call. On `OK`, `*out` is a new connection
+ * the caller closes with `nasp_conn_close`; freeing the mesh closes it
+ * too.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `target` or `out`, not UTF-8, not
+ * `host:port`), `INVALID_HANDLE`, `CLOSED`, `TIMEOUT`, `CONNECT` (not a
+ * mesh destination, no endpoint, refused, handshake failed: the message
+ * says which), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `target` is NULL or a NUL-terminated string; `out` is NULL or valid for
+ * a write.
+ */
+NaspStatus nasp_tcp_connect(NaspMesh m, const char *target, uint32_t timeout_ms, NaspConn *out);
+
+/**
+ * Reads up to `cap` bytes into `buf` and sets `*n` to how many; `*n == 0`
+ * with `OK` is the end of the stream (the peer half-closed). Waits for
+ * data at most `timeout_ms` (0: the call timeout); a timeout loses no
+ * bytes.
+ *
+ * # Ownership
+ * `buf` is the caller's, written for the call only.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `buf` or `n`, `cap == 0`), `INVALID_HANDLE`,
+ * `CLOSED` (the connection was closed by another thread, or the mesh shut
+ * down), `TIMEOUT`, `IO` (reset, TLS error), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `buf` is NULL or points to `cap` writable bytes; `n` is NULL or valid
+ * for a write.
+ */
+NaspStatus nasp_conn_read(NaspConn c, uint8_t *buf, size_t cap, size_t *n, uint32_t timeout_ms);
+
+/**
+ * Writes all `len` bytes of `buf` and flushes them, waiting at most
+ * `timeout_ms` (0: the call timeout) while the peer is slow to read.
+ *
+ * # Ownership
+ * `buf` is borrowed for the call (copied).
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `buf` with `len > 0`), `INVALID_HANDLE`,
+ * `CLOSED`, `TIMEOUT` (some bytes may have been sent), `IO` (reset, the
+ * write side was shut down), `WRONG_THREAD`.
+ *
+ * # Safety
+ * `buf` is NULL or points to `len` readable bytes.
+ */
+NaspStatus nasp_conn_write(NaspConn c, const uint8_t *buf, size_t len, uint32_t timeout_ms);
+
+/**
+ * Half-closes the connection: the peer reads the end of the stream, and
+ * this side can still read what the peer sends. Waits at most
+ * `timeout_ms` (0: the call timeout) for buffered bytes to go out.
+ *
+ * # Ownership
+ * Frees nothing; `nasp_conn_close` is still needed.
+ *
+ * # Errors
+ * `INVALID_HANDLE`, `CLOSED`, `TIMEOUT`, `IO`, `WRONG_THREAD`.
+ */
+NaspStatus nasp_conn_shutdown_write(NaspConn c, uint32_t timeout_ms);
+
+/**
+ * The peer's verified SPIFFE id: for a connection from
+ * `nasp_tcp_connect`, the upstream's; for one from
+ * `nasp_listener_accept`, the caller's. An empty view when the hop was
+ * plaintext.
+ *
+ * # Ownership
+ * `*out` is a view borrowed from `c`, valid until `nasp_conn_close(c)`
+ * (or the mesh's free); never freed by the caller.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `out`), `INVALID_HANDLE`.
+ *
+ * # Safety
+ * `out` is NULL or valid for a write.
+ */
+NaspStatus nasp_conn_peer_id(NaspConn c, NaspStr *out);
+
+/**
+ * The peer's address (`ip:port`): the upstream endpoint dialed, or the
+ * caller's address for an accepted connection.
+ *
+ * # Ownership
+ * `*out` is a view borrowed from `c`, valid until `nasp_conn_close(c)`.
+ *
+ * # Errors
+ * `INVALID_ARGUMENT` (NULL `out`), `INVALID_HANDLE`.
+ *
+ * # Safety
+ * `out` is NULL or valid for a write.
+ */
+NaspStatus nasp_conn_peer_addr(NaspConn c, NaspStr *out);
+
+/**
+ * Closes the connection and frees its handle. A read or write blocked on
+ * it in another thread returns `CLOSED`.
+ *
+ * # Ownership
+ * `c` and its views are invalid afterwards.
+ *
+ * # Errors
+ * `INVALID_HANDLE` (zero, unknown, already closed, or closed with its
+ * mesh: a double close is reported, not undefined).
+ */
+NaspStatus nasp_conn_close(NaspConn c);
 
 #ifdef __cplusplus
 }  // extern "C"

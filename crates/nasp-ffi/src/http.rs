@@ -95,13 +95,13 @@ fn no_nul(b: &[u8], what: &str) -> Result<CString> {
     CString::new(b).map_err(|_| FfiError::new(NaspStatus::Internal, format!("{what} has a NUL")))
 }
 
-fn invalid(msg: String) -> FfiError {
+pub(crate) fn invalid(msg: String) -> FfiError {
     FfiError::new(NaspStatus::InvalidArgument, msg)
 }
 
 /// Why no response came, as a status: no connection is `CONNECT`, the rest
 /// `HTTP`.
-fn send_error(url: &str, e: &(dyn std::error::Error + 'static)) -> FfiError {
+pub(crate) fn send_error(url: &str, e: &(dyn std::error::Error + 'static)) -> FfiError {
     let mut chain = format!("{e}");
     let mut connect = false;
     let mut source = e.source();
@@ -170,86 +170,110 @@ pub unsafe extern "C" fn nasp_http_request(
     ffi_call(|| {
         let out = args::out(out, "out")?;
         // SAFETY: the caller's guarantees on each pointer.
-        let (method, url, body) = unsafe {
+        let (req, body) = unsafe {
             (
-                args::cstr(method, "method")?,
-                args::cstr(url, "url")?,
+                request_head(method, url, headers, n_headers)?,
                 args::bytes(body, body_len, "body")?,
             )
         };
-        if n_headers > 0 && headers.is_null() {
-            return Err(invalid(format!("headers is NULL with count {n_headers}")));
-        }
-        let mut req = http::Request::builder()
-            .method(
-                http::Method::from_bytes(method.as_bytes())
-                    .map_err(|e| invalid(format!("method {method:?}: {e}")))?,
-            )
-            .uri(
-                url.parse::<http::Uri>()
-                    .map_err(|e| invalid(format!("url {url:?}: {e}")))?,
-            )
-            .body(Body::from(Bytes::copy_from_slice(body)))
-            .map_err(|e| invalid(format!("request: {e}")))?;
-        for i in 0..n_headers {
-            // SAFETY: `headers` is non-NULL (checked) with `n_headers`
-            // entries (the caller's guarantee); `i < n_headers`.
-            let h = unsafe { *headers.add(i) };
-            // SAFETY: the caller's guarantee on each entry's pointers.
-            let (name, value) = unsafe {
-                (
-                    args::bytes(h.name.cast(), h.name_len, &format!("headers[{i}].name"))?,
-                    args::bytes(h.value.cast(), h.value_len, &format!("headers[{i}].value"))?,
-                )
-            };
-            let name = http::HeaderName::from_bytes(name).map_err(|e| {
-                invalid(format!(
-                    "headers[{i}].name {:?}: {e}",
-                    String::from_utf8_lossy(name)
-                ))
-            })?;
-            let value = http::HeaderValue::from_bytes(value)
-                .map_err(|e| invalid(format!("headers[{i}].value of {name}: {e}")))?;
-            req.headers_mut().append(name, value);
-        }
+        let req = req.map(|()| Body::from(Bytes::copy_from_slice(body)));
+        let url = req.uri().to_string();
         let mesh_state = registry::mesh(m.id)?;
         let timeout = args::timeout(timeout_ms, mesh_state.call_timeout);
         let client = mesh_state.mesh().http_client();
-        let url_owned = url.to_string();
-        let resp = mesh_state.run(timeout, &format!("request to {url}"), async move {
+        let resp = mesh_state.run(timeout, &format!("request to {url}"), async {
             client
                 .send(req)
                 .await
-                .map_err(|e| send_error(&url_owned, e.as_ref()))
+                .map_err(|e| send_error(&url, e.as_ref()))
         })?;
-        let peer_id = resp
-            .extensions()
-            .get::<Upstream>()
-            .and_then(|u| u.peer_id.as_deref())
-            .unwrap_or("");
-        let state = ResponseState {
-            status: resp.status().as_u16(),
-            peer_id: no_nul(peer_id.as_bytes(), "the peer id")?,
-            headers: resp
-                .headers()
-                .iter()
-                .map(|(n, v)| {
-                    Ok((
-                        no_nul(n.as_str().as_bytes(), "a header name")?,
-                        no_nul(v.as_bytes(), "a header value")?,
-                    ))
-                })
-                .collect::<Result<_>>()?,
-            body: tokio::sync::Mutex::new(BodyState {
-                body: Some(resp.into_body()),
-                pending: Bytes::new(),
-            }),
-        };
-        let id = registry::insert(Kind::Response, Object::Response(Arc::new(state)), m.id);
+        let id = register_response(resp, m.id)?;
         // SAFETY: checked non-NULL; valid per the caller's guarantee.
         unsafe { out.write(NaspResponse { id }) };
         Ok(())
     })
+}
+
+/// A request's method, URL and headers, checked and copied.
+///
+/// # Safety
+/// As `nasp_http_request`'s for these arguments.
+pub(crate) unsafe fn request_head(
+    method: *const c_char,
+    url: *const c_char,
+    headers: *const NaspHeader,
+    n_headers: usize,
+) -> Result<http::Request<()>> {
+    // SAFETY: the caller's guarantees on each pointer.
+    let (method, url) = unsafe { (args::cstr(method, "method")?, args::cstr(url, "url")?) };
+    if n_headers > 0 && headers.is_null() {
+        return Err(invalid(format!("headers is NULL with count {n_headers}")));
+    }
+    let mut req = http::Request::builder()
+        .method(
+            http::Method::from_bytes(method.as_bytes())
+                .map_err(|e| invalid(format!("method {method:?}: {e}")))?,
+        )
+        .uri(
+            url.parse::<http::Uri>()
+                .map_err(|e| invalid(format!("url {url:?}: {e}")))?,
+        )
+        .body(())
+        .map_err(|e| invalid(format!("request: {e}")))?;
+    for i in 0..n_headers {
+        // SAFETY: `headers` is non-NULL (checked) with `n_headers` entries
+        // (the caller's guarantee); `i < n_headers`.
+        let h = unsafe { *headers.add(i) };
+        // SAFETY: the caller's guarantee on each entry's pointers.
+        let (name, value) = unsafe {
+            (
+                args::bytes(h.name.cast(), h.name_len, &format!("headers[{i}].name"))?,
+                args::bytes(h.value.cast(), h.value_len, &format!("headers[{i}].value"))?,
+            )
+        };
+        let name = http::HeaderName::from_bytes(name).map_err(|e| {
+            invalid(format!(
+                "headers[{i}].name {:?}: {e}",
+                String::from_utf8_lossy(name)
+            ))
+        })?;
+        let value = http::HeaderValue::from_bytes(value)
+            .map_err(|e| invalid(format!("headers[{i}].value of {name}: {e}")))?;
+        req.headers_mut().append(name, value);
+    }
+    Ok(req)
+}
+
+/// Registers `resp` as a response of mesh `parent`; its id.
+pub(crate) fn register_response(resp: http::Response<Body>, parent: u64) -> Result<u64> {
+    let peer_id = resp
+        .extensions()
+        .get::<Upstream>()
+        .and_then(|u| u.peer_id.as_deref())
+        .unwrap_or("");
+    let state = ResponseState {
+        status: resp.status().as_u16(),
+        peer_id: no_nul(peer_id.as_bytes(), "the peer id")?,
+        headers: resp
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                Ok((
+                    no_nul(n.as_str().as_bytes(), "a header name")?,
+                    no_nul(v.as_bytes(), "a header value")?,
+                ))
+            })
+            .collect::<Result<_>>()?,
+        body: tokio::sync::Mutex::new(BodyState {
+            body: Some(resp.into_body()),
+            pending: Bytes::new(),
+        }),
+    };
+    Ok(registry::insert(
+        Kind::Response,
+        Object::Response(Arc::new(state)),
+        parent,
+    ))
 }
 
 /// The HTTP status code.

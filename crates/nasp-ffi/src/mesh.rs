@@ -79,6 +79,21 @@ impl MeshState {
             .expect("invariant: the mesh is taken only in Drop")
     }
 
+    /// Whether `nasp_mesh_shutdown` was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Spawns `task` on the mesh's runtime (work that outlives one call:
+    /// a listener's accept loop, a streaming request).
+    pub(crate) fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.rt().spawn(task)
+    }
+
     fn rt(&self) -> &Runtime {
         self.rt
             .as_ref()
@@ -332,9 +347,10 @@ pub unsafe extern "C" fn nasp_mesh_metrics(m: NaspMesh, out: *mut NaspBuf) -> Na
     })
 }
 
-/// Stops the mesh: new calls on it and its responses return `CLOSED`,
-/// calls blocked on it wake with `CLOSED`, and its servers drain for at
-/// most `timeout_ms` (0: the configured drain timeout plus one second).
+/// Stops the mesh: new calls on it and its child handles return `CLOSED`,
+/// calls blocked on it wake with `CLOSED`, its listeners stop accepting,
+/// and its servers drain for at most `timeout_ms` (0: the configured drain
+/// timeout plus one second).
 /// Idempotent: a second call returns `OK`. The handle stays valid (for
 /// `nasp_mesh_id` and `nasp_mesh_free`) until freed.
 ///
@@ -355,12 +371,14 @@ pub extern "C" fn nasp_mesh_shutdown(m: NaspMesh, timeout_ms: u32) -> NaspStatus
     })
 }
 
-/// Shuts the mesh down if that was not done, invalidates every response
-/// of it (their later free returns `INVALID_HANDLE`, which is harmless),
-/// then drops the mesh and its runtime, joining the runtime's threads.
+/// Shuts the mesh down if that was not done, invalidates every handle of
+/// it (responses, requests, connections, listeners: their later free or
+/// close returns `INVALID_HANDLE`, which is harmless; calls blocked on
+/// them return `CLOSED`), then drops the mesh and its runtime, joining the
+/// runtime's threads.
 ///
 /// # Ownership
-/// `m`, its id view and its responses (with their views) are invalid
+/// `m`, its id view and its child handles (with their views) are invalid
 /// afterwards; buffers (`NaspBuf`) stay valid until their own free.
 ///
 /// # Errors

@@ -11,8 +11,11 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use crate::buf::BufState;
 use crate::http::ResponseState;
+use crate::listener::ListenerState;
 use crate::mesh::MeshState;
+use crate::request::RequestState;
 use crate::status::{FfiError, NaspStatus, Result};
+use crate::tcp::ConnState;
 
 /// What a handle names, in its top byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +27,12 @@ pub enum Kind {
     Response = 2,
     /// A `NaspBuf`.
     Buf = 3,
+    /// A `NaspConn`.
+    Conn = 4,
+    /// A `NaspListener`.
+    Listener = 5,
+    /// A `NaspRequest`.
+    Request = 6,
 }
 
 impl Kind {
@@ -32,6 +41,9 @@ impl Kind {
             Kind::Mesh => "mesh",
             Kind::Response => "response",
             Kind::Buf => "buffer",
+            Kind::Conn => "connection",
+            Kind::Listener => "listener",
+            Kind::Request => "request",
         }
     }
 
@@ -40,6 +52,9 @@ impl Kind {
             1 => Some(Kind::Mesh),
             2 => Some(Kind::Response),
             3 => Some(Kind::Buf),
+            4 => Some(Kind::Conn),
+            5 => Some(Kind::Listener),
+            6 => Some(Kind::Request),
             _ => None,
         }
     }
@@ -50,6 +65,58 @@ pub(crate) enum Object {
     Mesh(Arc<MeshState>),
     Response(Arc<ResponseState>),
     Buf(Arc<BufState>),
+    Conn(Arc<ConnState>),
+    Listener(Arc<ListenerState>),
+    Request(Arc<RequestState>),
+}
+
+impl Object {
+    /// Wakes the calls blocked on this object (they return `CLOSED`);
+    /// called as it leaves the registry, before its last `Arc` goes.
+    pub(crate) fn close(&self) {
+        match self {
+            Object::Conn(c) => c.closer.close(),
+            Object::Listener(l) => l.closer.close(),
+            Object::Request(r) => r.closer.close(),
+            Object::Mesh(_) | Object::Response(_) | Object::Buf(_) => {}
+        }
+    }
+}
+
+/// A flag that wakes every call blocked on one object when it is freed.
+pub(crate) struct Closer(tokio::sync::watch::Sender<bool>);
+
+impl Closer {
+    pub(crate) fn new() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+
+    pub(crate) fn close(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once `close` was called (at once if it was).
+    pub(crate) async fn closed(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender is `self`, alive for the whole wait.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// `op`, or `CLOSED` ("the {what} was closed") as soon as the object is
+    /// freed by another thread.
+    pub(crate) async fn guard<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::select! {
+            r = op => r,
+            () = self.closed() => Err(FfiError::new(
+                NaspStatus::Closed,
+                format!("the {what} was closed by another call"),
+            )),
+        }
+    }
 }
 
 struct Entry {
@@ -105,6 +172,39 @@ pub(crate) fn response(id: u64) -> Result<(Arc<ResponseState>, u64)> {
     }
 }
 
+/// The connection `id` names, with its mesh's id.
+pub(crate) fn conn(id: u64) -> Result<(Arc<ConnState>, u64)> {
+    match table().get(&id) {
+        Some(Entry {
+            object: Object::Conn(c),
+            parent,
+        }) => Ok((c.clone(), *parent)),
+        _ => Err(unknown(id, Kind::Conn)),
+    }
+}
+
+/// The listener `id` names, with its mesh's id.
+pub(crate) fn listener(id: u64) -> Result<(Arc<ListenerState>, u64)> {
+    match table().get(&id) {
+        Some(Entry {
+            object: Object::Listener(l),
+            parent,
+        }) => Ok((l.clone(), *parent)),
+        _ => Err(unknown(id, Kind::Listener)),
+    }
+}
+
+/// The streaming request `id` names, with its mesh's id.
+pub(crate) fn request(id: u64) -> Result<(Arc<RequestState>, u64)> {
+    match table().get(&id) {
+        Some(Entry {
+            object: Object::Request(r),
+            parent,
+        }) => Ok((r.clone(), *parent)),
+        _ => Err(unknown(id, Kind::Request)),
+    }
+}
+
 /// The buffer `id` names.
 pub(crate) fn buf(id: u64) -> Result<Arc<BufState>> {
     match table().get(&id).map(|e| &e.object) {
@@ -120,9 +220,13 @@ pub(crate) fn remove(id: u64, kind: Kind) -> Result<Object> {
     if Kind::of(id) != Some(kind) || !t.contains_key(&id) {
         return Err(unknown(id, kind));
     }
-    Ok(t.remove(&id)
+    let object = t
+        .remove(&id)
         .expect("invariant: checked under the same lock")
-        .object)
+        .object;
+    drop(t);
+    object.close();
+    Ok(object)
 }
 
 /// Removes every object whose parent is `parent`, returned to be dropped
@@ -134,9 +238,13 @@ pub(crate) fn remove_children(parent: u64) -> Vec<Object> {
         .filter(|(_, e)| e.parent == parent)
         .map(|(id, _)| *id)
         .collect();
-    ids.into_iter()
+    let objects: Vec<Object> = ids
+        .into_iter()
         .filter_map(|id| t.remove(&id).map(|e| e.object))
-        .collect()
+        .collect();
+    drop(t);
+    objects.iter().for_each(Object::close);
+    objects
 }
 
 #[cfg(test)]

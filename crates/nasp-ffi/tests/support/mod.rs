@@ -22,7 +22,9 @@ use nasp::identity::SpiffeId;
 use nasp::transport::{Body, MeshPeer};
 use nasp::xds::WorkloadSettings;
 
-/// The control plane at `NET.1`, the echo workload at `NET.2:18080`.
+/// The control plane at `NET.h`, the echo workload at `NET.h+1` (HTTP on
+/// 18080, a TCP echo on 19000), and `c-server.demo:19100` at `NET.h+2`,
+/// where a test's own mesh may listen (`listen_addr`, `self_target`).
 pub struct Fixture {
     pub rt: tokio::runtime::Runtime,
     pub cp: ControlPlane,
@@ -30,6 +32,8 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     /// The YAML a C caller passes to `nasp_mesh_new`.
     pub config: String,
+    /// The address `c-server.demo` has in the mesh.
+    listen: String,
 }
 
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/c-client";
@@ -46,6 +50,7 @@ impl Fixture {
     /// `"127.0.13"`), for tests that own another share of loopback.
     pub fn start_on(net: &str, host: u8) -> Self {
         let (cp_ip, server_ip) = (format!("{net}.{host}"), format!("{net}.{}", host + 1));
+        let listen_ip = format!("{net}.{}", host + 2);
         let mesh = format!(
             r#"
 trust_domain: cluster.local
@@ -53,11 +58,23 @@ services:
   - name: echo
     namespace: demo
     service_account: echo
+    # The name table's address for TCP; nothing dials it.
+    vip: 10.96.12.2
     mtls: strict
     ports:
       - {{ port: 18080, protocol: http }}
+      - {{ port: 19000, protocol: tcp }}
     endpoints:
       - {{ ip: {server_ip} }}
+  - name: c-server
+    namespace: demo
+    service_account: c-client
+    vip: 10.96.12.3
+    mtls: strict
+    ports:
+      - {{ port: 19100, protocol: tcp }}
+    endpoints:
+      - {{ ip: {listen_ip} }}
 "#
         );
         let dir = tempfile::tempdir().expect("tempdir");
@@ -133,6 +150,32 @@ services:
                 let server = server.clone();
                 async move { server.serve(listener, app).await }
             });
+            // The TCP echo: every byte back, and a half-close answered
+            // with one.
+            let tcp = server
+                .bind(format!("{server_ip}:19000").parse().expect("addr"))
+                .await
+                .expect("bind the TCP echo");
+            tokio::spawn({
+                let server = server.clone();
+                async move {
+                    server
+                        .serve_tcp(tcp, |mut conn: nasp::TcpConnection| async move {
+                            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                            let mut buf = vec![0u8; 16 * 1024];
+                            while let Ok(n) = conn.read(&mut buf).await {
+                                if n == 0 {
+                                    let _ = conn.shutdown().await;
+                                    break;
+                                }
+                                if conn.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                }
+            });
             (cp, server)
         });
         std::fs::write(dir.path().join("root-cert.pem"), cp.root_pem()).expect("root");
@@ -151,12 +194,28 @@ services:
             server,
             dir,
             config,
+            listen: format!("{listen_ip}:19100"),
         }
     }
 
     /// The echo service's URL.
     pub fn url(&self, path: &str) -> String {
         format!("http://echo.demo:18080{path}")
+    }
+
+    /// The echo service's TCP port, as `nasp_tcp_connect` names it.
+    pub fn tcp_target(&self) -> &'static str {
+        "echo.demo:19000"
+    }
+
+    /// Where a test's own mesh listens to be `c-server.demo`.
+    pub fn listen_addr(&self) -> &str {
+        &self.listen
+    }
+
+    /// The name that reaches `listen_addr` through the mesh.
+    pub fn self_target(&self) -> &'static str {
+        "c-server.demo:19100"
     }
 }
 
