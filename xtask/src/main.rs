@@ -25,7 +25,8 @@
 //!   `ffi-header --check`), build-filters and the check that the embedded
 //!   filters are in step (as `build-filters --check`), the runtime feature matrix (`cargo
 //!   check`, no warnings allowed), doc tests, the workspace tests (nextest if
-//!   installed, else `cargo test`), then every fuzz target for 30 s. This is
+//!   installed, else `cargo test`), `cross aarch64-unknown-linux-gnu`,
+//!   then every fuzz target for 30 s. This is
 //!   the command CI runs; each stage prints how long it took.
 //! - `demo`: the embedded control plane, a certificate, xDS lookups and a
 //!   filter on every runtime (see `demo()`).
@@ -40,6 +41,11 @@
 //!   --rss-only`). Neither is part of `test`: numbers from a shared CI
 //!   machine would be noise, and they take minutes.
 //! - `codegen`: regenerates the checked-in protobuf code.
+//! - `cross <target>` (`aarch64-unknown-linux-gnu`): installs the target
+//!   and Debian's cross compiler, libc and qemu-user if missing, builds
+//!   `nasp-ffi` for it with the interpreters (wasmi, wasm3), compiles the C
+//!   examples with the cross compiler and runs them under qemu-user
+//!   against the host's test fixture on loopback (docs/edge-targets.md).
 //! - `ffi-header [--update|--check]`: generates the C header
 //!   `crates/nasp-ffi/include/nasp.h` with cbindgen (its own workspace,
 //!   `xtask/cbindgen/`, because cbindgen's MPL-2.0 license is not allowed in
@@ -799,6 +805,184 @@ fn ffi_header(update: bool) -> Result<(), String> {
     })
 }
 
+/// A target `cargo xtask cross` builds the C library for and runs the C
+/// examples on, under qemu-user (docs/edge-targets.md).
+struct CrossTarget {
+    triple: &'static str,
+    /// Debian's cross tools' prefix (`<prefix>-gcc`, `<prefix>-ar`); their
+    /// sysroot is `/usr/<prefix>`.
+    prefix: &'static str,
+    /// The qemu-user binary that runs the target's programs.
+    qemu: &'static str,
+    /// Debian packages: the cross compiler, the target's libc, qemu-user.
+    apt: [&'static str; 3],
+}
+
+const CROSS_TARGETS: [CrossTarget; 1] = [CrossTarget {
+    triple: "aarch64-unknown-linux-gnu",
+    prefix: "aarch64-linux-gnu",
+    qemu: "qemu-aarch64",
+    apt: ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"],
+}];
+
+/// The runtimes a cross build carries: the interpreters, which every
+/// edge target allows (iOS forbids a JIT; Cranelift has no 32-bit ARM).
+const CROSS_FEATURES: &str = "wasmi,wasm3";
+
+/// The C examples the cross test runs (each `examples/c/<name>.c`).
+const CROSS_EXAMPLES: [&str; 3] = ["http", "tcp", "bad_args"];
+
+fn has_tool(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs what `t` needs and is missing: its rustup target and Debian's
+/// cross compiler, libc and qemu-user (apt, as root or through sudo).
+fn ensure_cross(t: &CrossTarget) -> Result<(), String> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == t.triple)
+    {
+        run(Command::new("rustup").args(["target", "add", t.triple]))?;
+    }
+    let gcc = format!("{}-gcc", t.prefix);
+    let libc = PathBuf::from(format!("/usr/{}/include/stdio.h", t.prefix));
+    if has_tool(&gcc) && has_tool(t.qemu) && libc.is_file() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the {} cross toolchain ({})",
+        t.triple,
+        t.apt.join(", ")
+    );
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let apt = |args: &[&str]| {
+        let mut c = if root_user {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut c)
+    };
+    apt(&["update", "-qq"])?;
+    // No recommends: qemu-user-binfmt would need binfmt_misc, and the
+    // programs are started through qemu explicitly.
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(t.apt);
+    apt(&install)?;
+    if !has_tool(&gcc) || !has_tool(t.qemu) {
+        return Err(format!("{gcc} or {} still missing after apt", t.qemu));
+    }
+    Ok(())
+}
+
+/// The cargo environment of a cross build for `t`: Debian's linker, C
+/// compiler and archiver, qemu as the runner, and the sysroot for wasm3's
+/// bindgen.
+fn cross_env(c: &mut Command, t: &CrossTarget) {
+    let upper = t.triple.to_uppercase().replace('-', "_");
+    let lower = t.triple.replace('-', "_");
+    c.env(
+        format!("CARGO_TARGET_{upper}_LINKER"),
+        format!("{}-gcc", t.prefix),
+    )
+    .env(
+        format!("CARGO_TARGET_{upper}_RUNNER"),
+        format!("{} -L /usr/{}", t.qemu, t.prefix),
+    )
+    .env(format!("CC_{lower}"), format!("{}-gcc", t.prefix))
+    .env(format!("AR_{lower}"), format!("{}-ar", t.prefix))
+    .env(
+        format!("BINDGEN_EXTRA_CLANG_ARGS_{lower}"),
+        format!("--sysroot=/usr/{}", t.prefix),
+    );
+}
+
+/// `cargo xtask cross <target>`: builds `nasp-ffi` (debug, with the
+/// interpreters) for the target, compiles the C examples with the cross
+/// compiler, and runs them under qemu-user against the host test fixture
+/// on loopback (`crates/nasp-ffi/tests/c_example.rs`,
+/// `the_c_examples_run_on_another_architecture_under_qemu`).
+fn cross(args: &[String]) -> Result<(), String> {
+    let known: Vec<&str> = CROSS_TARGETS.iter().map(|t| t.triple).collect();
+    let Some(t) = args
+        .first()
+        .and_then(|a| CROSS_TARGETS.iter().find(|t| t.triple == a.as_str()))
+    else {
+        return Err(format!(
+            "usage: cargo xtask cross <target>, one of: {}",
+            known.join(", ")
+        ));
+    };
+    timed(&format!("cross: toolchain for {}", t.triple), || {
+        ensure_cross(t)
+    })?;
+    timed(&format!("cross: nasp-ffi for {}", t.triple), || {
+        let mut c = cargo();
+        c.current_dir(root()).args([
+            "build",
+            "-p",
+            "nasp-ffi",
+            "--target",
+            t.triple,
+            "--no-default-features",
+            "--features",
+            CROSS_FEATURES,
+        ]);
+        cross_env(&mut c, t);
+        run(&mut c)
+    })?;
+    let lib_dir = root().join("target").join(t.triple).join("debug");
+    let bin_dir = lib_dir.join("c-examples");
+    std::fs::create_dir_all(&bin_dir).map_err(|e| format!("{}: {e}", bin_dir.display()))?;
+    for name in CROSS_EXAMPLES {
+        run(Command::new(format!("{}-gcc", t.prefix))
+            .current_dir(root())
+            .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+            .arg("-Icrates/nasp-ffi/include")
+            .arg(format!("examples/c/{name}.c"))
+            .arg("-L")
+            .arg(&lib_dir)
+            .arg("-lnasp_ffi")
+            .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+            .arg("-o")
+            .arg(bin_dir.join(name)))?;
+    }
+    timed(&format!("cross: the C examples under {}", t.qemu), || {
+        run(cargo()
+            .current_dir(root())
+            .args([
+                "test",
+                "-p",
+                "nasp-ffi",
+                "--test",
+                "c_example",
+                "--",
+                "--ignored",
+                "--exact",
+                "the_c_examples_run_on_another_architecture_under_qemu",
+            ])
+            .env(
+                "NASP_FFI_CROSS_RUNNER",
+                format!("{} -L /usr/{}", t.qemu, t.prefix),
+            )
+            .env("NASP_FFI_CROSS_BIN", &bin_dir))
+    })
+}
+
 /// Seconds each fuzz target runs in `cargo xtask test` (CI).
 const CI_FUZZ_SECS: u64 = 30;
 
@@ -834,6 +1018,17 @@ fn test(extra: &[String]) -> Result<(), String> {
     }
     c.args(extra);
     timed("tests", || run(&mut c))?;
+    // The edge build: the first cross target, under qemu, installing its
+    // toolchain when possible; a machine that cannot install it is told so
+    // in the log (never a silent pass).
+    let edge = &CROSS_TARGETS[0];
+    match ensure_cross(edge) {
+        Ok(()) => timed("cross", || cross(&[edge.triple.to_string()]))?,
+        Err(e) => eprintln!(
+            "xtask: stage cross SKIPPED: no {} toolchain, and installing it failed: {e}",
+            edge.triple
+        ),
+    }
     timed("fuzz", || fuzz(CI_FUZZ_SECS))?;
     eprintln!(
         "xtask: test done in {:.1} min",
@@ -1010,6 +1205,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
+        Some("cross") => cross(&args[1..]),
         // Regenerates crates/nasp-proto/src/gen (protox, no protoc); the
         // generator is its own workspace so normal builds never compile it.
         Some("codegen") => run(cargo().current_dir(root()).args([
@@ -1018,7 +1214,7 @@ fn main() -> ExitCode {
             "xtask/codegen/Cargo.toml",
         ])),
         _ => Err(
-            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen|ffi-header [--update|--check]>"
+            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen|ffi-header [--update|--check]|cross <target>>"
                 .into(),
         ),
     };
