@@ -6,15 +6,18 @@ wrapper's five arguments to a four-argument function)."""
 from __future__ import annotations
 
 import ctypes
-import json
+import importlib
 import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from ctypes import POINTER, byref, c_bool, c_char, c_char_p, c_int32, c_int64, c_size_t
 from ctypes import c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -210,6 +213,70 @@ def test_a_handle_of_the_wrong_kind_is_refused_by_ctypes() -> None:
     assert _ffi.last_error(), "a message came with it"
     with pytest.raises(AttributeError, match="PROTOTYPES"):
         _ffi.lib.nasp_not_a_function
+
+
+def _import_with(library: str) -> "subprocess.CompletedProcess[str]":
+    env = dict(os.environ, NASP_LIBRARY=library, PYTHONDONTWRITEBYTECODE="1")
+    src = str(Path(nasp.__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", "import nasp"],
+        env=dict(env, PYTHONPATH=src),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_import_fails_naming_what_is_wrong_with_the_library(tmp_path: Path) -> None:
+    missing = _import_with(str(tmp_path / "libnasp_ffi.so"))
+    assert missing.returncode != 0
+    assert "ImportError" in missing.stderr and "is not a file" in missing.stderr, missing.stderr
+    # Not a library at all.
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an ELF file")
+    broken = _import_with(str(junk))
+    assert broken.returncode != 0 and "cannot load" in broken.stderr, broken.stderr
+    # A real shared library without nasp's exports (one of Python's own
+    # extension modules): the first function of the table is named.
+    other = next(
+        (
+            f
+            for f in (getattr(importlib.import_module(m), "__file__", None) for m in _EXTENSIONS)
+            if f and f.endswith(".so")
+        ),
+        None,
+    )
+    assert other, f"none of {_EXTENSIONS} is a shared library in this Python"
+    wrong = _import_with(other)
+    assert wrong.returncode != 0
+    first = next(iter(_ffi.PROTOTYPES))
+    assert f"has no function {first}" in wrong.stderr, wrong.stderr
+
+
+def test_the_library_beside_the_package_is_loaded_without_nasp_library(tmp_path: Path) -> None:
+    # A copy of the package with nasp/_lib/libnasp_ffi.so (a link to the
+    # library under test), imported with NASP_LIBRARY unset.
+    pkg = tmp_path / "nasp"
+    pkg.mkdir()
+    for f in Path(nasp.__file__).resolve().parent.glob("*.py"):
+        shutil.copy(f, pkg / f.name)
+    (pkg / "_lib").mkdir()
+    (pkg / "_lib" / _ffi.LIBRARY_NAME).symlink_to(Path(_ffi.LIBRARY).resolve())
+    env = {k: v for k, v in os.environ.items() if k != "NASP_LIBRARY"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import nasp; print(nasp.LIBRARY)"],
+        env=dict(env, PYTHONPATH=str(tmp_path), PYTHONDONTWRITEBYTECODE="1"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(pkg.resolve() / "_lib" / _ffi.LIBRARY_NAME)
+
+
+#: Extension modules that are shared libraries in a usual CPython build.
+_EXTENSIONS = ("_ctypes", "_struct", "_json", "math", "select")
 
 
 # --- The prototype table against the header ---------------------------------

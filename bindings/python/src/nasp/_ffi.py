@@ -38,7 +38,7 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Tuple, Type
 
 #: The ``NASP_ABI_VERSION`` this wrapper was written for; the loaded library
 #: must report the same from ``nasp_abi_version()``.
