@@ -46,6 +46,8 @@
 //!   `nasp-ffi` for it with the interpreters (wasmi, wasm3), compiles the C
 //!   examples with the cross compiler and runs them under qemu-user
 //!   against the host's test fixture on loopback (docs/edge-targets.md).
+//! - `ffi-sizes <host|target> <features>...`: the C library's size per
+//!   runtime set under `[profile.ffi-size]` (minutes each; not in `test`).
 //! - `ffi-header [--update|--check]`: generates the C header
 //!   `crates/nasp-ffi/include/nasp.h` with cbindgen (its own workspace,
 //!   `xtask/cbindgen/`, because cbindgen's MPL-2.0 license is not allowed in
@@ -983,6 +985,75 @@ fn cross(args: &[String]) -> Result<(), String> {
     })
 }
 
+/// `cargo xtask ffi-sizes <target> <features>...`: builds `nasp-ffi`
+/// under `[profile.ffi-size]` (fat LTO, one codegen unit, `opt-level =
+/// "s"`, stripped) for `target` (`host` or a cross target) with each
+/// runtime set (`wasmi`, `wasmi,wasm3`, ...) and prints a Markdown row per
+/// set: the shared library, it gzipped (`gzip -9`), and the static
+/// library. Minutes per set; not part of `test` (docs/edge-targets.md).
+fn ffi_sizes(args: &[String]) -> Result<(), String> {
+    let (Some(target), sets) = (args.first(), args.get(1..).unwrap_or_default()) else {
+        return Err("usage: cargo xtask ffi-sizes <host|target> <features>...".into());
+    };
+    if sets.is_empty() {
+        return Err("name at least one runtime set, e.g. wasmi,wasm3".into());
+    }
+    let cross = CROSS_TARGETS.iter().find(|t| t.triple == target.as_str());
+    if target != "host" && cross.is_none() {
+        return Err(format!("{target} is neither host nor a cross target"));
+    }
+    if let Some(t) = cross {
+        ensure_cross(t)?;
+    }
+    let out_dir = match cross {
+        Some(t) => root().join("target").join(t.triple).join("ffi-size"),
+        None => root().join("target/ffi-size"),
+    };
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let mut rows = Vec::new();
+    for features in sets {
+        let mut c = cargo();
+        c.current_dir(root()).args([
+            "build",
+            "-p",
+            "nasp-ffi",
+            "--profile",
+            "ffi-size",
+            "--no-default-features",
+            "--features",
+            features,
+        ]);
+        if let Some(t) = cross {
+            c.args(["--target", t.triple]);
+            cross_env(&mut c, t);
+        }
+        timed(&format!("ffi-sizes: {target} [{features}]"), || run(&mut c))?;
+        let so = out_dir.join("libnasp_ffi.so");
+        let gz = Command::new("gzip")
+            .args(["-9", "-c"])
+            .arg(&so)
+            .output()
+            .map_err(|e| format!("gzip: {e}"))?;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        rows.push(format!(
+            "| {target} | {features} | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+            mib(size(&so)?),
+            mib(gz.stdout.len() as u64),
+            mib(size(&out_dir.join("libnasp_ffi.a"))?),
+        ));
+    }
+    println!("| target | runtimes | .so (stripped) | .so, gzip -9 | .a |");
+    println!("|---|---|---:|---:|---:|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(())
+}
+
 /// Seconds each fuzz target runs in `cargo xtask test` (CI).
 const CI_FUZZ_SECS: u64 = 30;
 
@@ -1206,6 +1277,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
         Some("cross") => cross(&args[1..]),
+        Some("ffi-sizes") => ffi_sizes(&args[1..]),
         // Regenerates crates/nasp-proto/src/gen (protox, no protoc); the
         // generator is its own workspace so normal builds never compile it.
         Some("codegen") => run(cargo().current_dir(root()).args([
@@ -1214,7 +1286,7 @@ fn main() -> ExitCode {
             "xtask/codegen/Cargo.toml",
         ])),
         _ => Err(
-            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen|ffi-header [--update|--check]|cross <target>>"
+            "usage: cargo xtask <setup|build-filters [--update|--check]|lint|fuzz [SECS]|test|demo|bench [transport|policy|telemetry]|codegen|ffi-header [--update|--check]|cross <target>|ffi-sizes <target> <features>...>"
                 .into(),
         ),
     };

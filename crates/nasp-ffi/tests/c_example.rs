@@ -65,6 +65,39 @@ fn compile(name: &str, out: &Path) -> PathBuf {
     exe
 }
 
+/// Compiles `examples/c/<name>.c` into `out` linked against the
+/// staticlib cargo built beside this test (`libnasp_ffi.a`), with the
+/// system libraries that `rustc --print native-static-libs` names for a
+/// Linux GNU staticlib: the program then needs no `libnasp_ffi.so`.
+fn compile_static(name: &str, out: &Path) -> PathBuf {
+    let krate = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = krate.join("../../examples/c").join(format!("{name}.c"));
+    let exe = out.join(format!("{name}-static"));
+    let archive = lib_dir().join("libnasp_ffi.a");
+    assert!(archive.is_file(), "no {}", archive.display());
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let output = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+        .arg("-I")
+        .arg(krate.join("include"))
+        .arg(&src)
+        .arg(&archive)
+        .args(["-Wl,--gc-sections", "-lgcc_s", "-lutil", "-lrt", "-lpthread"])
+        .args(["-lm", "-ldl", "-lc"])
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cc}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cc} {} with {}:\n{}",
+        src.display(),
+        archive.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    exe
+}
+
 /// Runs `cmd`, polling until it exits or `limit` passes (then it is
 /// killed and the test fails); returns its stdout.
 fn run(cmd: &mut Command, limit: Duration) -> String {
@@ -202,6 +235,27 @@ fn the_c_example_joins_from_yaml_and_makes_an_mtls_request() {
     std::fs::write(&config, &fx.config).expect("write the config");
     let exe = compile("http", fx.dir.path());
 
+    let stdout = run(
+        Command::new(&exe)
+            .arg(&config)
+            .arg(fx.url("/from-c"))
+            .env_remove("RUST_BACKTRACE"),
+        Duration::from_secs(60),
+    );
+    check_http(&stdout);
+}
+
+/// The same program linked statically: no `libnasp_ffi.so` is loaded
+/// (`ldd` lists none), and it works.
+#[test]
+fn the_c_example_links_against_the_staticlib() {
+    let fx = Fixture::start_on("127.0.13", 21);
+    let config = fx.dir.path().join("config.yaml");
+    std::fs::write(&config, &fx.config).expect("write the config");
+    let exe = compile_static("http", fx.dir.path());
+    let ldd = Command::new("ldd").arg(&exe).output().expect("ldd");
+    let deps = String::from_utf8_lossy(&ldd.stdout);
+    assert!(!deps.contains("nasp_ffi"), "links the shared library:\n{deps}");
     let stdout = run(
         Command::new(&exe)
             .arg(&config)
