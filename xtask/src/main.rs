@@ -824,7 +824,11 @@ const CROSS_TARGETS: [CrossTarget; 1] = [CrossTarget {
     triple: "aarch64-unknown-linux-gnu",
     prefix: "aarch64-linux-gnu",
     qemu: "qemu-aarch64",
-    apt: ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"],
+    apt: [
+        "gcc-aarch64-linux-gnu",
+        "libc6-dev-arm64-cross",
+        "qemu-user",
+    ],
 }];
 
 /// The runtimes a cross build carries: the interpreters, which every

@@ -82,7 +82,13 @@ fn compile_static(name: &str, out: &Path) -> PathBuf {
         .arg(krate.join("include"))
         .arg(&src)
         .arg(&archive)
-        .args(["-Wl,--gc-sections", "-lgcc_s", "-lutil", "-lrt", "-lpthread"])
+        .args([
+            "-Wl,--gc-sections",
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+        ])
         .args(["-lm", "-ldl", "-lc"])
         .arg("-o")
         .arg(&exe)
@@ -255,7 +261,10 @@ fn the_c_example_links_against_the_staticlib() {
     let exe = compile_static("http", fx.dir.path());
     let ldd = Command::new("ldd").arg(&exe).output().expect("ldd");
     let deps = String::from_utf8_lossy(&ldd.stdout);
-    assert!(!deps.contains("nasp_ffi"), "links the shared library:\n{deps}");
+    assert!(
+        !deps.contains("nasp_ffi"),
+        "links the shared library:\n{deps}"
+    );
     let stdout = run(
         Command::new(&exe)
             .arg(&config)
