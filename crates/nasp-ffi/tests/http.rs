@@ -198,3 +198,72 @@ fn an_ffi_mesh_sends_mtls_http_to_a_nasp_server_and_reads_its_metrics() {
     assert_eq!(nasp_mesh_free(mesh), NaspStatus::Ok);
     drop(fx);
 }
+
+/// The Go original's constructor cancelled its xDS stream when it
+/// returned. Here a service added to the mesh after `nasp_mesh_new`
+/// returned becomes reachable: the stream lives as long as the handle
+/// (127.0.12.141-143).
+#[test]
+fn xds_updates_reach_a_mesh_after_nasp_mesh_new_returned() {
+    let fx = Fixture::start(141);
+    let mut mesh = NaspMesh::default();
+    let s = unsafe { nasp_mesh_new(fx.config.as_ptr().cast(), fx.config.len(), &mut mesh) };
+    assert_eq!(s, NaspStatus::Ok, "{}", last_error());
+    let (get, url) = (c("GET"), c("http://late.demo:18080/late"));
+    // Status 200 from the echo, or the status (or error) we got instead.
+    let ask = || -> Result<(), String> {
+        let mut resp = NaspResponse::default();
+        let s = unsafe {
+            nasp_http_request(
+                mesh,
+                get.as_ptr(),
+                url.as_ptr(),
+                std::ptr::null(),
+                0,
+                std::ptr::null(),
+                0,
+                5000,
+                &mut resp,
+            )
+        };
+        if s != NaspStatus::Ok {
+            return Err(format!("{s:?}: {}", last_error()));
+        }
+        let mut status = 0;
+        assert_eq!(
+            unsafe { nasp_response_status(resp, &mut status) },
+            NaspStatus::Ok
+        );
+        let mut peer = NaspStr {
+            ptr: std::ptr::null(),
+            len: 0,
+        };
+        assert_eq!(
+            unsafe { nasp_response_peer_id(resp, &mut peer) },
+            NaspStatus::Ok
+        );
+        let peer = view(peer);
+        assert_eq!(nasp_response_free(resp), NaspStatus::Ok);
+        if status == 200 && peer == SERVER_ID {
+            Ok(())
+        } else {
+            Err(format!("status {status} from {peer:?}"))
+        }
+    };
+    let before = ask();
+    assert!(before.is_err(), "late.demo answered before it existed");
+    // Well after the constructor returned.
+    std::thread::sleep(Duration::from_millis(500));
+    fx.push_late_service();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ask() {
+            Ok(()) => break,
+            Err(e) if Instant::now() > deadline => {
+                panic!("late.demo never became reachable (before the push: {before:?}): {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    assert_eq!(nasp_mesh_free(mesh), NaspStatus::Ok);
+}

@@ -34,6 +34,10 @@ pub struct Fixture {
     pub config: String,
     /// The address `c-server.demo` has in the mesh.
     listen: String,
+    /// The mesh file the control plane serves.
+    mesh: String,
+    /// The echo workload's address.
+    server_ip: String,
 }
 
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/c-client";
@@ -195,7 +199,24 @@ services:
             dir,
             config,
             listen: format!("{listen_ip}:19100"),
+            mesh,
+            server_ip,
         }
+    }
+
+    /// Pushes a new snapshot over xDS: the mesh with `late.demo` added, a
+    /// second name for the echo workload's HTTP port (a route a mesh that
+    /// joined before could only learn from a live xDS stream).
+    pub fn push_late_service(&self) {
+        let mesh = format!(
+            "{}  - name: late\n    namespace: demo\n    service_account: echo\n    \
+             mtls: strict\n    ports:\n      - {{ port: 18080, protocol: http }}\n    \
+             endpoints:\n      - {{ ip: {} }}\n",
+            self.mesh, self.server_ip
+        );
+        self.cp
+            .set_mesh(&MeshFile::parse(&mesh).expect("mesh"))
+            .expect("snapshot");
     }
 
     /// The echo service's URL.
