@@ -267,3 +267,60 @@ fn xds_updates_reach_a_mesh_after_nasp_mesh_new_returned() {
     }
     assert_eq!(nasp_mesh_free(mesh), NaspStatus::Ok);
 }
+
+/// The threads of this process, from `/proc/self/task`.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .count()
+}
+
+/// A mesh's runtime lives exactly as long as its handle: `nasp_mesh_free`
+/// joins its threads (and the filter workers'), so a process that joins
+/// and leaves the mesh repeatedly does not grow (127.0.12.144-146).
+#[test]
+fn freeing_a_mesh_joins_its_threads() {
+    let fx = Fixture::start(144);
+    let url = c(&fx.url("/threads"));
+    let get = c("GET");
+    // One join, request and free first: process-wide state (the engines'
+    // caches, the registry) is made once and kept, as documented.
+    let cycle = || {
+        let mut mesh = NaspMesh::default();
+        let s = unsafe { nasp_mesh_new(fx.config.as_ptr().cast(), fx.config.len(), &mut mesh) };
+        assert_eq!(s, NaspStatus::Ok, "{}", last_error());
+        let mut resp = NaspResponse::default();
+        let s = unsafe {
+            nasp_http_request(
+                mesh,
+                get.as_ptr(),
+                url.as_ptr(),
+                std::ptr::null(),
+                0,
+                std::ptr::null(),
+                0,
+                10_000,
+                &mut resp,
+            )
+        };
+        assert_eq!(s, NaspStatus::Ok, "{}", last_error());
+        let during = threads();
+        assert_eq!(nasp_mesh_free(mesh), NaspStatus::Ok);
+        during
+    };
+    cycle();
+    // Threads that outlive a free settle within a moment if they do.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = threads();
+    let during = cycle();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(during > before, "the mesh ran no threads of its own?");
+    assert_eq!(
+        threads(),
+        before,
+        "{during} threads with the mesh, {before} before it"
+    );
+}
