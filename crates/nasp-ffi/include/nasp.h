@@ -426,9 +426,10 @@ NaspStatus nasp_listener_local_addr(NaspListener l, NaspStr *out);
 NaspStatus nasp_listener_accept(NaspListener l, uint32_t timeout_ms, NaspConn *out);
 
 /**
- * Stops accepting, closes the socket and frees the handle; connections
- * not yet accepted are dropped (their callers see a reset), accepted
- * ones stay open. An accept blocked in another thread returns `CLOSED`.
+ * Stops accepting, closes the socket (the port is free when this
+ * returns) and frees the handle; connections not yet accepted are
+ * dropped (their callers see a reset), accepted ones stay open. An
+ * accept blocked in another thread returns `CLOSED`.
  *
  * # Ownership
  * `l` and its views are invalid afterwards.

@@ -13,8 +13,11 @@
 //! unbounded.
 
 use std::ffi::{CString, c_char};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nasp::TcpConnection;
 use tokio::sync::mpsc;
@@ -40,6 +43,9 @@ const QUEUE: usize = 64;
 pub(crate) struct ListenerState {
     queue: tokio::sync::Mutex<mpsc::Receiver<TcpConnection>>,
     serving: tokio::task::AbortHandle,
+    /// Resolves once the socket is closed (the accept loop is dropped by
+    /// the runtime a moment after the abort).
+    socket_closed: std::sync::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
     local: CString,
     pub(crate) closer: Closer,
 }
@@ -95,6 +101,7 @@ pub unsafe extern "C" fn nasp_listen(
         })?;
         let local = CString::new(listener.local_addr().to_string())
             .expect("invariant: a socket address has no NUL");
+        let socket_closed = Box::pin(listener.socket_closed());
         let (tx, rx) = mpsc::channel(QUEUE);
         let mesh = state.mesh().clone();
         let serving = state.spawn(async move {
@@ -112,6 +119,7 @@ pub unsafe extern "C" fn nasp_listen(
         let listener = ListenerState {
             queue: tokio::sync::Mutex::new(rx),
             serving: serving.abort_handle(),
+            socket_closed: std::sync::Mutex::new(Some(socket_closed)),
             local,
             closer: Closer::new(),
         };
@@ -191,9 +199,10 @@ pub unsafe extern "C" fn nasp_listener_accept(
     })
 }
 
-/// Stops accepting, closes the socket and frees the handle; connections
-/// not yet accepted are dropped (their callers see a reset), accepted
-/// ones stay open. An accept blocked in another thread returns `CLOSED`.
+/// Stops accepting, closes the socket (the port is free when this
+/// returns) and frees the handle; connections not yet accepted are
+/// dropped (their callers see a reset), accepted ones stay open. An
+/// accept blocked in another thread returns `CLOSED`.
 ///
 /// # Ownership
 /// `l` and its views are invalid afterwards.
@@ -204,7 +213,27 @@ pub unsafe extern "C" fn nasp_listener_accept(
 #[unsafe(no_mangle)]
 pub extern "C" fn nasp_listener_close(l: NaspListener) -> NaspStatus {
     ffi_call(|| {
-        drop(registry::remove(l.id, Kind::Listener)?);
+        let (_, parent) = registry::listener(l.id)?;
+        let Object::Listener(state) = registry::remove(l.id, Kind::Listener)? else {
+            unreachable!("invariant: registry::remove checked the kind")
+        };
+        state.serving.abort();
+        let socket_closed = state
+            .socket_closed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        // Waits (briefly) until the port is free, so that a bind right
+        // after this call succeeds. Closed either way: on a shut-down mesh
+        // the socket is already gone, and a refused wait (WRONG_THREAD)
+        // only skips the wait.
+        if let (Ok(mesh), Some(closed)) = (registry::mesh(parent), socket_closed) {
+            let _ = mesh.run(Duration::from_secs(5), "closing the listener", async {
+                closed.await;
+                Ok(())
+            });
+        }
+        drop(state);
         Ok(())
     })
 }

@@ -139,6 +139,16 @@ pub struct MeshListener {
     local_addr: SocketAddr,
     ready: mpsc::Receiver<MeshConn>,
     task: tokio::task::JoinHandle<()>,
+    /// Closed (its sender dropped) once the accept loop's socket is.
+    socket_alive: watch::Receiver<()>,
+}
+
+/// The accept loop's socket, with a sender that is dropped right after it:
+/// fields drop in declaration order, so a receiver that sees the sender
+/// gone knows the port is closed.
+struct Socket {
+    listener: TcpListener,
+    _alive: watch::Sender<()>,
 }
 
 impl Drop for MeshListener {
@@ -195,11 +205,17 @@ impl MeshListener {
         )?);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let (tx, ready) = mpsc::channel(config.backlog.max(1));
-        let task = tokio::spawn(accept_loop(listener, acceptor, config, tx));
+        let (alive, socket_alive) = watch::channel(());
+        let socket = Socket {
+            listener,
+            _alive: alive,
+        };
+        let task = tokio::spawn(accept_loop(socket, acceptor, config, tx));
         Ok(Self {
             local_addr,
             ready,
             task,
+            socket_alive,
         })
     }
 
@@ -235,17 +251,27 @@ impl MeshListener {
     pub fn stop_accepting(&mut self) {
         self.task.abort();
     }
+
+    /// Resolves once the listening socket is closed: after
+    /// [`Self::stop_accepting`] or a drop of the listener, the runtime
+    /// drops the accept loop (and with it the socket) a moment later, not
+    /// within the call. Awaiting this makes the port free for a new bind.
+    pub fn socket_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut alive = self.socket_alive.clone();
+        async move { while alive.changed().await.is_ok() {} }
+    }
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    socket: Socket,
     acceptor: tokio_rustls::TlsAcceptor,
     config: InboundConfig,
     ready: mpsc::Sender<MeshConn>,
 ) {
     let config = Arc::new(config);
+    let listener = &socket.listener;
     loop {
-        let (tcp, peer_addr) = accept_with_backoff(&listener).await;
+        let (tcp, peer_addr) = accept_with_backoff(listener).await;
         if ready.is_closed() {
             return;
         }

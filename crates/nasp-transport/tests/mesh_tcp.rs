@@ -351,3 +351,27 @@ async fn foreign_roots_and_other_trust_domains_are_refused() {
         .await
         .expect("served");
 }
+
+/// Dropping a listener closes its socket from the runtime, a moment
+/// later; `socket_closed` resolves once it has, and the port can be bound
+/// again at once (the C ABI's `nasp_listener_close` waits on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_closed_resolves_once_the_port_is_free() {
+    let m = mesh();
+    for _ in 0..20 {
+        let listener = MeshListener::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            m.server.clone(),
+            InboundConfig::new(InboundMode::Strict, "cluster.local"),
+        )
+        .await
+        .expect("bind");
+        let addr = listener.local_addr();
+        let closed = listener.socket_closed();
+        drop(listener);
+        tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the socket closes");
+        std::net::TcpListener::bind(addr).expect("the port is free again");
+    }
+}
