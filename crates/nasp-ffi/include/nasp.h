@@ -350,8 +350,9 @@ NaspStatus nasp_response_read(NaspResponse r,
  *
  * # Errors
  * `INVALID_ARGUMENT` (NULL `out`), `INVALID_HANDLE`, `CLOSED`, `TIMEOUT`,
- * `IO` (also "body larger than max"; what was read is lost),
- * `WRONG_THREAD`.
+ * `IO` (also "body larger than max"; what was read is lost, and every
+ * later read of the body returns `IO` too, as after a `TIMEOUT` that cut
+ * it short), `WRONG_THREAD`.
  *
  * # Safety
  * `out` is NULL or valid for a write.
@@ -571,9 +572,11 @@ NaspStatus nasp_mesh_free(NaspMesh m);
  * chunked, HTTP/2 frames). `timeout_ms` (0: the call timeout) bounds the
  * whole exchange, from this call until the response head.
  *
- * A body of known length up to 64 KiB may be buffered and retried as
- * Istio's retry policy says; a longer or unknown one is sent as it is
- * written and retried only while what was sent fits that buffer.
+ * Under a retry policy, a body of known length up to 64 KiB is buffered
+ * whole before the head goes (the server sees nothing until
+ * `nasp_request_finish`) and may be retried or mirrored as Istio's policy
+ * says; a longer or unknown one is sent as it is written, and retried
+ * only if it ended within that 64 KiB.
  *
  * # Ownership
  * Every input is borrowed for the call (copied). On `OK`, `*out` is a new
@@ -607,10 +610,13 @@ NaspStatus nasp_http_start(NaspMesh m,
  *
  * # Errors
  * `INVALID_ARGUMENT` (NULL `buf` with `len > 0`, more bytes than the
- * declared `content_length`, after `finish`), `INVALID_HANDLE`, `CLOSED`
- * (freed by another thread, or the mesh shut down), `TIMEOUT`, `IO` (the
- * exchange ended early: `nasp_request_finish` gives the response or the
- * error), `WRONG_THREAD`.
+ * declared `content_length`), `INVALID_HANDLE` (also after `finish`),
+ * `CLOSED` (freed by another thread, or the mesh shut down), `TIMEOUT`,
+ * `IO` (the exchange ended early: `nasp_request_finish` gives the
+ * response or the error; or an earlier write was cut short). A write cut
+ * short by `TIMEOUT` or `CLOSED` may have sent part of `buf`; the request
+ * is then broken: later writes and `finish` return `IO`, and only
+ * `nasp_request_free` (which resets the stream) is left.
  *
  * # Safety
  * `buf` is NULL or points to `len` readable bytes.

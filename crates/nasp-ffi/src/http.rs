@@ -19,7 +19,7 @@ use nasp::transport::{Body, Upstream};
 use crate::args;
 use crate::buf::{NaspBuf, new_buf};
 use crate::mesh::NaspMesh;
-use crate::registry::{self, Kind, Object};
+use crate::registry::{self, Closer, Kind, Object};
 use crate::status::{FfiError, NaspStatus, NaspStr, Result, ffi_call};
 
 /// A handle to a response; `id == 0` is "no handle".
@@ -51,18 +51,32 @@ pub(crate) struct ResponseState {
     headers: Vec<(CString, CString)>,
     peer_id: CString,
     body: tokio::sync::Mutex<BodyState>,
+    pub(crate) closer: Closer,
 }
 
 struct BodyState {
-    /// `None` once the end was read.
+    /// `None` once the end was read (or it failed).
     body: Option<Body>,
     /// The rest of a frame larger than the caller's last buffer.
     pending: Bytes,
+    /// Why the body can no longer be read whole: its error, or a
+    /// `read_all` cut short with what it had read. Every later read
+    /// returns it, so a truncated body never ends with `OK`.
+    failed: Option<String>,
 }
 
 impl BodyState {
     /// The next data bytes (at most `cap`), empty at the end.
     async fn next(&mut self, cap: usize) -> Result<Bytes> {
+        if let Some(why) = &self.failed {
+            return Err(FfiError::new(NaspStatus::Io, why.clone()));
+        }
+        self.next_raw(cap).await
+    }
+
+    /// As `next`, whatever `failed` says (`read_all` marks the body failed
+    /// while it holds bytes it has not returned yet).
+    async fn next_raw(&mut self, cap: usize) -> Result<Bytes> {
         while self.pending.is_empty() {
             let Some(body) = self.body.as_mut() else {
                 return Ok(Bytes::new());
@@ -79,10 +93,9 @@ impl BodyState {
                 }
                 Some(Err(e)) => {
                     self.body = None;
-                    return Err(FfiError::new(
-                        NaspStatus::Io,
-                        format!("reading the response body: {e}"),
-                    ));
+                    let why = format!("reading the response body: {e}");
+                    self.failed = Some(why.clone());
+                    return Err(FfiError::new(NaspStatus::Io, why));
                 }
             }
         }
@@ -267,13 +280,11 @@ pub(crate) fn register_response(resp: http::Response<Body>, parent: u64) -> Resu
         body: tokio::sync::Mutex::new(BodyState {
             body: Some(resp.into_body()),
             pending: Bytes::new(),
+            failed: None,
         }),
+        closer: Closer::new(),
     };
-    Ok(registry::insert(
-        Kind::Response,
-        Object::Response(Arc::new(state)),
-        parent,
-    ))
+    registry::insert_child(Kind::Response, Object::Response(Arc::new(state)), parent)
 }
 
 /// The HTTP status code.
@@ -413,9 +424,13 @@ pub unsafe extern "C" fn nasp_response_read(
         let (state, parent) = registry::response(r.id)?;
         let mesh = registry::mesh(parent)?;
         let timeout = args::timeout(timeout_ms, mesh.call_timeout);
-        let chunk = mesh.run(timeout, "reading the response body", async {
-            state.body.lock().await.next(cap).await
-        })?;
+        let chunk = mesh.run(
+            timeout,
+            "reading the response body",
+            state.closer.guard("response", async {
+                state.body.lock().await.next(cap).await
+            }),
+        )?;
         // SAFETY: `buf` is non-NULL with `cap` writable bytes (the caller's
         // guarantee) and `chunk.len() <= cap`; our bytes do not overlap it.
         unsafe {
@@ -434,8 +449,9 @@ pub unsafe extern "C" fn nasp_response_read(
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` (NULL `out`), `INVALID_HANDLE`, `CLOSED`, `TIMEOUT`,
-/// `IO` (also "body larger than max"; what was read is lost),
-/// `WRONG_THREAD`.
+/// `IO` (also "body larger than max"; what was read is lost, and every
+/// later read of the body returns `IO` too, as after a `TIMEOUT` that cut
+/// it short), `WRONG_THREAD`.
 ///
 /// # Safety
 /// `out` is NULL or valid for a write.
@@ -451,28 +467,43 @@ pub unsafe extern "C" fn nasp_response_read_all(
         let (state, parent) = registry::response(r.id)?;
         let mesh = registry::mesh(parent)?;
         let timeout = args::timeout(timeout_ms, mesh.call_timeout);
-        let all = mesh.run(timeout, "reading the response body", async {
-            let mut body = state.body.lock().await;
-            let mut all = Vec::new();
-            loop {
-                let mut chunk = body.next(usize::MAX).await?;
-                if chunk.is_empty() {
-                    return Ok(all);
+        let all = mesh.run(
+            timeout,
+            "reading the response body",
+            state.closer.guard("response", async {
+                let mut body = state.body.lock().await;
+                if let Some(why) = &body.failed {
+                    return Err(FfiError::new(NaspStatus::Io, why.clone()));
                 }
-                if all.len() + chunk.len() > max {
-                    return Err(FfiError::new(
-                        NaspStatus::Io,
-                        format!("the body is larger than max ({max} bytes)"),
-                    ));
+                let mut all = Vec::new();
+                loop {
+                    let mut chunk = body.next_raw(usize::MAX).await?;
+                    if chunk.is_empty() {
+                        body.failed = None;
+                        return Ok(all);
+                    }
+                    // Bytes are now out of the body: if this call ends without
+                    // returning them (too large, a timeout, a close), every
+                    // later read says so instead of going on mid-body.
+                    body.failed = Some(
+                        "an earlier nasp_response_read_all ended early with part of the body"
+                            .into(),
+                    );
+                    if all.len() + chunk.len() > max {
+                        return Err(FfiError::new(
+                            NaspStatus::Io,
+                            format!("the body is larger than max ({max} bytes)"),
+                        ));
+                    }
+                    while chunk.has_remaining() {
+                        let c = chunk.chunk();
+                        all.extend_from_slice(c);
+                        let l = c.len();
+                        chunk.advance(l);
+                    }
                 }
-                while chunk.has_remaining() {
-                    let c = chunk.chunk();
-                    all.extend_from_slice(c);
-                    let l = c.len();
-                    chunk.advance(l);
-                }
-            }
-        })?;
+            }),
+        )?;
         // SAFETY: checked non-NULL; valid per the caller's guarantee.
         unsafe { out.write(new_buf(all)) };
         Ok(())

@@ -123,7 +123,8 @@ pub unsafe extern "C" fn nasp_listen(
             local,
             closer: Closer::new(),
         };
-        let id = registry::insert(Kind::Listener, Object::Listener(Arc::new(listener)), m.id);
+        let id =
+            registry::insert_child(Kind::Listener, Object::Listener(Arc::new(listener)), m.id)?;
         // SAFETY: checked non-NULL; valid per the caller's guarantee.
         unsafe { out.write(NaspListener { id }) };
         Ok(())
@@ -188,11 +189,14 @@ pub unsafe extern "C" fn nasp_listener_accept(
             state.closer.guard("listener", async {
                 // Cancel-safe: `recv` that did not complete took nothing.
                 state.queue.lock().await.recv().await.ok_or_else(|| {
-                    FfiError::new(NaspStatus::Closed, "the listener stopped accepting")
+                    FfiError::new(
+                        NaspStatus::Closed,
+                        "the listener was closed, or its mesh stopped it",
+                    )
                 })
             }),
         )?;
-        let id = register(conn, parent);
+        let id = register(conn, parent)?;
         // SAFETY: checked non-NULL; valid per the caller's guarantee.
         unsafe { out.write(NaspConn { id }) };
         Ok(())

@@ -78,7 +78,8 @@ impl Object {
             Object::Conn(c) => c.closer.close(),
             Object::Listener(l) => l.closer.close(),
             Object::Request(r) => r.closer.close(),
-            Object::Mesh(_) | Object::Response(_) | Object::Buf(_) => {}
+            Object::Response(r) => r.closer.close(),
+            Object::Mesh(_) | Object::Buf(_) => {}
         }
     }
 }
@@ -140,6 +141,27 @@ pub(crate) fn insert(kind: Kind, object: Object, parent: u64) -> u64 {
     let id = (kind as u64) << 56 | (n & ((1 << 56) - 1));
     table().insert(id, Entry { object, parent });
     id
+}
+
+/// Registers `object` as a child of the mesh `parent` and returns its new
+/// id, unless that mesh was freed meanwhile (by another thread, while the
+/// call that made the object ran): then the object is closed and dropped,
+/// and the call returns `CLOSED`, so no child outlives its mesh.
+pub(crate) fn insert_child(kind: Kind, object: Object, parent: u64) -> Result<u64> {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let id = (kind as u64) << 56 | (n & ((1 << 56) - 1));
+    let mut t = table();
+    if !t.contains_key(&parent) {
+        drop(t);
+        object.close();
+        drop(object);
+        return Err(FfiError::new(
+            NaspStatus::Closed,
+            "the mesh was freed while this call ran",
+        ));
+    }
+    t.insert(id, Entry { object, parent });
+    Ok(id)
 }
 
 fn unknown(id: u64, want: Kind) -> FfiError {

@@ -11,10 +11,10 @@
 //! the boundary (a write past it and a finish short of it are refused
 //! with a message, before hyper would fail the stream).
 
-use std::convert::Infallible;
 use std::ffi::c_char;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -51,17 +51,30 @@ const CHUNK: usize = 64 * 1024;
 struct ChannelBody {
     rx: mpsc::Receiver<Bytes>,
     len: Option<u64>,
+    /// Set by `nasp_request_finish` before it drops the sender: a channel
+    /// that closes without it is an abort, never the body's end.
+    finished: Arc<AtomicBool>,
 }
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|c| match c {
+            Some(b) => Some(Ok(Frame::data(b))),
+            None if self.finished.load(Ordering::Acquire) => None,
+            // The stream is reset (HTTP/2) or the connection closed
+            // (HTTP/1) without the body's end: the server never takes a
+            // truncated body for a whole one.
+            None => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the request was freed before nasp_request_finish",
+            ))),
+        })
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -74,6 +87,10 @@ struct Upload {
     /// `None` once finished.
     tx: Option<mpsc::Sender<Bytes>>,
     written: u64,
+    /// A write cut short (timeout, close) after some of its bytes went:
+    /// the body is no longer what the caller wrote, so the request can
+    /// only be reset.
+    broken: bool,
 }
 
 /// What a request handle owns.
@@ -82,6 +99,7 @@ pub(crate) struct RequestState {
     exchange: std::sync::Mutex<Option<JoinHandle<Result<http::Response<Body>>>>>,
     abort: tokio::task::AbortHandle,
     declared: Option<u64>,
+    finished: Arc<AtomicBool>,
     pub(crate) closer: Closer,
 }
 
@@ -99,9 +117,11 @@ impl Drop for RequestState {
 /// chunked, HTTP/2 frames). `timeout_ms` (0: the call timeout) bounds the
 /// whole exchange, from this call until the response head.
 ///
-/// A body of known length up to 64 KiB may be buffered and retried as
-/// Istio's retry policy says; a longer or unknown one is sent as it is
-/// written and retried only while what was sent fits that buffer.
+/// Under a retry policy, a body of known length up to 64 KiB is buffered
+/// whole before the head goes (the server sees nothing until
+/// `nasp_request_finish`) and may be retried or mirrored as Istio's policy
+/// says; a longer or unknown one is sent as it is written, and retried
+/// only if it ended within that 64 KiB.
 ///
 /// # Ownership
 /// Every input is borrowed for the call (copied). On `OK`, `*out` is a new
@@ -138,7 +158,14 @@ pub unsafe extern "C" fn nasp_http_start(
         }
         let timeout = args::timeout(timeout_ms, mesh.call_timeout);
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
-        let req = head.map(|()| Body::new(ChannelBody { rx, len: declared }));
+        let finished = Arc::new(AtomicBool::new(false));
+        let req = head.map(|()| {
+            Body::new(ChannelBody {
+                rx,
+                len: declared,
+                finished: finished.clone(),
+            })
+        });
         let url = req.uri().to_string();
         let client = mesh.mesh().http_client();
         let exchange = mesh.spawn(async move {
@@ -154,13 +181,15 @@ pub unsafe extern "C" fn nasp_http_start(
             upload: tokio::sync::Mutex::new(Upload {
                 tx: Some(tx),
                 written: 0,
+                broken: false,
             }),
             abort: exchange.abort_handle(),
             exchange: std::sync::Mutex::new(Some(exchange)),
             declared,
+            finished,
             closer: Closer::new(),
         };
-        let id = registry::insert(Kind::Request, Object::Request(Arc::new(state)), m.id);
+        let id = registry::insert_child(Kind::Request, Object::Request(Arc::new(state)), m.id)?;
         // SAFETY: checked non-NULL; valid per the caller's guarantee.
         unsafe { out.write(NaspRequest { id }) };
         Ok(())
@@ -176,10 +205,13 @@ pub unsafe extern "C" fn nasp_http_start(
 ///
 /// # Errors
 /// `INVALID_ARGUMENT` (NULL `buf` with `len > 0`, more bytes than the
-/// declared `content_length`, after `finish`), `INVALID_HANDLE`, `CLOSED`
-/// (freed by another thread, or the mesh shut down), `TIMEOUT`, `IO` (the
-/// exchange ended early: `nasp_request_finish` gives the response or the
-/// error), `WRONG_THREAD`.
+/// declared `content_length`), `INVALID_HANDLE` (also after `finish`),
+/// `CLOSED` (freed by another thread, or the mesh shut down), `TIMEOUT`,
+/// `IO` (the exchange ended early: `nasp_request_finish` gives the
+/// response or the error; or an earlier write was cut short). A write cut
+/// short by `TIMEOUT` or `CLOSED` may have sent part of `buf`; the request
+/// is then broken: later writes and `finish` return `IO`, and only
+/// `nasp_request_free` (which resets the stream) is left.
 ///
 /// # Safety
 /// `buf` is NULL or points to `len` readable bytes.
@@ -202,6 +234,9 @@ pub unsafe extern "C" fn nasp_request_write(
             "writing the request body",
             state.closer.guard("request", async {
                 let mut up = state.upload.lock().await;
+                if up.broken {
+                    return Err(broken());
+                }
                 let after = up.written + data.len() as u64;
                 if let Some(declared) = state.declared
                     && after > declared
@@ -215,6 +250,9 @@ pub unsafe extern "C" fn nasp_request_write(
                     .clone()
                     .ok_or_else(|| invalid("the request was finished".into()))?;
                 let mut rest = data;
+                // Cleared when every chunk went; left set if this future is
+                // dropped half-way (a timeout, a close).
+                up.broken = true;
                 while !rest.is_empty() {
                     let chunk = rest.split_to(rest.len().min(CHUNK));
                     let n = chunk.len() as u64;
@@ -227,6 +265,7 @@ pub unsafe extern "C" fn nasp_request_write(
                     })?;
                     up.written += n;
                 }
+                up.broken = false;
                 Ok(())
             }),
         )
@@ -269,6 +308,9 @@ pub unsafe extern "C" fn nasp_request_finish(
             .take();
         let resp = mesh.run(timeout, "waiting for the response", async {
             let mut up = state.upload.lock().await;
+            if up.broken {
+                return Err(broken());
+            }
             if let Some(declared) = state.declared
                 && up.written < declared
             {
@@ -278,7 +320,9 @@ pub unsafe extern "C" fn nasp_request_finish(
                     up.written
                 )));
             }
-            // The end of the body.
+            // The end of the body: marked first, so that the channel's
+            // close reads as the end and not as an abort.
+            state.finished.store(true, Ordering::Release);
             up.tx = None;
             drop(up);
             let Some(exchange) = exchange else {
@@ -293,6 +337,14 @@ pub unsafe extern "C" fn nasp_request_finish(
         unsafe { out.write(NaspResponse { id }) };
         Ok(())
     })
+}
+
+fn broken() -> FfiError {
+    FfiError::new(
+        NaspStatus::Io,
+        "an earlier write was cut short (timeout or close) after part of it was sent: \
+         the request can only be freed (its stream is reset)",
+    )
 }
 
 /// Aborts a request that was not finished: the stream is reset, the

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
 use crate::args;
 use crate::mesh::NaspMesh;
 use crate::registry::{self, Closer, Kind, Object};
-use crate::status::{FfiError, NaspStatus, NaspStr, ffi_call};
+use crate::status::{FfiError, NaspStatus, NaspStr, Result, ffi_call};
 
 /// A handle to a mesh TCP connection; `id == 0` is "no handle".
 #[repr(C)]
@@ -45,7 +45,7 @@ fn view_of(s: String) -> CString {
 
 /// Registers `conn` as a connection of mesh `parent`: outbound, the
 /// upstream's verified id and address; inbound, the caller's.
-pub(crate) fn register(conn: TcpConnection, parent: u64) -> u64 {
+pub(crate) fn register(conn: TcpConnection, parent: u64) -> Result<u64> {
     let (peer_id, peer_addr) = match (conn.peer_id(), conn.peer_addr()) {
         (None, None) => {
             let up = conn.upstream();
@@ -67,7 +67,7 @@ pub(crate) fn register(conn: TcpConnection, parent: u64) -> u64 {
         peer_addr: view_of(peer_addr),
         closer: Closer::new(),
     };
-    registry::insert(Kind::Conn, Object::Conn(Arc::new(state)), parent)
+    registry::insert_child(Kind::Conn, Object::Conn(Arc::new(state)), parent)
 }
 
 fn connect_error(target: &str, e: &MeshError) -> FfiError {
@@ -122,7 +122,7 @@ pub unsafe extern "C" fn nasp_tcp_connect(
                 .await
                 .map_err(|e| connect_error(target, &e))
         })?;
-        let id = register(conn, m.id);
+        let id = register(conn, m.id)?;
         // SAFETY: checked non-NULL; valid per the caller's guarantee.
         unsafe { out.write(NaspConn { id }) };
         Ok(())

@@ -135,11 +135,31 @@ fn request_bodies_stream_both_ways_and_lengths_are_held() {
     assert!(last_error().contains("40 of the 100"), "{}", last_error());
     assert_eq!(nasp_request_free(req), NaspStatus::InvalidHandle);
 
-    // Aborted: freed after a first chunk, never finished.
+    // Aborted: freed after a first chunk, never finished. The server must
+    // not take "part" for a whole body.
     let req = start(mesh, &fx.url("/aborted"), -1);
     ok(write(req, b"part"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
     ok(nasp_request_free(req));
     assert_eq!(write(req, b"more"), NaspStatus::InvalidHandle);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let aborted = loop {
+        let seen = fx.bodies.lock().unwrap().clone();
+        if let Some((_, whole)) = seen.iter().find(|(p, _)| p == "/aborted") {
+            break *whole;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never finished reading /aborted: {seen:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!aborted, "the server took an aborted body for a whole one");
+    let seen = fx.bodies.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|(p, whole)| p == "/upload" && *whole),
+        "{seen:?}"
+    );
 
     // A writer that never stops (the server takes what it can) is ended
     // by a free from another thread: its call in flight returns CLOSED, or

@@ -219,7 +219,9 @@ fn closes_from_another_thread_wake_blocked_reads_and_accepts() {
         let s = unsafe { nasp_listener_accept(listener, 60_000, &mut c) };
         (s, last_error(), started.elapsed())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // Long enough on a loaded machine for both threads to be inside their
+    // calls (one that was not would get INVALID_HANDLE and fail the test).
+    std::thread::sleep(Duration::from_millis(1000));
     ok(nasp_conn_close(conn));
     ok(nasp_listener_close(listener));
     for (what, h) in [("read", reader), ("accept", acceptor)] {

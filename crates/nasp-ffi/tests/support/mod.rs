@@ -38,7 +38,13 @@ pub struct Fixture {
     mesh: String,
     /// The echo workload's address.
     server_ip: String,
+    /// Each request body the echo read: its path, and whether it arrived
+    /// whole (`false`: the stream was reset or the connection closed).
+    pub bodies: Bodies,
 }
+
+/// What the echo saw of request bodies.
+pub type Bodies = Arc<std::sync::Mutex<Vec<(String, bool)>>>;
 
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/c-client";
 pub const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/echo";
@@ -87,6 +93,7 @@ services:
             .enable_all()
             .build()
             .expect("runtime");
+        let bodies: Bodies = Arc::default();
         let (cp, server) = rt.block_on(async {
             let id = |sa: &str| SpiffeId::new("cluster.local", "demo", sa).expect("id");
             let ca = CertificateAuthority::generate("cluster.local")
@@ -131,24 +138,32 @@ services:
                 .expect("bind echo");
             // Answers with the caller's verified id, two set-cookie headers
             // (repeats must survive), and the request body echoed.
-            let app = tower::service_fn(|req: http::Request<Body>| async move {
-                let peer = req
-                    .extensions()
-                    .get::<MeshPeer>()
-                    .and_then(|p| p.id.as_ref())
-                    .map_or("-".into(), ToString::to_string);
-                let x_a = req.headers().get_all("x-a").iter().count();
-                let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                let body = body.unwrap_or_default();
-                Ok::<_, Infallible>(
-                    http::Response::builder()
-                        .header("x-peer", peer)
-                        .header("x-a-count", x_a.to_string())
-                        .header("set-cookie", "a=1")
-                        .header("set-cookie", "b=2")
-                        .body(Body::from(body))
-                        .expect("response"),
-                )
+            let seen = bodies.clone();
+            let app = tower::service_fn(move |req: http::Request<Body>| {
+                let seen = seen.clone();
+                async move {
+                    let peer = req
+                        .extensions()
+                        .get::<MeshPeer>()
+                        .and_then(|p| p.id.as_ref())
+                        .map_or("-".into(), ToString::to_string);
+                    let x_a = req.headers().get_all("x-a").iter().count();
+                    let path = req.uri().path().to_string();
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    seen.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((path, body.is_ok()));
+                    let body = body.unwrap_or_default();
+                    Ok::<_, Infallible>(
+                        http::Response::builder()
+                            .header("x-peer", peer)
+                            .header("x-a-count", x_a.to_string())
+                            .header("set-cookie", "a=1")
+                            .header("set-cookie", "b=2")
+                            .body(Body::from(body))
+                            .expect("response"),
+                    )
+                }
             });
             tokio::spawn({
                 let server = server.clone();
@@ -201,6 +216,7 @@ services:
             listen: format!("{listen_ip}:19100"),
             mesh,
             server_ip,
+            bodies,
         }
     }
 
