@@ -279,10 +279,23 @@ fn timed<T>(stage: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, Str
     let r = f();
     let outcome = if r.is_ok() { "done" } else { "FAILED" };
     eprintln!(
-        "xtask: stage {stage} {outcome} in {:.0} s",
-        start.elapsed().as_secs_f64()
+        "xtask: stage {stage} {outcome} in {:.0} s{}",
+        start.elapsed().as_secs_f64(),
+        free_disk().map(|f| format!(", {f} free")).unwrap_or_default()
     );
     r
+}
+
+/// The space left on the file system of the working directory, as `df`
+/// prints it (`12G`), so that a CI log shows which stage used the disk: a
+/// fresh-clone run once died of a full disk in the tests stage.
+fn free_disk() -> Option<String> {
+    let out = Command::new("df")
+        .args(["-h", "--output=avail", "."])
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.lines().nth(1).map(|l| l.trim().to_string())
 }
 
 /// Installs `cargo <sub>` from crates.io (`cargo install --locked <krate>`)
