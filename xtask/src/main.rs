@@ -281,7 +281,9 @@ fn timed<T>(stage: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, Str
     eprintln!(
         "xtask: stage {stage} {outcome} in {:.0} s{}",
         start.elapsed().as_secs_f64(),
-        free_disk().map(|f| format!(", {f} free")).unwrap_or_default()
+        free_disk()
+            .map(|f| format!(", {f} free"))
+            .unwrap_or_default()
     );
     r
 }
