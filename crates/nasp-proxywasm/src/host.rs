@@ -59,6 +59,21 @@ pub(crate) struct CallData {
     pub foreign_args: Option<Vec<u8>>,
 }
 
+impl CallData {
+    /// Whether nothing is set: the common case after a stream callback,
+    /// which then skips the reset.
+    pub fn is_clear(&self) -> bool {
+        self.headers.is_empty()
+            && self.body.is_none()
+            && self.trailers.is_empty()
+            && self.grpc_initial.is_empty()
+            && self.grpc_trailing.is_empty()
+            && self.grpc_message.is_none()
+            && self.status.is_none()
+            && self.foreign_args.is_none()
+    }
+}
+
 /// The ABI state of one VM instance.
 pub(crate) struct AbiHost {
     pub abi: AbiVersion,
@@ -68,7 +83,7 @@ pub(crate) struct AbiHost {
     pub alloc: Option<FuncRef>,
     pub root_id: u32,
     pub effective: u32,
-    pub streams: HashMap<u32, SharedStream>,
+    pub streams: HashMap<u32, SharedStream, ContextIds>,
     pub root_filter_state: HashMap<String, Vec<u8>>,
     /// The plugin's provider ([`crate::PluginConfig::properties`]).
     pub plugin_properties: Option<Arc<dyn PropertyProvider>>,
@@ -99,7 +114,7 @@ impl AbiHost {
             alloc: None,
             root_id: 0,
             effective: 0,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             root_filter_state: HashMap::new(),
             plugin_properties: None,
             phase: Phase::Start,
@@ -341,22 +356,14 @@ impl AbiHost {
     /// A property by its path as the guest sent it (segments separated by
     /// NUL, with or without a trailing one). Called several times per
     /// callback by Istio's filters, so the path is borrowed, not split into
-    /// owned segments, and the dotted filter-state key is built only when
-    /// there is filter state to look in and the path has more than one
-    /// segment.
+    /// owned segments (they are held on the stack), and filter-state keys
+    /// are matched against it in place ([`dotted_get`]).
     fn property(&self, raw: &[u8]) -> Option<Vec<u8>> {
         let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
         // Paths are ASCII in practice: the strict check is the fast one.
         let text = match std::str::from_utf8(raw) {
             Ok(t) => std::borrow::Cow::Borrowed(t),
             Err(_) => String::from_utf8_lossy(raw),
-        };
-        let dotted = || -> std::borrow::Cow<'_, str> {
-            if text.contains('\0') {
-                std::borrow::Cow::Owned(text.replace('\0', "."))
-            } else {
-                std::borrow::Cow::Borrowed(&*text)
-            }
         };
         // A stream context asks its stream's provider first (it knows the
         // connection, the request and possibly a more specific node), then
@@ -365,16 +372,12 @@ impl AbiHost {
         let mut stream_provider = None;
         if let Some(s) = self.stream() {
             let s = lock(s);
-            if !s.filter_state.is_empty()
-                && let Some(v) = s.filter_state.get(dotted().as_ref())
-            {
+            if let Some(v) = dotted_get(&s.filter_state, &text) {
                 return Some(v.clone());
             }
             stream_provider = s.provider.clone();
         }
-        if !self.root_filter_state.is_empty()
-            && let Some(v) = self.root_filter_state.get(dotted().as_ref())
-        {
+        if let Some(v) = dotted_get(&self.root_filter_state, &text) {
             return Some(v.clone());
         }
         match &*text {
@@ -383,10 +386,29 @@ impl AbiHost {
             "plugin_vm_id" => return Some(self.info.vm_id.clone().into_bytes()),
             _ => {}
         }
-        let refs: Vec<&str> = text.split('\0').collect();
+        // Paths have a handful of segments: held on the stack, not in a Vec.
+        let mut held = [""; 8];
+        let mut n = 0;
+        let mut spilled = Vec::new();
+        for seg in text.split('\0') {
+            if n < held.len() {
+                held[n] = seg;
+                n += 1;
+            } else {
+                if spilled.is_empty() {
+                    spilled.extend_from_slice(&held);
+                }
+                spilled.push(seg);
+            }
+        }
+        let refs: &[&str] = if spilled.is_empty() {
+            &held[..n]
+        } else {
+            &spilled
+        };
         stream_provider
-            .and_then(|p| p.property(&refs))
-            .or_else(|| self.plugin_properties.as_ref()?.property(&refs))
+            .and_then(|p| p.property(refs))
+            .or_else(|| self.plugin_properties.as_ref()?.property(refs))
             .map(|v| PropertyValue::serialize(&v))
     }
 
@@ -395,6 +417,63 @@ impl AbiHost {
         // on wrap-around so a token is never 0.
         let n = NEXT_CALLOUT.fetch_add(1, Ordering::Relaxed) & 0x3fff_ffff;
         (n.max(1) << 2) | kind
+    }
+}
+
+/// A filter-state value by a property path whose segments are NUL-separated
+/// (`filter_state` keys are the dotted form, as `proxy_set_property` stored
+/// them). The few keys a stream has are compared in place, NUL matching
+/// `.`, rather than hashed after building the dotted key: this runs on
+/// every property read once a filter has set one.
+fn dotted_get<'a>(map: &'a HashMap<String, Vec<u8>>, path: &str) -> Option<&'a Vec<u8>> {
+    if map.is_empty() {
+        return None;
+    }
+    if !path.contains('\0') {
+        return map.get(path);
+    }
+    if map.len() > 8 {
+        return map.get(path.replace('\0', ".").as_str());
+    }
+    let path = path.as_bytes();
+    map.iter()
+        .find(|(k, _)| {
+            k.len() == path.len()
+                && k
+                    .bytes()
+                    .zip(path)
+                    .all(|(a, &b)| if b == 0 { a == b'.' } else { a == b })
+        })
+        .map(|(_, v)| v)
+}
+
+/// Hashes context ids (small sequential integers) with one multiplication
+/// (Fibonacci hashing) instead of SipHash: the stream of the effective
+/// context is looked up on every host call.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct ContextIds;
+
+impl std::hash::BuildHasher for ContextIds {
+    type Hasher = ContextIdHasher;
+    fn build_hasher(&self) -> ContextIdHasher {
+        ContextIdHasher(0)
+    }
+}
+
+/// The hasher of [`ContextIds`].
+pub(crate) struct ContextIdHasher(u64);
+
+impl std::hash::Hasher for ContextIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = (self.0 ^ u64::from(v)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 

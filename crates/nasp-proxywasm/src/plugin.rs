@@ -620,7 +620,9 @@ impl Plugin {
         let delete_root = {
             let h = vm.host();
             h.phase = Phase::Callback;
-            h.call = CallData::default();
+            if !h.call.is_clear() {
+                h.call = CallData::default();
+            }
             // `proxy_done` from a root context pending done: its
             // `proxy_on_delete` follows the call that made it, as in Envoy.
             let d = h.pending_done && h.done_called;

@@ -175,6 +175,8 @@ struct Request {
     /// service by the cluster, and each property read is a host call and
     /// an allocation in the guest.
     has_host: bool,
+    /// The host answered `response.code`.
+    host_code: bool,
 }
 
 /// Shared by the root and its streams.
@@ -206,6 +208,19 @@ struct Shared {
     /// stream then skips counting header bytes itself (a copy of each
     /// whole header map into the guest) for the fallback.
     host_sizes: bool,
+    /// The host answers `request.duration`: a stream then skips reading
+    /// the clock at its request headers for the fallback.
+    host_duration: bool,
+    /// The host answers `response.code`: a stream then skips reading
+    /// `:status` for the fallback.
+    host_code: bool,
+    /// The service of each cluster name, from the cluster's metadata or
+    /// its Istio name (`None`: neither names one), so that a stream does
+    /// not ask for metadata its cluster does not have on every request.
+    /// Read once per cluster name: a cluster whose metadata an update
+    /// changes under the same name keeps its first service until the
+    /// cache starts over (bounded like the peers).
+    services: HashMap<String, Option<ClusterService>, WordHash>,
 }
 
 /// Peers seen, decoded once. Bounded: when full it starts over (a mesh
@@ -272,6 +287,10 @@ struct LabelSet {
     values: Vec<String>,
     serial: u64,
 }
+
+/// A cluster's service: host (`None` when the metadata names no host: the
+/// request's then), name, namespace.
+type ClusterService = (Option<String>, String, String);
 
 /// Label sets kept before the cache starts over.
 const LABEL_SETS_MAX: usize = 4096;
@@ -486,7 +505,7 @@ impl Shared {
 
     /// `destination_service`, `_name`, `_namespace` (the namespace may be
     /// replaced by the destination workload's).
-    fn destination_service(&self, req: &Request) -> (String, String, String) {
+    fn destination_service(&mut self, req: &Request) -> (String, String, String) {
         let from_metadata = |what: &str| {
             property_of(&[
                 "cluster_metadata",
@@ -527,18 +546,35 @@ impl Shared {
         if special.contains(&cluster.as_str()) {
             return (host(), cluster, String::new());
         }
-        if let Some(name) = from_metadata("name") {
-            let host = from_metadata("host").unwrap_or_else(host);
-            let ns = from_metadata("namespace").unwrap_or_default();
-            return (host, name, ns);
+        let known = match self.services.get(&cluster) {
+            Some(s) => s.clone(),
+            None => {
+                let s = match from_metadata("name") {
+                    Some(name) => Some((
+                        from_metadata("host"),
+                        name,
+                        from_metadata("namespace").unwrap_or_default(),
+                    )),
+                    // nasp has no cluster metadata; Istio's cluster names
+                    // carry the same service host.
+                    None => cluster_service(&cluster).map(|(h, n, ns)| (Some(h), n, ns)),
+                };
+                if self.services.len() >= PEER_CACHE_SIZE {
+                    self.services.clear();
+                }
+                self.services.insert(cluster, s.clone());
+                s
+            }
+        };
+        match known {
+            Some((Some(h), name, ns)) => (h, name, ns),
+            // The metadata names the service but no host: the request's.
+            Some((None, name, ns)) => (host(), name, ns),
+            None => {
+                let host = host();
+                (host.clone(), host, String::new())
+            }
         }
-        // nasp has no cluster metadata; Istio's cluster names carry the
-        // same service host.
-        if let Some(s) = cluster_service(&cluster) {
-            return s;
-        }
-        let host = host();
-        (host.clone(), host, String::new())
     }
 
     /// Records one stream's metrics. `values`: (metric, type, value, labels used).
@@ -647,6 +683,9 @@ impl RootContext for Root {
             peers: PeerCache::default(),
             local_avc,
             host_sizes: false,
+            host_duration: false,
+            host_code: false,
+            services: HashMap::default(),
         })));
         true
     }
@@ -709,13 +748,15 @@ impl Context for Http {}
 
 impl Http {
     fn request(&self) -> Request {
+        let code = property_int(path!("response", "code"));
         Request {
             protocol: if self.grpc {
                 Protocol::Grpc
             } else {
                 Protocol::Http
             },
-            response_code: property_int(path!("response", "code")).or(self.status),
+            response_code: code.or(self.status),
+            host_code: code.is_some(),
             // Only gRPC has a `grpc_response_status` label value.
             grpc_status: if self.grpc {
                 property_int(path!("response", "grpc_status")).or(self.grpc_status)
@@ -774,7 +815,9 @@ fn grpc_status_of(v: Option<String>) -> Option<i64> {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.start = Some(self.get_current_time());
+        if !self.shared.try_borrow().is_ok_and(|s| s.host_duration) {
+            self.start = Some(self.get_current_time());
+        }
         self.grpc = self
             .get_http_request_header("content-type")
             .is_some_and(|c| c.starts_with("application/grpc"));
@@ -794,10 +837,16 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.status = self
-            .get_http_response_header(":status")
-            .and_then(|s| s.parse().ok());
-        self.grpc_status = grpc_status_of(self.get_http_response_header("grpc-status"));
+        // Fallbacks, read only when needed: the status for hosts without
+        // `response.code`, the gRPC status for gRPC.
+        if !self.shared.try_borrow().is_ok_and(|s| s.host_code) {
+            self.status = self
+                .get_http_response_header(":status")
+                .and_then(|s| s.parse().ok());
+        }
+        if self.grpc {
+            self.grpc_status = grpc_status_of(self.get_http_response_header("grpc-status"));
+        }
         if !self.shared.try_borrow().is_ok_and(|s| s.host_sizes) {
             let h: Vec<(String, Vec<u8>)> = self.get_http_response_headers_bytes();
             self.response_bytes = header_bytes(&h);
@@ -838,7 +887,10 @@ impl HttpContext for Http {
         };
         let req = self.request();
         let labels = shared.labels(&req);
-        let duration_ms = match property_int(path!("request", "duration")) {
+        shared.host_code = req.host_code;
+        let duration = property_int(path!("request", "duration"));
+        shared.host_duration = duration.is_some();
+        let duration_ms = match duration {
             Some(ns) => u64::try_from(ns).unwrap_or(0) / 1_000_000,
             None => self
                 .start
@@ -911,6 +963,7 @@ impl Tcp {
                     response_code: None,
                     grpc_status: None,
                     has_host: false,
+                    host_code: false,
                 };
                 let l = shared.labels(&req);
                 self.labels = Some(l.clone());
