@@ -324,6 +324,67 @@ fn outbound_http_sends_ours_strips_the_peers_and_labels_by_it() {
     }
 }
 
+/// A cluster whose Istio metadata names the service: the metadata wins
+/// over the cluster's name, and a service without a host there takes the
+/// request's (istio-stats keeps each cluster's service after its first
+/// stream, so this checks what is kept).
+#[test]
+fn cluster_metadata_names_the_service_before_the_cluster_name() {
+    let with_host = temp(
+        "md-host.json",
+        &web_props(
+            2,
+            serde_json::json!({
+                "cluster_name": "outbound|80||catalog.demo.svc.cluster.local",
+                "cluster_metadata.filter_metadata.istio.services.0.name": "shop",
+                "cluster_metadata.filter_metadata.istio.services.0.namespace": "retail",
+                "cluster_metadata.filter_metadata.istio.services.0.host": "shop.retail.svc.cluster.local",
+            }),
+        ),
+    );
+    let no_host = temp(
+        "md-nohost.json",
+        &web_props(
+            2,
+            serde_json::json!({
+                "cluster_name": "outbound|80||catalog.demo.svc.cluster.local",
+                "cluster_metadata.filter_metadata.istio.services.0.name": "shop",
+                "cluster_metadata.filter_metadata.istio.services.0.namespace": "retail",
+                "request.host": "shop.example",
+            }),
+        ),
+    );
+    let request = temp(
+        "md-req.json",
+        &serde_json::json!({
+            "request": {"headers": [[":method", "GET"], [":path", "/"], [":authority", "shop.example"]]},
+            "response": {"headers": [[":status", "200"]]},
+        }),
+    );
+    for rt in RUNTIMES {
+        let t = chain(rt, ["", "stats_outbound"], &with_host, &request);
+        no_failure(&t, rt);
+        assert_labels(
+            series(&t, "istio_requests_total"),
+            &[
+                ("destination_service", "shop.retail.svc.cluster.local"),
+                ("destination_service_name", "shop"),
+                ("destination_service_namespace", "retail"),
+            ],
+        );
+        let t = chain(rt, ["", "stats_outbound"], &no_host, &request);
+        no_failure(&t, rt);
+        assert_labels(
+            series(&t, "istio_requests_total"),
+            &[
+                ("destination_service", "shop.example"),
+                ("destination_service_name", "shop"),
+                ("destination_service_namespace", "retail"),
+            ],
+        );
+    }
+}
+
 #[test]
 fn inbound_http_reads_the_peer_answers_it_and_reports_as_destination() {
     let props = temp(

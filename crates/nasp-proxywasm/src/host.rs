@@ -439,8 +439,7 @@ fn dotted_get<'a>(map: &'a HashMap<String, Vec<u8>>, path: &str) -> Option<&'a V
     map.iter()
         .find(|(k, _)| {
             k.len() == path.len()
-                && k
-                    .bytes()
+                && k.bytes()
                     .zip(path)
                     .all(|(a, &b)| if b == 0 { a == b'.' } else { a == b })
         })
@@ -1222,5 +1221,64 @@ impl HostHandler for RestrictedHost {
             return st(status::OK);
         }
         wasi_call(f, g, a, env, self.base, log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(keys: &[&str]) -> HashMap<String, Vec<u8>> {
+        keys.iter()
+            .map(|k| (k.to_string(), k.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// A NUL-separated path finds the dotted key it names, as the
+    /// dotted key built from it did, with few keys (compared in place)
+    /// and with many (hashed).
+    #[test]
+    fn dotted_get_matches_the_dotted_key() {
+        let mut many = vec![
+            "upstream_peer",
+            "filter_state.envoy.filters.http.grpc_stats",
+        ];
+        let extra: Vec<String> = (0..10).map(|i| format!("k{i}.x")).collect();
+        for map in [state(&many), {
+            many.extend(extra.iter().map(String::as_str));
+            state(&many)
+        }] {
+            let get = |p: &str| dotted_get(&map, p).map(|v| String::from_utf8(v.clone()).unwrap());
+            assert_eq!(get("upstream_peer").as_deref(), Some("upstream_peer"));
+            let grpc = Some("filter_state.envoy.filters.http.grpc_stats");
+            assert_eq!(
+                get("filter_state\0envoy.filters.http.grpc_stats").as_deref(),
+                grpc
+            );
+            assert_eq!(
+                get("filter_state.envoy.filters.http.grpc_stats").as_deref(),
+                grpc
+            );
+            assert_eq!(
+                get("filter_state\0envoy\0filters\0http\0grpc_stats").as_deref(),
+                grpc
+            );
+            assert_eq!(get("filter_state\0envoy.filters.http"), None);
+            assert_eq!(get("upstream\0peer"), None);
+            assert_eq!(get("upstream_pee"), None);
+        }
+        assert_eq!(dotted_get(&HashMap::new(), "a\0b"), None);
+    }
+
+    /// Context ids spread over the table: a thousand sequential ids all
+    /// found, none confused.
+    #[test]
+    fn context_id_hash_keeps_ids_apart() {
+        let mut m: HashMap<u32, u32, ContextIds> = HashMap::default();
+        for id in 1..=1000 {
+            m.insert(id, id * 2);
+        }
+        assert!((1..=1000).all(|id| m.get(&id) == Some(&(id * 2))));
+        assert_eq!(m.get(&1001), None);
     }
 }
