@@ -63,11 +63,11 @@ impl CallData {
     /// Whether nothing is set: the common case after a stream callback,
     /// which then skips the reset.
     pub fn is_clear(&self) -> bool {
-        self.headers.is_empty()
+        self.headers.is_unused()
             && self.body.is_none()
-            && self.trailers.is_empty()
-            && self.grpc_initial.is_empty()
-            && self.grpc_trailing.is_empty()
+            && self.trailers.is_unused()
+            && self.grpc_initial.is_unused()
+            && self.grpc_trailing.is_unused()
             && self.grpc_message.is_none()
             && self.status.is_none()
             && self.foreign_args.is_none()

@@ -105,6 +105,11 @@ impl HeaderMap {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+    /// Whether it holds nothing, not even the bytes of removed entries
+    /// (`remove` leaves them in the buffer until the map is replaced).
+    pub(crate) fn is_unused(&self) -> bool {
+        self.entries.is_empty() && self.buf.is_empty()
+    }
     /// The first value of `name`.
     pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
         self.entries

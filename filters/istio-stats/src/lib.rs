@@ -175,8 +175,6 @@ struct Request {
     /// service by the cluster, and each property read is a host call and
     /// an allocation in the guest.
     has_host: bool,
-    /// The host answered `response.code`.
-    host_code: bool,
 }
 
 /// Shared by the root and its streams.
@@ -211,9 +209,6 @@ struct Shared {
     /// The host answers `request.duration`: a stream then skips reading
     /// the clock at its request headers for the fallback.
     host_duration: bool,
-    /// The host answers `response.code`: a stream then skips reading
-    /// `:status` for the fallback.
-    host_code: bool,
     /// The service of each cluster name, from the cluster's metadata or
     /// its Istio name (`None`: neither names one), so that a stream does
     /// not ask for metadata its cluster does not have on every request.
@@ -684,7 +679,6 @@ impl RootContext for Root {
             local_avc,
             host_sizes: false,
             host_duration: false,
-            host_code: false,
             services: HashMap::default(),
         })));
         true
@@ -748,15 +742,13 @@ impl Context for Http {}
 
 impl Http {
     fn request(&self) -> Request {
-        let code = property_int(path!("response", "code"));
         Request {
             protocol: if self.grpc {
                 Protocol::Grpc
             } else {
                 Protocol::Http
             },
-            response_code: code.or(self.status),
-            host_code: code.is_some(),
+            response_code: property_int(path!("response", "code")).or(self.status),
             // Only gRPC has a `grpc_response_status` label value.
             grpc_status: if self.grpc {
                 property_int(path!("response", "grpc_status")).or(self.grpc_status)
@@ -837,13 +829,13 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        // Fallbacks, read only when needed: the status for hosts without
-        // `response.code`, the gRPC status for gRPC.
-        if !self.shared.try_borrow().is_ok_and(|s| s.host_code) {
-            self.status = self
-                .get_http_response_header(":status")
-                .and_then(|s| s.parse().ok());
-        }
+        // The status on every stream, though the host usually answers
+        // `response.code`: a reply whose code the host records only later
+        // (a local reply to a caller that went away) still has this one.
+        // The gRPC status only for gRPC.
+        self.status = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse().ok());
         if self.grpc {
             self.grpc_status = grpc_status_of(self.get_http_response_header("grpc-status"));
         }
@@ -887,7 +879,6 @@ impl HttpContext for Http {
         };
         let req = self.request();
         let labels = shared.labels(&req);
-        shared.host_code = req.host_code;
         let duration = property_int(path!("request", "duration"));
         shared.host_duration = duration.is_some();
         let duration_ms = match duration {
@@ -963,7 +954,6 @@ impl Tcp {
                     response_code: None,
                     grpc_status: None,
                     has_host: false,
-                    host_code: false,
                 };
                 let l = shared.labels(&req);
                 self.labels = Some(l.clone());
