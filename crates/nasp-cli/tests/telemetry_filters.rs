@@ -330,30 +330,25 @@ fn outbound_http_sends_ours_strips_the_peers_and_labels_by_it() {
 /// stream, so this checks what is kept).
 #[test]
 fn cluster_metadata_names_the_service_before_the_cluster_name() {
-    let with_host = temp(
+    // The same cluster and service, with the service's host in the
+    // metadata or only the request's.
+    let props = |file: &str, (key, value): (&str, &str)| {
+        let mut extra = serde_json::json!({
+            "cluster_name": "outbound|80||catalog.demo.svc.cluster.local",
+            "cluster_metadata.filter_metadata.istio.services.0.name": "shop",
+            "cluster_metadata.filter_metadata.istio.services.0.namespace": "retail",
+        });
+        extra[key] = value.into();
+        temp(file, &web_props(2, extra))
+    };
+    let with_host = props(
         "md-host.json",
-        &web_props(
-            2,
-            serde_json::json!({
-                "cluster_name": "outbound|80||catalog.demo.svc.cluster.local",
-                "cluster_metadata.filter_metadata.istio.services.0.name": "shop",
-                "cluster_metadata.filter_metadata.istio.services.0.namespace": "retail",
-                "cluster_metadata.filter_metadata.istio.services.0.host": "shop.retail.svc.cluster.local",
-            }),
+        (
+            "cluster_metadata.filter_metadata.istio.services.0.host",
+            "shop.retail.svc.cluster.local",
         ),
     );
-    let no_host = temp(
-        "md-nohost.json",
-        &web_props(
-            2,
-            serde_json::json!({
-                "cluster_name": "outbound|80||catalog.demo.svc.cluster.local",
-                "cluster_metadata.filter_metadata.istio.services.0.name": "shop",
-                "cluster_metadata.filter_metadata.istio.services.0.namespace": "retail",
-                "request.host": "shop.example",
-            }),
-        ),
-    );
+    let no_host = props("md-nohost.json", ("request.host", "shop.example"));
     let request = temp(
         "md-req.json",
         &serde_json::json!({

@@ -292,16 +292,21 @@ const LABEL_SETS_MAX: usize = 4096;
 
 const PEER_CACHE_SIZE: usize = 1024;
 
+/// Inserts into one of the bounded caches, which start over when full.
+fn insert_bounded<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V, WordHash>, k: K, v: V) {
+    if map.len() >= PEER_CACHE_SIZE {
+        map.clear();
+    }
+    map.insert(k, v);
+}
+
 impl PeerCache {
     fn get(&mut self, raw: &[u8]) -> Option<Rc<Peer>> {
         if let Some(p) = self.map.get(raw) {
             return Some(p.clone());
         }
         let peer = Peer::new(Workload::from_struct(&Struct::decode(raw)?));
-        if self.map.len() >= PEER_CACHE_SIZE {
-            self.map.clear();
-        }
-        self.map.insert(raw.to_vec(), peer.clone());
+        insert_bounded(&mut self.map, raw.to_vec(), peer.clone());
         Some(peer)
     }
 
@@ -312,18 +317,12 @@ impl PeerCache {
             return Some(p.clone());
         }
         let peer = Peer::new(Workload::from_endpoint_label(label)?);
-        if self.by_label.len() >= PEER_CACHE_SIZE {
-            self.by_label.clear();
-        }
-        self.by_label.insert(label.to_string(), peer.clone());
+        insert_bounded(&mut self.by_label, label.to_string(), peer.clone());
         Some(peer)
     }
 
     fn remember_id(&mut self, id: Vec<u8>, peer: Rc<Peer>) {
-        if self.by_id.len() >= PEER_CACHE_SIZE {
-            self.by_id.clear();
-        }
-        self.by_id.insert(id, peer);
+        insert_bounded(&mut self.by_id, id, peer);
     }
 }
 
@@ -554,10 +553,7 @@ impl Shared {
                     // carry the same service host.
                     None => cluster_service(&cluster).map(|(h, n, ns)| (Some(h), n, ns)),
                 };
-                if self.services.len() >= PEER_CACHE_SIZE {
-                    self.services.clear();
-                }
-                self.services.insert(cluster, s.clone());
+                insert_bounded(&mut self.services, cluster, s.clone());
                 s
             }
         };
