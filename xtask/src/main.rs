@@ -750,6 +750,18 @@ fn build_filters() -> Result<(), String> {
     Ok(())
 }
 
+/// The filters' shared code (`filters/peer-metadata`: the metadata
+/// encodings, the configuration parsing) has unit tests that run natively;
+/// the filters themselves are tested through the host.
+fn filter_unit_tests() -> Result<(), String> {
+    run(cargo().current_dir(root().join("filters")).args([
+        "test",
+        "--locked",
+        "-p",
+        "peer-metadata",
+    ]))
+}
+
 /// Compares the embedded copies with the modules just built
 /// (`target/filters/`); with `update`, copies the built ones over those
 /// that differ. Fails, naming each file, when a copy is out of step and
@@ -1084,6 +1096,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     timed("ffi header in step", || ffi_header(false))?;
     timed("build-filters", build_filters)?;
     timed("embedded filters in step", || embedded_filters(false))?;
+    timed("filter unit tests", filter_unit_tests)?;
     let nextest = cargo()
         .args(["nextest", "--version"])
         .output()

@@ -50,6 +50,7 @@ fn cluster(policy: &str, n: usize, locality_weighted: bool) -> Arc<ClusterInfo> 
         outlier_detection: None,
         slow_start: None,
         least_request: (2, 1.0),
+        services: Arc::from([]),
     })
 }
 

@@ -1283,6 +1283,7 @@ mod tests {
             outlier_detection: None,
             slow_start: None,
             least_request: (2, 1.0),
+            services: Arc::from([]),
         })
     }
 

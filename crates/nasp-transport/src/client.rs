@@ -867,6 +867,7 @@ impl RouteLayer {
             peer_id: None,
             alpn: None,
             attempts: 1,
+            services: Arc::from([]),
         };
         Ok(match self.inner.inner.call(req).await {
             Ok((mut r, _)) => {
@@ -1470,6 +1471,7 @@ impl ClusterLayer {
                         peer_id: info.peer_id,
                         alpn: info.alpn,
                         attempts: attempt_no,
+                        services: routed.cluster.services.clone(),
                     });
                     drop(retry_slot);
                     return resp.map(|b| {

@@ -44,8 +44,8 @@ use crate::http::MeshPeer;
 use crate::info::Upstream;
 
 pub use properties::{
-    ConnectionProperties, ListenerDirection, ListenerProperties, NodeProperties, StreamProperties,
-    response_flags,
+    ConnectionProperties, ListenerDirection, ListenerProperties, LocalCluster, NodeProperties,
+    StreamProperties, response_flags,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -214,7 +214,21 @@ struct FilterConfig {
     node: Arc<NodeProperties>,
     local_id: Option<String>,
     local_addr: Option<std::net::SocketAddr>,
+    /// Inbound: `inbound|<port>||` of `local_addr`.
+    local_cluster: Option<Arc<str>>,
+    local_services: Option<LocalServices>,
     pause_timeout: Duration,
+}
+
+/// What names the services of the local cluster, asked per stream (the
+/// answer may change with the mesh view).
+#[derive(Clone)]
+struct LocalServices(Arc<dyn Fn() -> Arc<[nasp_xds::cluster::IstioService]> + Send + Sync>);
+
+impl std::fmt::Debug for LocalServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalServices")
+    }
 }
 
 /// A tower layer that runs every exchange of a service through a
@@ -241,6 +255,8 @@ impl HttpFilterLayer {
                 node,
                 local_id: None,
                 local_addr: None,
+                local_cluster: None,
+                local_services: None,
                 pause_timeout: Duration::from_secs(10),
             }),
         }
@@ -253,6 +269,8 @@ impl HttpFilterLayer {
             node: self.cfg.node.clone(),
             local_id: self.cfg.local_id.clone(),
             local_addr: self.cfg.local_addr,
+            local_cluster: self.cfg.local_cluster.clone(),
+            local_services: self.cfg.local_services.clone(),
             pause_timeout: self.cfg.pause_timeout,
         };
         f(&mut cfg);
@@ -267,9 +285,25 @@ impl HttpFilterLayer {
         self.edit(|c| c.local_id = Some(id))
     }
 
-    /// The listener's address (`destination.*` inbound).
+    /// The listener's address (`destination.*` inbound; inbound, also the
+    /// local cluster `inbound|<port>||` that `cluster_name` answers).
     pub fn local_addr(self, addr: std::net::SocketAddr) -> Self {
-        self.edit(|c| c.local_addr = Some(addr))
+        self.edit(|c| {
+            c.local_addr = Some(addr);
+            c.local_cluster = Some(Arc::from(format!("inbound|{}||", addr.port())));
+        })
+    }
+
+    /// Inbound: what names the services the local workload serves behind
+    /// this listener (`cluster_metadata.filter_metadata.istio.services`,
+    /// which Istio's stats filter takes `destination_service` from), asked
+    /// once per stream. Needs [`Self::local_addr`].
+    pub fn local_services(
+        self,
+        f: impl Fn() -> Arc<[nasp_xds::cluster::IstioService]> + Send + Sync + 'static,
+    ) -> Self {
+        let f = LocalServices(Arc::new(f));
+        self.edit(|c| c.local_services = Some(f))
     }
 
     /// How long a stream paused by a filter waits for it to resume (after
@@ -475,7 +509,20 @@ fn map_room(h: &http::HeaderMap) -> usize {
 /// Entries a filter made invalid (bad name or value bytes) are dropped.
 fn http_headers(map: &HeaderMap) -> http::HeaderMap {
     let mut out = http::HeaderMap::with_capacity(map.len());
-    for (k, v) in map.iter().filter(|(k, _)| k.first() != Some(&b':')) {
+    append_headers(
+        map.iter().filter(|(k, _)| k.first() != Some(&b':')),
+        &mut out,
+    );
+    out
+}
+
+/// Appends entries to HTTP headers; invalid ones (bad name or value bytes)
+/// are dropped.
+fn append_headers<'a>(
+    entries: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    out: &mut http::HeaderMap,
+) {
+    for (k, v) in entries {
         match (
             http::HeaderName::from_bytes(k),
             http::HeaderValue::from_bytes(v),
@@ -489,13 +536,120 @@ fn http_headers(map: &HeaderMap) -> http::HeaderMap {
             ),
         }
     }
-    out
+}
+
+/// What the filters did to the regular headers of a map built from an
+/// `http::HeaderMap` (in its iteration order, `Host` left out on requests).
+#[derive(Debug, PartialEq, Eq)]
+enum Edit {
+    /// The original entries not named in `removed` are all still there, in
+    /// order, at the front; the names in `removed` are gone altogether;
+    /// the regular entries of the map from index `appended` on are new
+    /// (`None`: none are).
+    Patch {
+        removed: Vec<http::HeaderName>,
+        appended: Option<usize>,
+    },
+    /// Anything else (a value changed in place, an entry moved): convert
+    /// the whole map back.
+    Rebuild,
+}
+
+impl Edit {
+    fn is_untouched(&self) -> bool {
+        matches!(self, Edit::Patch { removed, appended: None } if removed.is_empty())
+    }
+}
+
+/// Compares the regular entries of `map` (what the filters left) with the
+/// headers it was built from. The usual filter appends headers or removes
+/// some by name (the metadata exchange does both), and then only those need
+/// converting back rather than every header parsed and copied again.
+fn edit_of(orig: &http::HeaderMap, skip_host: bool, map: &HeaderMap) -> Edit {
+    let mut filtered = map
+        .iter()
+        .filter(|(k, _)| k.first() != Some(&b':'))
+        .enumerate()
+        .peekable();
+    let mut removed: Vec<http::HeaderName> = Vec::new();
+    for (k, v) in orig {
+        if skip_host && k == http::header::HOST {
+            continue;
+        }
+        let name = k.as_str().as_bytes();
+        match filtered.peek() {
+            Some((_, (fk, fv))) if *fk == name && *fv == v.as_bytes() => {
+                filtered.next();
+            }
+            _ if removed.contains(k) => {}
+            // Gone, or still there changed or elsewhere.
+            _ if map.iter().any(|(m, _)| m == name) => return Edit::Rebuild,
+            _ => removed.push(k.clone()),
+        }
+    }
+    Edit::Patch {
+        removed,
+        appended: filtered.peek().map(|(i, _)| *i),
+    }
+}
+
+/// Applies the filters' edit to the HTTP headers the map was built from:
+/// the whole map converted when it is not a [`Edit::Patch`].
+fn apply_edit(edit: Edit, map: &HeaderMap, headers: &mut http::HeaderMap) {
+    match edit {
+        Edit::Rebuild => *headers = http_headers(map),
+        Edit::Patch { removed, appended } => {
+            for name in &removed {
+                headers.remove(name);
+            }
+            if let Some(from) = appended {
+                let new = map
+                    .iter()
+                    .filter(|(k, _)| k.first() != Some(&b':'))
+                    .skip(from);
+                append_headers(new, headers);
+            }
+        }
+    }
 }
 
 /// Makes `parts` the request the filters left: method, URI (`:scheme`,
 /// `:authority`, `:path`) and headers. An origin-form request stays
-/// origin-form, with `Host` from `:authority`.
-fn apply_request(map: &HeaderMap, parts: &mut http::request::Parts) {
+/// origin-form, with `Host` from `:authority`. `mtls` as for
+/// [`request_map`]. Returns whether anything changed.
+fn apply_request(map: &HeaderMap, parts: &mut http::request::Parts, mtls: bool) -> bool {
+    // The pseudo-headers as `request_map` wrote them, and no `host` of a
+    // filter's own: only the regular headers' edit to apply.
+    let scheme = parts
+        .uri
+        .scheme_str()
+        .unwrap_or(if mtls { "https" } else { "http" });
+    let authority = match parts.uri.authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => parts.headers.get(http::header::HOST).map(|h| h.as_bytes()),
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    if map.get(b":method") == Some(parts.method.as_str().as_bytes())
+        && map.get(b":scheme") == Some(scheme.as_bytes())
+        && map.get(b":authority") == authority
+        && map.get(b":path") == Some(path.as_bytes())
+        && map.get(b"host").is_none()
+    {
+        let edit = edit_of(&parts.headers, true, map);
+        if edit != Edit::Rebuild {
+            let untouched = edit.is_untouched();
+            apply_edit(edit, map, &mut parts.headers);
+            return !untouched;
+        }
+    }
+    // `Host` comes back from `:authority` there.
+    rebuild_request(map, parts);
+    true
+}
+
+/// [`apply_request`] when the filters changed a pseudo-header: method,
+/// URI and headers all converted back.
+fn rebuild_request(map: &HeaderMap, parts: &mut http::request::Parts) {
     if let Some(m) = map
         .get(b":method")
         .and_then(|m| http::Method::from_bytes(m).ok())
@@ -537,14 +691,23 @@ fn response_map(parts: &http::response::Parts) -> HeaderMap {
     h
 }
 
-fn apply_response(map: &HeaderMap, parts: &mut http::response::Parts) {
-    if let Some(s) = map
-        .get(b":status")
-        .and_then(|s| http::StatusCode::from_bytes(s).ok())
-    {
-        parts.status = s;
+/// Makes `parts` the response the filters left; returns whether anything
+/// changed.
+fn apply_response(map: &HeaderMap, parts: &mut http::response::Parts) -> bool {
+    let mut changed = false;
+    if map.get(b":status") != Some(parts.status.as_str().as_bytes()) {
+        if let Some(s) = map
+            .get(b":status")
+            .and_then(|s| http::StatusCode::from_bytes(s).ok())
+        {
+            parts.status = s;
+        }
+        changed = true;
     }
-    parts.headers = http_headers(map);
+    let edit = edit_of(&parts.headers, false, map);
+    changed |= !edit.is_untouched();
+    apply_edit(edit, map, &mut parts.headers);
+    changed
 }
 
 /// A reply made here, not by the application: status, headers, body.
@@ -608,12 +771,19 @@ fn connection_of(cfg: &FilterConfig, req: &http::Request<Body>) -> ConnectionPro
         destination: cfg.local_addr,
         ..Default::default()
     };
-    if cfg.direction == ListenerDirection::Inbound
-        && let Some(peer) = req.extensions().get::<MeshPeer>()
-    {
-        c.source = Some(peer.addr);
-        c.mtls = peer.mtls;
-        c.peer_san = peer.id.as_ref().map(|id| id.to_string());
+    if cfg.direction == ListenerDirection::Inbound {
+        if let Some(peer) = req.extensions().get::<MeshPeer>() {
+            c.source = Some(peer.addr);
+            c.mtls = peer.mtls;
+            c.peer_san = peer.id.as_ref().map(|id| id.to_string());
+        }
+        c.local_cluster = cfg.local_cluster.as_ref().map(|name| LocalCluster {
+            name: name.clone(),
+            services: cfg
+                .local_services
+                .as_ref()
+                .map_or_else(|| Arc::from([]), |f| (f.0)()),
+        });
     }
     c
 }
@@ -671,8 +841,13 @@ where
         FilterStatus::Fail => return Ok(fail_reply(&props)),
         FilterStatus::Pause => return Ok(paused_reply(&props)),
     }
-    if let Some(map) = handle.with(|s, _| s.request_header_map().clone()) {
-        apply_request(&map, &mut parts);
+    // The stream's properties keep the request as the filters left it
+    // (what `request.*` answers from here on), copied only if they changed
+    // it.
+    if let Some(Some(map)) = handle.with(|s, _| {
+        let map = s.request_header_map();
+        apply_request(&map, &mut parts, mtls).then(|| map.clone())
+    }) {
         props.set_request_map(map, parts.version);
     }
     parts.extensions.insert(props.clone());
@@ -737,8 +912,10 @@ where
         FilterStatus::Fail => return Ok(fail_reply(&props)),
         FilterStatus::Pause => return Ok(paused_reply(&props)),
     }
-    if let Some(map) = handle.with(|s, _| s.response_header_map().clone()) {
-        apply_response(&map, &mut parts);
+    if let Some(Some(map)) = handle.with(|s, _| {
+        let map = s.response_header_map();
+        apply_response(&map, &mut parts).then(|| map.clone())
+    }) {
         props.set_response_map(parts.status.as_u16(), map);
     }
     let body = if end_of_stream {
@@ -1215,5 +1392,154 @@ where
     match err {
         Some(e) => Err(e),
         None => Ok(outcome),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::get("/a?b=1");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    fn pairs(h: &http::HeaderMap) -> Vec<(String, String)> {
+        h.iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn strs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const HEADERS: [(&str, &str); 4] = [
+        ("host", "echo.demo:80"),
+        ("accept", "*/*"),
+        ("x-peer", "p"),
+        ("x-multi", "1"),
+    ];
+
+    /// The request's headers after a filter did `edit` to its map, and
+    /// whether the layer saw a change; checked against converting the
+    /// whole map back, as the layer did before edits were read.
+    fn filtered(edit: impl FnOnce(&mut HeaderMap)) -> (Vec<(String, String)>, bool) {
+        let mut parts = request(&HEADERS);
+        parts
+            .headers
+            .append("x-multi", http::HeaderValue::from_static("2"));
+        let mut map = request_map(&parts, false);
+        edit(&mut map);
+        let mut rebuilt = parts.clone();
+        rebuild_request(&map, &mut rebuilt);
+        let changed = apply_request(&map, &mut parts, false);
+        let mut got = pairs(&parts.headers);
+        let mut want = pairs(&rebuilt.headers);
+        // The same headers; order may differ only between names.
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "the edit applied is not the whole map's");
+        assert_eq!(parts.uri, rebuilt.uri);
+        assert_eq!(parts.method, rebuilt.method);
+        (pairs(&parts.headers), changed)
+    }
+
+    #[test]
+    fn an_untouched_map_leaves_the_request_as_it_was() {
+        let (h, changed) = filtered(|_| {});
+        assert!(!changed);
+        let mut want = strs(&HEADERS);
+        want.push(("x-multi".into(), "2".into()));
+        assert_eq!(h, want);
+    }
+
+    #[test]
+    fn added_and_removed_headers_are_applied_by_name() {
+        let (h, changed) = filtered(|m| {
+            m.remove(b"x-peer");
+            m.add(b"x-envoy-peer-metadata-id", b"sidecar~10.0.0.1~web");
+            m.add(b"x-multi", b"3");
+        });
+        assert!(changed);
+        assert_eq!(
+            h,
+            strs(&[
+                ("host", "echo.demo:80"),
+                ("accept", "*/*"),
+                ("x-multi", "1"),
+                ("x-multi", "2"),
+                ("x-multi", "3"),
+                ("x-envoy-peer-metadata-id", "sidecar~10.0.0.1~web"),
+            ])
+        );
+        // Every value of a name removed.
+        let (h, _) = filtered(|m| m.remove(b"x-multi"));
+        assert!(h.iter().all(|(k, _)| k != "x-multi"), "{h:?}");
+    }
+
+    #[test]
+    fn values_replaced_or_pseudo_headers_changed_convert_the_whole_map() {
+        let mut parts = request(&HEADERS);
+        let mut map = request_map(&parts, false);
+        map.replace(b"accept", b"text/plain");
+        assert_eq!(edit_of(&parts.headers, true, &map), Edit::Rebuild);
+        let (h, changed) = filtered(|m| m.replace(b"accept", b"text/plain"));
+        assert!(changed);
+        assert!(h.contains(&("accept".into(), "text/plain".into())));
+        // One of two values gone: not expressible by name, rebuilt.
+        let (h, _) = filtered(|m| {
+            let kept: Vec<(Vec<u8>, Vec<u8>)> = m
+                .iter()
+                .filter(|(k, v)| !(*k == b"x-multi" && *v == b"1"))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            m.set_all(kept);
+        });
+        assert!(h.contains(&("x-multi".into(), "2".into())));
+        assert!(!h.contains(&("x-multi".into(), "1".into())));
+        // A new :path and :authority: a new URI and Host.
+        map = request_map(&parts, false);
+        map.replace(b":path", b"/other");
+        map.replace(b":authority", b"elsewhere:81");
+        assert!(apply_request(&map, &mut parts, false));
+        assert_eq!(parts.uri, "/other");
+        assert_eq!(parts.headers["host"], "elsewhere:81");
+        let (_, changed) = filtered(|m| m.replace(b":method", b"POST"));
+        assert!(changed);
+    }
+
+    #[test]
+    fn responses_too() {
+        let mut parts = http::Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .header("x-envoy-peer-metadata", "abc")
+            .body(())
+            .expect("response")
+            .into_parts()
+            .0;
+        let mut map = response_map(&parts);
+        assert!(!apply_response(&map, &mut parts));
+        map.remove(b"x-envoy-peer-metadata");
+        map.add(b"x-added", b"1");
+        assert!(apply_response(&map, &mut parts));
+        assert_eq!(
+            pairs(&parts.headers),
+            strs(&[("content-type", "text/plain"), ("x-added", "1")])
+        );
+        map.replace(b":status", b"503");
+        assert!(apply_response(&map, &mut parts));
+        assert_eq!(parts.status, 503);
     }
 }

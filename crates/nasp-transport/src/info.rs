@@ -22,4 +22,8 @@ pub struct Upstream {
     pub alpn: Option<Arc<str>>,
     /// Attempts made (1 without retries).
     pub attempts: u32,
+    /// The services the cluster's Istio metadata names
+    /// (`cluster_metadata.filter_metadata.istio.services`); empty when it
+    /// names none.
+    pub services: Arc<[nasp_xds::cluster::IstioService]>,
 }

@@ -165,6 +165,7 @@ impl TcpConnector {
                     peer_id: None,
                     alpn: None,
                     attempts: 1,
+                    services: Arc::from([]),
                 },
                 _in_flight: InFlight::start(&counter),
             });
@@ -190,6 +191,7 @@ impl TcpConnector {
                 peer_id,
                 alpn,
                 attempts: attempt,
+                services: cluster.services.clone(),
             };
             let timeout = cluster.connect_timeout;
             match cluster.tls_for(&cluster.endpoints[member.idx]) {

@@ -4,6 +4,7 @@
 //! detection, all with Envoy's defaults applied where the cluster is silent.
 //! Converted once per update; nothing here is parsed again per connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -270,6 +271,55 @@ pub struct ClusterInfo {
     /// Least request's `(choice_count, active_request_bias)` (Envoy's
     /// defaults 2 and 1.0).
     pub least_request: (u32, f64),
+    /// The services istiod names in the cluster's metadata
+    /// (`filter_metadata.istio.services`), in order; empty when it names
+    /// none. Istio's stats filter takes `destination_service` from the
+    /// first.
+    pub services: Arc<[IstioService]>,
+}
+
+/// One entry of a cluster's `filter_metadata.istio.services`: a service
+/// the cluster's endpoints belong to (`inbound|8080||` names the services
+/// selecting the local workload, `outbound|80||h` the service `h`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IstioService {
+    /// `catalog.demo.svc.cluster.local`.
+    pub host: String,
+    /// `catalog`.
+    pub name: String,
+    /// `demo`.
+    pub namespace: String,
+}
+
+/// `filter_metadata.istio.services` of a cluster: entries that are not
+/// structs, and fields that are not strings, are skipped.
+fn istio_services(c: &Cluster) -> Arc<[IstioService]> {
+    let Some(Kind::ListValue(list)) = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|s| s.fields.get("services"))
+        .and_then(|v| v.kind.as_ref())
+    else {
+        return Arc::from([]);
+    };
+    list.values
+        .iter()
+        .filter_map(|v| match v.kind.as_ref() {
+            Some(Kind::StructValue(s)) => {
+                let text = |k: &str| match s.fields.get(k).and_then(|v| v.kind.as_ref()) {
+                    Some(Kind::StringValue(t)) => t.clone(),
+                    _ => String::new(),
+                };
+                Some(IstioService {
+                    host: text("host"),
+                    name: text("name"),
+                    namespace: text("namespace"),
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Envoy's `slow_start_config`: an endpoint added less than `window` ago
@@ -718,6 +768,7 @@ pub(crate) fn cluster_info(c: &Cluster, cla: Option<&ClusterLoadAssignment>) -> 
     let (auto_sni, auto_san_validation) = auto_sni(c, &http);
     ClusterInfo {
         name: c.name.clone(),
+        services: istio_services(c),
         sni: upstream_tls.as_ref().and_then(|t| t.sni.clone()),
         tls: upstream_tls.is_some(),
         permissive,

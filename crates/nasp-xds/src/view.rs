@@ -21,7 +21,7 @@
 //! its route and cluster with [`MeshView::route`].
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -38,11 +38,11 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTl
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
-use crate::cluster::cluster_info;
 pub use crate::cluster::{
     ClientCertificate, ClusterInfo, Endpoint, HealthStatus, OutlierSettings, SanMatcher, SanType,
     SlowStart, SocketMatch, TlsMode, TrustedCa, UpstreamProtocol, UpstreamTls,
 };
+use crate::cluster::{IstioService, cluster_info};
 use crate::dump::ResourceSet;
 use crate::route::{
     Forward, Redirect, RequestHeaders, Route, RouteAction, RouteConfig, VirtualHost,
@@ -262,6 +262,10 @@ pub struct MeshView {
     inbound_catch_all: Option<Inbound>,
     names: HashMap<String, Vec<IpAddr>>,
     settings: ViewSettings,
+    /// [`Self::local_services`]' answers, by listener address (with the
+    /// instance IPs they were found for).
+    #[allow(clippy::type_complexity)]
+    local_services: std::sync::Mutex<HashMap<SocketAddr, (Vec<IpAddr>, Arc<[IstioService]>)>>,
 }
 
 #[derive(Clone, Debug)]
@@ -588,6 +592,62 @@ impl MeshView {
         if !catch_all.is_empty() {
             self.inbound_catch_all = Some(Inbound::from_chains(0, catch_all, true));
         }
+    }
+
+    /// The services the local workload serves on `local` (a listener's
+    /// address), as a sidecar's inbound cluster names them: the
+    /// `filter_metadata.istio.services` of `inbound|<port>||` (istiod
+    /// writes them); else those of every cluster with an endpoint at
+    /// `local` (an embedded control plane sends no inbound clusters, but
+    /// the workload is an endpoint of its services), in cluster-name
+    /// order, each host once. A listener on an unspecified address (`0.0.0.0`)
+    /// matches endpoints of its port at any of `local_ips`. Empty when
+    /// nothing names the workload. Computed once per view and address.
+    pub fn local_services(&self, local: SocketAddr, local_ips: &[IpAddr]) -> Arc<[IstioService]> {
+        let mut memo = self
+            .local_services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((ips, s)) = memo.get(&local)
+            && ips == local_ips
+        {
+            return s.clone();
+        }
+        let found = self.find_local_services(local, local_ips);
+        // Bounded by the listeners a process opens; a view is replaced on
+        // every update anyway.
+        if memo.len() < 1024 || memo.contains_key(&local) {
+            memo.insert(local, (local_ips.to_vec(), found.clone()));
+        }
+        found
+    }
+
+    fn find_local_services(&self, local: SocketAddr, local_ips: &[IpAddr]) -> Arc<[IstioService]> {
+        if let Some(c) = self.clusters.get(&format!("inbound|{}||", local.port()))
+            && !c.services.is_empty()
+        {
+            return c.services.clone();
+        }
+        let at_local = |e: &crate::cluster::Endpoint| {
+            e.address.parse::<SocketAddr>().is_ok_and(|a| {
+                a.port() == local.port()
+                    && (a.ip() == local.ip()
+                        || (local.ip().is_unspecified() && local_ips.contains(&a.ip())))
+            })
+        };
+        let mut clusters: Vec<&Arc<ClusterInfo>> = self
+            .clusters
+            .values()
+            .filter(|c| !c.services.is_empty() && c.endpoints.iter().any(at_local))
+            .collect();
+        clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out: Vec<IstioService> = Vec::new();
+        for s in clusters.iter().flat_map(|c| c.services.iter()) {
+            if !out.iter().any(|o| o.host == s.host) {
+                out.push(s.clone());
+            }
+        }
+        out.into()
     }
 
     /// A cluster by name.

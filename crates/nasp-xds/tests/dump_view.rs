@@ -306,3 +306,68 @@ fn inbound_chains_as_istio_wrote_them() {
     );
     assert!(v0.inbound(15006).is_none());
 }
+
+fn service(host: &str) -> nasp_xds::cluster::IstioService {
+    let (name, rest) = host.split_once('.').expect("a service FQDN");
+    nasp_xds::cluster::IstioService {
+        host: host.into(),
+        name: name.into(),
+        namespace: rest.split('.').next().expect("namespace").into(),
+    }
+}
+
+#[test]
+fn clusters_carry_the_services_istiod_names_in_their_metadata() {
+    let v0 = view("config_v0.json");
+    let c = v0
+        .cluster("outbound|80||echo.demo.svc.cluster.local")
+        .expect("echo");
+    assert_eq!(&c.services[..], &[service("echo.demo.svc.cluster.local")]);
+    let inbound = v0.cluster("inbound|8080||").expect("inbound 8080");
+    assert_eq!(
+        &inbound.services[..],
+        &[service("catalog.demo.svc.cluster.local")]
+    );
+    // Envoy's own clusters name none.
+    assert!(
+        v0.cluster("PassthroughCluster")
+            .expect("passthrough")
+            .services
+            .is_empty()
+    );
+}
+
+#[test]
+fn local_services_from_the_inbound_cluster_else_the_clusters_the_workload_is_in() {
+    let v0 = view("config_v0.json");
+    let addr = |s: &str| s.parse::<std::net::SocketAddr>().expect("addr");
+    // istiod's inbound cluster for the port decides (the dump is catalog's).
+    for local in ["0.0.0.0:8080", "10.20.160.34:8082"] {
+        assert_eq!(
+            &v0.local_services(addr(local), &[])[..],
+            &[service("catalog.demo.svc.cluster.local")],
+            "{local}"
+        );
+    }
+    // No inbound cluster for 9000: the services with an endpoint there.
+    let echo = [service("echo.default.svc.cluster.local")];
+    assert_eq!(
+        &v0.local_services(addr("10.20.161.226:9000"), &[])[..],
+        &echo
+    );
+    let ip: std::net::IpAddr = "10.20.161.226".parse().expect("ip");
+    assert_eq!(&v0.local_services(addr("0.0.0.0:9000"), &[ip])[..], &echo);
+    assert!(v0.local_services(addr("0.0.0.0:9000"), &[]).is_empty());
+    assert!(
+        v0.local_services(addr("10.20.161.227:9000"), &[])
+            .is_empty()
+    );
+    // Two services on one endpoint: both, in cluster-name order, once each.
+    assert_eq!(
+        &v0.local_services(addr("10.20.161.227:16686"), &[])[..],
+        &[
+            service("smm-jaeger-query.smm-system.svc.cluster.local"),
+            service("smm-tracing.smm-system.svc.cluster.local"),
+        ]
+    );
+}

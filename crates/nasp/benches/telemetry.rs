@@ -118,6 +118,14 @@ fn pair(
     web: &Arc<NodeProperties>,
     echo: &Arc<NodeProperties>,
 ) -> BoxSvc {
+    // The echo service, as the cluster's Istio metadata names it to the
+    // client (outbound) and the listener's view names it (inbound).
+    let services: Arc<[nasp::xds::cluster::IstioService]> =
+        Arc::from([nasp::xds::cluster::IstioService {
+            host: "echo.demo.svc.cluster.local".into(),
+            name: "echo".into(),
+            namespace: "demo".into(),
+        }]);
     let upstream = Upstream {
         cluster: "outbound|80||echo.demo.svc.cluster.local".into(),
         route: "echo.demo.svc.cluster.local:80".into(),
@@ -126,6 +134,7 @@ fn pair(
         peer_id: Some("spiffe://cluster.local/ns/demo/sa/echo".into()),
         alpn: Some("istio-http/1.1".into()),
         attempts: 1,
+        services: services.clone(),
     };
     let app = tower::service_fn(|_req: http::Request<Body>| async {
         Ok::<_, Infallible>(http::Response::new(Body::from(Bytes::from_static(
@@ -135,6 +144,7 @@ fn pair(
     let server = HttpFilterLayer::new(inbound, ListenerDirection::Inbound, echo.clone())
         .local_identity("spiffe://cluster.local/ns/demo/sa/echo")
         .local_addr("10.0.0.2:8080".parse().expect("addr"))
+        .local_services(move || services.clone())
         .layer(app);
     let peer = MeshPeer {
         addr: "10.0.0.1:40000".parse().expect("addr"),

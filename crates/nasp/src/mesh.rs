@@ -29,8 +29,8 @@ use nasp_identity::{
 };
 use nasp_proxywasm::{HostEnv, PluginConfig, WasmModule};
 use nasp_transport::filter::{
-    ChainPool, ConnectionProperties, HttpFilterLayer, ListenerDirection, NodeProperties,
-    ServiceError, StreamProperties, filter_tcp,
+    ChainPool, ConnectionProperties, HttpFilterLayer, ListenerDirection, LocalCluster,
+    NodeProperties, ServiceError, StreamProperties, filter_tcp,
 };
 use nasp_transport::{
     Body, BoxError, ClientSettings, GrpcChannel, HttpClient, InboundConfig, InboundMode,
@@ -648,6 +648,12 @@ impl MeshBuilder {
         for p in [&inbound, &outbound, &inbound_tcp, &outbound_tcp] {
             ChainPool::spawn_maintenance(p, Duration::from_millis(100));
         }
+        let local_ips: Arc<[std::net::IpAddr]> = self
+            .workload
+            .instance_ips
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
         let connector = MeshConnector::new(certs.clone());
         let mut client_settings = self.client.clone();
         if client_settings.source_ip.is_none() {
@@ -675,6 +681,7 @@ impl MeshBuilder {
                 http,
                 tcp,
                 node,
+                local_ips,
                 inbound,
                 outbound,
                 inbound_tcp,
@@ -864,6 +871,8 @@ struct Inner {
     http: HttpClient,
     tcp: TcpConnector,
     node: Arc<NodeProperties>,
+    /// The workload's instance IPs (which endpoints are this workload).
+    local_ips: Arc<[std::net::IpAddr]>,
     inbound: Arc<ChainPool>,
     outbound: Arc<ChainPool>,
     inbound_tcp: Arc<ChainPool>,
@@ -996,6 +1005,16 @@ impl Mesh {
         self.inner.view.view()
     }
 
+    /// The services this workload serves on the listener `local`, from the
+    /// view as it is when asked (`MeshView::local_services`).
+    fn local_services(
+        &self,
+        local: SocketAddr,
+    ) -> impl Fn() -> Arc<[nasp_xds::cluster::IstioService]> + Send + Sync + 'static {
+        let (view, ips) = (self.inner.view.clone(), self.inner.local_ips.clone());
+        move || view.view().local_services(local, &ips)
+    }
+
     /// The HTTP client, with the outbound filters.
     pub fn http_client(&self) -> MeshHttpClient {
         let filters = HttpFilterLayer::new(
@@ -1097,6 +1116,7 @@ impl Mesh {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let local = listener.local_addr();
+        let services = self.local_services(local);
         let mut stop = self.inner.stop.subscribe();
         let _serving = ServingGuard::enter(&self.inner);
         loop {
@@ -1118,6 +1138,7 @@ impl Mesh {
                     .as_ref()
                     .map(|a| Arc::from(String::from_utf8_lossy(a).into_owned())),
                 attempts: 1,
+                services: services(),
             };
             let peer_addr = Some(conn.peer_addr);
             let log = self.inner.access_log.as_ref().map(|l| {
@@ -1150,6 +1171,10 @@ impl Mesh {
                     peer_san: peer_id.clone(),
                     local_san: Some(self.inner.id.to_string()),
                     negotiated_protocol: upstream.alpn.as_deref().map(str::to_string),
+                    local_cluster: Some(LocalCluster {
+                        name: upstream.cluster.clone(),
+                        services: upstream.services.clone(),
+                    }),
                     ..Default::default()
                 },
             ));
@@ -1217,6 +1242,7 @@ impl Mesh {
         )
         .local_identity(self.inner.id.to_string())
         .local_addr(local)
+        .local_services(self.local_services(local))
         .layer(app);
         let filtered = tower::util::MapErr::new(filtered, unbox as fn(ServiceError) -> BoxError);
         let svc: tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, BoxError> =

@@ -214,8 +214,7 @@ async fn two_meshes_with_the_default_chain_report_istio_series_over_http_and_tcp
     ];
     for (code, n) in [("200", 3), ("404", 2)] {
         let code = format!("response_code=\"{code}\"");
-        // Outbound names the service from the cluster; inbound (no
-        // cluster metadata in nasp) from the request's host.
+        // Both sides name the service by its FQDN, as Istio does.
         let mut source = vec![
             "reporter=\"source\"",
             code.as_str(),
@@ -229,6 +228,8 @@ async fn two_meshes_with_the_default_chain_report_istio_series_over_http_and_tcp
             code.as_str(),
             principal.as_str(),
             "connection_security_policy=\"mutual_tls\"",
+            "destination_service=\"echo.demo.svc.cluster.local\"",
+            "destination_service_name=\"echo\"",
         ];
         destination.extend(peers);
         counted(&echo, "istio_requests_total", &destination, n).await;

@@ -27,11 +27,15 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const PEER_HEADERS: [&str; 2] = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"];
 
-/// One test per runtime for each scenario; `$net` and `$trap` are the
-/// first host numbers in 127.0.11.0/24 each uses (a block of 8).
+/// One test per runtime for each scenario; `$net`, `$trap` and `$idle`
+/// are the first host numbers in 127.0.11.0/24 each uses (a block of 8).
 macro_rules! per_runtime {
-    ($($rt:ident: $net:literal, $trap:literal;)*) => {$(
+    ($($rt:ident: $net:literal, $trap:literal, $idle:literal;)*) => {$(
         mod $rt {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_idle_tcp_connection_is_reported_on_the_tick() {
+                super::idle_tcp(stringify!($rt), $idle).await;
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn two_meshes_report_every_label_over_http_grpc_and_tcp() {
                 super::two_meshes(stringify!($rt), $net).await;
@@ -45,9 +49,9 @@ macro_rules! per_runtime {
 }
 
 per_runtime! {
-    wasmtime: 10, 130;
-    wasmi: 50, 170;
-    wasm3: 90, 210;
+    wasmtime: 10, 130, 30;
+    wasmi: 50, 170, 70;
+    wasm3: 90, 210, 110;
 }
 
 /// 127.0.11.`base + n`.
@@ -368,17 +372,11 @@ fn peer_labels<'a>(
         ("destination_principal", principals.1.as_str()),
         ("destination_app", "echo"),
         ("destination_version", "v1"),
+        // Both sides name the service as Istio does: outbound from the
+        // cluster's metadata, inbound from the services the local workload
+        // is an endpoint of (docs/telemetry.md).
         ("destination_service", service),
-        // Outbound names the service from the cluster; inbound (no cluster
-        // metadata in nasp, docs/telemetry.md) the request's host is both.
-        (
-            "destination_service_name",
-            if reporter == "source" {
-                "echo"
-            } else {
-                service
-            },
-        ),
+        ("destination_service_name", "echo"),
         ("destination_service_namespace", "demo"),
         ("destination_canonical_service", "echo"),
         ("destination_canonical_revision", "latest"),
@@ -420,8 +418,8 @@ async fn two_meshes(rt: &str, base: u8) {
         .await
         .expect("web");
     let principals = (spiffe("web"), spiffe("echo"));
-    let (out_http, in_http) = ("echo.demo.svc.cluster.local", "echo.demo:18080");
-    let (out_grpc, in_grpc) = ("echo.demo.svc.cluster.local", "echo.demo:19090");
+    let (out_http, in_http) = ("echo.demo.svc.cluster.local", "echo.demo.svc.cluster.local");
+    let (out_grpc, in_grpc) = ("echo.demo.svc.cluster.local", "echo.demo.svc.cluster.local");
 
     // HTTP: 3 × 200, 2 × 404.
     get_echo(&web, "/", &[], 3, 200, b"echo").await;
@@ -528,6 +526,8 @@ async fn two_meshes(rt: &str, base: u8) {
             ("destination_workload", "db"),
             ("destination_principal", db_id.as_str()),
             ("destination_app", "db"),
+            ("destination_service", "db.demo.svc.cluster.local"),
+            ("destination_service_name", "db"),
             ("request_protocol", "tcp"),
             (
                 "connection_security_policy",
@@ -630,6 +630,80 @@ async fn two_meshes(rt: &str, base: u8) {
     }
 
     for m in [bare, web, echo, db] {
+        m.shutdown().await;
+    }
+}
+
+/// The default chain with stats reporting every `period` (Istio's
+/// `tcp_reporting_duration`) instead of every 15 s.
+fn reporting_every(b: MeshBuilder, period: &str) -> MeshBuilder {
+    let mut b = b.no_default_filters();
+    for mut s in nasp::default_filters::specs() {
+        if s.config.name == "istio.stats" {
+            s.config = s
+                .config
+                .configuration(format!(r#"{{"tcp_reporting_duration": "{period}"}}"#));
+        }
+        b = b.filter(s);
+    }
+    b
+}
+
+/// Istio's recurrent TCP reports: a connection open on both sides that has
+/// moved no byte yet is reported as opened on the tick (every 0.5 s here),
+/// once however many ticks pass, long before it closes; then closed once it
+/// does. Before the ticks it was counted only at its first byte or its
+/// close.
+async fn idle_tcp(rt: &str, base: u8) {
+    let cp = common::control_plane(&ip(base, 1), &mesh_file(base)).await;
+    let db = reporting_every(workload(&cp, rt, "db", &ip(base, 4)), "0.5s")
+        .build()
+        .await
+        .expect("db");
+    let listener = db
+        .bind(format!("{}:15432", ip(base, 4)).parse().expect("addr"))
+        .await
+        .expect("bind db");
+    let (release, released) = tokio::sync::watch::channel(false);
+    let d = db.clone();
+    tokio::spawn(async move {
+        // Says nothing; hangs up when told.
+        d.serve_tcp(listener, move |conn: nasp::TcpConnection| {
+            let mut released = released.clone();
+            async move {
+                let _ = released.wait_for(|r| *r).await;
+                drop(conn);
+            }
+        })
+        .await;
+    });
+    let web = reporting_every(workload(&cp, rt, "web", &ip(base, 3)), "0.5s")
+        .build()
+        .await
+        .expect("web");
+    let conn = web.connect("db.demo:15432").await.expect("connect");
+    let source = [("reporter", "source"), ("source_workload", "web")];
+    let destination = [("reporter", "destination"), ("destination_workload", "db")];
+    counted(&web, "istio_tcp_connections_opened_total", &source, 1.0).await;
+    counted(&db, "istio_tcp_connections_opened_total", &destination, 1.0).await;
+    // More ticks pass while it stays open: counted once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (mesh, labels) in [(&web, &source), (&db, &destination)] {
+        assert_eq!(sum(mesh, "istio_tcp_connections_opened_total", labels), 1.0);
+        // Reported as it stands: open, nothing moved.
+        for family in [
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_received_bytes_total",
+            "istio_tcp_sent_bytes_total",
+        ] {
+            assert_eq!(sum(mesh, family, labels), 0.0, "{family}");
+        }
+    }
+    let _ = release.send(true);
+    drop(conn);
+    counted(&web, "istio_tcp_connections_closed_total", &source, 1.0).await;
+    counted(&db, "istio_tcp_connections_closed_total", &destination, 1.0).await;
+    for m in [web, db] {
         m.shutdown().await;
     }
 }

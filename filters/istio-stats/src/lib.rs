@@ -15,6 +15,12 @@
 //! `istio_tcp_received_bytes_total` (downstream → upstream),
 //! `istio_tcp_sent_bytes_total` (upstream → downstream).
 //!
+//! Open connections and gRPC streams past their response headers are also
+//! reported on every tick, every `tcp_reporting_duration` of the plugin's
+//! configuration (protobuf JSON, `"15s"` by default, as Istio's), so a
+//! connection that stays open and idle shows as opened, and its counts as
+//! they stand, without waiting for its next byte or its close.
+//!
 //! Labels travel in the metric name as Istio's compiled filter encodes them
 //! (`reporter=.=source;.;…;.;istio_requests_total`); the host turns them
 //! into Prometheus labels. `reporter` is `source` on an outbound listener
@@ -31,8 +37,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
+use peer_metadata::config::{json_string, proto_duration};
 use peer_metadata::host::{property, property_int};
-use peer_metadata::{Struct, WordHash, Workload, node_struct, path};
+use peer_metadata::{node_struct, path, Struct, WordHash, Workload};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MetricType};
@@ -635,12 +642,39 @@ fn encoded_name(name: &str, labels: &[String]) -> String {
 struct Root {
     shared: Option<Rc<RefCell<Shared>>>,
     tcp: bool,
+    open: Rc<RefCell<Open>>,
 }
+
+/// The streams reported on every tick, by context id: open TCP
+/// connections, and gRPC streams once their response headers passed
+/// (Istio's recurrent reports).
+#[derive(Default)]
+struct Open {
+    tcp: HashMap<u32, Rc<RefCell<TcpState>>>,
+    grpc: HashMap<u32, Rc<RefCell<GrpcState>>>,
+}
+
+/// Istio's default `tcp_reporting_duration`.
+const REPORTING_PERIOD: Duration = Duration::from_secs(15);
 
 impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        let config = self
+            .get_plugin_configuration()
+            .map(|c| String::from_utf8_lossy(&c).into_owned())
+            .unwrap_or_default();
+        let period = match json_string(&config, "tcp_reporting_duration") {
+            None => REPORTING_PERIOD,
+            Some(v) => proto_duration(v)
+                .filter(|d| !d.is_zero())
+                .unwrap_or_else(|| {
+                    log::warn!("istio-stats: tcp_reporting_duration {v:?} is not a duration; 15s");
+                    REPORTING_PERIOD
+                }),
+        };
+        self.set_tick_period(period);
         let root_id = property_text(path!("plugin_root_id")).unwrap_or_default();
         self.tcp = root_id.contains("tcp");
         let outbound = match property_int(path!("listener_direction")) {
@@ -680,6 +714,36 @@ impl RootContext for Root {
         true
     }
 
+    /// The recurrent reports: every open connection and queued gRPC stream,
+    /// each with itself as the effective context (its properties).
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let (tcp, grpc): (Vec<_>, Vec<_>) = {
+            let open = self.open.borrow();
+            (
+                open.tcp.iter().map(|(id, s)| (*id, s.clone())).collect(),
+                open.grpc.iter().map(|(id, s)| (*id, s.clone())).collect(),
+            )
+        };
+        for (id, state) in tcp {
+            if hostcalls::set_effective_context(id).is_ok() {
+                state.borrow_mut().flush(&shared, false);
+            }
+        }
+        for (id, state) in grpc {
+            if hostcalls::set_effective_context(id).is_err() {
+                continue;
+            }
+            if let (Ok(mut shared), Ok(mut state)) =
+                (shared.try_borrow_mut(), state.try_borrow_mut())
+            {
+                state.report(&mut shared);
+            }
+        }
+    }
+
     fn get_type(&self) -> Option<ContextType> {
         Some(if self.tcp {
             ContextType::StreamContext
@@ -688,28 +752,35 @@ impl RootContext for Root {
         })
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            id,
             shared: self.shared.clone()?,
+            open: self.open.clone(),
             start: None,
             grpc: false,
             request_bytes: 0,
             response_bytes: 0,
             status: None,
             grpc_status: None,
-            messages_reported: (0, 0),
-            peer_labels: None,
+            messages: None,
         }))
     }
 
-    fn create_stream_context(&self, _id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(Box::new(Tcp {
-            shared: self.shared.clone()?,
+    fn create_stream_context(&self, id: u32) -> Option<Box<dyn StreamContext>> {
+        let state = Rc::new(RefCell::new(TcpState {
             labels: None,
             opened: false,
             received: 0,
             sent: 0,
             own_seen: false,
+        }));
+        self.open.borrow_mut().tcp.insert(id, state.clone());
+        Some(Box::new(Tcp {
+            id,
+            shared: self.shared.clone()?,
+            open: self.open.clone(),
+            state,
         }))
     }
 }
@@ -719,7 +790,9 @@ fn header_bytes(h: &[(String, Vec<u8>)]) -> u64 {
 }
 
 struct Http {
+    id: u32,
     shared: Rc<RefCell<Shared>>,
+    open: Rc<RefCell<Open>>,
     start: Option<SystemTime>,
     grpc: bool,
     /// Fallbacks for hosts without `request.total_size` etc.
@@ -727,11 +800,47 @@ struct Http {
     response_bytes: u64,
     status: Option<i64>,
     grpc_status: Option<i64>,
-    /// gRPC message counts already recorded (Istio records the growth).
-    messages_reported: (u64, u64),
-    /// The label values for message counts, once the peer is known (the
-    /// response headers, where Istio queues a stream for recurrent reports).
-    peer_labels: Option<Rc<LabelSet>>,
+    /// A gRPC stream's message reports, from its response headers on
+    /// (where Istio queues it for recurrent reports).
+    messages: Option<Rc<RefCell<GrpcState>>>,
+}
+
+/// What a gRPC stream's message reports need: the label values (the peer
+/// is known at the response headers) and the counts already recorded
+/// (Istio records the growth).
+struct GrpcState {
+    labels: Rc<LabelSet>,
+    reported: (u64, u64),
+}
+
+impl GrpcState {
+    /// Records the gRPC messages counted since the last report
+    /// (`istio_request_messages_total`, `istio_response_messages_total`,
+    /// peer labels only), as Istio's recurrent message metrics do.
+    fn report(&mut self, shared: &mut Shared) {
+        let Some((req, resp)) = grpc_messages() else {
+            return;
+        };
+        let (old_req, old_resp) = self.reported;
+        shared.report(
+            &self.labels,
+            &[
+                (
+                    "istio_request_messages_total",
+                    MetricType::Counter,
+                    req.saturating_sub(old_req),
+                    PEER_LABELS,
+                ),
+                (
+                    "istio_response_messages_total",
+                    MetricType::Counter,
+                    resp.saturating_sub(old_resp),
+                    PEER_LABELS,
+                ),
+            ],
+        );
+        self.reported = (req.max(old_req), resp.max(old_resp));
+    }
 }
 
 impl Context for Http {}
@@ -755,45 +864,15 @@ impl Http {
         }
     }
 
-    /// Records the gRPC messages counted since the last report
-    /// (`istio_request_messages_total`, `istio_response_messages_total`,
-    /// peer labels only), as Istio's recurrent message metrics do.
-    fn report_messages(&mut self, shared: &mut Shared, labels: &LabelSet) {
-        let Some((req, resp)) = grpc_messages() else {
-            return;
-        };
-        let (old_req, old_resp) = self.messages_reported;
-        shared.report(
-            labels,
-            &[
-                (
-                    "istio_request_messages_total",
-                    MetricType::Counter,
-                    req.saturating_sub(old_req),
-                    PEER_LABELS,
-                ),
-                (
-                    "istio_response_messages_total",
-                    MetricType::Counter,
-                    resp.saturating_sub(old_resp),
-                    PEER_LABELS,
-                ),
-            ],
-        );
-        self.messages_reported = (req.max(old_req), resp.max(old_resp));
-    }
-
     /// On a body chunk of a gRPC stream whose peer is known: the messages
     /// it began.
     fn stream_messages(&mut self) {
-        let Some(labels) = self.peer_labels.take() else {
+        let Some(m) = &self.messages else {
             return;
         };
-        let rc = self.shared.clone();
-        if let Ok(mut shared) = rc.try_borrow_mut() {
-            self.report_messages(&mut shared, &labels);
-        }
-        self.peer_labels = Some(labels);
+        if let (Ok(mut shared), Ok(mut m)) = (self.shared.try_borrow_mut(), m.try_borrow_mut()) {
+            m.report(&mut shared);
+        };
     }
 }
 
@@ -839,18 +918,18 @@ impl HttpContext for Http {
             let h: Vec<(String, Vec<u8>)> = self.get_http_response_headers_bytes();
             self.response_bytes = header_bytes(&h);
         }
-        if self.grpc {
+        if self.grpc && self.messages.is_none() {
             let req = self.request();
-            let rc = self.shared.clone();
-            let labels = match rc.try_borrow_mut() {
-                Ok(mut shared) => {
-                    let labels = shared.labels(&req);
-                    self.report_messages(&mut shared, &labels);
-                    Some(labels)
-                }
-                Err(_) => None,
-            };
-            self.peer_labels = labels;
+            if let Ok(mut shared) = self.shared.try_borrow_mut() {
+                let mut state = GrpcState {
+                    labels: shared.labels(&req),
+                    reported: (0, 0),
+                };
+                state.report(&mut shared);
+                let state = Rc::new(RefCell::new(state));
+                self.open.borrow_mut().grpc.insert(self.id, state.clone());
+                self.messages = Some(state);
+            }
         }
         Action::Continue
     }
@@ -869,6 +948,7 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        let queued = self.open.borrow_mut().grpc.remove(&self.id);
         let rc = self.shared.clone();
         let Ok(mut shared) = rc.try_borrow_mut() else {
             return;
@@ -920,15 +1000,30 @@ impl HttpContext for Http {
         // What the stream's last chunks began, and all of it when the
         // response headers never came.
         if self.grpc {
-            self.report_messages(&mut shared, &labels);
+            let state = queued.unwrap_or_else(|| {
+                Rc::new(RefCell::new(GrpcState {
+                    labels: labels.clone(),
+                    reported: (0, 0),
+                }))
+            });
+            if let Ok(mut state) = state.try_borrow_mut() {
+                state.report(&mut shared);
+            };
         }
     }
 }
 
 struct Tcp {
+    id: u32,
     shared: Rc<RefCell<Shared>>,
+    open: Rc<RefCell<Open>>,
+    state: Rc<RefCell<TcpState>>,
+}
+
+/// An open connection's reports, shared with the root for the ticks.
+struct TcpState {
     /// Fixed once the peer had its chance to be known (its first data
-    /// passed the metadata exchange) or at the close.
+    /// passed the metadata exchange), at the first tick, or at the close.
     labels: Option<Rc<LabelSet>>,
     opened: bool,
     received: u64,
@@ -937,9 +1032,9 @@ struct Tcp {
     own_seen: bool,
 }
 
-impl Tcp {
-    fn flush(&mut self, closed: bool) {
-        let Ok(mut shared) = self.shared.try_borrow_mut() else {
+impl TcpState {
+    fn flush(&mut self, shared: &RefCell<Shared>, closed: bool) {
+        let Ok(mut shared) = shared.try_borrow_mut() else {
             return;
         };
         let labels = match &self.labels {
@@ -1004,7 +1099,9 @@ impl Tcp {
         }
         n
     }
+}
 
+impl Tcp {
     fn outbound(&self) -> bool {
         self.shared.try_borrow().map(|s| s.outbound).unwrap_or(true)
     }
@@ -1015,25 +1112,34 @@ impl Context for Tcp {}
 impl StreamContext for Tcp {
     fn on_downstream_data(&mut self, size: usize, _eos: bool) -> Action {
         let outbound = self.outbound();
-        self.received += self.count(BufferType::DownstreamData, size, outbound);
+        let Ok(mut st) = self.state.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        st.received += st.count(BufferType::DownstreamData, size, outbound);
         // Inbound the peer is downstream: its first data has passed the
         // exchange, so the peer is as known as it will be.
-        if self.labels.is_some() || !outbound {
-            self.flush(false);
+        if st.labels.is_some() || !outbound {
+            st.flush(&self.shared, false);
         }
         Action::Continue
     }
 
     fn on_upstream_data(&mut self, size: usize, _eos: bool) -> Action {
         let outbound = self.outbound();
-        self.sent += self.count(BufferType::UpstreamData, size, !outbound);
-        if self.labels.is_some() || outbound {
-            self.flush(false);
+        let Ok(mut st) = self.state.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        st.sent += st.count(BufferType::UpstreamData, size, !outbound);
+        if st.labels.is_some() || outbound {
+            st.flush(&self.shared, false);
         }
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        self.flush(true);
+        self.open.borrow_mut().tcp.remove(&self.id);
+        if let Ok(mut st) = self.state.try_borrow_mut() {
+            st.flush(&self.shared, true);
+        }
     }
 }

@@ -33,7 +33,7 @@ use std::rc::Rc;
 
 use peer_metadata::host::{property_int, set_property};
 use peer_metadata::preamble::{self, Read};
-use peer_metadata::{HEADER_ID, HEADER_METADATA, Struct, WordHash, base64, node_struct, path};
+use peer_metadata::{base64, node_struct, path, Struct, WordHash, HEADER_ID, HEADER_METADATA};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};

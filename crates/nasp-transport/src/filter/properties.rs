@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nasp_proxywasm::{HeaderMap, PropertyProvider, PropertyValue};
 use nasp_xds::WorkloadSettings;
+use nasp_xds::cluster::IstioService;
 
 use crate::info::Upstream;
 
@@ -162,6 +163,20 @@ pub struct ConnectionProperties {
     pub negotiated_protocol: Option<String>,
     /// `connection.requested_server_name`: the SNI the peer asked for.
     pub requested_server_name: Option<String>,
+    /// Inbound: the local cluster the listener hands the stream to
+    /// (`cluster_name`, `cluster_metadata` when no upstream answers them).
+    pub local_cluster: Option<LocalCluster>,
+}
+
+/// The inbound cluster of a listener, as a sidecar's `inbound|<port>||`:
+/// its name and the services its Istio metadata names (the ones the local
+/// workload serves on that port).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalCluster {
+    /// `inbound|8080||`.
+    pub name: Arc<str>,
+    /// The services (`cluster_metadata.filter_metadata.istio.services`).
+    pub services: Arc<[IstioService]>,
 }
 
 /// The request as the filters last left it (`request.*`).
@@ -587,10 +602,33 @@ impl PropertyProvider for StreamProperties {
             ["destination", what] => address(self.connection.destination, what),
             ["connection", rest @ ..] => self.connection_property(rest),
             ["upstream", rest @ ..] => self.upstream_property(rest),
-            ["cluster_name"] => self
-                .upstream
-                .get()
-                .map(|u| PropertyValue::from(&*u.cluster)),
+            ["cluster_name"] => match (self.upstream.get(), &self.connection.local_cluster) {
+                (Some(u), _) => Some(PropertyValue::from(&*u.cluster)),
+                (None, Some(l)) => Some(PropertyValue::from(&*l.name)),
+                (None, None) => None,
+            },
+            [
+                "cluster_metadata",
+                "filter_metadata",
+                "istio",
+                "services",
+                i,
+                what,
+            ] => {
+                let services = match (self.upstream.get(), &self.connection.local_cluster) {
+                    (Some(u), _) => &u.services,
+                    (None, Some(l)) => &l.services,
+                    (None, None) => return None,
+                };
+                let s = services.get(i.parse::<usize>().ok()?)?;
+                let v = match *what {
+                    "host" => &s.host,
+                    "name" => &s.name,
+                    "namespace" => &s.namespace,
+                    _ => return None,
+                };
+                (!v.is_empty()).then(|| PropertyValue::from(v.as_str()))
+            }
             ["route_name"] => self
                 .upstream
                 .get()
@@ -779,7 +817,28 @@ mod tests {
             peer_id: Some("spiffe://cluster.local/ns/demo/sa/echo".into()),
             alpn: Some("istio-h2".into()),
             attempts: 1,
+            services: Arc::from([IstioService {
+                host: "echo.demo.svc.cluster.local".into(),
+                name: "echo".into(),
+                namespace: "demo".into(),
+            }]),
         });
+        assert_eq!(
+            text(&p, "cluster_metadata.filter_metadata.istio.services.0.host").as_deref(),
+            Some("echo.demo.svc.cluster.local")
+        );
+        assert_eq!(
+            text(
+                &p,
+                "cluster_metadata.filter_metadata.istio.services.0.namespace"
+            )
+            .as_deref(),
+            Some("demo")
+        );
+        assert_eq!(
+            get(&p, "cluster_metadata.filter_metadata.istio.services.1.host"),
+            None
+        );
         assert_eq!(
             text(&p, "cluster_name").as_deref(),
             Some("outbound|80||echo.demo.svc.cluster.local")
@@ -805,6 +864,65 @@ mod tests {
         assert_eq!(
             text(&p, "upstream.negotiated_protocol").as_deref(),
             Some("istio-h2")
+        );
+    }
+
+    #[test]
+    fn inbound_streams_name_the_local_cluster_and_its_services() {
+        let bare = inbound();
+        assert_eq!(get(&bare, "cluster_name"), None);
+        assert_eq!(
+            get(
+                &bare,
+                "cluster_metadata.filter_metadata.istio.services.0.host"
+            ),
+            None
+        );
+        let p = StreamProperties::new(
+            Arc::new(NodeProperties::from_settings(&settings())),
+            ListenerDirection::Inbound,
+            ConnectionProperties {
+                local_cluster: Some(LocalCluster {
+                    name: "inbound|8080||".into(),
+                    services: Arc::from([
+                        IstioService {
+                            host: "web.demo.svc.cluster.local".into(),
+                            name: "web".into(),
+                            namespace: "demo".into(),
+                        },
+                        IstioService {
+                            host: "web-canary.demo.svc.cluster.local".into(),
+                            name: String::new(),
+                            namespace: "demo".into(),
+                        },
+                    ]),
+                }),
+                ..Default::default()
+            },
+        );
+        assert_eq!(text(&p, "cluster_name").as_deref(), Some("inbound|8080||"));
+        let svc = |i: usize, what: &str| {
+            text(
+                &p,
+                &format!("cluster_metadata.filter_metadata.istio.services.{i}.{what}"),
+            )
+        };
+        assert_eq!(
+            svc(0, "host").as_deref(),
+            Some("web.demo.svc.cluster.local")
+        );
+        assert_eq!(svc(0, "name").as_deref(), Some("web"));
+        assert_eq!(
+            svc(1, "host").as_deref(),
+            Some("web-canary.demo.svc.cluster.local")
+        );
+        // An empty field is absent, as a Struct without it.
+        assert_eq!(svc(1, "name"), None);
+        assert_eq!(svc(0, "port"), None);
+        assert_eq!(svc(2, "host"), None);
+        assert_eq!(
+            get(&p, "cluster_metadata.filter_metadata.istio.services.x.host"),
+            None
         );
     }
 
