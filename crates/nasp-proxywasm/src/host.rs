@@ -162,8 +162,12 @@ pub(crate) mod mem {
     }
 
     pub fn write(g: &mut dyn Guest, ptr: i32, data: &[u8]) -> Result<(), ()> {
+        put(g.memory(), ptr, data)
+    }
+
+    /// [`write`] into memory already looked up.
+    pub fn put(m: &mut [u8], ptr: i32, data: &[u8]) -> Result<(), ()> {
         let ptr = ptr as u32 as usize;
-        let m = g.memory();
         let end = ptr.checked_add(data.len()).ok_or(())?;
         m.get_mut(ptr..end).ok_or(())?.copy_from_slice(data);
         Ok(())
@@ -240,20 +244,14 @@ impl AbiHost {
             try_mem!(mem::write_u32(g, size_ptr, 0));
             return st(status::OK);
         }
-        let ptr = try_mem!(self.guest_alloc(g, data)?);
-        try_mem!(mem::write_u32(g, ptr_ptr, ptr as u32));
-        try_mem!(mem::write_u32(g, size_ptr, data.len() as u32));
+        let ptr = try_mem!(self.guest_alloc_len(g, data.len())?);
+        // One look at the memory for the three writes (each look costs a
+        // store check in wasmtime).
+        let m = g.memory();
+        try_mem!(mem::put(m, ptr, data));
+        try_mem!(mem::put(m, ptr_ptr, &(ptr as u32).to_le_bytes()));
+        try_mem!(mem::put(m, size_ptr, &(data.len() as u32).to_le_bytes()));
         st(status::OK)
-    }
-
-    /// Allocates in the guest and copies `data` there. The outer error is a
-    /// trap of the allocator; the inner one a bad pointer it returned.
-    fn guest_alloc(&mut self, g: &mut dyn Guest, data: &[u8]) -> Result<Result<i32, ()>, Trap> {
-        let ptr = match self.guest_alloc_len(g, data.len())? {
-            Ok(p) => p,
-            Err(()) => return Ok(Err(())),
-        };
-        Ok(mem::write(g, ptr, data).map(|()| ptr))
     }
 
     /// Allocates `len` bytes in the guest with its allocator.
@@ -409,7 +407,7 @@ impl AbiHost {
         stream_provider
             .and_then(|p| p.property(refs))
             .or_else(|| self.plugin_properties.as_ref()?.property(refs))
-            .map(|v| PropertyValue::serialize(&v))
+            .map(PropertyValue::into_bytes)
     }
 
     fn next_token(&mut self, kind: u32) -> u32 {
@@ -735,8 +733,22 @@ impl HostHandler for AbiHost {
                 }
             }
             HostFn::GetProperty => {
-                let path = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));
-                match self.property(&path) {
+                // Paths are short: copied to the stack, not the heap (the
+                // guest's memory cannot stay borrowed across the copy out).
+                let mut held = [0u8; 192];
+                let spilled;
+                let raw = try_mem!(mem::slice(g, arg(a, 0), arg(a, 1)));
+                let path: &[u8] = match held.get_mut(..raw.len()) {
+                    Some(h) => {
+                        h.copy_from_slice(raw);
+                        h
+                    }
+                    None => {
+                        spilled = raw.to_vec();
+                        &spilled
+                    }
+                };
+                match self.property(path) {
                     Some(v) => self.copy_out(g, &v, arg(a, 2), arg(a, 3)),
                     None => st(status::NOT_FOUND),
                 }

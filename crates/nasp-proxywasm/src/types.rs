@@ -215,6 +215,14 @@ pub enum PropertyValue {
 }
 
 impl PropertyValue {
+    /// The bytes the guest receives, without copying raw bytes again.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            PropertyValue::Bytes(b) => b,
+            other => other.serialize(),
+        }
+    }
+
     /// The bytes the guest receives.
     pub fn serialize(&self) -> Vec<u8> {
         match self {

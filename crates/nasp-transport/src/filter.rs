@@ -394,8 +394,9 @@ where
         // stays for the next one (tower's usual pattern).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let fut = exchange(self.cfg.clone(), inner, req);
-        Box::pin(async move { fut.await.map_err(ServiceError) })
+        // Boxed as it is: a wrapping `async` block would move the (large)
+        // exchange future once more per request.
+        Box::pin(exchange(self.cfg.clone(), inner, req))
     }
 }
 
@@ -792,7 +793,7 @@ async fn exchange<S>(
     cfg: Arc<FilterConfig>,
     mut inner: S,
     req: http::Request<Body>,
-) -> Result<http::Response<Body>, BoxError>
+) -> Result<http::Response<Body>, ServiceError>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Error: Into<BoxError>,
@@ -810,7 +811,7 @@ where
         let provider: Arc<dyn nasp_proxywasm::PropertyProvider> = props.clone();
         cfg.pool
             .with_chain(worker, |c| c.http_stream(provider))
-            .ok_or("filter pool has no chains")?
+            .ok_or_else(|| ServiceError("filter pool has no chains".into()))?
     };
     let handle = Arc::new(StreamHandle {
         pool: cfg.pool.clone(),
@@ -879,7 +880,7 @@ where
         Ok(r) => r,
         Err(e) => {
             props.add_response_flags(response_flags::UPSTREAM_CONNECTION_FAILURE);
-            return Err(e);
+            return Err(ServiceError(e));
         }
     };
 
