@@ -476,25 +476,52 @@ impl Drop for StreamHandle {
 /// headers without `Host` (it is `:authority`, as in Envoy).
 fn request_map(parts: &http::request::Parts, mtls: bool) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(parts.headers.len() + 4, map_room(&parts.headers));
-    h.add(b":method", parts.method.as_str().as_bytes());
-    let scheme = parts
-        .uri
-        .scheme_str()
-        .unwrap_or(if mtls { "https" } else { "http" });
-    h.add(b":scheme", scheme.as_bytes());
-    if let Some(a) = parts.uri.authority() {
-        h.add(b":authority", a.as_str().as_bytes());
-    } else if let Some(host) = parts.headers.get(http::header::HOST) {
-        h.add(b":authority", host.as_bytes());
+    let p = Pseudo::of(parts, mtls);
+    h.add(b":method", p.method);
+    h.add(b":scheme", p.scheme);
+    if let Some(a) = p.authority {
+        h.add(b":authority", a);
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    h.add(b":path", path.as_bytes());
+    h.add(b":path", p.path);
     for (k, v) in &parts.headers {
         if k != http::header::HOST {
             h.add(k.as_str().as_bytes(), v.as_bytes());
         }
     }
     h
+}
+
+/// The pseudo-headers [`request_map`] shows for a request: `:authority`
+/// from the URI or `Host` (absent when neither), the scheme from the URI
+/// or the connection.
+struct Pseudo<'a> {
+    method: &'a [u8],
+    scheme: &'a [u8],
+    authority: Option<&'a [u8]>,
+    path: &'a [u8],
+}
+
+impl<'a> Pseudo<'a> {
+    fn of(parts: &'a http::request::Parts, mtls: bool) -> Self {
+        let scheme = parts
+            .uri
+            .scheme_str()
+            .unwrap_or(if mtls { "https" } else { "http" });
+        let authority = match parts.uri.authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => parts.headers.get(http::header::HOST).map(|h| h.as_bytes()),
+        };
+        Self {
+            method: parts.method.as_str().as_bytes(),
+            scheme: scheme.as_bytes(),
+            authority,
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        }
+    }
 }
 
 /// Room for the names and values of `h` and what filters usually add (the
@@ -621,19 +648,11 @@ fn apply_edit(edit: Edit, map: &HeaderMap, headers: &mut http::HeaderMap) {
 fn apply_request(map: &HeaderMap, parts: &mut http::request::Parts, mtls: bool) -> bool {
     // The pseudo-headers as `request_map` wrote them, and no `host` of a
     // filter's own: only the regular headers' edit to apply.
-    let scheme = parts
-        .uri
-        .scheme_str()
-        .unwrap_or(if mtls { "https" } else { "http" });
-    let authority = match parts.uri.authority() {
-        Some(a) => Some(a.as_str().as_bytes()),
-        None => parts.headers.get(http::header::HOST).map(|h| h.as_bytes()),
-    };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    if map.get(b":method") == Some(parts.method.as_str().as_bytes())
-        && map.get(b":scheme") == Some(scheme.as_bytes())
-        && map.get(b":authority") == authority
-        && map.get(b":path") == Some(path.as_bytes())
+    let p = Pseudo::of(parts, mtls);
+    if map.get(b":method") == Some(p.method)
+        && map.get(b":scheme") == Some(p.scheme)
+        && map.get(b":authority") == p.authority
+        && map.get(b":path") == Some(p.path)
         && map.get(b"host").is_none()
     {
         let edit = edit_of(&parts.headers, true, map);

@@ -51,28 +51,10 @@ proxy_wasm::main! {{
 
 #[link(wasm_import_module = "env")]
 extern "C" {
-    fn proxy_get_header_map_value(
-        map: u32,
-        key: *const u8,
-        key_len: usize,
-        out: *mut *const u8,
-        out_len: *mut usize,
-    ) -> u32;
+    fn proxy_get_header_map_value(map: u32, key: *const u8, key_len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
     fn proxy_log(level: u32, msg: *const u8, len: usize) -> u32;
-    fn proxy_get_property(
-        path: *const u8,
-        len: usize,
-        out: *mut *const u8,
-        out_len: *mut usize,
-    ) -> u32;
-    fn proxy_call_foreign_function(
-        name: *const u8,
-        name_len: usize,
-        args: *const u8,
-        args_len: usize,
-        out: *mut *const u8,
-        out_len: *mut usize,
-    ) -> u32;
+    fn proxy_get_property(path: *const u8, len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
+    fn proxy_call_foreign_function(name: *const u8, name_len: usize, args: *const u8, args_len: usize, out: *mut *const u8, out_len: *mut usize) -> u32;
     fn proxy_get_header_map_size(map: u32, size: *mut usize) -> u32;
     fn proxy_get_buffer_status(buffer: u32, len: *mut usize, flags: *mut u32) -> u32;
     fn proxy_get_log_level(level: *mut u32) -> u32;
@@ -102,17 +84,7 @@ extern "C" {
     fn fd_seek(fd: i32, offset: i64, whence: i32, new_offset: *mut u64) -> i32;
     fn fd_tell(fd: i32, offset: *mut u64) -> i32;
     fn path_filestat_get(fd: i32, flags: i32, path: *const u8, len: i32, buf: *mut u8) -> i32;
-    fn path_open(
-        fd: i32,
-        dirflags: i32,
-        path: *const u8,
-        len: i32,
-        oflags: i32,
-        base: i64,
-        inheriting: i64,
-        fdflags: i32,
-        opened: *mut u32,
-    ) -> i32;
+    fn path_open(fd: i32, dirflags: i32, path: *const u8, len: i32, oflags: i32, base: i64, inheriting: i64, fdflags: i32, opened: *mut u32) -> i32;
     fn poll_oneoff(subs: *const u8, events: *mut u8, n: i32, nevents: *mut u32) -> i32;
     fn sched_yield() -> i32;
     fn random_get(buf: *mut u8, len: i32) -> i32;
@@ -128,43 +100,22 @@ struct Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        _token: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        let body = self
-            .get_http_call_response_body(0, body_size)
-            .unwrap_or_default();
-        log::info!(
-            "root got callout response: {}",
-            String::from_utf8_lossy(&body)
-        );
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        log::info!("root got callout response: {}", String::from_utf8_lossy(&body));
     }
 }
 
 impl Root {
     /// The root-level properties Istio's filters read, as one log line.
     fn log_root_properties(&self, callback: &str) {
-        let text = |path: Vec<&str>| {
-            self.get_property(path)
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
-                .unwrap_or_else(|| "none".into())
-        };
+        let text = |path: Vec<&str>| self.get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "none".into());
         let direction = self
             .get_property(vec!["listener_direction"])
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(|b| i64::from_le_bytes(b).to_string())
             .unwrap_or_else(|| "none".into());
-        log::info!(
-            "root properties in {}: node.id={} namespace={} listener_direction={}",
-            callback,
-            text(vec!["node", "id"]),
-            text(vec!["node", "metadata", "NAMESPACE"]),
-            direction
-        );
+        log::info!("root properties in {}: node.id={} namespace={} listener_direction={}", callback, text(vec!["node", "id"]), text(vec!["node", "metadata", "NAMESPACE"]), direction);
     }
 }
 
@@ -172,11 +123,7 @@ impl RootContext for Root {
     fn on_vm_start(&mut self, vm_configuration_size: usize) -> bool {
         self.log_root_properties("on_vm_start");
         let vm = self.get_vm_configuration().unwrap_or_default();
-        log::info!(
-            "vm start: {} bytes of vm configuration: {}",
-            vm_configuration_size,
-            String::from_utf8_lossy(&vm)
-        );
+        log::info!("vm start: {} bytes of vm configuration: {}", vm_configuration_size, String::from_utf8_lossy(&vm));
         true
     }
 
@@ -185,27 +132,15 @@ impl RootContext for Root {
         self.log_root_properties("on_configure");
         log::info!("configure: {}", String::from_utf8_lossy(&self.config));
         let vm = self.get_vm_configuration().unwrap_or_default();
-        log::info!(
-            "vm configuration during configure: {}",
-            String::from_utf8_lossy(&vm)
-        );
-        if self.config.starts_with(b"reject-empty")
-            || self.config.is_empty()
-                && self.get_property(vec!["plugin_root_id"]).as_deref() == Some(b"reject-empty")
-        {
+        log::info!("vm configuration during configure: {}", String::from_utf8_lossy(&vm));
+        if self.config.starts_with(b"reject-empty") || self.config.is_empty() && self.get_property(vec!["plugin_root_id"]).as_deref() == Some(b"reject-empty") {
             return false;
         }
-        self.counter = hostcalls::define_metric(MetricType::Counter, "conformance_requests_total")
-            .unwrap_or(0);
-        self.gauge = hostcalls::define_metric(MetricType::Gauge, "conformance_last_header_count")
-            .unwrap_or(0);
-        self.histogram =
-            hostcalls::define_metric(MetricType::Histogram, "conformance_body_bytes").unwrap_or(0);
+        self.counter = hostcalls::define_metric(MetricType::Counter, "conformance_requests_total").unwrap_or(0);
+        self.gauge = hostcalls::define_metric(MetricType::Gauge, "conformance_last_header_count").unwrap_or(0);
+        self.histogram = hostcalls::define_metric(MetricType::Histogram, "conformance_body_bytes").unwrap_or(0);
         self.queue = if self.config.starts_with(b"producer") {
-            hostcalls::resolve_shared_queue("", "conformance")
-                .ok()
-                .flatten()
-                .unwrap_or(0)
+            hostcalls::resolve_shared_queue("", "conformance").ok().flatten().unwrap_or(0)
         } else {
             hostcalls::register_shared_queue("conformance").unwrap_or(0)
         };
@@ -228,22 +163,11 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let passive = self.config.starts_with(b"passive");
-        Some(Box::new(Http {
-            id: context_id,
-            counter: self.counter,
-            gauge: self.gauge,
-            histogram: self.histogram,
-            queue: self.queue,
-            passive,
-            mode: None,
-        }))
+        Some(Box::new(Http { id: context_id, counter: self.counter, gauge: self.gauge, histogram: self.histogram, queue: self.queue, passive, mode: None }))
     }
 
     fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(Box::new(Tcp {
-            id: context_id,
-            bytes: 0,
-        }))
+        Some(Box::new(Tcp { id: context_id, bytes: 0 }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -278,38 +202,16 @@ impl Http {
         let mut out: *const u8 = core::ptr::null();
         let mut len: usize = 0;
         let s1 = unsafe { proxy_get_header_map_value(0, bad, 64, &mut out, &mut len) };
-        let s2 = unsafe {
-            proxy_get_header_map_value(
-                0,
-                b":path".as_ptr(),
-                5,
-                0xffff_fff0usize as *mut *const u8,
-                &mut len,
-            )
-        };
+        let s2 = unsafe { proxy_get_header_map_value(0, b":path".as_ptr(), 5, 0xffff_fff0usize as *mut *const u8, &mut len) };
         let s3 = unsafe { proxy_log(2, bad, 1 << 20) };
         let s4 = unsafe { proxy_get_property(bad, 8, &mut out, &mut len) };
-        log::warn!(
-            "bad-pointer statuses: {} {} {} {}",
-            status_of(s1),
-            status_of(s2),
-            status_of(s3),
-            status_of(s4)
-        );
+        log::warn!("bad-pointer statuses: {} {} {} {}", status_of(s1), status_of(s2), status_of(s3), status_of(s4));
     }
 }
 
 impl Context for Http {
-    fn on_http_call_response(
-        &mut self,
-        _token: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        let body = self
-            .get_http_call_response_body(0, body_size)
-            .unwrap_or_default();
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
         self.set_http_request_header("x-callout-body", Some(&String::from_utf8_lossy(&body)));
         self.resume_http_request();
     }
@@ -318,49 +220,19 @@ impl Context for Http {
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
         let path = self.get_http_request_header(":path").unwrap_or_default();
-        log::info!(
-            "#{} request headers: {} headers, path {}, end_of_stream {}",
-            self.id,
-            num_headers,
-            path,
-            end_of_stream
-        );
+        log::info!("#{} request headers: {} headers, path {}, end_of_stream {}", self.id, num_headers, path, end_of_stream);
         let _ = hostcalls::increment_metric(self.counter, 1);
         let _ = hostcalls::record_metric(self.gauge, num_headers as u64);
-        let root_id = self
-            .get_property(vec!["plugin_root_id"])
-            .unwrap_or_default();
-        let node = self
-            .get_property(vec!["node", "id"])
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_else(|| "none".into());
-        self.set_http_request_header(
-            "x-conformance-seen",
-            Some(&format!(
-                "root={};node={}",
-                String::from_utf8_lossy(&root_id),
-                node
-            )),
-        );
+        let root_id = self.get_property(vec!["plugin_root_id"]).unwrap_or_default();
+        let node = self.get_property(vec!["node", "id"]).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_else(|| "none".into());
+        self.set_http_request_header("x-conformance-seen", Some(&format!("root={};node={}", String::from_utf8_lossy(&root_id), node)));
         self.set_property(vec!["conformance", "seen"], Some(path.as_bytes()));
         let (old, cas) = self.get_shared_data("requests");
-        let n = old
-            .map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0))
-            .unwrap_or(0)
-            + 1;
+        let n = old.map(|v| String::from_utf8_lossy(&v).parse::<u64>().unwrap_or(0)).unwrap_or(0) + 1;
         let _ = self.set_shared_data("requests", Some(n.to_string().as_bytes()), cas);
         // A foreign function nobody registered: NOT_FOUND, with NULL results.
         let name = b"conformance_unknown";
-        let ff = unsafe {
-            proxy_call_foreign_function(
-                name.as_ptr(),
-                name.len(),
-                core::ptr::null(),
-                0,
-                core::ptr::null_mut(),
-                core::ptr::null_mut(),
-            )
-        };
+        let ff = unsafe { proxy_call_foreign_function(name.as_ptr(), name.len(), core::ptr::null(), 0, core::ptr::null_mut(), core::ptr::null_mut()) };
         log::debug!("foreign function status {}", ff);
         if self.passive {
             self.set_http_request_header("x-passive-seen", Some(&self.id.to_string()));
@@ -369,11 +241,7 @@ impl HttpContext for Http {
         self.mode = self.get_http_request_header("x-conformance");
         match self.mode.as_deref() {
             Some("local-response") => {
-                self.send_http_response(
-                    403,
-                    vec![("x-denied-by", "conformance")],
-                    Some(b"denied by conformance filter"),
-                );
+                self.send_http_response(403, vec![("x-denied-by", "conformance")], Some(b"denied by conformance filter"));
                 Action::Pause
             }
             Some("trap") => panic!("conformance filter asked to trap"),
@@ -396,17 +264,7 @@ impl HttpContext for Http {
             }
             Some("pause") => Action::Pause,
             Some("callout") => {
-                match self.dispatch_http_call(
-                    "upstream",
-                    vec![
-                        (":method", "GET"),
-                        (":path", "/callout"),
-                        (":authority", "upstream"),
-                    ],
-                    None,
-                    vec![],
-                    Duration::from_secs(1),
-                ) {
+                match self.dispatch_http_call("upstream", vec![(":method", "GET"), (":path", "/callout"), (":authority", "upstream")], None, vec![], Duration::from_secs(1)) {
                     Ok(token) => log::info!("callout dispatched with token {}", token),
                     Err(e) => log::error!("callout failed: {:?}", e),
                 }
@@ -425,13 +283,7 @@ impl HttpContext for Http {
                 // std seeds RandomState from random_get.
                 let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
                 hasher.write(b"conformance");
-                log::info!(
-                    "wasi: {} env vars, realtime {} s, monotonic ok {}, random {:016x}",
-                    vars,
-                    realtime,
-                    monotonic_ok,
-                    hasher.finish()
-                );
+                log::info!("wasi: {} env vars, realtime {} s, monotonic ok {}, random {:016x}", vars, realtime, monotonic_ok, hasher.finish());
                 Action::Continue
             }
             #[cfg(target_os = "wasi")]
@@ -446,13 +298,7 @@ impl HttpContext for Http {
                 // Buffer 0 is the request body: not available during headers.
                 let s2 = unsafe { proxy_get_buffer_status(0, &mut len, &mut flags) };
                 let s3 = unsafe { proxy_get_header_map_size(99, &mut size) };
-                log::info!(
-                    "abi-corners: map_size={} status={} buffer_status={} bad_map={}",
-                    size,
-                    s1,
-                    s2,
-                    s3
-                );
+                log::info!("abi-corners: map_size={} status={} buffer_status={} bad_map={}", size, s1, s2, s3);
                 Action::Continue
             }
             Some("log-level") => {
@@ -479,22 +325,8 @@ impl HttpContext for Http {
             return Action::Pause;
         }
         if self.mode.as_deref() == Some("pause-body") {
-            log::info!(
-                "#{} body of {} bytes paused for a callout",
-                self.id,
-                body_size
-            );
-            let _ = self.dispatch_http_call(
-                "upstream",
-                vec![
-                    (":method", "GET"),
-                    (":path", "/body"),
-                    (":authority", "upstream"),
-                ],
-                None,
-                vec![],
-                Duration::from_secs(1),
-            );
+            log::info!("#{} body of {} bytes paused for a callout", self.id, body_size);
+            let _ = self.dispatch_http_call("upstream", vec![(":method", "GET"), (":path", "/body"), (":authority", "upstream")], None, vec![], Duration::from_secs(1));
             return Action::Pause;
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
@@ -513,9 +345,7 @@ impl HttpContext for Http {
         let status = self.get_http_response_header(":status").unwrap_or_default();
         self.set_http_response_header("x-upstream-status", Some(&status));
         self.set_http_response_header("server", None);
-        let seen = self
-            .get_property(vec!["conformance", "seen"])
-            .unwrap_or_default();
+        let seen = self.get_property(vec!["conformance", "seen"]).unwrap_or_default();
         self.add_http_response_header("x-seen-path", &String::from_utf8_lossy(&seen));
         Action::Continue
     }
@@ -586,10 +416,7 @@ fn wasi_corners() -> String {
     unsafe {
         push("args_sizes_get", args_sizes_get(&mut a, &mut b));
         push("args_count", a as i32);
-        push(
-            "args_get",
-            args_get(buf.as_mut_ptr() as *mut u32, buf.as_mut_ptr()),
-        );
+        push("args_get", args_get(buf.as_mut_ptr() as *mut u32, buf.as_mut_ptr()));
         push("clock_res_get_realtime", clock_res_get(0, &mut word));
         push("clock_res", word as i32);
         push("clock_res_get_process", clock_res_get(2, &mut word));
@@ -605,10 +432,7 @@ fn wasi_corners() -> String {
         push("fd_pwrite", fd_pwrite(1, iov.as_ptr(), 1, 0, &mut a));
         push("fd_pwrite_bytes", a as i32);
         push("fd_prestat_get", fd_prestat_get(3, buf.as_mut_ptr()));
-        push(
-            "fd_prestat_dir_name",
-            fd_prestat_dir_name(3, buf.as_mut_ptr(), 8),
-        );
+        push("fd_prestat_dir_name", fd_prestat_dir_name(3, buf.as_mut_ptr(), 8));
         push("fd_read", fd_read(0, read_iov.as_ptr(), 1, &mut a));
         push("fd_readdir", fd_readdir(3, buf.as_mut_ptr(), 64, 0, &mut a));
         push("fd_renumber", fd_renumber(1, 2));
@@ -617,26 +441,14 @@ fn wasi_corners() -> String {
         push("fd_tell", fd_tell(1, &mut word));
         push("fd_tell_offset", word as i32);
         let path = b"/etc/passwd";
-        push(
-            "path_filestat_get",
-            path_filestat_get(3, 0, path.as_ptr(), path.len() as i32, buf.as_mut_ptr()),
-        );
-        push(
-            "path_open",
-            path_open(3, 0, path.as_ptr(), path.len() as i32, 0, 0, 0, 0, &mut a),
-        );
+        push("path_filestat_get", path_filestat_get(3, 0, path.as_ptr(), path.len() as i32, buf.as_mut_ptr()));
+        push("path_open", path_open(3, 0, path.as_ptr(), path.len() as i32, 0, 0, 0, 0, &mut a));
         a = 7;
-        push(
-            "poll_oneoff",
-            poll_oneoff(buf.as_ptr(), buf.as_mut_ptr(), 0, &mut a),
-        );
+        push("poll_oneoff", poll_oneoff(buf.as_ptr(), buf.as_mut_ptr(), 0, &mut a));
         push("poll_events", a as i32);
         push("sched_yield", sched_yield());
         let mut big = vec![0u8; 64 * 1024 + 1];
-        push(
-            "random_get_too_big",
-            random_get(big.as_mut_ptr(), big.len() as i32),
-        );
+        push("random_get_too_big", random_get(big.as_mut_ptr(), big.len() as i32));
         push("random_get", random_get(big.as_mut_ptr(), 16));
     }
     out.join(" ")
