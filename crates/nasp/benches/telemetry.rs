@@ -16,8 +16,10 @@
 //! Cases per runtime: `outbound` (the client's chain alone, the server with
 //! no filters), `inbound` (the server's alone), `pair` (both), and
 //! `lean_plugin` (outbound, `filters/headers` alone: what any one plugin
-//! costs); `none` (both layers empty) is the baseline. The chain's cost is
-//! `case − none`.
+//! costs), `noop_x1` and `noop_x2` (outbound, one or two plugins that do
+//! nothing in any callback: the filter layer's fixed cost, and what one
+//! more module's callback entries add); `none` (both layers empty) is the
+//! baseline. The chain's cost is `case − none`.
 //! Run with `cargo bench -p nasp --bench telemetry` (or `cargo xtask bench
 //! telemetry`); results in docs/benchmarks.md.
 
@@ -51,6 +53,26 @@ fn workload(name: &str, ns: &str, ip: &str) -> Arc<NodeProperties> {
     };
     Arc::new(NodeProperties::from_settings(&s))
 }
+
+/// A plugin that does nothing in every stream callback: what the filter
+/// layer and the callbacks' entries cost, without any host call.
+const NOOP: &str = r#"(module
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 4096))
+    (func (export "proxy_abi_version_0_2_1"))
+    (func (export "malloc") (param i32) (result i32)
+      (local i32) global.get $heap local.set 1
+      global.get $heap local.get 0 i32.add global.set $heap local.get 1)
+    (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
+    (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+    (func (export "proxy_on_context_create") (param i32 i32))
+    (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) i32.const 0)
+    (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) i32.const 0)
+    (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) i32.const 0)
+    (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) i32.const 0)
+    (func (export "proxy_on_done") (param i32) (result i32) i32.const 1)
+    (func (export "proxy_on_log") (param i32))
+    (func (export "proxy_on_delete") (param i32)))"#;
 
 /// `filters/headers`, built by `cargo xtask build-filters`.
 fn lean_filter() -> Vec<u8> {
@@ -265,6 +287,24 @@ fn bench(c: &mut Criterion) {
             format!("{runtime}/lean_plugin"),
             pair(Arc::new(one), empty(), &web, &echo),
         );
+        let noop = WasmModule::new(
+            nasp::wasm::shared_runtime(runtime)
+                .expect("runtime")
+                .as_ref(),
+            &wat::parse_str(NOOP).expect("wat"),
+        )
+        .expect("compiles");
+        for n in [1usize, 2] {
+            let plugins: Vec<_> = (0..n)
+                .map(|i| (noop.clone(), PluginConfig::new(format!("noop{i}"))))
+                .collect();
+            let chain = ChainPool::from_plugins(1, &plugins, &quiet_env()).expect("instantiates");
+            run(
+                &mut g,
+                format!("{runtime}/noop_x{n}"),
+                pair(Arc::new(chain), empty(), &web, &echo),
+            );
+        }
     }
     g.finish();
 }
