@@ -38,7 +38,9 @@
 //!   benchmark (nasp's mesh HTTP path against a plain hyper + rustls pair,
 //!   and the idle RSS of a `Mesh` per runtime); arguments after
 //!   `transport` go to it (`--warm S --measure S --rounds N --no-rss
-//!   --rss-only`). Neither is part of `test`: numbers from a shared CI
+//!   --rss-only`). `bench telemetry --instructions [CASE...]` counts the
+//!   telemetry cases' instructions per request under callgrind instead
+//!   (machine-independent; see `telemetry_instructions`). Neither is part of `test`: numbers from a shared CI
 //!   machine would be noise, and they take minutes.
 //! - `codegen`: regenerates the checked-in protobuf code.
 //! - `cross <target>` (`aarch64-unknown-linux-gnu`): installs the target
@@ -1217,6 +1219,11 @@ fn bench(args: &[String]) -> Result<(), String> {
             .args(["bench", "-p", "nasp-transport", "--bench", "policy", "--"])
             .args(&args[1..]));
     }
+    if args.first().map(String::as_str) == Some("telemetry")
+        && args.get(1).map(String::as_str) == Some("--instructions")
+    {
+        return telemetry_instructions(&root, &args[2..]);
+    }
     if args.first().map(String::as_str) == Some("telemetry") {
         return run(cargo()
             .current_dir(&root)
@@ -1251,6 +1258,125 @@ fn bench(args: &[String]) -> Result<(), String> {
     run(cargo()
         .current_dir(&root)
         .args(["bench", "-p", "nasp-transport", "--bench", "policy"]))
+}
+
+/// The telemetry bench's cases `bench telemetry --instructions` counts when
+/// given none.
+const INSTRUCTION_CASES: [&str; 11] = [
+    "none",
+    "wasmtime/outbound",
+    "wasmtime/inbound",
+    "wasmtime/pair",
+    "wasmtime/noop_x1",
+    "wasmi/outbound",
+    "wasmi/inbound",
+    "wasmi/noop_x1",
+    "wasm3/outbound",
+    "wasm3/inbound",
+    "wasm3/noop_x1",
+];
+
+/// `bench telemetry --instructions [CASE...]`: instructions per request of
+/// the telemetry bench's cases, counted by callgrind, and each case's cost
+/// over `none` in units of `none`. Each case runs twice under callgrind in
+/// the bench's plain-loop mode (`NASP_BENCH_ITERS`), 100 and 600 requests,
+/// and the difference is divided by 500: set-up (compiling, instantiating,
+/// the first request's caches) cancels out. The counts are the same on any
+/// x86-64 machine for the same build; times move by 2× between machines.
+fn telemetry_instructions(root: &Path, cases: &[String]) -> Result<(), String> {
+    const FEW: u64 = 100;
+    const MANY: u64 = 600;
+    let exe = bench_executable(root, "nasp", "telemetry")?;
+    let cases: Vec<String> = if cases.is_empty() {
+        INSTRUCTION_CASES.iter().map(|c| c.to_string()).collect()
+    } else {
+        cases.to_vec()
+    };
+    let dir = root.join("target").join("callgrind");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let count = |case: &str, n: u64| -> Result<u64, String> {
+        // Only the case's runtime is set up ("none" matches no runtime).
+        let runtime = case.split_once('/').map_or("none", |(r, _)| r);
+        let out = dir.join(format!("{}.{n}.out", case.replace('/', "_")));
+        let log = dir.join(format!("{}.{n}.log", case.replace('/', "_")));
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let status = Command::new("valgrind")
+            .current_dir(root.join("crates/nasp"))
+            .env("NASP_BENCH_ITERS", n.to_string())
+            .env("NASP_BENCH_CASE", case)
+            .env("NASP_BENCH_RUNTIMES", runtime)
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", out.display()))
+            .arg(&exe)
+            .arg("--bench")
+            .stdout(log_file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log_file)
+            .status()
+            .map_err(|e| format!("cannot run valgrind: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "{case}: valgrind failed ({status}); see {}",
+                log.display()
+            ));
+        }
+        let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("summary: ")
+                    .or_else(|| l.strip_prefix("totals: "))
+            })
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| format!("{}: no instruction total", out.display()))
+    };
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for case in &cases {
+        let (few, many) = (count(case, FEW)?, count(case, MANY)?);
+        let per = many.saturating_sub(few) as f64 / (MANY - FEW) as f64;
+        eprintln!("xtask: {case}: {per:.0} instructions per request");
+        rows.push((case.clone(), per));
+    }
+    let none = rows.iter().find(|(c, _)| c == "none").map(|r| r.1);
+    println!("| case | instructions per request | (case − none) / none |");
+    println!("|---|---|---|");
+    for (case, per) in &rows {
+        let ratio = match none {
+            Some(b) if b > 0.0 && case != "none" => format!("{:.2}", (per - b) / b),
+            _ => "".into(),
+        };
+        println!("| {case} | {per:.0} | {ratio} |");
+    }
+    Ok(())
+}
+
+/// Builds bench `bench` of `package` (release) and returns its executable.
+fn bench_executable(root: &Path, package: &str, bench: &str) -> Result<PathBuf, String> {
+    let out = cargo()
+        .current_dir(root)
+        .args([
+            "bench",
+            "-p",
+            package,
+            "--bench",
+            bench,
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("building bench {bench} failed ({})", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let name = format!("\"name\":\"{bench}\"");
+    text.lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&name))
+        .find_map(|l| {
+            let rest = &l[l.find("\"executable\":\"")? + 14..];
+            Some(PathBuf::from(&rest[..rest.find('"')?]))
+        })
+        .ok_or_else(|| format!("cargo named no executable for bench {bench}"))
 }
 
 /// The main job: the embedded control plane (CA + ADS from the example mesh

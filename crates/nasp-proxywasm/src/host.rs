@@ -98,6 +98,10 @@ pub(crate) struct AbiHost {
     /// Callout tokens this VM issued that may still get an answer.
     pub callouts: HashSet<u32>,
     monotonic_base: Instant,
+    /// A header value on its way to the guest, reused across calls (a
+    /// fresh `Vec` per `proxy_get_header_map_value` was a visible share of
+    /// a chain's allocations).
+    scratch: Vec<u8>,
 }
 
 /// Callout tokens come from one counter for the whole process, so a token
@@ -125,6 +129,7 @@ impl AbiHost {
             stop_iteration: false,
             callouts: HashSet::new(),
             monotonic_base: Instant::now(),
+            scratch: Vec::new(),
         }
     }
 
@@ -147,8 +152,13 @@ pub(crate) mod mem {
     use super::*;
 
     pub fn slice(g: &mut dyn Guest, ptr: i32, len: i32) -> Result<&[u8], ()> {
+        at(g.memory(), ptr, len)
+    }
+
+    /// `len` bytes at `ptr` of memory already looked up: several ranges
+    /// (a header's name and value) can be borrowed at once, with no copy.
+    pub fn at(m: &[u8], ptr: i32, len: i32) -> Result<&[u8], ()> {
         let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
-        let m = g.memory();
         let end = ptr.checked_add(len).ok_or(())?;
         m.get(ptr..end).ok_or(())
     }
@@ -356,7 +366,7 @@ impl AbiHost {
     /// callback by Istio's filters, so the path is borrowed, not split into
     /// owned segments (they are held on the stack), and filter-state keys
     /// are matched against it in place ([`dotted_get`]).
-    fn property(&self, raw: &[u8]) -> Option<Vec<u8>> {
+    fn property(&self, raw: &[u8]) -> Option<PropertyValue> {
         let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
         // Paths are ASCII in practice: the strict check is the fast one.
         let text = match std::str::from_utf8(raw) {
@@ -371,17 +381,17 @@ impl AbiHost {
         if let Some(s) = self.stream() {
             let s = lock(s);
             if let Some(v) = dotted_get(&s.filter_state, &text) {
-                return Some(v.clone());
+                return Some(PropertyValue::Bytes(v.clone()));
             }
             stream_provider = s.provider.clone();
         }
         if let Some(v) = dotted_get(&self.root_filter_state, &text) {
-            return Some(v.clone());
+            return Some(PropertyValue::Bytes(v.clone()));
         }
         match &*text {
-            "plugin_name" => return Some(self.info.name.clone().into_bytes()),
-            "plugin_root_id" => return Some(self.info.root_id.clone().into_bytes()),
-            "plugin_vm_id" => return Some(self.info.vm_id.clone().into_bytes()),
+            "plugin_name" => return Some(self.info.name.as_str().into()),
+            "plugin_root_id" => return Some(self.info.root_id.as_str().into()),
+            "plugin_vm_id" => return Some(self.info.vm_id.as_str().into()),
             _ => {}
         }
         // Paths have a handful of segments: held on the stack, not in a Vec.
@@ -407,7 +417,6 @@ impl AbiHost {
         stream_provider
             .and_then(|p| p.property(refs))
             .or_else(|| self.plugin_properties.as_ref()?.property(refs))
-            .map(PropertyValue::into_bytes)
     }
 
     fn next_token(&mut self, kind: u32) -> u32 {
@@ -699,26 +708,39 @@ impl HostHandler for AbiHost {
                     Err(s) => st(s),
                 }
             }
+            // The header calls borrow names and values where they are in
+            // the guest's memory (the maps live in the stream's state, not
+            // there), and a value read goes out through one reused buffer.
             HostFn::GetHeaderMapValue => {
-                let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
-                match self.with_map(arg(a, 0), |m| m.get(&key).map(<[u8]>::to_vec)) {
-                    Ok(Some(v)) => self.copy_out(g, &v, arg(a, 3), arg(a, 4)),
-                    Ok(None) if self.abi == AbiVersion::V0_1_0 => {
+                let mut out = std::mem::take(&mut self.scratch);
+                out.clear();
+                let found = {
+                    let key = try_mem!(mem::slice(g, arg(a, 1), arg(a, 2)));
+                    self.with_map(arg(a, 0), |m| {
+                        m.get(key).map(|v| out.extend_from_slice(v)).is_some()
+                    })
+                };
+                let r = match found {
+                    Ok(true) => self.copy_out(g, &out, arg(a, 3), arg(a, 4)),
+                    Ok(false) if self.abi == AbiVersion::V0_1_0 => {
                         self.copy_out(g, &[], arg(a, 3), arg(a, 4))
                     }
-                    Ok(None) => st(status::NOT_FOUND),
+                    Ok(false) => st(status::NOT_FOUND),
                     Err(s) => st(s),
-                }
+                };
+                self.scratch = out;
+                r
             }
             HostFn::AddHeaderMapValue | HostFn::ReplaceHeaderMapValue => {
-                let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
-                let value = try_mem!(mem::read(g, arg(a, 3), arg(a, 4)));
+                let m = g.memory();
+                let key = try_mem!(mem::at(m, arg(a, 1), arg(a, 2)));
+                let value = try_mem!(mem::at(m, arg(a, 3), arg(a, 4)));
                 let replace = f == HostFn::ReplaceHeaderMapValue;
                 match self.with_map(arg(a, 0), |m| {
                     if replace {
-                        m.replace(&key, &value)
+                        m.replace(key, value)
                     } else {
-                        m.add(&key, &value)
+                        m.add(key, value)
                     }
                 }) {
                     Ok(()) => st(status::OK),
@@ -726,8 +748,8 @@ impl HostHandler for AbiHost {
                 }
             }
             HostFn::RemoveHeaderMapValue => {
-                let key = try_mem!(mem::read(g, arg(a, 1), arg(a, 2)));
-                match self.with_map(arg(a, 0), |m| m.remove(&key)) {
+                let key = try_mem!(mem::slice(g, arg(a, 1), arg(a, 2)));
+                match self.with_map(arg(a, 0), |m| m.remove(key)) {
                     Ok(()) => st(status::OK),
                     Err(s) => st(s),
                 }
@@ -749,7 +771,7 @@ impl HostHandler for AbiHost {
                     }
                 };
                 match self.property(path) {
-                    Some(v) => self.copy_out(g, &v, arg(a, 2), arg(a, 3)),
+                    Some(v) => v.with_bytes(|b| self.copy_out(g, b, arg(a, 2), arg(a, 3))),
                     None => st(status::NOT_FOUND),
                 }
             }

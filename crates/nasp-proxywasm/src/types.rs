@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 pub struct HeaderMap {
     buf: Vec<u8>,
     entries: Vec<Entry>,
+    /// True from [`Self::mark_untouched`] until the next change.
+    untouched: bool,
 }
 
 /// Where one entry's name and value are in [`HeaderMap::buf`].
@@ -58,7 +60,20 @@ impl HeaderMap {
         Self {
             buf: Vec::with_capacity(bytes),
             entries: Vec::with_capacity(entries),
+            untouched: false,
         }
+    }
+    /// Marks the map as it is now: [`Self::is_untouched`] holds until a
+    /// value is added, replaced or removed, or the map is replaced. An
+    /// embedder that built the map from its own headers can skip comparing
+    /// them afterwards when no filter changed it.
+    pub fn mark_untouched(&mut self) {
+        self.untouched = true;
+    }
+    /// No change since [`Self::mark_untouched`] (false for a map never
+    /// marked).
+    pub fn is_untouched(&self) -> bool {
+        self.untouched
     }
     /// Builds a map from string pairs.
     pub fn from_pairs<K: AsRef<[u8]>, V: AsRef<[u8]>>(
@@ -126,6 +141,7 @@ impl HeaderMap {
     /// pseudo-headers, before every regular header, as HTTP/2 requires and
     /// Envoy's header map keeps them.
     pub fn add(&mut self, name: &[u8], value: &[u8]) {
+        self.untouched = false;
         let entry = self.push(name, value, true);
         if name.first() == Some(&b':') {
             let at = self
@@ -141,6 +157,7 @@ impl HeaderMap {
     /// Replaces all values of `name` by one, in the place of the first (or
     /// adds it).
     pub fn replace(&mut self, name: &[u8], value: &[u8]) {
+        self.untouched = false;
         match self
             .entries
             .iter()
@@ -165,9 +182,14 @@ impl HeaderMap {
     }
     /// Removes all values of `name`.
     pub fn remove(&mut self, name: &[u8]) {
-        let buf = &self.buf;
+        let (buf, before) = (&self.buf, self.entries.len());
         self.entries
             .retain(|e| !buf[e.name.0..e.name.0 + e.name.1].eq_ignore_ascii_case(name));
+        // Removing a name that is not there changes nothing (the metadata
+        // exchange strips its headers from every request and response).
+        if self.entries.len() != before {
+            self.untouched = false;
+        }
     }
     /// Serialized with the proxy-wasm pairs encoding.
     pub fn serialize(&self) -> Vec<u8> {
@@ -175,6 +197,7 @@ impl HeaderMap {
     }
     /// Replaces the whole map (pseudo-headers moved first, in order).
     pub fn set_all(&mut self, pairs: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.untouched = false;
         self.buf.clear();
         self.entries.clear();
         let (pseudo, regular): (Vec<_>, Vec<_>) =
@@ -220,6 +243,19 @@ impl PropertyValue {
         match self {
             PropertyValue::Bytes(b) => b,
             other => other.serialize(),
+        }
+    }
+
+    /// Runs `f` over the bytes the guest receives: a number or a flag from
+    /// the stack, raw bytes where they are; only a map is encoded first.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            PropertyValue::Bytes(b) => f(b),
+            PropertyValue::Int(i) => f(&i.to_le_bytes()),
+            PropertyValue::Uint(u) => f(&u.to_le_bytes()),
+            PropertyValue::Double(d) => f(&d.to_le_bytes()),
+            PropertyValue::Bool(b) => f(&[u8::from(*b)]),
+            PropertyValue::Map(_) => f(&self.serialize()),
         }
     }
 
@@ -340,4 +376,39 @@ pub fn property_segments(raw: &[u8]) -> Vec<String> {
     raw.split(|b| *b == 0)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeaderMap;
+
+    fn marked() -> HeaderMap {
+        let mut m = HeaderMap::from_pairs([("x-a", "1"), ("x-b", "2")]);
+        assert!(!m.is_untouched(), "a map never marked counts as changed");
+        m.mark_untouched();
+        assert!(m.is_untouched());
+        m
+    }
+
+    #[test]
+    fn every_change_clears_the_untouched_mark_and_nothing_else_does() {
+        let m = marked();
+        let _ = (m.get(b"x-a"), m.len(), m.byte_size(), m.serialize());
+        assert!(m.is_untouched(), "reads are not changes");
+        assert!(m.clone().is_untouched(), "a copy keeps the mark");
+        let mut r = marked();
+        r.remove(b"x-absent");
+        assert!(r.is_untouched(), "removing a name that is not there");
+        for change in [
+            (|m: &mut HeaderMap| m.add(b"x-c", b"3")) as fn(&mut HeaderMap),
+            |m| m.replace(b"x-a", b"9"),
+            |m| m.replace(b"x-new", b"9"),
+            |m| m.remove(b"X-B"),
+            |m| m.set_all(vec![(b"x-a".to_vec(), b"1".to_vec())]),
+        ] {
+            let mut m = marked();
+            change(&mut m);
+            assert!(!m.is_untouched(), "{m:?}");
+        }
+    }
 }

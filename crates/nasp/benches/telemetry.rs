@@ -21,7 +21,17 @@
 //! more module's callback entries add); `none` (both layers empty) is the
 //! baseline. The chain's cost is `case − none`.
 //! Run with `cargo bench -p nasp --bench telemetry` (or `cargo xtask bench
-//! telemetry`); results in docs/benchmarks.md.
+//! telemetry`); results in docs/benchmarks.md. `NASP_BENCH_RUNTIMES=wasmtime`
+//! (a comma-separated list) sets up only those runtimes: criterion's name
+//! filter skips cases but not their set-up, whose first requests (wasmi
+//! compiles lazily) would otherwise land in a profile of the loop.
+//!
+//! Instruction counts (`cargo xtask bench telemetry --instructions`): with
+//! `NASP_BENCH_ITERS=N` and `NASP_BENCH_CASE=wasmtime/outbound` the bench
+//! sends that case's request N times in a plain loop instead of running
+//! criterion; xtask runs it under callgrind twice (two values of N), so the
+//! difference is N requests without any set-up, a count that does not move
+//! with the machine as times do.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -226,16 +236,39 @@ fn bench(c: &mut Criterion) {
             (status, body)
         })
     };
+    let counted = std::env::var("NASP_BENCH_ITERS")
+        .ok()
+        .map(|n| n.parse::<u64>().expect("NASP_BENCH_ITERS: a number"));
+    let case = std::env::var("NASP_BENCH_CASE").unwrap_or_default();
     let run = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, svc: BoxSvc| {
         // The application's answer, untouched, before and after.
         assert_eq!(
             once(&svc),
             (http::StatusCode::OK, Bytes::from_static(b"hello"))
         );
-        g.bench_function(name, |b| b.iter(|| std::hint::black_box(once(&svc))));
+        match counted {
+            Some(n) if name == case => {
+                for _ in 0..n {
+                    std::hint::black_box(once(&svc));
+                }
+            }
+            Some(_) => {}
+            None => {
+                g.bench_function(name, |b| b.iter(|| std::hint::black_box(once(&svc))));
+            }
+        }
     };
     run(&mut g, "none".into(), pair(empty(), empty(), &web, &echo));
-    for runtime in ["wasmtime", "wasmi", "wasm3"] {
+    let wanted = std::env::var("NASP_BENCH_RUNTIMES").ok();
+    let wanted = |r: &str| {
+        wanted
+            .as_deref()
+            .is_none_or(|w| w.split(',').any(|x| x.trim() == r))
+    };
+    for runtime in ["wasmtime", "wasmi", "wasm3"]
+        .into_iter()
+        .filter(|r| wanted(r))
+    {
         let (web_env, echo_env) = (quiet_env(), quiet_env());
         let out = pool(runtime, FilterDirection::Outbound, &web, &web_env);
         let inb = pool(runtime, FilterDirection::Inbound, &echo, &echo_env);

@@ -25,6 +25,7 @@ macro_rules! path {
 }
 
 pub mod base64;
+pub mod compare;
 pub mod config;
 #[cfg(target_arch = "wasm32")]
 pub mod host;
