@@ -755,22 +755,14 @@ impl HostHandler for AbiHost {
                 }
             }
             HostFn::GetProperty => {
-                // Paths are short: copied to the stack, not the heap (the
-                // guest's memory cannot stay borrowed across the copy out).
-                let mut held = [0u8; 192];
-                let spilled;
-                let raw = try_mem!(mem::slice(g, arg(a, 0), arg(a, 1)));
-                let path: &[u8] = match held.get_mut(..raw.len()) {
-                    Some(h) => {
-                        h.copy_from_slice(raw);
-                        h
-                    }
-                    None => {
-                        spilled = raw.to_vec();
-                        &spilled
-                    }
+                // The path is read where it is in the guest's memory; the
+                // value found is the host's own, so the borrow ends before
+                // the copy out.
+                let value = {
+                    let path = try_mem!(mem::slice(g, arg(a, 0), arg(a, 1)));
+                    self.property(path)
                 };
-                match self.property(path) {
+                match value {
                     Some(v) => v.with_bytes(|b| self.copy_out(g, b, arg(a, 2), arg(a, 3))),
                     None => st(status::NOT_FOUND),
                 }
