@@ -1307,6 +1307,11 @@ fn telemetry_instructions(root: &Path, cases: &[String]) -> Result<(), String> {
             .env("NASP_BENCH_CASE", case)
             .env("NASP_BENCH_RUNTIMES", runtime)
             .arg("--tool=callgrind")
+            // Only what runs under the bench's `block_on` (every request):
+            // not wasmtime's epoch thread, whose ticks grow with the run's
+            // wall time rather than its requests.
+            .arg("--collect-atstart=no")
+            .arg("--toggle-collect=*block_on*")
             .arg(format!("--callgrind-out-file={}", out.display()))
             .arg(&exe)
             .arg("--bench")
