@@ -1281,8 +1281,10 @@ const INSTRUCTION_CASES: [&str; 11] = [
 /// over `none` in units of `none`. Each case runs twice under callgrind in
 /// the bench's plain-loop mode (`NASP_BENCH_ITERS`), 100 and 600 requests,
 /// and the difference is divided by 500: set-up (compiling, instantiating,
-/// the first request's caches) cancels out. The counts are the same on any
-/// x86-64 machine for the same build; times move by 2× between machines.
+/// the first request's caches) cancels out. The counts do not depend on
+/// the machine's speed, only on the build: `none` repeats within 0.2 %,
+/// wasmtime's cases within about 3 %, where times move by 2× between
+/// machines (docs/benchmarks.md, "Twelfth session").
 fn telemetry_instructions(root: &Path, cases: &[String]) -> Result<(), String> {
     const FEW: u64 = 100;
     const MANY: u64 = 600;

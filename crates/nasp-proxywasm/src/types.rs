@@ -259,17 +259,14 @@ impl PropertyValue {
         }
     }
 
-    /// The bytes the guest receives.
+    /// The bytes the guest receives, as a new vector (the encodings are
+    /// [`Self::with_bytes`]'s).
     pub fn serialize(&self) -> Vec<u8> {
         match self {
-            PropertyValue::Bytes(b) => b.clone(),
-            PropertyValue::Int(i) => i.to_le_bytes().to_vec(),
-            PropertyValue::Uint(u) => u.to_le_bytes().to_vec(),
-            PropertyValue::Double(d) => d.to_le_bytes().to_vec(),
-            PropertyValue::Bool(b) => vec![u8::from(*b)],
             PropertyValue::Map(m) => {
                 crate::pairs::encode(m.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())))
             }
+            other => other.with_bytes(<[u8]>::to_vec),
         }
     }
 }

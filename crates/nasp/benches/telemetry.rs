@@ -240,6 +240,9 @@ fn bench(c: &mut Criterion) {
         .ok()
         .map(|n| n.parse::<u64>().expect("NASP_BENCH_ITERS: a number"));
     let case = std::env::var("NASP_BENCH_CASE").unwrap_or_default();
+    // A case name that matches nothing must not count as a case that costs
+    // nothing.
+    let looped = std::cell::Cell::new(false);
     let run = |g: &mut criterion::BenchmarkGroup<'_, _>, name: String, svc: BoxSvc| {
         // The application's answer, untouched, before and after.
         assert_eq!(
@@ -251,6 +254,7 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..n {
                     std::hint::black_box(once(&svc));
                 }
+                looped.set(true);
             }
             Some(_) => {}
             None => {
@@ -340,6 +344,11 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
+    assert!(
+        counted.is_none() || looped.get(),
+        "NASP_BENCH_CASE={case:?} names no case of the runtimes set up \
+         (NASP_BENCH_RUNTIMES); cases are none and <runtime>/<case>, e.g. wasmtime/outbound"
+    );
 }
 
 criterion_group!(benches, bench);
