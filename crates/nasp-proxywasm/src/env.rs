@@ -354,6 +354,18 @@ impl SharedStore {
     }
 }
 
+/// The host's built-in foreign function that answers several properties
+/// in one call (nasp's default filters use it; hosts without it answer
+/// `NOT_FOUND` and the filters read one by one). Arguments: each path as a
+/// little-endian u32 length and its bytes (segments separated by NUL, as
+/// `proxy_get_property` takes them); result: each value in order as a u32
+/// length and its bytes, `u32::MAX` alone for an absent one. A function
+/// registered in [`HostEnv::foreign`] under this name replaces it.
+pub const GET_PROPERTIES: &str = "nasp_get_properties";
+
+/// Most paths one [`GET_PROPERTIES`] call may name (`BAD_ARGUMENT` past it).
+pub const MAX_BATCH_PATHS: usize = 64;
+
 /// A foreign function a plugin can call by name. It gets the argument bytes
 /// and returns result bytes, or a proxy status on failure.
 pub type ForeignFunction = Arc<dyn Fn(&[u8]) -> StatusResult<Vec<u8>> + Send + Sync>;

@@ -16,7 +16,9 @@ use nasp_telemetry::{MetricError, MetricId, MetricKind, MetricOp};
 
 use crate::abi::{HostFn, errno, status};
 use crate::bytecode::AbiVersion;
-use crate::env::{GrpcCallout, HostEnv, HttpCallout, LogLevel, LogRecord, lock};
+use crate::env::{
+    GET_PROPERTIES, GrpcCallout, HostEnv, HttpCallout, LogLevel, LogRecord, MAX_BATCH_PATHS, lock,
+};
 use crate::runtime::{FuncRef, Guest, HostHandler, Trap, Val};
 use crate::types::{
     HeaderMap, LocalResponse, PropertyProvider, PropertyValue, SharedStream, property_segments,
@@ -417,6 +419,61 @@ impl AbiHost {
         stream_provider
             .and_then(|p| p.property(refs))
             .or_else(|| self.plugin_properties.as_ref()?.property(refs))
+    }
+
+    /// The built-in foreign function [`GET_PROPERTIES`]: the properties
+    /// its arguments name, each as [`Self::property`] answers it, in one
+    /// result (the format: `docs/proxy-wasm-host.md`). `BAD_ARGUMENT` for
+    /// arguments that are not a whole list of at most
+    /// [`MAX_BATCH_PATHS`] paths.
+    fn get_properties(&mut self, g: &mut dyn Guest, a: &[Val]) -> HostResult {
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        let listed = match mem::slice(g, arg(a, 2), arg(a, 3)) {
+            Ok(args) => self.properties_into(args, &mut out),
+            Err(()) => Err(status::INVALID_MEMORY_ACCESS),
+        };
+        let r = match listed {
+            Ok(()) => {
+                let (rp, rs) = (arg(a, 4), arg(a, 5));
+                if rp == 0 || rs == 0 {
+                    st(status::OK)
+                } else {
+                    self.copy_out(g, &out, rp, rs)
+                }
+            }
+            Err(s) => st(s),
+        };
+        self.scratch = out;
+        r
+    }
+
+    /// Appends the value (u32 length, bytes) or absence (`u32::MAX`) of
+    /// each length-prefixed path in `args` to `out`.
+    fn properties_into(&self, mut args: &[u8], out: &mut Vec<u8>) -> Result<(), i32> {
+        let mut n = 0;
+        while !args.is_empty() {
+            n += 1;
+            let (len, rest) = args.split_first_chunk::<4>().ok_or(status::BAD_ARGUMENT)?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if n > MAX_BATCH_PATHS || len > rest.len() {
+                return Err(status::BAD_ARGUMENT);
+            }
+            let (path, rest) = rest.split_at(len);
+            args = rest;
+            let value = self.property(path);
+            match value {
+                Some(v) => v.with_bytes(|b| match u32::try_from(b.len()) {
+                    Ok(len) if len != u32::MAX => {
+                        out.extend_from_slice(&len.to_le_bytes());
+                        out.extend_from_slice(b);
+                    }
+                    _ => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+                }),
+                None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+            }
+        }
+        Ok(())
     }
 
     fn next_token(&mut self, kind: u32) -> u32 {
@@ -1076,6 +1133,12 @@ impl HostHandler for AbiHost {
                 }
             }
             HostFn::CallForeignFunction => {
+                let builtin = try_mem!(mem::slice(g, arg(a, 0), arg(a, 1)))
+                    == GET_PROPERTIES.as_bytes()
+                    && !self.env.foreign.contains_key(GET_PROPERTIES);
+                if builtin {
+                    return self.get_properties(g, a);
+                }
                 let name = try_mem!(mem::read_str(g, arg(a, 0), arg(a, 1)));
                 let args = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
                 let Some(func) = self.env.foreign.get(&name).cloned() else {

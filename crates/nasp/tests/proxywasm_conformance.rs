@@ -538,6 +538,57 @@ per_runtime! {
         // proxy_continue_request then proxy_continue_response (0.1.0 forms).
         assert_eq!(s.state().lock().unwrap().continued, vec![0, 1], "{rt}");
     };
+    batch_property_read_answers_each_path_in_order => |rt: &str| {
+        // `nasp_get_properties` with two paths (one the stream has, one
+        // nobody has), logged as the guest got it; then arguments cut
+        // short by a byte, which must be BAD_ARGUMENT (2).
+        let wat = r#"(module
+            (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
+            (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (global $heap (mut i32) (i32.const 4096))
+            (data (i32.const 0) "\07\00\00\00node\00id\07\00\00\00missing")
+            (data (i32.const 64) "nasp_get_propertiesbad-argument")
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "malloc") (param i32) (result i32)
+              (local i32) global.get $heap local.set 1
+              global.get $heap local.get 0 i32.add global.set $heap local.get 1)
+            (func (export "proxy_on_context_create") (param i32 i32))
+            (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
+            (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+            (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+              (if (i32.eqz (call $ff (i32.const 64) (i32.const 19) (i32.const 0) (i32.const 22) (i32.const 300) (i32.const 304)))
+                (then (drop (call $log (i32.const 2) (i32.load (i32.const 300)) (i32.load (i32.const 304))))))
+              (if (i32.eq (call $ff (i32.const 64) (i32.const 19) (i32.const 0) (i32.const 21) (i32.const 300) (i32.const 304)) (i32.const 2))
+                (then (drop (call $log (i32.const 2) (i32.const 83) (i32.const 12)))))
+              i32.const 0))"#;
+        let node_id = "sidecar~10.0.0.1~pod.demo~demo.svc.cluster.local";
+        let mut expected = (node_id.len() as u32).to_le_bytes().to_vec();
+        expected.extend_from_slice(node_id.as_bytes());
+        expected.extend_from_slice(&u32::MAX.to_le_bytes());
+        let expected = String::from_utf8_lossy(&expected).into_owned();
+
+        let h = Harness::new();
+        let mut chain = FilterChain::new(vec![h.wat_plugin(rt, wat, cfg("batch"))]);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
+        let lines: Vec<String> = h.logs.lines().iter().map(|l| l.message.clone()).collect();
+        assert!(lines.contains(&expected), "{rt}: {lines:?}");
+        assert!(lines.iter().any(|l| l == "bad-argument"), "{rt}: {lines:?}");
+
+        // An embedder's function of the same name replaces the built-in.
+        let mut h = Harness::new();
+        let mut foreign = std::collections::HashMap::new();
+        let own: nasp::wasm::env::ForeignFunction = Arc::new(|_args: &[u8]| Ok(b"own".to_vec()));
+        foreign.insert(nasp::wasm::env::GET_PROPERTIES.to_string(), own);
+        h.env.foreign = Arc::new(foreign);
+        let mut chain = FilterChain::new(vec![h.wat_plugin(rt, wat, cfg("batch"))]);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
+        let lines: Vec<String> = h.logs.lines().iter().map(|l| l.message.clone()).collect();
+        assert!(lines.iter().any(|l| l == "own"), "{rt}: {lines:?}");
+        assert!(!lines.contains(&expected), "{rt}: {lines:?}");
+    };
     allocator_host_calls_are_restricted => |rt: &str| {
         // The allocator logs (allowed) for size 3 and calls proxy_done
         // (refused: a trap) for size 4.

@@ -38,7 +38,9 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use peer_metadata::config::{json_string, proto_duration};
-use peer_metadata::host::{property, property_int};
+use std::borrow::Cow;
+
+use peer_metadata::host::{property, property_int, Batch};
 use peer_metadata::{node_struct, path, Struct, WordHash, Workload};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
@@ -69,6 +71,50 @@ fn text(v: Vec<u8>) -> Option<String> {
 fn property_text(path: &[u8]) -> Option<String> {
     property(path).and_then(text)
 }
+
+/// [`text`] of a value that may be borrowed from a [`Batch`].
+fn text_of(v: Option<Cow<'_, [u8]>>) -> Option<String> {
+    match v? {
+        Cow::Owned(v) => text(v),
+        Cow::Borrowed([]) => None,
+        // The strict check has the fast path for ASCII; the lossy one
+        // walks byte by byte.
+        Cow::Borrowed(b) => Some(match std::str::from_utf8(b) {
+            Ok(t) => t.to_owned(),
+            Err(_) => String::from_utf8_lossy(b).into_owned(),
+        }),
+    }
+}
+
+/// What an HTTP stream's report reads from the host on every stream, read
+/// in one [`Batch`] (outbound; the peer id is `upstream_peer_id`).
+const OUTBOUND_REPORT: [&[u8]; 10] = [
+    path!("response", "code"),
+    path!("upstream_peer_id"),
+    path!("upstream", "uri_san_local_certificate"),
+    path!("upstream", "uri_san_peer_certificate"),
+    path!("cluster_name"),
+    path!("route_name"),
+    path!("response", "flags"),
+    path!("request", "duration"),
+    path!("request", "total_size"),
+    path!("response", "total_size"),
+];
+
+/// [`OUTBOUND_REPORT`] inbound: the downstream peer and the connection.
+const INBOUND_REPORT: [&[u8]; 11] = [
+    path!("response", "code"),
+    path!("downstream_peer_id"),
+    path!("connection", "mtls"),
+    path!("connection", "uri_san_peer_certificate"),
+    path!("connection", "uri_san_local_certificate"),
+    path!("cluster_name"),
+    path!("route_name"),
+    path!("response", "flags"),
+    path!("request", "duration"),
+    path!("request", "total_size"),
+    path!("response", "total_size"),
+];
 
 /// The current length of a data buffer, without copying it
 /// (`proxy_get_buffer_status`, which the Rust SDK does not wrap). The size
@@ -223,6 +269,10 @@ struct Shared {
     /// changes under the same name keeps its first service until the
     /// cache starts over (bounded like the peers).
     services: HashMap<String, Option<ClusterService>, WordHash>,
+    /// What an HTTP report reads in one batch ([`OUTBOUND_REPORT`] or
+    /// [`INBOUND_REPORT`]), and the batch call's arguments naming them.
+    report: &'static [&'static [u8]],
+    report_args: Vec<u8>,
 }
 
 /// Peers seen, decoded once. Bounded: when full it starts over (a mesh
@@ -352,7 +402,7 @@ impl Shared {
 
     /// The peer of the current stream, as metadata exchange left it (or
     /// Istio's endpoint-metadata fallback outbound).
-    fn peer(&mut self) -> Option<Rc<Peer>> {
+    fn peer(&mut self, b: &Batch) -> Option<Rc<Peer>> {
         let (key, id_key) = if self.outbound {
             ("upstream_peer", "upstream_peer_id")
         } else {
@@ -362,15 +412,15 @@ impl Shared {
         // fixed for its life (Istio's agent sends what it started with):
         // a peer seen before is found by its id (tens of bytes) without
         // copying its metadata (hundreds) into the guest again.
-        let id = property(id_key.as_bytes()).filter(|v| !v.is_empty());
-        if let Some(p) = id.as_ref().and_then(|id| self.peers.by_id.get(id)) {
+        let id = b.get(id_key.as_bytes()).filter(|v| !v.is_empty());
+        if let Some(p) = id.as_ref().and_then(|id| self.peers.by_id.get(&id[..])) {
             return Some(p.clone());
         }
-        if let Some(raw) = property(key.as_bytes()) {
+        if let Some(raw) = b.get(key.as_bytes()) {
             match self.peers.get(&raw) {
                 Some(p) => {
                     if let Some(id) = id {
-                        self.peers.remember_id(id, p.clone());
+                        self.peers.remember_id(id.into_owned(), p.clone());
                     }
                     return Some(p);
                 }
@@ -378,35 +428,37 @@ impl Shared {
             }
         }
         if self.outbound {
-            let label = property_text(path!(
+            let label = text_of(b.get(path!(
                 "upstream_host_metadata",
                 "filter_metadata",
                 "istio",
                 "workload"
-            ))?;
+            )))?;
             return self.peers.endpoint(&label);
         }
         None
     }
 
     /// The label values of one stream, in [`LABELS`] order.
-    fn labels(&mut self, req: &Request) -> Rc<LabelSet> {
-        let peer = self.peer().unwrap_or_else(|| self.no_peer.clone());
+    /// `b`: the properties read ahead ([`OUTBOUND_REPORT`] /
+    /// [`INBOUND_REPORT`]), or an empty batch.
+    fn labels(&mut self, req: &Request, b: &Batch) -> Rc<LabelSet> {
+        let peer = self.peer(b).unwrap_or_else(|| self.no_peer.clone());
         let (source_principal, destination_principal, security) = if self.outbound {
             (
-                property_text(path!("upstream", "uri_san_local_certificate")),
-                property_text(path!("upstream", "uri_san_peer_certificate")),
+                text_of(b.get(path!("upstream", "uri_san_local_certificate"))),
+                text_of(b.get(path!("upstream", "uri_san_peer_certificate"))),
                 "",
             )
         } else {
-            let security = match property(path!("connection", "mtls")).as_deref() {
+            let security = match b.get(path!("connection", "mtls")).as_deref() {
                 Some([1, ..]) => "mutual_tls",
                 Some(_) => "none",
                 None => "",
             };
             (
-                property_text(path!("connection", "uri_san_peer_certificate")),
-                property_text(path!("connection", "uri_san_local_certificate")),
+                text_of(b.get(path!("connection", "uri_san_peer_certificate"))),
+                text_of(b.get(path!("connection", "uri_san_local_certificate"))),
                 security,
             )
         };
@@ -415,8 +467,8 @@ impl Shared {
             source_principal,
             destination_principal,
             security,
-            service: self.destination_service(req),
-            flags: property_int(path!("response", "flags")).unwrap_or(0),
+            service: self.destination_service(req, b),
+            flags: b.int(path!("response", "flags")).unwrap_or(0),
             protocol: req.protocol,
             code: req.response_code,
             grpc_status: req.grpc_status,
@@ -506,7 +558,7 @@ impl Shared {
 
     /// `destination_service`, `_name`, `_namespace` (the namespace may be
     /// replaced by the destination workload's).
-    fn destination_service(&mut self, req: &Request) -> (String, String, String) {
+    fn destination_service(&mut self, req: &Request, b: &Batch) -> (String, String, String) {
         let from_metadata = |what: &str| {
             property_of(&[
                 "cluster_metadata",
@@ -518,11 +570,11 @@ impl Shared {
             ])
             .and_then(text)
         };
-        let cluster = property_text(path!("cluster_name")).unwrap_or_default();
-        let route = property_text(path!("route_name")).unwrap_or_default();
+        let cluster = text_of(b.get(path!("cluster_name"))).unwrap_or_default();
+        let route = b.get(path!("route_name")).unwrap_or_default();
         let host = || {
             let h = if req.has_host {
-                property_text(path!("request", "host"))
+                text_of(b.get(path!("request", "host")))
             } else {
                 None
             };
@@ -538,10 +590,10 @@ impl Shared {
             "InboundPassthroughClusterIpv4",
             "InboundPassthroughClusterIpv6",
         ];
-        if route == "block_all" {
+        if route[..] == *b"block_all" {
             return (host(), "BlackHoleCluster".into(), String::new());
         }
-        if route == "allow_any" {
+        if route[..] == *b"allow_any" {
             return (host(), "PassthroughCluster".into(), String::new());
         }
         if special.contains(&cluster.as_str()) {
@@ -690,6 +742,11 @@ impl RootContext for Root {
                 outbound
             }
         };
+        let report: &'static [&'static [u8]] = if outbound {
+            &OUTBOUND_REPORT
+        } else {
+            &INBOUND_REPORT
+        };
         let node = node_struct(|key| property_of(&["node", "metadata", key]));
         let local = Workload::from_struct(&node);
         let local_avc = local.app_version_canonical();
@@ -710,6 +767,8 @@ impl RootContext for Root {
             host_sizes: false,
             host_duration: false,
             services: HashMap::default(),
+            report,
+            report_args: peer_metadata::batch::encode_paths(report),
         })));
         true
     }
@@ -846,17 +905,17 @@ impl GrpcState {
 impl Context for Http {}
 
 impl Http {
-    fn request(&self) -> Request {
+    fn request(&self, b: &Batch) -> Request {
         Request {
             protocol: if self.grpc {
                 Protocol::Grpc
             } else {
                 Protocol::Http
             },
-            response_code: property_int(path!("response", "code")).or(self.status),
+            response_code: b.int(path!("response", "code")).or(self.status),
             // Only gRPC has a `grpc_response_status` label value.
             grpc_status: if self.grpc {
-                property_int(path!("response", "grpc_status")).or(self.grpc_status)
+                b.int(path!("response", "grpc_status")).or(self.grpc_status)
             } else {
                 None
             },
@@ -919,10 +978,11 @@ impl HttpContext for Http {
             self.response_bytes = header_bytes(&h);
         }
         if self.grpc && self.messages.is_none() {
-            let req = self.request();
+            let b = Batch::empty();
+            let req = self.request(&b);
             if let Ok(mut shared) = self.shared.try_borrow_mut() {
                 let mut state = GrpcState {
-                    labels: shared.labels(&req),
+                    labels: shared.labels(&req, &b),
                     reported: (0, 0),
                 };
                 state.report(&mut shared);
@@ -953,9 +1013,10 @@ impl HttpContext for Http {
         let Ok(mut shared) = rc.try_borrow_mut() else {
             return;
         };
-        let req = self.request();
-        let labels = shared.labels(&req);
-        let duration = property_int(path!("request", "duration"));
+        let b = Batch::fetch(shared.report, &shared.report_args);
+        let req = self.request(&b);
+        let labels = shared.labels(&req, &b);
+        let duration = b.int(path!("request", "duration"));
         shared.host_duration = duration.is_some();
         let duration_ms = match duration {
             Some(ns) => u64::try_from(ns).unwrap_or(0) / 1_000_000,
@@ -965,8 +1026,8 @@ impl HttpContext for Http {
                 .unwrap_or(Duration::ZERO)
                 .as_millis() as u64,
         };
-        let request_size = property_int(path!("request", "total_size"));
-        let response_size = property_int(path!("response", "total_size"));
+        let request_size = b.int(path!("request", "total_size"));
+        let response_size = b.int(path!("response", "total_size"));
         shared.host_sizes = request_size.is_some() && response_size.is_some();
         let size =
             |v: Option<i64>, fallback: u64| v.map_or(fallback, |v| u64::try_from(v).unwrap_or(0));
@@ -1046,7 +1107,7 @@ impl TcpState {
                     grpc_status: None,
                     has_host: false,
                 };
-                let l = shared.labels(&req);
+                let l = shared.labels(&req, &Batch::empty());
                 self.labels = Some(l.clone());
                 l
             }

@@ -1,7 +1,12 @@
 //! The host calls the filters make per stream, without the SDK's path
 //! building (`proxy_wasm::hostcalls` takes paths as `Vec<&str>` and
-//! serializes them into another vector on every call). Only on wasm32: the
-//! functions are the host's imports.
+//! serializes them into another vector on every call), and [`Batch`]:
+//! several properties in one call where the host offers it. Only on
+//! wasm32: the functions are the host's imports.
+
+use std::borrow::Cow;
+
+use crate::batch;
 
 /// A property by its NUL-separated path. `proxy_get_property` directly,
 /// not the SDK's `get_property`: that one builds the path in two vectors
@@ -50,4 +55,99 @@ pub fn set_property(path: &[u8], value: &[u8]) {
     }
     // SAFETY: both are live slices the host only reads.
     let _ = unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
+}
+
+/// Properties read together: in one `nasp_get_properties` call
+/// ([`batch`]) on nasp, one `proxy_get_property` each on a host without
+/// it (Envoy answers `NOT_FOUND` for a foreign function it does not
+/// know). Read once, at the start of a callback; the values are what the
+/// host had then.
+pub struct Batch<'p> {
+    paths: &'p [&'p [u8]],
+    buf: Vec<u8>,
+    at: Vec<Option<(u32, u32)>>,
+}
+
+impl<'p> Batch<'p> {
+    /// Reads `paths`; `args` is their [`batch::encode_paths`], built once
+    /// by the caller.
+    pub fn fetch(paths: &'p [&'p [u8]], args: &[u8]) -> Self {
+        if let Some(buf) = call_foreign(batch::FUNCTION, args) {
+            if let Some(at) = batch::decode_values(&buf, paths.len()) {
+                return Self { paths, buf, at };
+            }
+            // A result of another shape (a host's function of the same
+            // name that is not this one): read one by one.
+        }
+        let mut buf = Vec::new();
+        for p in paths {
+            batch::push_value(&mut buf, property(p).as_deref());
+        }
+        let at = batch::decode_values(&buf, paths.len()).unwrap_or_default();
+        Self { paths, buf, at }
+    }
+
+    /// No properties read ahead: every [`Self::get`] asks the host.
+    pub fn empty() -> Batch<'static> {
+        Batch {
+            paths: &[],
+            buf: Vec::new(),
+            at: Vec::new(),
+        }
+    }
+
+    /// A property: from the batch when it is one of its paths, else from
+    /// the host.
+    pub fn get(&self, path: &[u8]) -> Option<Cow<'_, [u8]>> {
+        match self.paths.iter().position(|p| *p == path) {
+            Some(i) => {
+                let (a, b) = (*self.at.get(i)?)?;
+                self.buf.get(a as usize..b as usize).map(Cow::Borrowed)
+            }
+            None => property(path).map(Cow::Owned),
+        }
+    }
+
+    /// An integer property (as [`property_int`]).
+    pub fn int(&self, path: &[u8]) -> Option<i64> {
+        let v = self.get(path)?;
+        let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
+        Some(i64::from_le_bytes(b))
+    }
+}
+
+/// `proxy_call_foreign_function`; `None` on any status but OK.
+fn call_foreign(name: &str, args: &[u8]) -> Option<Vec<u8>> {
+    extern "C" {
+        fn proxy_call_foreign_function(
+            name: *const u8,
+            name_len: usize,
+            args: *const u8,
+            args_len: usize,
+            out: *mut *mut u8,
+            out_len: *mut usize,
+        ) -> u32;
+    }
+    let mut ptr: *mut u8 = std::ptr::null_mut();
+    let mut len = 0usize;
+    // SAFETY: as in `property`: live slices and locals; a non-null `ptr`
+    // is a `len`-byte buffer the host allocated through this module's
+    // allocator, taken back as the `Vec` it is.
+    unsafe {
+        let status = proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            args.as_ptr(),
+            args.len(),
+            &mut ptr,
+            &mut len,
+        );
+        if status != 0 {
+            return None;
+        }
+        if ptr.is_null() {
+            return Some(Vec::new());
+        }
+        Some(Vec::from_raw_parts(ptr, len, len))
+    }
 }

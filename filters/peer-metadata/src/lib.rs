@@ -6,8 +6,9 @@
 //! properties, and the node metadata keys Istio exchanges.
 //!
 //! Also `host` (wasm32 only): the property calls both filters make per
-//! stream, without the SDK's path building, and the `path!` macro for
-//! their compile-time paths.
+//! stream, without the SDK's path building, with `batch`'s format for
+//! reading several in one call, and the `path!` macro for their
+//! compile-time paths.
 //!
 //! Invariants: nothing here but `host` calls the host, nothing panics on
 //! any input; a
@@ -25,6 +26,7 @@ macro_rules! path {
 }
 
 pub mod base64;
+pub mod batch;
 pub mod compare;
 pub mod config;
 #[cfg(target_arch = "wasm32")]
