@@ -589,6 +589,62 @@ per_runtime! {
         assert!(lines.iter().any(|l| l == "own"), "{rt}: {lines:?}");
         assert!(!lines.contains(&expected), "{rt}: {lines:?}");
     };
+    istio_stats_reports_the_same_without_the_batch_read => |rt: &str| {
+        // The stats filter reads its report's properties in one
+        // `nasp_get_properties` call; on a host without it (an embedder's
+        // function of that name answering NOT_FOUND stands in for Envoy)
+        // it reads them one by one, and the series are the same.
+        let scrape = |without_batch: bool| {
+            let mut h = Harness::new();
+            if without_batch {
+                let mut foreign = std::collections::HashMap::new();
+                let absent: nasp::wasm::env::ForeignFunction =
+                    Arc::new(|_args: &[u8]| Err(nasp::wasm::abi::status::NOT_FOUND));
+                foreign.insert(nasp::wasm::env::GET_PROPERTIES.to_string(), absent);
+                h.env.foreign = Arc::new(foreign);
+            }
+            let runtime = nasp::wasm::runtime_by_name(rt).unwrap();
+            let module = WasmModule::new(runtime.as_ref(), nasp::default_filters::ISTIO_STATS_WASM).unwrap();
+            let config = PluginConfig::new("stats")
+                .root_id("stats_outbound")
+                .properties(plugin_props("sidecar~10.0.0.2~web-1.demo~demo.svc.cluster.local", 2));
+            let mut chain = FilterChain::new(vec![Plugin::new(&module, config, h.env.clone()).unwrap()]);
+            let mut m = std::collections::HashMap::new();
+            for (k, v) in [
+                ("cluster_name", "outbound|80||echo.demo.svc.cluster.local"),
+                ("route_name", "echo"),
+                ("upstream.uri_san_peer_certificate", "spiffe://cluster.local/ns/demo/sa/echo"),
+                ("upstream.uri_san_local_certificate", "spiffe://cluster.local/ns/demo/sa/web"),
+            ] {
+                m.insert(k.to_string(), PropertyValue::from(v));
+            }
+            m.insert("response.code".to_string(), PropertyValue::Int(503));
+            // A fixed duration: the clock's would differ between the runs.
+            m.insert("request.duration".to_string(), PropertyValue::Int(7_000_000));
+            m.insert("request.total_size".to_string(), PropertyValue::Int(120));
+            m.insert("response.total_size".to_string(), PropertyValue::Int(40));
+            let mut s = chain.http_stream(Arc::new(MapProperties(m)));
+            assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
+            s.finish(&mut chain);
+            h.env.metrics.prometheus_text()
+        };
+        let batched = scrape(false);
+        let one_by_one = scrape(true);
+        let line = batched
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .unwrap_or_else(|| panic!("{rt}: {batched}"));
+        for want in [
+            r#"response_code="503""#,
+            r#"destination_service_name="echo""#,
+            r#"destination_principal="spiffe://cluster.local/ns/demo/sa/echo""#,
+            r#"source_principal="spiffe://cluster.local/ns/demo/sa/web""#,
+            r#"reporter="source""#,
+        ] {
+            assert!(line.contains(want), "{rt}: {want} in {line}");
+        }
+        assert_eq!(batched, one_by_one, "{rt}");
+    };
     allocator_host_calls_are_restricted => |rt: &str| {
         // The allocator logs (allowed) for size 3 and calls proxy_done
         // (refused: a trap) for size 4.
