@@ -434,18 +434,22 @@ impl AbiHost {
             Err(()) => Err(status::INVALID_MEMORY_ACCESS),
         };
         let r = match listed {
-            Ok(()) => {
-                let (rp, rs) = (arg(a, 4), arg(a, 5));
-                if rp == 0 || rs == 0 {
-                    st(status::OK)
-                } else {
-                    self.copy_out(g, &out, rp, rs)
-                }
-            }
+            Ok(()) => self.copy_result(g, &out, a),
             Err(s) => st(s),
         };
         self.scratch = out;
         r
+    }
+
+    /// A foreign function's result out to the guest's result pointers
+    /// (arguments 4 and 5); dropped when either is NULL, as the Istio
+    /// metadata-exchange filter passes them.
+    fn copy_result(&mut self, g: &mut dyn Guest, data: &[u8], a: &[Val]) -> HostResult {
+        let (rp, rs) = (arg(a, 4), arg(a, 5));
+        if rp == 0 || rs == 0 {
+            return st(status::OK);
+        }
+        self.copy_out(g, data, rp, rs)
     }
 
     /// Appends the value (u32 length, bytes) or absence (`u32::MAX`) of
@@ -461,16 +465,19 @@ impl AbiHost {
             }
             let (path, rest) = rest.split_at(len);
             args = rest;
-            let value = self.property(path);
-            match value {
-                Some(v) => v.with_bytes(|b| match u32::try_from(b.len()) {
+            // A value too long for its length word counts as absent.
+            let written = self.property(path).is_some_and(|v| {
+                v.with_bytes(|b| match u32::try_from(b.len()) {
                     Ok(len) if len != u32::MAX => {
                         out.extend_from_slice(&len.to_le_bytes());
                         out.extend_from_slice(b);
+                        true
                     }
-                    _ => out.extend_from_slice(&u32::MAX.to_le_bytes()),
-                }),
-                None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
+                    _ => false,
+                })
+            });
+            if !written {
+                out.extend_from_slice(&u32::MAX.to_le_bytes());
             }
         }
         Ok(())
@@ -1145,15 +1152,7 @@ impl HostHandler for AbiHost {
                     return st(status::NOT_FOUND);
                 };
                 match func(&args) {
-                    Ok(result) => {
-                        let (rp, rs) = (arg(a, 4), arg(a, 5));
-                        if rp == 0 || rs == 0 {
-                            // The Istio metadata-exchange filter passes NULL
-                            // result pointers: the result is dropped.
-                            return st(status::OK);
-                        }
-                        self.copy_out(g, &result, rp, rs)
-                    }
+                    Ok(result) => self.copy_result(g, &result, a),
                     Err(s) => st(s),
                 }
             }

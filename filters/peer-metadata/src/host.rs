@@ -37,9 +37,12 @@ pub fn property(path: &[u8]) -> Option<Vec<u8>> {
 
 /// An integer property (`i64`, little-endian, as Envoy serializes them).
 pub fn property_int(path: &[u8]) -> Option<i64> {
-    let v = property(path)?;
-    let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
-    Some(i64::from_le_bytes(b))
+    le_i64(&property(path)?)
+}
+
+/// An integer value as Envoy serializes them (the first 8 bytes, LE).
+fn le_i64(v: &[u8]) -> Option<i64> {
+    Some(i64::from_le_bytes(v.get(..8)?.try_into().ok()?))
 }
 
 /// `proxy_set_property` directly: the SDK's `set_property` builds the path
@@ -110,9 +113,7 @@ impl<'p> Batch<'p> {
 
     /// An integer property (as [`property_int`]).
     pub fn int(&self, path: &[u8]) -> Option<i64> {
-        let v = self.get(path)?;
-        let b: [u8; 8] = v.get(..8)?.try_into().ok()?;
-        Some(i64::from_le_bytes(b))
+        le_i64(&self.get(path)?)
     }
 }
 
