@@ -104,6 +104,8 @@ pub(crate) struct AbiHost {
     /// fresh `Vec` per `proxy_get_header_map_value` was a visible share of
     /// a chain's allocations).
     scratch: Vec<u8>,
+    /// The last batch read's paths, parsed ([`GET_PROPERTIES`]).
+    batch: ParsedBatch,
 }
 
 /// Callout tokens come from one counter for the whole process, so a token
@@ -132,6 +134,7 @@ impl AbiHost {
             callouts: HashSet::new(),
             monotonic_base: Instant::now(),
             scratch: Vec::new(),
+            batch: ParsedBatch::default(),
         }
     }
 
@@ -369,12 +372,7 @@ impl AbiHost {
     /// owned segments (they are held on the stack), and filter-state keys
     /// are matched against it in place ([`dotted_get`]).
     fn property(&self, raw: &[u8]) -> Option<PropertyValue> {
-        let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
-        // Paths are ASCII in practice: the strict check is the fast one.
-        let text = match std::str::from_utf8(raw) {
-            Ok(t) => std::borrow::Cow::Borrowed(t),
-            Err(_) => String::from_utf8_lossy(raw),
-        };
+        let text = path_text(raw);
         // A stream context asks its stream's provider first (it knows the
         // connection, the request and possibly a more specific node), then
         // the plugin's; a root context has only the plugin's. The stream
@@ -387,38 +385,32 @@ impl AbiHost {
             }
             stream_provider = s.provider.clone();
         }
-        if let Some(v) = dotted_get(&self.root_filter_state, &text) {
+        with_segments(text.split('\0'), |segs| {
+            self.answer(&text, segs, stream_provider.as_ref())
+        })
+    }
+
+    /// What [`Self::property`] answers for a path once the stream's filter
+    /// state had nothing: the root's filter state, the plugin's names, the
+    /// stream's provider (taken out of the stream's lock) and the plugin's.
+    fn answer(
+        &self,
+        text: &str,
+        segs: &[&str],
+        stream_provider: Option<&Arc<dyn PropertyProvider>>,
+    ) -> Option<PropertyValue> {
+        if let Some(v) = dotted_get(&self.root_filter_state, text) {
             return Some(PropertyValue::Bytes(v.clone()));
         }
-        match &*text {
+        match text {
             "plugin_name" => return Some(self.info.name.as_str().into()),
             "plugin_root_id" => return Some(self.info.root_id.as_str().into()),
             "plugin_vm_id" => return Some(self.info.vm_id.as_str().into()),
             _ => {}
         }
-        // Paths have a handful of segments: held on the stack, not in a Vec.
-        let mut held = [""; 8];
-        let mut n = 0;
-        let mut spilled = Vec::new();
-        for seg in text.split('\0') {
-            if n < held.len() {
-                held[n] = seg;
-                n += 1;
-            } else {
-                if spilled.is_empty() {
-                    spilled.extend_from_slice(&held);
-                }
-                spilled.push(seg);
-            }
-        }
-        let refs: &[&str] = if spilled.is_empty() {
-            &held[..n]
-        } else {
-            &spilled
-        };
         stream_provider
-            .and_then(|p| p.property(refs))
-            .or_else(|| self.plugin_properties.as_ref()?.property(refs))
+            .and_then(|p| p.property(segs))
+            .or_else(|| self.plugin_properties.as_ref()?.property(segs))
     }
 
     /// The built-in foreign function [`GET_PROPERTIES`]: the properties
@@ -429,14 +421,19 @@ impl AbiHost {
     fn get_properties(&mut self, g: &mut dyn Guest, a: &[Val]) -> HostResult {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
+        let mut batch = std::mem::take(&mut self.batch);
         let listed = match mem::slice(g, arg(a, 2), arg(a, 3)) {
-            Ok(args) => self.properties_into(args, &mut out),
+            // A filter sends the same list on every stream: parsed once.
+            Ok(args) if args == batch.args => Ok(()),
+            Ok(args) => ParsedBatch::parse(args).map(|b| batch = b),
             Err(()) => Err(status::INVALID_MEMORY_ACCESS),
-        };
+        }
+        .map(|()| self.properties_into(&batch, &mut out));
         let r = match listed {
             Ok(()) => self.copy_result(g, &out, a),
             Err(s) => st(s),
         };
+        self.batch = batch;
         self.scratch = out;
         r
     }
@@ -453,20 +450,34 @@ impl AbiHost {
     }
 
     /// Appends the value (u32 length, bytes) or absence (`u32::MAX`) of
-    /// each length-prefixed path in `args` to `out`.
-    fn properties_into(&self, mut args: &[u8], out: &mut Vec<u8>) -> Result<(), i32> {
-        let mut n = 0;
-        while !args.is_empty() {
-            n += 1;
-            let (len, rest) = args.split_first_chunk::<4>().ok_or(status::BAD_ARGUMENT)?;
-            let len = u32::from_le_bytes(*len) as usize;
-            if n > MAX_BATCH_PATHS || len > rest.len() {
-                return Err(status::BAD_ARGUMENT);
+    /// each of `batch`'s paths to `out`, each as [`Self::property`] answers
+    /// it, with the stream locked once for all of them.
+    fn properties_into(&self, batch: &ParsedBatch, out: &mut Vec<u8>) {
+        let mut stream_provider = None;
+        // The stream's filter state answers first; values it holds are
+        // few and rare in a batch, so kept aside by index.
+        let mut from_state = Vec::new();
+        if let Some(s) = self.stream() {
+            let s = lock(s);
+            if !s.filter_state.is_empty() {
+                for (i, p) in batch.paths.iter().enumerate() {
+                    if let Some(v) = dotted_get(&s.filter_state, &p.text) {
+                        from_state.push((i, PropertyValue::Bytes(v.clone())));
+                    }
+                }
             }
-            let (path, rest) = rest.split_at(len);
-            args = rest;
+            stream_provider = s.provider.clone();
+        }
+        for (i, p) in batch.paths.iter().enumerate() {
+            let state = from_state.iter().position(|(at, _)| *at == i);
+            let v = match state {
+                Some(k) => Some(from_state.swap_remove(k).1),
+                None => with_segments(p.segs.iter().map(String::as_str), |segs| {
+                    self.answer(&p.text, segs, stream_provider.as_ref())
+                }),
+            };
             // A value too long for its length word counts as absent.
-            let written = self.property(path).is_some_and(|v| {
+            let written = v.is_some_and(|v| {
                 v.with_bytes(|b| match u32::try_from(b.len()) {
                     Ok(len) if len != u32::MAX => {
                         out.extend_from_slice(&len.to_le_bytes());
@@ -480,7 +491,6 @@ impl AbiHost {
                 out.extend_from_slice(&u32::MAX.to_le_bytes());
             }
         }
-        Ok(())
     }
 
     fn next_token(&mut self, kind: u32) -> u32 {
@@ -496,6 +506,82 @@ impl AbiHost {
 /// them). The few keys a stream has are compared in place, NUL matching
 /// `.`, rather than hashed after building the dotted key: this runs on
 /// every property read once a filter has set one.
+/// A property path as text: without a trailing NUL, and valid UTF-8 (paths
+/// are ASCII in practice: the strict check is the fast one).
+fn path_text(raw: &[u8]) -> std::borrow::Cow<'_, str> {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    match std::str::from_utf8(raw) {
+        Ok(t) => std::borrow::Cow::Borrowed(t),
+        Err(_) => String::from_utf8_lossy(raw),
+    }
+}
+
+/// Runs `f` over a path's segments, held on the stack (paths have a
+/// handful), in a `Vec` only past eight.
+fn with_segments<'s, R>(segs: impl Iterator<Item = &'s str>, f: impl FnOnce(&[&str]) -> R) -> R {
+    let mut held = [""; 8];
+    let mut n = 0;
+    let mut spilled = Vec::new();
+    for seg in segs {
+        if n < held.len() {
+            held[n] = seg;
+            n += 1;
+        } else {
+            if spilled.is_empty() {
+                spilled.extend_from_slice(&held);
+            }
+            spilled.push(seg);
+        }
+    }
+    f(if spilled.is_empty() {
+        &held[..n]
+    } else {
+        &spilled
+    })
+}
+
+/// The paths of the last [`GET_PROPERTIES`] call, as its arguments named
+/// them and parsed: each path's text and segments, so that the same list
+/// again (a filter sends one list per stream) is not checked and split
+/// again.
+#[derive(Default)]
+struct ParsedBatch {
+    args: Vec<u8>,
+    paths: Vec<ParsedPath>,
+}
+
+/// One path of a [`ParsedBatch`].
+struct ParsedPath {
+    /// As [`path_text`] gives it: NUL-separated, for the filter state.
+    text: String,
+    segs: Vec<String>,
+}
+
+impl ParsedBatch {
+    /// The length-prefixed paths of `args`; `BAD_ARGUMENT` for arguments
+    /// that are not a whole list of at most [`MAX_BATCH_PATHS`] paths.
+    fn parse(args: &[u8]) -> Result<Self, i32> {
+        let mut paths = Vec::new();
+        let mut rest = args;
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_first_chunk::<4>().ok_or(status::BAD_ARGUMENT)?;
+            let len = u32::from_le_bytes(*len) as usize;
+            if paths.len() == MAX_BATCH_PATHS || len > tail.len() {
+                return Err(status::BAD_ARGUMENT);
+            }
+            let (path, tail) = tail.split_at(len);
+            rest = tail;
+            let text = path_text(path).into_owned();
+            let segs = text.split('\0').map(str::to_owned).collect();
+            paths.push(ParsedPath { text, segs });
+        }
+        Ok(Self {
+            args: args.to_vec(),
+            paths,
+        })
+    }
+}
+
 fn dotted_get<'a>(map: &'a HashMap<String, Vec<u8>>, path: &str) -> Option<&'a Vec<u8>> {
     if map.is_empty() {
         return None;

@@ -38,7 +38,6 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use peer_metadata::config::{json_string, proto_duration};
-use std::borrow::Cow;
 
 use peer_metadata::host::{property, property_int, Batch};
 use peer_metadata::{node_struct, path, Struct, WordHash, Workload};
@@ -72,22 +71,10 @@ fn property_text(path: &[u8]) -> Option<String> {
     property(path).and_then(text)
 }
 
-/// [`text`] of a value that may be borrowed from a [`Batch`].
-fn text_of(v: Option<Cow<'_, [u8]>>) -> Option<String> {
-    match v? {
-        Cow::Owned(v) => text(v),
-        Cow::Borrowed([]) => None,
-        // The strict check has the fast path for ASCII; the lossy one
-        // walks byte by byte.
-        Cow::Borrowed(b) => Some(match std::str::from_utf8(b) {
-            Ok(t) => t.to_owned(),
-            Err(_) => String::from_utf8_lossy(b).into_owned(),
-        }),
-    }
-}
-
-/// What an HTTP stream's report reads from the host on every stream, read
-/// in one [`Batch`] (outbound; the peer id is `upstream_peer_id`).
+/// What a stream's report reads from the host, read in one [`Batch`] on
+/// every HTTP stream (outbound: the peer id is `upstream_peer_id`, the
+/// principals the upstream connection's). Both lists hold the same values
+/// at the same index (the `AT_*` constants); inbound adds mTLS.
 const OUTBOUND_REPORT: [&[u8]; 10] = [
     path!("response", "code"),
     path!("upstream_peer_id"),
@@ -105,7 +92,6 @@ const OUTBOUND_REPORT: [&[u8]; 10] = [
 const INBOUND_REPORT: [&[u8]; 11] = [
     path!("response", "code"),
     path!("downstream_peer_id"),
-    path!("connection", "mtls"),
     path!("connection", "uri_san_peer_certificate"),
     path!("connection", "uri_san_local_certificate"),
     path!("cluster_name"),
@@ -114,7 +100,22 @@ const INBOUND_REPORT: [&[u8]; 11] = [
     path!("request", "duration"),
     path!("request", "total_size"),
     path!("response", "total_size"),
+    path!("connection", "mtls"),
 ];
+
+/// Where each value is in [`OUTBOUND_REPORT`] / [`INBOUND_REPORT`].
+const AT_CODE: usize = 0;
+const AT_PEER_ID: usize = 1;
+const AT_SOURCE_PRINCIPAL: usize = 2;
+const AT_DESTINATION_PRINCIPAL: usize = 3;
+const AT_CLUSTER: usize = 4;
+const AT_ROUTE: usize = 5;
+const AT_FLAGS: usize = 6;
+const AT_DURATION: usize = 7;
+const AT_REQUEST_SIZE: usize = 8;
+const AT_RESPONSE_SIZE: usize = 9;
+/// Inbound only.
+const AT_MTLS: usize = 10;
 
 /// The current length of a data buffer, without copying it
 /// (`proxy_get_buffer_status`, which the Rust SDK does not wrap). The size
@@ -268,7 +269,10 @@ struct Shared {
     /// Read once per cluster name: a cluster whose metadata an update
     /// changes under the same name keeps its first service until the
     /// cache starts over (bounded like the peers).
-    services: HashMap<String, Option<ClusterService>, WordHash>,
+    services: HashMap<Vec<u8>, Option<KnownService>, WordHash>,
+    /// Principals seen, by their bytes, as serials: a label set's inputs
+    /// hold the serial, not a copy of the text (bounded like the peers).
+    principals: HashMap<Vec<u8>, u64, WordHash>,
     /// What an HTTP report reads in one batch ([`OUTBOUND_REPORT`] or
     /// [`INBOUND_REPORT`]), and the batch call's arguments naming them.
     report: &'static [&'static [u8]],
@@ -324,10 +328,11 @@ fn next_serial() -> u64 {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Inputs {
     peer: u64,
-    source_principal: Option<String>,
-    destination_principal: Option<String>,
+    /// The principals' serials ([`Shared::principal`]; 0: none).
+    source_principal: u64,
+    destination_principal: u64,
     security: &'static str,
-    service: (String, String, String),
+    service: ServiceKey,
     flags: i64,
     protocol: Protocol,
     code: Option<i64>,
@@ -340,9 +345,36 @@ struct LabelSet {
     serial: u64,
 }
 
-/// A cluster's service: host (`None` when the metadata names no host: the
-/// request's then), name, namespace.
-type ClusterService = (Option<String>, String, String);
+/// A stream's destination service: host, name, namespace.
+type Service = (String, String, String);
+
+/// What [`Shared::services`] keeps of a cluster: its whole service when
+/// the cluster names its host (shared by every stream to it), else the
+/// name and namespace, completed by each request's host.
+enum KnownService {
+    Full(Rc<Service>),
+    NoHost(String, String),
+}
+
+/// A [`Service`] in a label set's [`Inputs`]: equal by content, and
+/// found equal without comparing the texts when both are the one a
+/// cluster's cache entry holds.
+#[derive(Clone)]
+struct ServiceKey(Rc<Service>);
+
+impl PartialEq for ServiceKey {
+    fn eq(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for ServiceKey {}
+
+impl std::hash::Hash for ServiceKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+    }
+}
 
 /// Label sets kept before the cache starts over.
 const LABEL_SETS_MAX: usize = 4096;
@@ -403,20 +435,20 @@ impl Shared {
     /// The peer of the current stream, as metadata exchange left it (or
     /// Istio's endpoint-metadata fallback outbound).
     fn peer(&mut self, b: &Batch) -> Option<Rc<Peer>> {
-        let (key, id_key) = if self.outbound {
-            ("upstream_peer", "upstream_peer_id")
+        let key = if self.outbound {
+            path!("upstream_peer")
         } else {
-            ("downstream_peer", "downstream_peer_id")
+            path!("downstream_peer")
         };
         // A peer's node id names one proxy instance, whose metadata is
         // fixed for its life (Istio's agent sends what it started with):
         // a peer seen before is found by its id (tens of bytes) without
         // copying its metadata (hundreds) into the guest again.
-        let id = b.get(id_key.as_bytes()).filter(|v| !v.is_empty());
+        let id = b.at(AT_PEER_ID).filter(|v| !v.is_empty());
         if let Some(p) = id.as_ref().and_then(|id| self.peers.by_id.get(&id[..])) {
             return Some(p.clone());
         }
-        if let Some(raw) = b.get(key.as_bytes()) {
+        if let Some(raw) = property(key) {
             match self.peers.get(&raw) {
                 Some(p) => {
                     if let Some(id) = id {
@@ -424,16 +456,19 @@ impl Shared {
                     }
                     return Some(p);
                 }
-                None => log::warn!("istio-stats: {key} is not a protobuf Struct; ignored"),
+                None => log::warn!(
+                    "istio-stats: {} is not a protobuf Struct; ignored",
+                    String::from_utf8_lossy(key)
+                ),
             }
         }
         if self.outbound {
-            let label = text_of(b.get(path!(
+            let label = property_text(path!(
                 "upstream_host_metadata",
                 "filter_metadata",
                 "istio",
                 "workload"
-            )))?;
+            ))?;
             return self.peers.endpoint(&label);
         }
         None
@@ -444,31 +479,28 @@ impl Shared {
     /// [`INBOUND_REPORT`]), or an empty batch.
     fn labels(&mut self, req: &Request, b: &Batch) -> Rc<LabelSet> {
         let peer = self.peer(b).unwrap_or_else(|| self.no_peer.clone());
-        let (source_principal, destination_principal, security) = if self.outbound {
-            (
-                text_of(b.get(path!("upstream", "uri_san_local_certificate"))),
-                text_of(b.get(path!("upstream", "uri_san_peer_certificate"))),
-                "",
-            )
+        let security = if self.outbound {
+            ""
         } else {
-            let security = match b.get(path!("connection", "mtls")).as_deref() {
+            match b.at(AT_MTLS).as_deref() {
                 Some([1, ..]) => "mutual_tls",
                 Some(_) => "none",
                 None => "",
-            };
-            (
-                text_of(b.get(path!("connection", "uri_san_peer_certificate"))),
-                text_of(b.get(path!("connection", "uri_san_local_certificate"))),
-                security,
-            )
+            }
         };
+        let (source_principal, destination_principal) =
+            (b.at(AT_SOURCE_PRINCIPAL), b.at(AT_DESTINATION_PRINCIPAL));
+        let principals = [
+            source_principal.as_deref(),
+            destination_principal.as_deref(),
+        ];
         let inputs = Inputs {
             peer: peer.serial,
-            source_principal,
-            destination_principal,
+            source_principal: self.principal(principals[0]),
+            destination_principal: self.principal(principals[1]),
             security,
             service: self.destination_service(req, b),
-            flags: b.int(path!("response", "flags")).unwrap_or(0),
+            flags: b.int_at(AT_FLAGS).unwrap_or(0),
             protocol: req.protocol,
             code: req.response_code,
             grpc_status: req.grpc_status,
@@ -477,7 +509,7 @@ impl Shared {
             return set.clone();
         }
         let set = Rc::new(LabelSet {
-            values: self.label_values(&peer, &inputs),
+            values: self.label_values(&peer, &inputs, principals),
             serial: next_serial(),
         });
         if self.label_sets.len() >= LABEL_SETS_MAX {
@@ -491,8 +523,28 @@ impl Shared {
         set
     }
 
-    /// The 25 label values of `inputs`.
-    fn label_values(&self, peer: &Peer, inputs: &Inputs) -> Vec<String> {
+    /// The serial of a principal (0 for none or empty), so that a label
+    /// set's inputs are compared without copying the text into them.
+    fn principal(&mut self, p: Option<&[u8]>) -> u64 {
+        let Some(p) = p.filter(|p| !p.is_empty()) else {
+            return 0;
+        };
+        if let Some(&id) = self.principals.get(p) {
+            return id;
+        }
+        let id = next_serial();
+        insert_bounded(&mut self.principals, p.to_vec(), id);
+        id
+    }
+
+    /// The 25 label values of `inputs`; `principals`: the source's and
+    /// the destination's, whose serials `inputs` holds.
+    fn label_values(
+        &self,
+        peer: &Peer,
+        inputs: &Inputs,
+        principals: [Option<&[u8]>; 2],
+    ) -> Vec<String> {
         let ((source, s_avc), (destination, d_avc)) = if self.outbound {
             ((&self.local, &self.local_avc), (&peer.workload, &peer.avc))
         } else {
@@ -500,7 +552,9 @@ impl Shared {
         };
         let [s_app, s_version, s_canonical, s_revision] = s_avc.clone();
         let [d_app, d_version, d_canonical, d_revision] = d_avc.clone();
-        let (service, service_name, service_namespace) = inputs.service.clone();
+        let (service, service_name, service_namespace) = (*inputs.service.0).clone();
+        let [source_principal, destination_principal] =
+            principals.map(|p| p.map(|p| String::from_utf8_lossy(p).into_owned()));
         let service_namespace = match destination.namespace.as_str() {
             "" => service_namespace,
             ns => ns.to_string(),
@@ -520,7 +574,7 @@ impl Shared {
             .into(),
             source.workload.clone(),
             source.namespace.clone(),
-            inputs.source_principal.clone().unwrap_or_default(),
+            source_principal.unwrap_or_default(),
             s_app,
             s_version,
             s_canonical,
@@ -528,7 +582,7 @@ impl Shared {
             source.cluster.clone(),
             destination.workload.clone(),
             destination.namespace.clone(),
-            inputs.destination_principal.clone().unwrap_or_default(),
+            destination_principal.unwrap_or_default(),
             d_app,
             d_version,
             service,
@@ -558,7 +612,7 @@ impl Shared {
 
     /// `destination_service`, `_name`, `_namespace` (the namespace may be
     /// replaced by the destination workload's).
-    fn destination_service(&mut self, req: &Request, b: &Batch) -> (String, String, String) {
+    fn destination_service(&mut self, req: &Request, b: &Batch) -> ServiceKey {
         let from_metadata = |what: &str| {
             property_of(&[
                 "cluster_metadata",
@@ -570,11 +624,11 @@ impl Shared {
             ])
             .and_then(text)
         };
-        let cluster = text_of(b.get(path!("cluster_name"))).unwrap_or_default();
-        let route = b.get(path!("route_name")).unwrap_or_default();
+        let cluster = b.at(AT_CLUSTER).unwrap_or_default();
+        let route = b.at(AT_ROUTE).unwrap_or_default();
         let host = || {
             let h = if req.has_host {
-                text_of(b.get(path!("request", "host")))
+                property_text(path!("request", "host"))
             } else {
                 None
             };
@@ -590,39 +644,45 @@ impl Shared {
             "InboundPassthroughClusterIpv4",
             "InboundPassthroughClusterIpv6",
         ];
+        let fresh = |s: Service| ServiceKey(Rc::new(s));
         if route[..] == *b"block_all" {
-            return (host(), "BlackHoleCluster".into(), String::new());
+            return fresh((host(), "BlackHoleCluster".into(), String::new()));
         }
         if route[..] == *b"allow_any" {
-            return (host(), "PassthroughCluster".into(), String::new());
+            return fresh((host(), "PassthroughCluster".into(), String::new()));
         }
-        if special.contains(&cluster.as_str()) {
-            return (host(), cluster, String::new());
+        if special.iter().any(|s| s.as_bytes() == &cluster[..]) {
+            let name = String::from_utf8_lossy(&cluster).into_owned();
+            return fresh((host(), name, String::new()));
         }
-        let known = match self.services.get(&cluster) {
-            Some(s) => s.clone(),
-            None => {
-                let s = match from_metadata("name") {
-                    Some(name) => Some((
-                        from_metadata("host"),
-                        name,
-                        from_metadata("namespace").unwrap_or_default(),
-                    )),
-                    // nasp has no cluster metadata; Istio's cluster names
-                    // carry the same service host.
-                    None => cluster_service(&cluster).map(|(h, n, ns)| (Some(h), n, ns)),
-                };
-                insert_bounded(&mut self.services, cluster, s.clone());
-                s
-            }
-        };
-        match known {
-            Some((Some(h), name, ns)) => (h, name, ns),
+        if !self.services.contains_key(&cluster[..]) {
+            let s = match from_metadata("name") {
+                Some(name) => Some((
+                    from_metadata("host"),
+                    name,
+                    from_metadata("namespace").unwrap_or_default(),
+                )),
+                // nasp has no cluster metadata; Istio's cluster names
+                // carry the same service host.
+                None => cluster_service(&String::from_utf8_lossy(&cluster))
+                    .map(|(h, n, ns)| (Some(h), n, ns)),
+            };
+            let known = s.map(|(h, name, ns)| match h {
+                Some(h) => KnownService::Full(Rc::new((h, name, ns))),
+                None => KnownService::NoHost(name, ns),
+            });
+            insert_bounded(&mut self.services, cluster.to_vec(), known);
+        }
+        match self.services.get(&cluster[..]) {
+            Some(Some(KnownService::Full(s))) => ServiceKey(s.clone()),
             // The metadata names the service but no host: the request's.
-            Some((None, name, ns)) => (host(), name, ns),
-            None => {
+            Some(Some(KnownService::NoHost(name, ns))) => {
+                let s = (host(), name.clone(), ns.clone());
+                fresh(s)
+            }
+            _ => {
                 let host = host();
-                (host.clone(), host, String::new())
+                fresh((host.clone(), host, String::new()))
             }
         }
     }
@@ -767,6 +827,7 @@ impl RootContext for Root {
             host_sizes: false,
             host_duration: false,
             services: HashMap::default(),
+            principals: HashMap::default(),
             report,
             report_args: peer_metadata::batch::encode_paths(report),
         })));
@@ -912,10 +973,10 @@ impl Http {
             } else {
                 Protocol::Http
             },
-            response_code: b.int(path!("response", "code")).or(self.status),
+            response_code: b.int_at(AT_CODE).or(self.status),
             // Only gRPC has a `grpc_response_status` label value.
             grpc_status: if self.grpc {
-                b.int(path!("response", "grpc_status")).or(self.grpc_status)
+                property_int(path!("response", "grpc_status")).or(self.grpc_status)
             } else {
                 None
             },
@@ -978,9 +1039,9 @@ impl HttpContext for Http {
             self.response_bytes = header_bytes(&h);
         }
         if self.grpc && self.messages.is_none() {
-            let b = Batch::empty();
-            let req = self.request(&b);
             if let Ok(mut shared) = self.shared.try_borrow_mut() {
+                let b = Batch::lazy(shared.report);
+                let req = self.request(&b);
                 let mut state = GrpcState {
                     labels: shared.labels(&req, &b),
                     reported: (0, 0),
@@ -1016,7 +1077,7 @@ impl HttpContext for Http {
         let b = Batch::fetch(shared.report, &shared.report_args);
         let req = self.request(&b);
         let labels = shared.labels(&req, &b);
-        let duration = b.int(path!("request", "duration"));
+        let duration = b.int_at(AT_DURATION);
         shared.host_duration = duration.is_some();
         let duration_ms = match duration {
             Some(ns) => u64::try_from(ns).unwrap_or(0) / 1_000_000,
@@ -1026,8 +1087,8 @@ impl HttpContext for Http {
                 .unwrap_or(Duration::ZERO)
                 .as_millis() as u64,
         };
-        let request_size = b.int(path!("request", "total_size"));
-        let response_size = b.int(path!("response", "total_size"));
+        let request_size = b.int_at(AT_REQUEST_SIZE);
+        let response_size = b.int_at(AT_RESPONSE_SIZE);
         shared.host_sizes = request_size.is_some() && response_size.is_some();
         let size =
             |v: Option<i64>, fallback: u64| v.map_or(fallback, |v| u64::try_from(v).unwrap_or(0));
@@ -1107,7 +1168,8 @@ impl TcpState {
                     grpc_status: None,
                     has_host: false,
                 };
-                let l = shared.labels(&req, &Batch::empty());
+                let b = Batch::lazy(shared.report);
+                let l = shared.labels(&req, &b);
                 self.labels = Some(l.clone());
                 l
             }

@@ -64,11 +64,14 @@ pub fn set_property(path: &[u8], value: &[u8]) {
 /// ([`batch`]) on nasp, one `proxy_get_property` each on a host without
 /// it (Envoy answers `NOT_FOUND` for a foreign function it does not
 /// know). Read once, at the start of a callback; the values are what the
-/// host had then.
+/// host had then. Values are asked for by their path's index in the list,
+/// so that finding one costs nothing.
 pub struct Batch<'p> {
     paths: &'p [&'p [u8]],
     buf: Vec<u8>,
+    /// Each path's value in `buf`; empty for a [`Self::lazy`] batch.
     at: Vec<Option<(u32, u32)>>,
+    fetched: bool,
 }
 
 impl<'p> Batch<'p> {
@@ -77,7 +80,12 @@ impl<'p> Batch<'p> {
     pub fn fetch(paths: &'p [&'p [u8]], args: &[u8]) -> Self {
         if let Some(buf) = call_foreign(batch::FUNCTION, args) {
             if let Some(at) = batch::decode_values(&buf, paths.len()) {
-                return Self { paths, buf, at };
+                return Self {
+                    paths,
+                    buf,
+                    at,
+                    fetched: true,
+                };
             }
             // A result of another shape (a host's function of the same
             // name that is not this one): read one by one.
@@ -87,33 +95,37 @@ impl<'p> Batch<'p> {
             batch::push_value(&mut buf, property(p).as_deref());
         }
         let at = batch::decode_values(&buf, paths.len()).unwrap_or_default();
-        Self { paths, buf, at }
+        Self {
+            paths,
+            buf,
+            at,
+            fetched: true,
+        }
     }
 
-    /// No properties read ahead: every [`Self::get`] asks the host.
-    pub fn empty() -> Batch<'static> {
-        Batch {
-            paths: &[],
+    /// Nothing read ahead: [`Self::at`] asks the host for the one path
+    /// (for callbacks that need a few of the list's values, not all).
+    pub fn lazy(paths: &'p [&'p [u8]]) -> Self {
+        Self {
+            paths,
             buf: Vec::new(),
             at: Vec::new(),
+            fetched: false,
         }
     }
 
-    /// A property: from the batch when it is one of its paths, else from
-    /// the host.
-    pub fn get(&self, path: &[u8]) -> Option<Cow<'_, [u8]>> {
-        match self.paths.iter().position(|p| *p == path) {
-            Some(i) => {
-                let (a, b) = (*self.at.get(i)?)?;
-                self.buf.get(a as usize..b as usize).map(Cow::Borrowed)
-            }
-            None => property(path).map(Cow::Owned),
+    /// The value of the `i`-th path (`None` past the list's end).
+    pub fn at(&self, i: usize) -> Option<Cow<'_, [u8]>> {
+        if !self.fetched {
+            return property(self.paths.get(i)?).map(Cow::Owned);
         }
+        let (a, b) = (*self.at.get(i)?)?;
+        self.buf.get(a as usize..b as usize).map(Cow::Borrowed)
     }
 
-    /// An integer property (as [`property_int`]).
-    pub fn int(&self, path: &[u8]) -> Option<i64> {
-        le_i64(&self.get(path)?)
+    /// The `i`-th path's value as an integer (as [`property_int`]).
+    pub fn int_at(&self, i: usize) -> Option<i64> {
+        le_i64(&self.at(i)?)
     }
 }
 
