@@ -433,7 +433,10 @@ impl AbiHost {
             Ok(()) => self.copy_result(g, &out, a),
             Err(s) => st(s),
         };
-        self.batch = batch;
+        // A hostile list of huge paths is not held on to between calls.
+        if batch.args.len() <= MAX_CACHED_BATCH {
+            self.batch = batch;
+        }
         self.scratch = out;
         r
     }
@@ -501,11 +504,6 @@ impl AbiHost {
     }
 }
 
-/// A filter-state value by a property path whose segments are NUL-separated
-/// (`filter_state` keys are the dotted form, as `proxy_set_property` stored
-/// them). The few keys a stream has are compared in place, NUL matching
-/// `.`, rather than hashed after building the dotted key: this runs on
-/// every property read once a filter has set one.
 /// A property path as text: without a trailing NUL, and valid UTF-8 (paths
 /// are ASCII in practice: the strict check is the fast one).
 fn path_text(raw: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -539,6 +537,9 @@ fn with_segments<'s, R>(segs: impl Iterator<Item = &'s str>, f: impl FnOnce(&[&s
         &spilled
     })
 }
+
+/// The longest [`GET_PROPERTIES`] argument list kept parsed between calls.
+const MAX_CACHED_BATCH: usize = 16 * 1024;
 
 /// The paths of the last [`GET_PROPERTIES`] call, as its arguments named
 /// them and parsed: each path's text and segments, so that the same list
@@ -582,6 +583,11 @@ impl ParsedBatch {
     }
 }
 
+/// A filter-state value by a property path whose segments are NUL-separated
+/// (`filter_state` keys are the dotted form, as `proxy_set_property` stored
+/// them). The few keys a stream has are compared in place, NUL matching
+/// `.`, rather than hashed after building the dotted key: this runs on
+/// every property read once a filter has set one.
 fn dotted_get<'a>(map: &'a HashMap<String, Vec<u8>>, path: &str) -> Option<&'a Vec<u8>> {
     if map.is_empty() {
         return None;
@@ -1406,6 +1412,58 @@ mod tests {
         keys.iter()
             .map(|k| (k.to_string(), k.as_bytes().to_vec()))
             .collect()
+    }
+
+    fn list(paths: &[&[u8]]) -> Vec<u8> {
+        let mut args = Vec::new();
+        for p in paths {
+            args.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            args.extend_from_slice(p);
+        }
+        args
+    }
+
+    /// A batch read's list is split into each path's text (a trailing NUL
+    /// dropped) and segments, kept with the bytes it came from; a list cut
+    /// short or longer than the limit is refused.
+    #[test]
+    fn batch_paths_parse_and_bad_lists_are_refused() {
+        let args = list(&[b"upstream_peer", b"node\0metadata\0WORKLOAD_NAME\0", b""]);
+        let b = ParsedBatch::parse(&args).unwrap();
+        assert_eq!(b.args, args);
+        let texts: Vec<&str> = b.paths.iter().map(|p| p.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["upstream_peer", "node\0metadata\0WORKLOAD_NAME", ""]
+        );
+        assert_eq!(b.paths[1].segs, ["node", "metadata", "WORKLOAD_NAME"]);
+        assert_eq!(b.paths[2].segs, [""]);
+
+        // The empty last path's length word cut short.
+        assert_eq!(
+            ParsedBatch::parse(&args[..args.len() - 1]).err(),
+            Some(status::BAD_ARGUMENT)
+        );
+        let mut cut = list(&[b"request\0host"]);
+        cut.truncate(cut.len() - 1);
+        assert_eq!(ParsedBatch::parse(&cut).err(), Some(status::BAD_ARGUMENT));
+        assert_eq!(
+            ParsedBatch::parse(&[1, 0]).err(),
+            Some(status::BAD_ARGUMENT)
+        );
+
+        let paths: Vec<&[u8]> = vec![b"x"; MAX_BATCH_PATHS + 1];
+        assert_eq!(
+            ParsedBatch::parse(&list(&paths[..MAX_BATCH_PATHS]))
+                .unwrap()
+                .paths
+                .len(),
+            MAX_BATCH_PATHS
+        );
+        assert_eq!(
+            ParsedBatch::parse(&list(&paths)).err(),
+            Some(status::BAD_ARGUMENT)
+        );
     }
 
     /// A NUL-separated path finds the dotted key it names, as the
