@@ -273,6 +273,10 @@ struct Shared {
     /// Principals seen, by their bytes, as serials: a label set's inputs
     /// hold the serial, not a copy of the text (bounded like the peers).
     principals: HashMap<Vec<u8>, u64, WordHash>,
+    /// The last principal of each side (source, destination) and its
+    /// serial: the same workloads talk on most streams, and comparing
+    /// the bytes is cheaper than hashing them.
+    last_principals: [(Vec<u8>, u64); 2],
     /// What an HTTP report reads in one batch ([`OUTBOUND_REPORT`] or
     /// [`INBOUND_REPORT`]), and the batch call's arguments naming them.
     report: &'static [&'static [u8]],
@@ -496,8 +500,8 @@ impl Shared {
         ];
         let inputs = Inputs {
             peer: peer.serial,
-            source_principal: self.principal(principals[0]),
-            destination_principal: self.principal(principals[1]),
+            source_principal: self.principal(0, principals[0]),
+            destination_principal: self.principal(1, principals[1]),
             security,
             service: self.destination_service(req, b),
             flags: b.int_at(AT_FLAGS).unwrap_or(0),
@@ -525,15 +529,26 @@ impl Shared {
 
     /// The serial of a principal (0 for none or empty), so that a label
     /// set's inputs are compared without copying the text into them.
-    fn principal(&mut self, p: Option<&[u8]>) -> u64 {
+    fn principal(&mut self, side: usize, p: Option<&[u8]>) -> u64 {
         let Some(p) = p.filter(|p| !p.is_empty()) else {
             return 0;
         };
-        if let Some(&id) = self.principals.get(p) {
-            return id;
+        let last = &mut self.last_principals[side];
+        if last.0 == p {
+            return last.1;
         }
-        let id = next_serial();
-        insert_bounded(&mut self.principals, p.to_vec(), id);
+        let id = match self.principals.get(p) {
+            Some(&id) => id,
+            None => {
+                let id = next_serial();
+                insert_bounded(&mut self.principals, p.to_vec(), id);
+                id
+            }
+        };
+        let last = &mut self.last_principals[side];
+        last.0.clear();
+        last.0.extend_from_slice(p);
+        last.1 = id;
         id
     }
 
@@ -828,6 +843,7 @@ impl RootContext for Root {
             host_duration: false,
             services: HashMap::default(),
             principals: HashMap::default(),
+            last_principals: Default::default(),
             report,
             report_args: peer_metadata::batch::encode_paths(report),
         })));
