@@ -393,10 +393,12 @@ impl AbiHost {
     /// What [`Self::property`] answers for a path once the stream's filter
     /// state had nothing: the root's filter state, the plugin's names, the
     /// stream's provider (taken out of the stream's lock) and the plugin's.
+    /// `segs` is `None` for a path deeper than [`MAX_PATH_SEGMENTS`], which
+    /// only the filter states can hold.
     fn answer(
         &self,
         text: &str,
-        segs: &[&str],
+        segs: Option<&[&str]>,
         stream_provider: Option<&Arc<dyn PropertyProvider>>,
     ) -> Option<PropertyValue> {
         if let Some(v) = dotted_get(&self.root_filter_state, text) {
@@ -408,6 +410,7 @@ impl AbiHost {
             "plugin_vm_id" => return Some(self.info.vm_id.as_str().into()),
             _ => {}
         }
+        let segs = segs?;
         stream_provider
             .and_then(|p| p.property(segs))
             .or_else(|| self.plugin_properties.as_ref()?.property(segs))
@@ -421,22 +424,29 @@ impl AbiHost {
     fn get_properties(&mut self, g: &mut dyn Guest, a: &[Val]) -> HostResult {
         let mut out = std::mem::take(&mut self.scratch);
         out.clear();
-        let mut batch = std::mem::take(&mut self.batch);
         let listed = match mem::slice(g, arg(a, 2), arg(a, 3)) {
             // A filter sends the same list on every stream: parsed once.
-            Ok(args) if args == batch.args => Ok(()),
-            Ok(args) => ParsedBatch::parse(args).map(|b| batch = b),
+            Ok(args) if args == self.batch.args => {
+                self.properties_into(&self.batch, &mut out);
+                Ok(())
+            }
+            Ok(args) => ParsedBatch::parse(args).map(|b| {
+                self.properties_into(&b, &mut out);
+                // A list of huge paths is not held on to between calls
+                // (nor copied to be compared with the next).
+                if args.len() <= MAX_CACHED_BATCH {
+                    self.batch = ParsedBatch {
+                        args: args.to_vec(),
+                        ..b
+                    };
+                }
+            }),
             Err(()) => Err(status::INVALID_MEMORY_ACCESS),
-        }
-        .map(|()| self.properties_into(&batch, &mut out));
+        };
         let r = match listed {
             Ok(()) => self.copy_result(g, &out, a),
             Err(s) => st(s),
         };
-        // A hostile list of huge paths is not held on to between calls.
-        if batch.args.len() <= MAX_CACHED_BATCH {
-            self.batch = batch;
-        }
         self.scratch = out;
         r
     }
@@ -475,9 +485,12 @@ impl AbiHost {
             let state = from_state.iter().position(|(at, _)| *at == i);
             let v = match state {
                 Some(k) => Some(from_state.swap_remove(k).1),
-                None => with_segments(p.segs.iter().map(String::as_str), |segs| {
-                    self.answer(&p.text, segs, stream_provider.as_ref())
-                }),
+                None => match &p.segs {
+                    Some(segs) => with_segments(segs.iter().map(String::as_str), |segs| {
+                        self.answer(&p.text, segs, stream_provider.as_ref())
+                    }),
+                    None => self.answer(&p.text, None, stream_provider.as_ref()),
+                },
             };
             // A value too long for its length word counts as absent.
             let written = v.is_some_and(|v| {
@@ -514,28 +527,28 @@ fn path_text(raw: &[u8]) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Runs `f` over a path's segments, held on the stack (paths have a
-/// handful), in a `Vec` only past eight.
-fn with_segments<'s, R>(segs: impl Iterator<Item = &'s str>, f: impl FnOnce(&[&str]) -> R) -> R {
-    let mut held = [""; 8];
+/// The most segments a path a provider is asked about can have; deeper
+/// paths (no provider has any: Envoy's attributes go six deep) are
+/// answered from the filter states only, so that a path of a million
+/// NULs costs no per-segment memory.
+const MAX_PATH_SEGMENTS: usize = 16;
+
+/// Runs `f` over a path's segments, held on the stack; `None` past
+/// [`MAX_PATH_SEGMENTS`].
+fn with_segments<'s, R>(
+    segs: impl Iterator<Item = &'s str>,
+    f: impl FnOnce(Option<&[&str]>) -> R,
+) -> R {
+    let mut held = [""; MAX_PATH_SEGMENTS];
     let mut n = 0;
-    let mut spilled = Vec::new();
     for seg in segs {
-        if n < held.len() {
-            held[n] = seg;
-            n += 1;
-        } else {
-            if spilled.is_empty() {
-                spilled.extend_from_slice(&held);
-            }
-            spilled.push(seg);
+        if n == held.len() {
+            return f(None);
         }
+        held[n] = seg;
+        n += 1;
     }
-    f(if spilled.is_empty() {
-        &held[..n]
-    } else {
-        &spilled
-    })
+    f(Some(&held[..n]))
 }
 
 /// The longest [`GET_PROPERTIES`] argument list kept parsed between calls.
@@ -555,12 +568,15 @@ struct ParsedBatch {
 struct ParsedPath {
     /// As [`path_text`] gives it: NUL-separated, for the filter state.
     text: String,
-    segs: Vec<String>,
+    /// `None` past [`MAX_PATH_SEGMENTS`].
+    segs: Option<Vec<String>>,
 }
 
 impl ParsedBatch {
     /// The length-prefixed paths of `args`; `BAD_ARGUMENT` for arguments
     /// that are not a whole list of at most [`MAX_BATCH_PATHS`] paths.
+    /// `args` itself is not kept (the caller keeps it for a list worth
+    /// caching).
     fn parse(args: &[u8]) -> Result<Self, i32> {
         let mut paths = Vec::new();
         let mut rest = args;
@@ -573,11 +589,12 @@ impl ParsedBatch {
             let (path, tail) = tail.split_at(len);
             rest = tail;
             let text = path_text(path).into_owned();
-            let segs = text.split('\0').map(str::to_owned).collect();
+            let deep = text.split('\0').nth(MAX_PATH_SEGMENTS).is_some();
+            let segs = (!deep).then(|| text.split('\0').map(str::to_owned).collect());
             paths.push(ParsedPath { text, segs });
         }
         Ok(Self {
-            args: args.to_vec(),
+            args: Vec::new(),
             paths,
         })
     }
@@ -1430,14 +1447,25 @@ mod tests {
     fn batch_paths_parse_and_bad_lists_are_refused() {
         let args = list(&[b"upstream_peer", b"node\0metadata\0WORKLOAD_NAME\0", b""]);
         let b = ParsedBatch::parse(&args).unwrap();
-        assert_eq!(b.args, args);
         let texts: Vec<&str> = b.paths.iter().map(|p| p.text.as_str()).collect();
         assert_eq!(
             texts,
             ["upstream_peer", "node\0metadata\0WORKLOAD_NAME", ""]
         );
-        assert_eq!(b.paths[1].segs, ["node", "metadata", "WORKLOAD_NAME"]);
-        assert_eq!(b.paths[2].segs, [""]);
+        assert_eq!(
+            b.paths[1].segs.as_deref(),
+            Some(&["node", "metadata", "WORKLOAD_NAME"].map(String::from)[..])
+        );
+        assert_eq!(b.paths[2].segs.as_deref(), Some(&[String::new()][..]));
+        // Deeper than any provider's paths: text only (the filter states).
+        let mut deep = vec![0u8; MAX_PATH_SEGMENTS];
+        deep.push(b'x');
+        let b = ParsedBatch::parse(&list(&[&deep, &deep[1..]])).unwrap();
+        assert_eq!(b.paths[0].segs, None);
+        assert_eq!(
+            b.paths[1].segs.as_ref().map(Vec::len),
+            Some(MAX_PATH_SEGMENTS)
+        );
 
         // The empty last path's length word cut short.
         assert_eq!(

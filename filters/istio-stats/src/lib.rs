@@ -670,36 +670,36 @@ impl Shared {
             let name = String::from_utf8_lossy(&cluster).into_owned();
             return fresh((host(), name, String::new()));
         }
-        if !self.services.contains_key(&cluster[..]) {
-            let s = match from_metadata("name") {
-                Some(name) => Some((
-                    from_metadata("host"),
-                    name,
-                    from_metadata("namespace").unwrap_or_default(),
-                )),
-                // nasp has no cluster metadata; Istio's cluster names
-                // carry the same service host.
-                None => cluster_service(&String::from_utf8_lossy(&cluster))
-                    .map(|(h, n, ns)| (Some(h), n, ns)),
-            };
-            let known = s.map(|(h, name, ns)| match h {
-                Some(h) => KnownService::Full(Rc::new((h, name, ns))),
-                None => KnownService::NoHost(name, ns),
-            });
-            insert_bounded(&mut self.services, cluster.to_vec(), known);
-        }
-        match self.services.get(&cluster[..]) {
-            Some(Some(KnownService::Full(s))) => ServiceKey(s.clone()),
+        let resolve = |known: &Option<KnownService>| match known {
+            Some(KnownService::Full(s)) => ServiceKey(s.clone()),
             // The metadata names the service but no host: the request's.
-            Some(Some(KnownService::NoHost(name, ns))) => {
-                let s = (host(), name.clone(), ns.clone());
-                fresh(s)
-            }
-            _ => {
+            Some(KnownService::NoHost(name, ns)) => fresh((host(), name.clone(), ns.clone())),
+            None => {
                 let host = host();
                 fresh((host.clone(), host, String::new()))
             }
+        };
+        if let Some(known) = self.services.get(&cluster[..]) {
+            return resolve(known);
         }
+        let s = match from_metadata("name") {
+            Some(name) => Some((
+                from_metadata("host"),
+                name,
+                from_metadata("namespace").unwrap_or_default(),
+            )),
+            // nasp has no cluster metadata; Istio's cluster names carry
+            // the same service host.
+            None => cluster_service(&String::from_utf8_lossy(&cluster))
+                .map(|(h, n, ns)| (Some(h), n, ns)),
+        };
+        let known = s.map(|(h, name, ns)| match h {
+            Some(h) => KnownService::Full(Rc::new((h, name, ns))),
+            None => KnownService::NoHost(name, ns),
+        });
+        let key = resolve(&known);
+        insert_bounded(&mut self.services, cluster.to_vec(), known);
+        key
     }
 
     /// Records one stream's metrics. `values`: (metric, type, value, labels used).
