@@ -20,9 +20,7 @@ use crate::env::{
     GET_PROPERTIES, GrpcCallout, HostEnv, HttpCallout, LogLevel, LogRecord, MAX_BATCH_PATHS, lock,
 };
 use crate::runtime::{FuncRef, Guest, HostHandler, Trap, Val};
-use crate::types::{
-    HeaderMap, LocalResponse, PropertyProvider, PropertyValue, SharedStream, property_segments,
-};
+use crate::types::{HeaderMap, LocalResponse, PropertyProvider, PropertyValue, SharedStream};
 
 /// Static facts about a plugin, shared by its VM instances.
 #[derive(Debug, Clone, Default)]
@@ -943,7 +941,9 @@ impl HostHandler for AbiHost {
             HostFn::SetProperty => {
                 let path = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));
                 let value = try_mem!(mem::read(g, arg(a, 2), arg(a, 3)));
-                let key = property_segments(&path).join(".");
+                // The dotted key without splitting the path: a hostile
+                // path of NULs costs no memory per segment.
+                let key = path_text(&path).replace('\0', ".");
                 match self.stream() {
                     Some(s) => {
                         lock(s).filter_state.insert(key, value);

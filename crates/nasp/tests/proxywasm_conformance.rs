@@ -589,6 +589,47 @@ per_runtime! {
         assert!(lines.iter().any(|l| l == "own"), "{rt}: {lines:?}");
         assert!(!lines.contains(&expected), "{rt}: {lines:?}");
     };
+    deep_property_paths_reach_the_filter_state_only => |rt: &str| {
+        // A 17-segment key set with dots is read back with NULs; a path of
+        // 60 000 NULs is absent, then set, then read in a batch (it is
+        // matched as text, never split into segments).
+        let wat = r#"(module
+            (import "env" "proxy_get_property" (func $get (param i32 i32 i32 i32) (result i32)))
+            (import "env" "proxy_set_property" (func $set (param i32 i32 i32 i32) (result i32)))
+            (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
+            (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+            (memory (export "memory") 2)
+            (global $heap (mut i32) (i32.const 70000))
+            (data (i32.const 0) "a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q")
+            (data (i32.const 64) "a\00b\00c\00d\00e\00f\00g\00h\00i\00j\00k\00l\00m\00n\00o\00p\00q")
+            (data (i32.const 128) "deep")
+            (data (i32.const 136) "absent")
+            (data (i32.const 144) "nasp_get_properties")
+            (data (i32.const 256) "\60\ea\00\00")
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "malloc") (param i32) (result i32)
+              (local i32) global.get $heap local.set 1
+              global.get $heap local.get 0 i32.add global.set $heap local.get 1)
+            (func (export "proxy_on_context_create") (param i32 i32))
+            (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
+            (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+            (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+              (drop (call $set (i32.const 0) (i32.const 33) (i32.const 128) (i32.const 4)))
+              (if (i32.eqz (call $get (i32.const 64) (i32.const 33) (i32.const 200) (i32.const 204)))
+                (then (drop (call $log (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
+              (if (i32.eq (call $get (i32.const 260) (i32.const 60000) (i32.const 200) (i32.const 204)) (i32.const 1))
+                (then (drop (call $log (i32.const 2) (i32.const 136) (i32.const 6)))))
+              (drop (call $set (i32.const 260) (i32.const 60000) (i32.const 128) (i32.const 4)))
+              (if (i32.eqz (call $ff (i32.const 144) (i32.const 19) (i32.const 256) (i32.const 60004) (i32.const 200) (i32.const 204)))
+                (then (drop (call $log (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
+              i32.const 0))"#;
+        let h = Harness::new();
+        let mut chain = FilterChain::new(vec![h.wat_plugin(rt, wat, cfg("deep"))]);
+        let mut s = chain.http_stream(props());
+        assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
+        let lines: Vec<String> = h.logs.lines().iter().map(|l| l.message.clone()).collect();
+        assert_eq!(lines, ["deep", "absent", "\u{4}\0\0\0deep"], "{rt}");
+    };
     istio_stats_reports_the_same_without_the_batch_read => |rt: &str| {
         // The stats filter reads its report's properties in one
         // `nasp_get_properties` call; on a host without it (an embedder's
