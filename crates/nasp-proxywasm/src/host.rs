@@ -20,7 +20,7 @@ use crate::env::{
     GET_PROPERTIES, GrpcCallout, HostEnv, HttpCallout, LogLevel, LogRecord, MAX_BATCH_PATHS, lock,
 };
 use crate::runtime::{FuncRef, Guest, HostHandler, Trap, Val};
-use crate::types::{HeaderMap, LocalResponse, PropertyProvider, PropertyValue, SharedStream};
+use crate::types::{HeaderMap, LocalResponse, PropertyProvider, SharedStream};
 
 /// Static facts about a plugin, shared by its VM instances.
 #[derive(Debug, Clone, Default)]
@@ -365,11 +365,13 @@ impl AbiHost {
     }
 
     /// A property by its path as the guest sent it (segments separated by
-    /// NUL, with or without a trailing one). Called several times per
-    /// callback by Istio's filters, so the path is borrowed, not split into
-    /// owned segments (they are held on the stack), and filter-state keys
-    /// are matched against it in place ([`dotted_get`]).
-    fn property(&self, raw: &[u8]) -> Option<PropertyValue> {
+    /// NUL, with or without a trailing one), its bytes appended to `out`;
+    /// false when absent. Called several times per callback by Istio's
+    /// filters, so the path is borrowed, not split into owned segments
+    /// (they are held on the stack), filter-state keys are matched against
+    /// it in place ([`dotted_get`]), and the value is copied once, from
+    /// where its holder keeps it ([`PropertyProvider::with_property_bytes`]).
+    fn property_into(&self, raw: &[u8], out: &mut Vec<u8>) -> bool {
         let text = path_text(raw);
         // A stream context asks its stream's provider first (it knows the
         // connection, the request and possibly a more specific node), then
@@ -379,39 +381,53 @@ impl AbiHost {
         if let Some(s) = self.stream() {
             let s = lock(s);
             if let Some(v) = dotted_get(&s.filter_state, &text) {
-                return Some(PropertyValue::Bytes(v.clone()));
+                out.extend_from_slice(v);
+                return true;
             }
             stream_provider = s.provider.clone();
         }
         with_segments(text.split('\0'), |segs| {
-            self.answer(&text, segs, stream_provider.as_ref())
+            self.answer(&text, segs, stream_provider.as_ref(), &mut |b| {
+                out.extend_from_slice(b)
+            })
         })
     }
 
-    /// What [`Self::property`] answers for a path once the stream's filter
-    /// state had nothing: the root's filter state, the plugin's names, the
-    /// stream's provider (taken out of the stream's lock) and the plugin's.
-    /// `segs` is `None` for a path deeper than [`MAX_PATH_SEGMENTS`], which
-    /// only the filter states can hold.
+    /// What [`Self::property_into`] answers for a path once the stream's
+    /// filter state had nothing, handed to `f`: the root's filter state,
+    /// the plugin's names, the stream's provider (taken out of the stream's
+    /// lock) and the plugin's; false when none has it. `segs` is `None` for
+    /// a path deeper than [`MAX_PATH_SEGMENTS`], which only the filter
+    /// states can hold.
     fn answer(
         &self,
         text: &str,
         segs: Option<&[&str]>,
         stream_provider: Option<&Arc<dyn PropertyProvider>>,
-    ) -> Option<PropertyValue> {
+        f: &mut dyn FnMut(&[u8]),
+    ) -> bool {
         if let Some(v) = dotted_get(&self.root_filter_state, text) {
-            return Some(PropertyValue::Bytes(v.clone()));
+            f(v);
+            return true;
         }
-        match text {
-            "plugin_name" => return Some(self.info.name.as_str().into()),
-            "plugin_root_id" => return Some(self.info.root_id.as_str().into()),
-            "plugin_vm_id" => return Some(self.info.vm_id.as_str().into()),
-            _ => {}
+        let name = match text {
+            "plugin_name" => Some(&self.info.name),
+            "plugin_root_id" => Some(&self.info.root_id),
+            "plugin_vm_id" => Some(&self.info.vm_id),
+            _ => None,
+        };
+        if let Some(name) = name {
+            f(name.as_bytes());
+            return true;
         }
-        let segs = segs?;
-        stream_provider
-            .and_then(|p| p.property(segs))
-            .or_else(|| self.plugin_properties.as_ref()?.property(segs))
+        let Some(segs) = segs else {
+            return false;
+        };
+        stream_provider.is_some_and(|p| p.with_property_bytes(segs, f))
+            || self
+                .plugin_properties
+                .as_ref()
+                .is_some_and(|p| p.with_property_bytes(segs, f))
     }
 
     /// The built-in foreign function [`GET_PROPERTIES`]: the properties
@@ -461,8 +477,8 @@ impl AbiHost {
     }
 
     /// Appends the value (u32 length, bytes) or absence (`u32::MAX`) of
-    /// each of `batch`'s paths to `out`, each as [`Self::property`] answers
-    /// it, with the stream locked once for all of them.
+    /// each of `batch`'s paths to `out`, each as [`Self::property_into`]
+    /// answers it, with the stream locked once for all of them.
     fn properties_into(&self, batch: &ParsedBatch, out: &mut Vec<u8>) {
         let mut stream_provider = None;
         // The stream's filter state answers first; values it holds are
@@ -473,34 +489,35 @@ impl AbiHost {
             if !s.filter_state.is_empty() {
                 for (i, p) in batch.paths.iter().enumerate() {
                     if let Some(v) = dotted_get(&s.filter_state, &p.text) {
-                        from_state.push((i, PropertyValue::Bytes(v.clone())));
+                        from_state.push((i, v.clone()));
                     }
                 }
             }
             stream_provider = s.provider.clone();
         }
         for (i, p) in batch.paths.iter().enumerate() {
-            let state = from_state.iter().position(|(at, _)| *at == i);
-            let v = match state {
-                Some(k) => Some(from_state.swap_remove(k).1),
-                None => match &p.segs {
-                    Some(segs) => with_segments(segs.iter().map(String::as_str), |segs| {
-                        self.answer(&p.text, segs, stream_provider.as_ref())
-                    }),
-                    None => self.answer(&p.text, None, stream_provider.as_ref()),
-                },
-            };
             // A value too long for its length word counts as absent.
-            let written = v.is_some_and(|v| {
-                v.with_bytes(|b| match u32::try_from(b.len()) {
-                    Ok(len) if len != u32::MAX => {
-                        out.extend_from_slice(&len.to_le_bytes());
-                        out.extend_from_slice(b);
-                        true
-                    }
-                    _ => false,
-                })
-            });
+            let mut written = false;
+            let mut put = |b: &[u8]| match u32::try_from(b.len()) {
+                Ok(len) if len != u32::MAX && !written => {
+                    out.extend_from_slice(&len.to_le_bytes());
+                    out.extend_from_slice(b);
+                    written = true;
+                }
+                _ => {}
+            };
+            match from_state.iter().position(|(at, _)| *at == i) {
+                Some(k) => put(&from_state.swap_remove(k).1),
+                None => {
+                    let provider = stream_provider.as_ref();
+                    match &p.segs {
+                        Some(segs) => with_segments(segs.iter().map(String::as_str), |segs| {
+                            self.answer(&p.text, segs, provider, &mut put)
+                        }),
+                        None => self.answer(&p.text, None, provider, &mut put),
+                    };
+                }
+            }
             if !written {
                 out.extend_from_slice(&u32::MAX.to_le_bytes());
             }
@@ -929,14 +946,19 @@ impl HostHandler for AbiHost {
                 // The path is read where it is in the guest's memory; the
                 // value found is the host's own, so the borrow ends before
                 // the copy out.
-                let value = {
+                let mut value = std::mem::take(&mut self.scratch);
+                value.clear();
+                let found = {
                     let path = try_mem!(mem::slice(g, arg(a, 0), arg(a, 1)));
-                    self.property(path)
+                    self.property_into(path, &mut value)
                 };
-                match value {
-                    Some(v) => v.with_bytes(|b| self.copy_out(g, b, arg(a, 2), arg(a, 3))),
-                    None => st(status::NOT_FOUND),
-                }
+                let r = if found {
+                    self.copy_out(g, &value, arg(a, 2), arg(a, 3))
+                } else {
+                    st(status::NOT_FOUND)
+                };
+                self.scratch = value;
+                r
             }
             HostFn::SetProperty => {
                 let path = try_mem!(mem::read(g, arg(a, 0), arg(a, 1)));

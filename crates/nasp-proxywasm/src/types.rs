@@ -283,6 +283,22 @@ impl From<&str> for PropertyValue {
 pub trait PropertyProvider: Send + Sync {
     /// The value at `path`, if any.
     fn property(&self, path: &[&str]) -> Option<PropertyValue>;
+
+    /// Hands the bytes of the value at `path` (as the guest receives them,
+    /// [`PropertyValue::with_bytes`]) to `f`, once, and says whether there
+    /// was one. The host reads properties this way, so a provider that
+    /// keeps a value can lend it instead of making a [`PropertyValue`]
+    /// (an allocation) per read; it must give the same bytes as
+    /// [`Self::property`].
+    fn with_property_bytes(&self, path: &[&str], f: &mut dyn FnMut(&[u8])) -> bool {
+        match self.property(path) {
+            Some(v) => {
+                v.with_bytes(f);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A provider with no properties.

@@ -212,7 +212,7 @@ struct FilterConfig {
     pool: Arc<ChainPool>,
     direction: ListenerDirection,
     node: Arc<NodeProperties>,
-    local_id: Option<String>,
+    local_id: Option<Arc<str>>,
     local_addr: Option<std::net::SocketAddr>,
     /// Inbound: `inbound|<port>||` of `local_addr`.
     local_cluster: Option<Arc<str>>,
@@ -282,7 +282,7 @@ impl HttpFilterLayer {
     /// inbound, `upstream.uri_san_local_certificate` outbound, on mTLS).
     pub fn local_identity(self, id: impl Into<String>) -> Self {
         let id = id.into();
-        self.edit(|c| c.local_id = Some(id))
+        self.edit(|c| c.local_id = Some(id.into()))
     }
 
     /// The listener's address (`destination.*` inbound; inbound, also the
@@ -552,10 +552,7 @@ fn append_headers<'a>(
     out: &mut http::HeaderMap,
 ) {
     for (k, v) in entries {
-        match (
-            http::HeaderName::from_bytes(k),
-            http::HeaderValue::from_bytes(v),
-        ) {
+        match (header_name(k), http::HeaderValue::from_bytes(v)) {
             (Ok(k), Ok(v)) => {
                 out.append(k, v);
             }
@@ -564,6 +561,19 @@ fn append_headers<'a>(
                 "a filter left an invalid header; dropped"
             ),
         }
+    }
+}
+
+/// The metadata exchange's headers, which the default chain adds to every
+/// request and response it sends: named without an allocation (a name
+/// `http` does not know is copied into a new buffer each time).
+const EXCHANGE_HEADERS: [&str; 2] = ["x-envoy-peer-metadata-id", "x-envoy-peer-metadata"];
+
+/// A header name a filter wrote, as `http::HeaderName::from_bytes` makes it.
+fn header_name(k: &[u8]) -> Result<http::HeaderName, http::header::InvalidHeaderName> {
+    match EXCHANGE_HEADERS.iter().find(|n| n.as_bytes() == k) {
+        Some(n) => Ok(http::HeaderName::from_static(n)),
+        None => http::HeaderName::from_bytes(k),
     }
 }
 

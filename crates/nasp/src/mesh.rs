@@ -1086,7 +1086,7 @@ impl Mesh {
                 destination: Some(upstream.address),
                 mtls: upstream.mtls,
                 peer_san: upstream.peer_id.as_deref().map(str::to_string),
-                local_san: Some(self.inner.id.to_string()),
+                local_san: Some(self.inner.id.to_string().into()),
                 negotiated_protocol: upstream.alpn.as_deref().map(str::to_string),
                 ..Default::default()
             },
@@ -1169,7 +1169,7 @@ impl Mesh {
                     destination: Some(local),
                     mtls: conn.is_mtls(),
                     peer_san: peer_id.clone(),
-                    local_san: Some(self.inner.id.to_string()),
+                    local_san: Some(self.inner.id.to_string().into()),
                     negotiated_protocol: upstream.alpn.as_deref().map(str::to_string),
                     local_cluster: Some(LocalCluster {
                         name: upstream.cluster.clone(),

@@ -158,7 +158,9 @@ pub struct ConnectionProperties {
     pub peer_san: Option<String>,
     /// `connection.uri_san_local_certificate` (and, outbound,
     /// `upstream.uri_san_local_certificate`): this workload's SPIFFE id.
-    pub local_san: Option<String>,
+    /// Shared with the listener's configuration (it is the same on every
+    /// stream).
+    pub local_san: Option<Arc<str>>,
     /// `connection.negotiated_protocol`: the ALPN agreed downstream.
     pub negotiated_protocol: Option<String>,
     /// `connection.requested_server_name`: the SNI the peer asked for.
@@ -550,39 +552,48 @@ impl StreamProperties {
     }
 
     fn upstream_property(&self, path: &[&str]) -> Option<PropertyValue> {
-        if let ["uri_san_local_certificate"] = path {
-            return self
-                .connection
-                .local_san
-                .as_deref()
-                .filter(|_| self.upstream.get().is_some_and(|u| u.mtls))
-                .map(PropertyValue::from);
-        }
         let up = self.upstream.get()?;
         match path {
             ["address"] => address(Some(up.address), "address"),
             ["port"] => address(Some(up.address), "port"),
             ["mtls"] => Some(PropertyValue::Bool(up.mtls)),
-            ["uri_san_peer_certificate"] => up.peer_id.as_deref().map(PropertyValue::from),
-            ["negotiated_protocol"] => up.alpn.as_deref().map(PropertyValue::from),
             _ => None,
         }
     }
 
-    fn connection_property(&self, path: &[&str]) -> Option<PropertyValue> {
+    /// The text properties the stream keeps as they are (names, SANs,
+    /// ALPNs), so that a read can borrow them
+    /// ([`PropertyProvider::with_property_bytes`]): `Some(value)` for one
+    /// of those paths (`None` inside when absent), `None` for any other.
+    fn text_property(&self, path: &[&str]) -> Option<Option<&str>> {
         let c = &self.connection;
-        match path {
-            ["mtls"] => Some(PropertyValue::Bool(c.mtls)),
-            ["uri_san_peer_certificate"] => c.peer_san.as_deref().map(PropertyValue::from),
-            ["uri_san_local_certificate"] => c
+        let up = self.upstream.get();
+        Some(match path {
+            ["cluster_name"] => match (up, &c.local_cluster) {
+                (Some(u), _) => Some(&*u.cluster),
+                (None, Some(l)) => Some(&*l.name),
+                (None, None) => None,
+            },
+            ["route_name"] => up.map(|u| &*u.route).filter(|r| !r.is_empty()),
+            ["connection", "uri_san_peer_certificate"] => c.peer_san.as_deref(),
+            ["connection", "uri_san_local_certificate"] => {
+                c.local_san.as_deref().filter(|_| c.mtls)
+            }
+            ["connection", "negotiated_protocol"] => c.negotiated_protocol.as_deref(),
+            ["connection", "requested_server_name"] => c.requested_server_name.as_deref(),
+            ["upstream", "uri_san_local_certificate"] => c
                 .local_san
                 .as_deref()
-                .filter(|_| c.mtls)
-                .map(PropertyValue::from),
-            ["negotiated_protocol"] => c.negotiated_protocol.as_deref().map(PropertyValue::from),
-            ["requested_server_name"] => {
-                c.requested_server_name.as_deref().map(PropertyValue::from)
-            }
+                .filter(|_| up.is_some_and(|u| u.mtls)),
+            ["upstream", "uri_san_peer_certificate"] => up.and_then(|u| u.peer_id.as_deref()),
+            ["upstream", "negotiated_protocol"] => up.and_then(|u| u.alpn.as_deref()),
+            _ => return None,
+        })
+    }
+
+    fn connection_property(&self, path: &[&str]) -> Option<PropertyValue> {
+        match path {
+            ["mtls"] => Some(PropertyValue::Bool(self.connection.mtls)),
             _ => None,
         }
     }
@@ -590,6 +601,9 @@ impl StreamProperties {
 
 impl PropertyProvider for StreamProperties {
     fn property(&self, path: &[&str]) -> Option<PropertyValue> {
+        if let Some(text) = self.text_property(path) {
+            return text.map(PropertyValue::from);
+        }
         let outbound = self.direction == ListenerDirection::Outbound;
         match path {
             ["node", rest @ ..] => self.node.property(rest),
@@ -602,11 +616,6 @@ impl PropertyProvider for StreamProperties {
             ["destination", what] => address(self.connection.destination, what),
             ["connection", rest @ ..] => self.connection_property(rest),
             ["upstream", rest @ ..] => self.upstream_property(rest),
-            ["cluster_name"] => match (self.upstream.get(), &self.connection.local_cluster) {
-                (Some(u), _) => Some(PropertyValue::from(&*u.cluster)),
-                (None, Some(l)) => Some(PropertyValue::from(&*l.name)),
-                (None, None) => None,
-            },
             [
                 "cluster_metadata",
                 "filter_metadata",
@@ -629,11 +638,6 @@ impl PropertyProvider for StreamProperties {
                 };
                 (!v.is_empty()).then(|| PropertyValue::from(v.as_str()))
             }
-            ["route_name"] => self
-                .upstream
-                .get()
-                .filter(|u| !u.route.is_empty())
-                .map(|u| PropertyValue::from(&*u.route)),
             ["request", rest @ ..] => self.request_property(rest),
             ["response", rest @ ..] => self.response_property(rest),
             // Envoy's `GrpcStatsObject::serializeAsString`: "request,response".
@@ -642,6 +646,24 @@ impl PropertyProvider for StreamProperties {
                 Some(PropertyValue::Bytes(format!("{req},{resp}").into_bytes()))
             }
             _ => None,
+        }
+    }
+
+    /// The stream's text properties are lent where they are kept.
+    fn with_property_bytes(&self, path: &[&str], f: &mut dyn FnMut(&[u8])) -> bool {
+        match self.text_property(path) {
+            Some(Some(text)) => {
+                f(text.as_bytes());
+                true
+            }
+            Some(None) => false,
+            None => match self.property(path) {
+                Some(v) => {
+                    v.with_bytes(f);
+                    true
+                }
+                None => false,
+            },
         }
     }
 }
@@ -662,9 +684,19 @@ mod tests {
         }
     }
 
+    /// The value at `path`, read both ways the host can (a lent value and
+    /// a `PropertyValue`), which must agree.
     fn get(p: &StreamProperties, path: &str) -> Option<Vec<u8>> {
         let segs: Vec<&str> = path.split('.').collect();
-        p.property(&segs).map(|v| v.serialize())
+        let value = p.property(&segs).map(|v| v.serialize());
+        let mut lent = None;
+        let found = p.with_property_bytes(&segs, &mut |b| lent = Some(b.to_vec()));
+        assert_eq!(found, lent.is_some(), "{path}");
+        // A running request's duration moves between the two reads.
+        if path != "request.duration" {
+            assert_eq!(lent, value, "{path}: lent and made differ");
+        }
+        value
     }
 
     fn text(p: &StreamProperties, path: &str) -> Option<String> {
