@@ -461,7 +461,7 @@ impl AbiHost {
             Ok(()) => self.copy_result(g, &out, a),
             Err(s) => st(s),
         };
-        self.scratch = out;
+        self.keep_scratch(out);
         r
     }
 
@@ -524,6 +524,14 @@ impl AbiHost {
         }
     }
 
+    /// Puts a buffer taken from [`Self::scratch`] back for the next call,
+    /// unless one large value made it large: that memory is not kept.
+    fn keep_scratch(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= MAX_KEPT_SCRATCH {
+            self.scratch = buf;
+        }
+    }
+
     fn next_token(&mut self, kind: u32) -> u32 {
         // 30 bits of sequence; the low two carry the kind. Zero is skipped
         // on wrap-around so a token is never 0.
@@ -565,6 +573,9 @@ fn with_segments<'s, R>(
     }
     f(Some(&held[..n]))
 }
+
+/// The largest [`AbiHost::scratch`] buffer kept between host calls.
+const MAX_KEPT_SCRATCH: usize = 64 * 1024;
 
 /// The longest [`GET_PROPERTIES`] argument list kept parsed between calls.
 const MAX_CACHED_BATCH: usize = 16 * 1024;
@@ -916,7 +927,7 @@ impl HostHandler for AbiHost {
                     Ok(false) => st(status::NOT_FOUND),
                     Err(s) => st(s),
                 };
-                self.scratch = out;
+                self.keep_scratch(out);
                 r
             }
             HostFn::AddHeaderMapValue | HostFn::ReplaceHeaderMapValue => {
@@ -957,7 +968,7 @@ impl HostHandler for AbiHost {
                 } else {
                     st(status::NOT_FOUND)
                 };
-                self.scratch = value;
+                self.keep_scratch(value);
                 r
             }
             HostFn::SetProperty => {
