@@ -431,7 +431,7 @@ impl AbiHost {
     }
 
     /// The built-in foreign function [`GET_PROPERTIES`]: the properties
-    /// its arguments name, each as [`Self::property`] answers it, in one
+    /// its arguments name, each as [`Self::property_into`] answers it, in one
     /// result (the format: `docs/proxy-wasm-host.md`). `BAD_ARGUMENT` for
     /// arguments that are not a whole list of at most
     /// [`MAX_BATCH_PATHS`] paths.
@@ -957,11 +957,13 @@ impl HostHandler for AbiHost {
                 // The path is read where it is in the guest's memory; the
                 // value found is the host's own, so the borrow ends before
                 // the copy out.
-                let mut value = std::mem::take(&mut self.scratch);
-                value.clear();
-                let found = {
+                let (found, value) = {
                     let path = try_mem!(mem::slice(g, arg(a, 0), arg(a, 1)));
-                    self.property_into(path, &mut value)
+                    // Taken once the path is known good: a bad pointer
+                    // leaves the kept buffer where it is.
+                    let mut value = std::mem::take(&mut self.scratch);
+                    value.clear();
+                    (self.property_into(path, &mut value), value)
                 };
                 let r = if found {
                     self.copy_out(g, &value, arg(a, 2), arg(a, 3))
