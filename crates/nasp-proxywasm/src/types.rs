@@ -259,6 +259,13 @@ impl PropertyValue {
         }
     }
 
+    /// Hands the bytes of `value`, if there is one, to `f`
+    /// ([`PropertyProvider::with_property_bytes`]'s contract); whether
+    /// there was.
+    pub fn lend(value: Option<Self>, f: &mut dyn FnMut(&[u8])) -> bool {
+        value.map(|v| v.with_bytes(f)).is_some()
+    }
+
     /// The bytes the guest receives, as a new vector (the encodings are
     /// [`Self::with_bytes`]'s).
     pub fn serialize(&self) -> Vec<u8> {
@@ -291,13 +298,7 @@ pub trait PropertyProvider: Send + Sync {
     /// (an allocation) per read; it must give the same bytes as
     /// [`Self::property`].
     fn with_property_bytes(&self, path: &[&str], f: &mut dyn FnMut(&[u8])) -> bool {
-        match self.property(path) {
-            Some(v) => {
-                v.with_bytes(f);
-                true
-            }
-            None => false,
-        }
+        PropertyValue::lend(self.property(path), f)
     }
 }
 
@@ -381,15 +382,6 @@ impl fmt::Debug for StreamState {
 
 /// A stream's state, shared by the embedder and every plugin of its chain.
 pub type SharedStream = Arc<Mutex<StreamState>>;
-
-/// Normalizes a property path from the guest: segments separated by NUL,
-/// with or without a trailing NUL (the C++ SDK sends one, Rust and Go don't).
-pub fn property_segments(raw: &[u8]) -> Vec<String> {
-    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
-    raw.split(|b| *b == 0)
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
-}
 
 #[cfg(test)]
 mod tests {

@@ -599,11 +599,9 @@ impl StreamProperties {
     }
 }
 
-impl PropertyProvider for StreamProperties {
-    fn property(&self, path: &[&str]) -> Option<PropertyValue> {
-        if let Some(text) = self.text_property(path) {
-            return text.map(PropertyValue::from);
-        }
+impl StreamProperties {
+    /// Every property but the [`Self::text_property`] ones: made per read.
+    fn computed_property(&self, path: &[&str]) -> Option<PropertyValue> {
         let outbound = self.direction == ListenerDirection::Outbound;
         match path {
             ["node", rest @ ..] => self.node.property(rest),
@@ -648,22 +646,21 @@ impl PropertyProvider for StreamProperties {
             _ => None,
         }
     }
+}
+
+impl PropertyProvider for StreamProperties {
+    fn property(&self, path: &[&str]) -> Option<PropertyValue> {
+        match self.text_property(path) {
+            Some(text) => text.map(PropertyValue::from),
+            None => self.computed_property(path),
+        }
+    }
 
     /// The stream's text properties are lent where they are kept.
     fn with_property_bytes(&self, path: &[&str], f: &mut dyn FnMut(&[u8])) -> bool {
         match self.text_property(path) {
-            Some(Some(text)) => {
-                f(text.as_bytes());
-                true
-            }
-            Some(None) => false,
-            None => match self.property(path) {
-                Some(v) => {
-                    v.with_bytes(f);
-                    true
-                }
-                None => false,
-            },
+            Some(text) => text.map(|t| f(t.as_bytes())).is_some(),
+            None => PropertyValue::lend(self.computed_property(path), f),
         }
     }
 }
