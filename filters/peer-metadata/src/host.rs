@@ -71,7 +71,6 @@ pub struct Batch<'p> {
     buf: Vec<u8>,
     /// Each path's value in `buf`; empty for a [`Self::lazy`] batch.
     at: Vec<Option<(u32, u32)>>,
-    fetched: bool,
 }
 
 impl<'p> Batch<'p> {
@@ -80,12 +79,7 @@ impl<'p> Batch<'p> {
     pub fn fetch(paths: &'p [&'p [u8]], args: &[u8]) -> Self {
         if let Some(buf) = call_foreign(batch::FUNCTION, args) {
             if let Some(at) = batch::decode_values(&buf, paths.len()) {
-                return Self {
-                    paths,
-                    buf,
-                    at,
-                    fetched: true,
-                };
+                return Self { paths, buf, at };
             }
             // A result of another shape (a host's function of the same
             // name that is not this one): read one by one.
@@ -95,12 +89,7 @@ impl<'p> Batch<'p> {
             batch::push_value(&mut buf, property(p).as_deref());
         }
         let at = batch::decode_values(&buf, paths.len()).unwrap_or_default();
-        Self {
-            paths,
-            buf,
-            at,
-            fetched: true,
-        }
+        Self { paths, buf, at }
     }
 
     /// Nothing read ahead: [`Self::at`] asks the host for the one path
@@ -110,13 +99,12 @@ impl<'p> Batch<'p> {
             paths,
             buf: Vec::new(),
             at: Vec::new(),
-            fetched: false,
         }
     }
 
     /// The value of the `i`-th path (`None` past the list's end).
     pub fn at(&self, i: usize) -> Option<Cow<'_, [u8]>> {
-        if !self.fetched {
+        if self.at.is_empty() {
             return property(self.paths.get(i)?).map(Cow::Owned);
         }
         let (a, b) = (*self.at.get(i)?)?;
