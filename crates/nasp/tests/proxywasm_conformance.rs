@@ -65,6 +65,15 @@ impl Harness {
         Plugin::new(&module, config, self.env.clone()).unwrap_or_else(|e| panic!("{rt}: {e}"))
     }
 
+    /// What the plugins logged, in order.
+    fn messages(&self) -> Vec<String> {
+        self.logs
+            .lines()
+            .iter()
+            .map(|l| l.message.clone())
+            .collect()
+    }
+
     fn count(&self, needle: &str) -> usize {
         self.logs
             .lines()
@@ -79,6 +88,22 @@ impl Harness {
                 .unwrap_or_else(|e| panic!("{rt}: {e}")),
         ])
     }
+}
+
+/// The exports a 0.2.1 WAT module needs for its request callbacks to
+/// run: a bump `malloc` over the module's own `$heap` global, and a root
+/// that accepts its start and configuration.
+macro_rules! wat_stream_root {
+    () => {
+        r#"
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "malloc") (param i32) (result i32)
+              (local i32) global.get $heap local.set 1
+              global.get $heap local.get 0 i32.add global.set $heap local.get 1)
+            (func (export "proxy_on_context_create") (param i32 i32))
+            (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
+            (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)"#
+    };
 }
 
 fn props() -> Arc<dyn PropertyProvider> {
@@ -542,26 +567,20 @@ per_runtime! {
         // `nasp_get_properties` with two paths (one the stream has, one
         // nobody has), logged as the guest got it; then arguments cut
         // short by a byte, which must be BAD_ARGUMENT (2).
-        let wat = r#"(module
+        let wat = concat!(r#"(module
             (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
             (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
             (memory (export "memory") 1)
             (global $heap (mut i32) (i32.const 4096))
             (data (i32.const 0) "\07\00\00\00node\00id\07\00\00\00missing")
             (data (i32.const 64) "nasp_get_propertiesbad-argument")
-            (func (export "proxy_abi_version_0_2_1"))
-            (func (export "malloc") (param i32) (result i32)
-              (local i32) global.get $heap local.set 1
-              global.get $heap local.get 0 i32.add global.set $heap local.get 1)
-            (func (export "proxy_on_context_create") (param i32 i32))
-            (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
-            (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+"#, wat_stream_root!(), r#"
             (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
               (if (i32.eqz (call $ff (i32.const 64) (i32.const 19) (i32.const 0) (i32.const 22) (i32.const 300) (i32.const 304)))
                 (then (drop (call $log (i32.const 2) (i32.load (i32.const 300)) (i32.load (i32.const 304))))))
               (if (i32.eq (call $ff (i32.const 64) (i32.const 19) (i32.const 0) (i32.const 21) (i32.const 300) (i32.const 304)) (i32.const 2))
                 (then (drop (call $log (i32.const 2) (i32.const 83) (i32.const 12)))))
-              i32.const 0))"#;
+              i32.const 0))"#);
         let node_id = "sidecar~10.0.0.1~pod.demo~demo.svc.cluster.local";
         let mut expected = (node_id.len() as u32).to_le_bytes().to_vec();
         expected.extend_from_slice(node_id.as_bytes());
@@ -572,7 +591,7 @@ per_runtime! {
         let mut chain = FilterChain::new(vec![h.wat_plugin(rt, wat, cfg("batch"))]);
         let mut s = chain.http_stream(props());
         assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
-        let lines: Vec<String> = h.logs.lines().iter().map(|l| l.message.clone()).collect();
+        let lines = h.messages();
         assert!(lines.contains(&expected), "{rt}: {lines:?}");
         assert!(lines.iter().any(|l| l == "bad-argument"), "{rt}: {lines:?}");
 
@@ -585,7 +604,7 @@ per_runtime! {
         let mut chain = FilterChain::new(vec![h.wat_plugin(rt, wat, cfg("batch"))]);
         let mut s = chain.http_stream(props());
         assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
-        let lines: Vec<String> = h.logs.lines().iter().map(|l| l.message.clone()).collect();
+        let lines = h.messages();
         assert!(lines.iter().any(|l| l == "own"), "{rt}: {lines:?}");
         assert!(!lines.contains(&expected), "{rt}: {lines:?}");
     };
@@ -593,7 +612,7 @@ per_runtime! {
         // A 17-segment key set with dots is read back with NULs; a path of
         // 60 000 NULs is absent, then set, then read in a batch (it is
         // matched as text, never split into segments).
-        let wat = r#"(module
+        let wat = concat!(r#"(module
             (import "env" "proxy_get_property" (func $get (param i32 i32 i32 i32) (result i32)))
             (import "env" "proxy_set_property" (func $set (param i32 i32 i32 i32) (result i32)))
             (import "env" "proxy_call_foreign_function" (func $ff (param i32 i32 i32 i32 i32 i32) (result i32)))
@@ -606,13 +625,7 @@ per_runtime! {
             (data (i32.const 136) "absent")
             (data (i32.const 144) "nasp_get_properties")
             (data (i32.const 256) "\60\ea\00\00")
-            (func (export "proxy_abi_version_0_2_1"))
-            (func (export "malloc") (param i32) (result i32)
-              (local i32) global.get $heap local.set 1
-              global.get $heap local.get 0 i32.add global.set $heap local.get 1)
-            (func (export "proxy_on_context_create") (param i32 i32))
-            (func (export "proxy_on_vm_start") (param i32 i32) (result i32) i32.const 1)
-            (func (export "proxy_on_configure") (param i32 i32) (result i32) i32.const 1)
+"#, wat_stream_root!(), r#"
             (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
               (drop (call $set (i32.const 0) (i32.const 33) (i32.const 128) (i32.const 4)))
               (if (i32.eqz (call $get (i32.const 64) (i32.const 33) (i32.const 200) (i32.const 204)))
@@ -622,12 +635,12 @@ per_runtime! {
               (drop (call $set (i32.const 260) (i32.const 60000) (i32.const 128) (i32.const 4)))
               (if (i32.eqz (call $ff (i32.const 144) (i32.const 19) (i32.const 256) (i32.const 60004) (i32.const 200) (i32.const 204)))
                 (then (drop (call $log (i32.const 2) (i32.load (i32.const 200)) (i32.load (i32.const 204))))))
-              i32.const 0))"#;
+              i32.const 0))"#);
         let h = Harness::new();
         let mut chain = FilterChain::new(vec![h.wat_plugin(rt, wat, cfg("deep"))]);
         let mut s = chain.http_stream(props());
         assert_eq!(s.request_headers(&mut chain, req("/", None), true), FilterStatus::Continue, "{rt}");
-        let lines: Vec<String> = h.logs.lines().iter().map(|l| l.message.clone()).collect();
+        let lines = h.messages();
         assert_eq!(lines, ["deep", "absent", "\u{4}\0\0\0deep"], "{rt}");
     };
     istio_stats_reports_the_same_without_the_batch_read => |rt: &str| {
